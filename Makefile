@@ -1,0 +1,53 @@
+# K2 Operator: the stable developer commands (see docs/development.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TOOLS := .tools/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv tools cluster-up cluster-down crds chart-crds lint test test-unit clean
+
+# The virtualenv is rebuilt only when pyproject.toml changes; pip downloads come from the user's pip cache.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+tools:
+	hack/build-tools.sh
+
+cluster-up: venv tools
+	$(BIN)/python hack/local_cluster.py up
+
+cluster-down:
+	$(BIN)/python hack/local_cluster.py down
+
+# The CRD YAML is generated from the pydantic models in crds/k2_api; the chart carries a copy.
+crds: venv
+	$(BIN)/k2 crds generate --out crds
+
+chart-crds: crds
+	mkdir -p charts/k2-operator/crds
+	cp crds/*.k2.ai.yaml charts/k2-operator/crds/
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p k2_api -p k2_operator -p k2_eplb -p k2_workers
+
+# The README's test command: installs what it needs, builds the tools, lints, and runs the whole suite.
+test: venv tools lint
+	$(BIN)/pytest $(PYTEST_ARGS); status=$$?; [[ $$status -eq 5 ]] && status=0; exit $$status
+
+# Unit tests only: no control plane, no Prometheus, no multi-process torch.
+test-unit: venv
+	$(BIN)/pytest -m "not integration and not prometheus and not distributed and not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cluster .pytest_cache .mypy_cache .ruff_cache

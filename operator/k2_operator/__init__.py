@@ -1,0 +1,1 @@
+"""The kopf operator that reconciles K2Training, K2Serving and ExpertPlacement into Kubernetes objects."""

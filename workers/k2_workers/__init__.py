@@ -1,0 +1,1 @@
+"""What the GPU worker pods run: the K2 model, expert parallelism, MuonClip, training and serving."""
