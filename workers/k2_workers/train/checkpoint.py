@@ -1,0 +1,204 @@
+"""Atomic, sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is the directory `step-N/` under the checkpoint root. All ranks write it with DCP into `step-N.tmp/`;
+after a barrier rank 0 writes the marker `COMPLETE` (last) and renames the directory to `step-N/`. Only directories
+named `step-N` that hold the marker count, so a half-written checkpoint is never resumed. Rank 0 keeps the newest
+`keep_last` checkpoints and deletes older ones and stale `.tmp` directories.
+
+Contents (one DCP state dict): `model.*` (the model's state dict, router biases included), `optim.*` (the optimizer's
+tensors, flattened generically so any optimizer's `state_dict()` round-trips), `optim_skeleton` (the optimizer state
+dict's structure with tensors replaced by their keys), and `extra.rank{r}` for every rank (the scheduler, the data
+position, the RNG states and the step: small Python objects).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+_TENSOR_REF = "__tensor__:"
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_dist() else 0
+
+
+def _barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under root, oldest first."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    found = []
+    for child in base.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Replace every tensor in a nested dict/list/tuple by a reference string; return (skeleton, {key: tensor})."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node
+            return _TENSOR_REF + path
+        if isinstance(node, dict):
+            return {k: walk(v, f"{path}/{k!r}") for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
+            return items if isinstance(node, list) else tuple(items)
+        return node
+
+    return walk(obj, prefix), tensors
+
+
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `split_tensors`."""
+    if isinstance(skeleton, str) and skeleton.startswith(_TENSOR_REF):
+        return tensors[skeleton.removeprefix(_TENSOR_REF)]
+    if isinstance(skeleton, dict):
+        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list | tuple):
+        items = [join_tensors(v, tensors) for v in skeleton]
+        return items if isinstance(skeleton, list) else tuple(items)
+    return skeleton
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides model weights and optimizer state."""
+
+    step: int
+    extra: dict[str, Any]  # scheduler, data position, RNG states, ...
+
+
+class CheckpointManager:
+    """Saves and restores (model, optimizer, per-rank extras) atomically under `root`."""
+
+    def __init__(self, root: str | Path, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError("checkpoint keepLast must be >= 1")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+        before_rename: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Collective: every rank calls it. Returns the final directory. `before_rename` is a test hook."""
+        final = self.root / f"step-{step}"
+        tmp = self.root / f"step-{step}.tmp"
+        rank = _rank()
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        _barrier()
+        skeleton, optim_tensors = split_tensors(optimizer.state_dict())
+        state: dict[str, Any] = {
+            "model": model.state_dict(),
+            "optim": optim_tensors,
+            "optim_skeleton": pickle.dumps(skeleton),
+            f"extra.rank{rank}": pickle.dumps({"step": step, **extra}),
+        }
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        _barrier()
+        if rank == 0:
+            if before_rename is not None:
+                before_rename(tmp)
+            marker = {"step": step, "world_size": dist.get_world_size() if _is_dist() else 1, "time": time.time()}
+            _write_durably(tmp / COMPLETE_MARKER, json.dumps(marker) + "\n")
+            if final.exists():  # a complete checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune(step)
+        _barrier()
+        log.info("checkpoint written: %s", final)
+        return final
+
+    def _prune(self, current_step: int) -> None:
+        for step, path in complete_checkpoints(self.root)[: -self.keep_last]:
+            log.info("deleting old checkpoint step %d", step)
+            shutil.rmtree(path, ignore_errors=True)
+        for child in self.root.iterdir():
+            match = _TMP_DIR.match(child.name)
+            if match and int(match.group(1)) <= current_step:
+                shutil.rmtree(child, ignore_errors=True)
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+        """Collective. Restores model and optimizer in place and returns this rank's extras (rank 0's when this
+        rank did not exist in the saved run, i.e. the world grew)."""
+        reader = dcp.FileSystemReader(str(path))
+        metadata = reader.read_metadata()
+        keys = metadata.state_dict_metadata
+        rank = _rank()
+        extra_key = f"extra.rank{rank}" if f"extra.rank{rank}" in keys else "extra.rank0"
+        small: dict[str, Any] = {"optim_skeleton": b"", extra_key: b""}
+        dcp.load(small, checkpoint_id=str(path), no_dist=not _is_dist())
+
+        model_state = model.state_dict()
+        optim_template: dict[str, torch.Tensor] = {}
+        for key, meta in keys.items():
+            if key.startswith("optim.") and isinstance(meta, TensorStorageMetadata):
+                optim_template[key.removeprefix("optim.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        state: dict[str, Any] = {"model": model_state, "optim": optim_template}
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(join_tensors(pickle.loads(small["optim_skeleton"]), state["optim"]))
+        extra = pickle.loads(small[extra_key])
+        return TrainState(step=int(extra.pop("step")), extra=extra)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
