@@ -4,10 +4,10 @@ Layout of a shard directory: `index.json` ({"format": "k2-tokens-v1", "dtype": "
 "shards": [{"file": "shard-00000.npy", "num_tokens": N}, ...]}) beside the `.npy` files (1-D token arrays, documents
 separated by EOS). Shards are memory-mapped.
 
-The sample order is a pure function of (seed, global sample index): sample windows of `seq_len + 1` tokens never cross a
-shard boundary, each epoch visits every window once in a seeded permutation, and global step s (1-based) gives rank r the
-samples [(s-1)·G + r·B, (s-1)·G + (r+1)·B) with B the per-rank batch and G = B·world. The data position is therefore the
-number of global samples consumed, one integer that a checkpoint stores and that is valid for any world size.
+The sample order is a pure function of (seed, global sample index): sample windows of `seq_len + 1` tokens never
+cross a shard boundary, each epoch visits every window once in a seeded permutation, and global step s (1-based) gives
+rank r the samples [(s-1)·G + r·B, (s-1)·G + (r+1)·B) with B the per-rank batch and G = B·world. The data position is
+therefore the number of global samples consumed, one integer that a checkpoint stores, valid for any world size.
 """
 
 from __future__ import annotations

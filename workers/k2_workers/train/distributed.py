@@ -1,0 +1,124 @@
+"""Process-group setup from the torchrun-compatible env, and the collectives the training loop uses.
+
+The operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK and NODE_RANK in every pod, as torchrun does
+for its workers; without them the worker runs as a single process with no process group. gloo on CPU, nccl on GPU.
+Every collective has a timeout, so when a rank dies the others fail within a bound instead of hanging, and the
+operator's gang restart can proceed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_env(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun env; (0, 0, 1) without it."""
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    return rank, local_rank, world_size
+
+
+def init_distributed(device_kind: str, timeout_s: float, env: Mapping[str, str] = os.environ) -> DistEnv:
+    """Picks the device (`auto`: cuda when available) and joins the process group when WORLD_SIZE > 1."""
+    rank, local_rank, world_size = read_env(env)
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None,
+        )
+        log.info("rank %d/%d joined the %s process group (timeout %.0f s)", rank, world_size, backend, timeout_s)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place; a no-op without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank `src`'s."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src)
+
+
+def all_reduce_gradients_(params: Iterable[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
+    """Average gradients over ranks in flat buckets (one all-reduce per bucket). A parameter without a gradient
+    counts as zero, so every rank takes part in the same collectives."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world_size = dist.get_world_size()
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        grad = p.grad
+        assert grad is not None
+        if bucket and (size + grad.numel() * grad.element_size() > bucket_bytes or grad.dtype != bucket[0].dtype):
+            _reduce_bucket(bucket, world_size)
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel() * grad.element_size()
+    if bucket:
+        _reduce_bucket(bucket, world_size)
+
+
+def _reduce_bucket(grads: list[torch.Tensor], world_size: int) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

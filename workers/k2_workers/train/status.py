@@ -1,0 +1,133 @@
+"""Rank 0 writes training progress to the K2Training status subresource (the only module here that talks to the
+Kubernetes API).
+
+In a pod it uses the ServiceAccount token and CA and the env the operator sets: KUBERNETES_SERVICE_HOST/PORT (set by
+Kubernetes), K2_TRAINING_NAME and K2_NAMESPACE (set by the operator; the namespace falls back to the ServiceAccount's).
+Anywhere else reporting is skipped quietly. Writes are a JSON merge patch of `status.progress` only, sent from a
+background thread at most once per `min_interval_s` (a forced report, e.g. after a checkpoint, skips the wait), so a
+slow API server never stalls training and other status fields (the operator's conditions) are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+GROUP_VERSION = "k2.ai/v1alpha1"
+PLURAL = "k2trainings"
+ENV_NAME = "K2_TRAINING_NAME"
+ENV_NAMESPACE = "K2_NAMESPACE"
+
+Sender = Callable[[dict[str, Any]], None]
+
+
+def progress_record(
+    step: int, loss: float, tokens_per_second: float, max_attention_logit: float, last_checkpoint: str | None
+) -> dict[str, Any]:
+    """The `status.progress` object (camelCase, as in the K2Training API)."""
+    progress: dict[str, Any] = {
+        "step": step,
+        "loss": round(loss, 6),
+        "tokensPerSecond": round(tokens_per_second, 1),
+        "maxAttentionLogit": round(max_attention_logit, 4),
+    }
+    if last_checkpoint is not None:
+        progress["lastCheckpoint"] = last_checkpoint
+    return progress
+
+
+def status_url(api_server: str, namespace: str, name: str) -> str:
+    return f"{api_server.rstrip('/')}/apis/{GROUP_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+
+
+def http_sender(url: str, token_file: Path | None, ca_file: Path | None, timeout_s: float = 5.0) -> Sender:
+    """PATCH {"status": {"progress": ...}} as a JSON merge patch; the token is re-read each time (it rotates)."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+
+    def send(progress: dict[str, Any]) -> None:
+        body = json.dumps({"status": {"progress": progress}}).encode()
+        request = urllib.request.Request(url, data=body, method="PATCH")
+        request.add_header("Content-Type", "application/merge-patch+json")
+        if token_file is not None:
+            request.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+            response.read()
+
+    return send
+
+
+class StatusReporter:
+    """Sends the latest progress from a daemon thread, throttled; never raises into the training loop."""
+
+    def __init__(self, send: Sender, min_interval_s: float = 10.0) -> None:
+        self._send = send
+        self._min_interval_s = min_interval_s
+        self._pending: dict[str, Any] | None = None
+        self._force = False
+        self._closed = False
+        self._last_sent = -float("inf")
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="k2-status", daemon=True)
+        self._thread.start()
+
+    def report(self, progress: dict[str, Any], force: bool = False) -> None:
+        with self._cond:
+            self._pending = progress
+            self._force = self._force or force
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is pending now, then stop."""
+        with self._cond:
+            self._closed = True
+            self._force = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    wait_s = self._last_sent + self._min_interval_s - time.monotonic()
+                    ready = self._pending is not None and (self._force or wait_s <= 0)
+                    if ready or (self._closed and self._pending is None):
+                        break
+                    self._cond.wait(timeout=None if self._pending is None else max(wait_s, 0.01))
+                if self._pending is None:
+                    return
+                progress, self._pending, self._force = self._pending, None, False
+            try:
+                self._send(progress)
+            except Exception as error:  # the API server may be briefly unavailable; the next report retries
+                log.warning("status update failed: %s", error)
+            self._last_sent = time.monotonic()
+
+
+def reporter_from_env(env: Mapping[str, str] = os.environ, min_interval_s: float = 10.0) -> StatusReporter | None:
+    """A reporter when running in a cluster with the K2Training known, else None (quietly)."""
+    host, name = env.get("KUBERNETES_SERVICE_HOST"), env.get(ENV_NAME)
+    namespace = env.get(ENV_NAMESPACE)
+    if namespace is None and (SERVICE_ACCOUNT_DIR / "namespace").is_file():
+        namespace = (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
+    if not (host and name and namespace):
+        log.debug("not in a cluster or K2Training unknown: status reporting off")
+        return None
+    port = env.get("KUBERNETES_SERVICE_PORT", "443")
+    server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    token = SERVICE_ACCOUNT_DIR / "token"
+    ca = SERVICE_ACCOUNT_DIR / "ca.crt"
+    send = http_sender(
+        status_url(server, namespace, name), token if token.is_file() else None, ca if ca.is_file() else None
+    )
+    return StatusReporter(send, min_interval_s)
