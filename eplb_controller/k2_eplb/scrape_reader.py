@@ -1,0 +1,177 @@
+"""Read per-expert load by scraping the ranks' /metrics endpoints directly (when no Prometheus is configured).
+
+The reader remembers earlier scrapes of each endpoint and measures the increase from the newest scrape that is at
+least a window old (or the oldest it has) to now, summing step by step so that a counter reset in between (a worker
+restart: the value goes down) counts the new value as the increase, as Prometheus does. The first read of an endpoint
+has one sample only, so the planner refuses it as too few samples; `read_twice` scrapes, waits a window and reads.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from k2_eplb.load import (
+    EXPERT_TOKENS,
+    SLOT_TOKENS,
+    LoadSample,
+    RankKey,
+    counter_increase,
+    load_matrix,
+    measured_balancedness,
+)
+
+Fetch = Callable[[str, float], str]
+"""(url, timeout seconds) -> exposition text."""
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+"""(sample name, sorted labels)."""
+
+
+def http_get_text(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text: str = response.read().decode("utf-8")
+        return text
+
+
+@dataclass(frozen=True)
+class Scrape:
+    time: float
+    values: dict[SeriesKey, float]
+
+
+def parse_exposition(text: str, labels: Mapping[str, str]) -> dict[SeriesKey, float]:
+    """The k2 token counters in `text` whose labels include `labels`."""
+    values: dict[SeriesKey, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name not in (EXPERT_TOKENS, SLOT_TOKENS):
+                continue
+            if any(sample.labels.get(name) != value for name, value in labels.items()):
+                continue
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return values
+
+
+class ScrapeLoadReader:
+    """Scrapes endpoints (URLs of /metrics pages) and keeps a short history per endpoint between reads."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 5.0,
+        fetch: Fetch = http_get_text,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.timeout = timeout
+        self._fetch = fetch
+        self._clock = clock
+        self._sleep = sleep
+        self._history: dict[tuple[tuple[tuple[str, str], ...], str], deque[Scrape]] = {}
+
+    def read(
+        self,
+        labels: Mapping[str, str],
+        endpoints: Sequence[str],
+        *,
+        window_seconds: float,
+        num_layers: int,
+        num_experts: int,
+        ranks_expected: int,
+    ) -> LoadSample:
+        """Scrape every endpoint now and return the load since the newest scrape at least `window_seconds` old."""
+        if window_seconds <= 0:
+            raise ValueError(f"windowSeconds: {window_seconds} must be > 0")
+        serving_key = tuple(sorted(labels.items()))
+        now = self._clock()
+        for stale in [key for key in self._history if key[0] == serving_key and key[1] not in endpoints]:
+            del self._history[stale]
+        expert_series: list[tuple[dict[str, str], float]] = []
+        slot_tokens: dict[tuple[str, str, int], float] = {}
+        ranks: set[RankKey] = set()
+        sample_counts: list[int] = []
+        notes: list[str] = []
+        for endpoint in endpoints:
+            try:
+                values = parse_exposition(self._fetch(endpoint, self.timeout), labels)
+            except (OSError, ValueError) as error:
+                notes.append(f"{endpoint}: {error}")
+                continue
+            if not values:
+                notes.append(f"{endpoint}: no k2 token counters for {dict(labels)}")
+                continue
+            history = self._history.setdefault((serving_key, endpoint), deque())
+            history.append(Scrape(now, values))
+            _forget_before_window(history, now - window_seconds)
+            sample_counts.append(len(history))
+            for (name, label_items), increase in _increases(history).items():
+                series_labels = dict(label_items)
+                ranks.add((series_labels.get("group", ""), series_labels.get("rank", "")))
+                if name == EXPERT_TOKENS:
+                    expert_series.append((series_labels, increase))
+                elif series_labels.get("layer", "").isdigit():
+                    key = (series_labels.get("group", ""), series_labels.get("rank", ""), int(series_labels["layer"]))
+                    slot_tokens[key] = slot_tokens.get(key, 0.0) + increase
+        load_LE, dropped = load_matrix(expert_series, num_layers=num_layers, num_experts=num_experts)
+        return LoadSample(
+            load_LE=load_LE,
+            ranks_seen=len(ranks),
+            ranks_expected=ranks_expected,
+            num_samples=min(sample_counts, default=0),
+            window_seconds=window_seconds,
+            source="scrape",
+            measured_balancedness=measured_balancedness(slot_tokens),
+            dropped_series=dropped,
+            notes=tuple(notes),
+        )
+
+    def read_twice(
+        self,
+        labels: Mapping[str, str],
+        endpoints: Sequence[str],
+        *,
+        window_seconds: float,
+        num_layers: int,
+        num_experts: int,
+        ranks_expected: int,
+    ) -> LoadSample:
+        """Scrape now, wait `window_seconds`, and read: for one-shot runs without earlier history."""
+
+        def once() -> LoadSample:
+            return self.read(
+                labels,
+                endpoints,
+                window_seconds=window_seconds,
+                num_layers=num_layers,
+                num_experts=num_experts,
+                ranks_expected=ranks_expected,
+            )
+
+        once()
+        self._sleep(window_seconds)
+        return once()
+
+
+def _forget_before_window(history: deque[Scrape], window_start: float) -> None:
+    """Drop scrapes older than the newest one taken at or before `window_start` (that one is the baseline)."""
+    while len(history) > 1 and history[1].time <= window_start:
+        history.popleft()
+
+
+def _increases(history: deque[Scrape]) -> dict[SeriesKey, float]:
+    """Counter increase of every series present in the newest scrape, over the history (resets handled)."""
+    newest = history[-1].values
+    increases: dict[SeriesKey, float] = {}
+    for key in newest:
+        values = [scrape.values[key] for scrape in history if key in scrape.values]
+        # A series missing from the baseline started inside the window: it counts from zero.
+        if key not in history[0].values:
+            values = [0.0, *values]
+        increases[key] = counter_increase(values)
+    return increases

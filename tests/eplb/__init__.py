@@ -1,0 +1,1 @@
+"""Tests of the EPLB solver, planner, load readers and controller."""

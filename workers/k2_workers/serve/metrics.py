@@ -1,0 +1,102 @@
+"""Prometheus metrics a serving rank exports for the EPLB controller.
+
+- `k2_expert_tokens_total{serving,group,rank,layer,expert}`: tokens this rank routed to logical expert `expert`.
+- `k2_slot_tokens_total{serving,group,rank,layer,slot}`: tokens the expert in slot `slot` of this rank processed.
+
+`layer` is the MoE layer's index in `ExpertPlacement.spec.layers` (0-based, dense layers are not counted); `group` is
+the expert-parallel group and `rank` the rank inside it. Counts are kept as numpy arrays and turned into samples only
+when scraped, so recording a forward pass costs one array addition, not one call per label set.
+
+Shapes: L MoE layers, E logical experts, S slots on this rank.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+EXPERT_TOKENS = "k2_expert_tokens_total"
+SLOT_TOKENS = "k2_slot_tokens_total"
+
+
+class ExpertLoadCollector(Collector):
+    """Cumulative token counts of one rank, exported as the two counters above."""
+
+    def __init__(self, serving: str, group: str | int, rank: int, num_layers: int, num_experts: int, num_slots: int):
+        if num_layers < 1 or num_experts < 1 or num_slots < 1:
+            raise ValueError(f"shape: layers {num_layers}, experts {num_experts}, slots {num_slots} must all be >= 1")
+        self.labels = {"serving": serving, "group": str(group), "rank": str(rank)}
+        self._lock = threading.Lock()
+        self._expert_tokens_LE = np.zeros((num_layers, num_experts), dtype=np.float64)
+        self._slot_tokens_LS = np.zeros((num_layers, num_slots), dtype=np.float64)
+
+    def add(self, expert_tokens_LE: npt.ArrayLike, slot_tokens_LS: npt.ArrayLike | None = None) -> None:
+        """Add one forward pass (or any batch of them): tokens per logical expert and, optionally, per local slot."""
+        expert = np.asarray(expert_tokens_LE, dtype=np.float64)
+        if expert.shape != self._expert_tokens_LE.shape:
+            raise ValueError(f"expert_tokens_LE: shape {expert.shape}, expected {self._expert_tokens_LE.shape}")
+        if (expert < 0).any():
+            raise ValueError("expert_tokens_LE: counts must be >= 0")
+        slot = None if slot_tokens_LS is None else np.asarray(slot_tokens_LS, dtype=np.float64)
+        if slot is not None and slot.shape != self._slot_tokens_LS.shape:
+            raise ValueError(f"slot_tokens_LS: shape {slot.shape}, expected {self._slot_tokens_LS.shape}")
+        if slot is not None and (slot < 0).any():
+            raise ValueError("slot_tokens_LS: counts must be >= 0")
+        with self._lock:
+            self._expert_tokens_LE += expert
+            if slot is not None:
+                self._slot_tokens_LS += slot
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            expert = self._expert_tokens_LE.copy()
+            slot = self._slot_tokens_LS.copy()
+        names = list(self.labels)
+        values = list(self.labels.values())
+        yield _counter(EXPERT_TOKENS, "Tokens routed to a logical expert.", [*names, "layer", "expert"], values, expert)
+        yield _counter(SLOT_TOKENS, "Tokens processed by an expert slot.", [*names, "layer", "slot"], values, slot)
+
+
+def _counter(
+    name: str, doc: str, label_names: list[str], fixed: list[str], counts: npt.NDArray[np.float64]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=label_names)
+    for (layer, index), value in np.ndenumerate(counts):
+        family.add_metric([*fixed, str(layer), str(index)], float(value))
+    return family
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint; `close()` stops it."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    @property
+    def url(self) -> str:
+        host = self.server.server_address[0]
+        return f"http://{host if isinstance(host, str) else host.decode()}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int = 0, address: str = "127.0.0.1") -> MetricsServer:
+    """Serve `registry` on http://address:port/metrics (port 0 picks a free one) from a daemon thread."""
+    server, thread = start_http_server(port, addr=address, registry=registry)
+    return MetricsServer(server, thread)
