@@ -1,0 +1,303 @@
+"""K2Training: pre-train or fine-tune a K2 model on a gang of worker pods with MuonClip."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from k2_api.common import (
+    ApiModel,
+    Condition,
+    ModelSpec,
+    PullPolicy,
+    RankResources,
+    Resource,
+    Scheduling,
+    cel,
+    conditions_field,
+    subobject,
+)
+
+KIND = "K2Training"
+PLURAL = "k2trainings"
+SINGULAR = "k2training"
+SHORT_NAMES = ("k2t",)
+
+# CEL expression of the processes per pod, mirrored by K2TrainingSpec.procs_per_node.
+_PROCS_CEL = "(has(self.procsPerNode) ? self.procsPerNode : (self.gpusPerNode > 0 ? self.gpusPerNode : 1))"
+
+
+class TrainingConditionType(enum.StrEnum):
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Parallelism(ApiModel):
+    """How the world (numNodes x procsPerNode ranks) is split. Experts are sharded over expertParallel ranks."""
+
+    expert_parallel: int = Field(
+        default=1, ge=1, le=1024, description="Ranks that share one copy of the experts (expert-parallel degree)."
+    )
+    data_parallel: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Data-parallel degree; default world size / expertParallel. When set, "
+        "dataParallel x expertParallel must equal the world size.",
+    )
+
+
+class Optimizer(ApiModel):
+    """MuonClip (Muon for matrices, AdamW for the rest, QK-Clip on attention) with a warmup-stable-decay schedule."""
+
+    lr: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate of the Muon (matrix) parameters.")
+    adam_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Learning rate of the AdamW parameters (embeddings, norms, router bias-free parts); default lr.",
+    )
+    weight_decay: float = Field(default=0.1, ge=0, le=1, description="Decoupled weight decay.")
+    momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon (Nesterov) momentum.")
+    qk_clip_tau: float = Field(
+        default=100.0,
+        gt=0,
+        le=1e6,
+        description="QK-Clip threshold: heads whose max pre-softmax logit exceeds tau get their q/k weights rescaled.",
+    )
+    warmup_steps: int = Field(default=0, ge=0, le=1_000_000_000, description="Linear warmup steps (WSD schedule).")
+    decay_steps: int = Field(
+        default=0, ge=0, le=1_000_000_000, description="Final steps of linear decay to finalLrRatio x lr (WSD)."
+    )
+    final_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Learning rate at the end of decay, over lr.")
+
+
+class Data(ApiModel):
+    """The training text: a corpus bundled in the worker image or a URI, cut into sequences of seqLen tokens."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.corpus) != has(self.uri)",
+                    "spec.data: exactly one of spec.data.corpus or spec.data.uri must be set",
+                )
+            ]
+        }
+    )
+    corpus: str | None = Field(
+        default=None, min_length=1, max_length=253, description="Name of a corpus bundled in the worker image."
+    )
+    uri: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Text or token files to read: file:///path or pvc://<claim>/<path>.",
+    )
+    seq_len: int = Field(default=4096, ge=8, le=1_048_576, description="Tokens per training sequence.")
+    batch_size: int = Field(default=1, ge=1, le=65536, description="Sequences per rank per step (micro-batch).")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of data order and initialisation.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Data:
+        if (self.corpus is None) == (self.uri is None):
+            raise ValueError("spec.data: exactly one of spec.data.corpus or spec.data.uri must be set")
+        return self
+
+
+class Checkpointing(ApiModel):
+    """Where and how often checkpoints are written; a restarted or resumed gang continues from the latest one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.uri) && has(self.claimName))",
+                    "spec.checkpointing: set at most one of spec.checkpointing.uri or spec.checkpointing.claimName",
+                )
+            ]
+        }
+    )
+    uri: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Checkpoint directory the workers can reach, e.g. file:///shared/ckpt.",
+    )
+    claim_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="PersistentVolumeClaim mounted at mountPath on every worker. Neither uri nor claimName: an "
+        "emptyDir (checkpoints survive container restarts only).",
+    )
+    mount_path: str = Field(
+        default="/checkpoints", min_length=1, max_length=1024, description="Where the claim or emptyDir is mounted."
+    )
+    every_n_steps: int = Field(default=100, ge=1, le=1_000_000_000, description="Save every N optimizer steps.")
+    keep_last: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Checkpointing:
+        if self.uri is not None and self.claim_name is not None:
+            raise ValueError(
+                "spec.checkpointing: set at most one of spec.checkpointing.uri or spec.checkpointing.claimName"
+            )
+        return self
+
+
+class FailurePolicy(ApiModel):
+    """What happens when a worker fails: the whole gang restarts from the last checkpoint, up to maxRestarts."""
+
+    max_restarts: int = Field(
+        default=3, ge=0, le=1000, description="Gang restarts allowed before the training is marked Failed."
+    )
+
+
+class K2TrainingSpec(ApiModel):
+    """Desired state of a K2Training."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"!has(self.parallelism.dataParallel) || self.parallelism.dataParallel * "
+                    f"self.parallelism.expertParallel == self.numNodes * {_PROCS_CEL}",
+                    "spec.parallelism.dataParallel x spec.parallelism.expertParallel must equal the world size "
+                    "(spec.numNodes x spec.procsPerNode)",
+                    field_path=".parallelism.dataParallel",
+                ),
+                cel(
+                    f"(self.numNodes * {_PROCS_CEL}) % self.parallelism.expertParallel == 0",
+                    "spec.parallelism.expertParallel must divide the world size (spec.numNodes x spec.procsPerNode)",
+                    field_path=".parallelism.expertParallel",
+                ),
+                cel(
+                    "self.optimizer.warmupSteps + self.optimizer.decaySteps <= self.steps",
+                    "spec.optimizer.warmupSteps + spec.optimizer.decaySteps must be <= spec.steps",
+                    field_path=".optimizer",
+                ),
+            ]
+        }
+    )
+
+    model: ModelSpec = Field(description="The model to train: preset or inline config, initial weights, dtype.")
+    image: str = Field(min_length=1, max_length=1024, description="Worker container image (runs `k2 worker train`).")
+    image_pull_policy: PullPolicy = Field(default=PullPolicy.IF_NOT_PRESENT, description="Image pull policy.")
+    num_nodes: int = Field(default=1, ge=1, le=4096, description="Worker pods in the gang (torchrun nnodes).")
+    gpus_per_node: int = Field(default=8, ge=0, le=64, description="GPUs requested by each worker pod.")
+    procs_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Ranks per pod (torchrun nproc-per-node); default gpusPerNode, or 1 when gpusPerNode is 0.",
+    )
+    resources: RankResources = subobject(RankResources, "CPU and memory of each worker pod.")
+    scheduling: Scheduling = subobject(Scheduling, "Node selection and scheduler of the worker pods.")
+    parallelism: Parallelism = subobject(Parallelism, "Expert- and data-parallel degrees.")
+    optimizer: Optimizer = subobject(Optimizer, "MuonClip hyper-parameters and learning-rate schedule.")
+    data: Data = Field(
+        default_factory=lambda: Data(corpus="synthetic"),
+        description="Training data (default: the bundled synthetic corpus).",
+        json_schema_extra={"default": {"corpus": "synthetic"}},
+    )
+    steps: int = Field(default=1000, ge=1, le=1_000_000_000, description="Optimizer steps to run.")
+    checkpointing: Checkpointing = subobject(Checkpointing, "Checkpoint location, interval and retention.")
+    failure_policy: FailurePolicy = subobject(FailurePolicy, "Gang restart budget.")
+    suspend: bool = Field(
+        default=False, description="True deletes the worker pods and keeps status; false resumes from the checkpoint."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        le=31_536_000,
+        description="Delete the K2Training this long after it Succeeded or Failed; never when unset.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=31_536_000,
+        description="Fail the training when it has been running (not suspended) longer than this.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> K2TrainingSpec:
+        world = self.world_size
+        if self.parallelism.data_parallel is not None and (
+            self.parallelism.data_parallel * self.parallelism.expert_parallel != world
+        ):
+            raise ValueError(
+                "spec.parallelism.dataParallel x spec.parallelism.expertParallel must equal the world size "
+                f"(spec.numNodes x spec.procsPerNode = {world})"
+            )
+        if world % self.parallelism.expert_parallel != 0:
+            raise ValueError(
+                f"spec.parallelism.expertParallel must divide the world size (spec.numNodes x spec.procsPerNode = "
+                f"{world})"
+            )
+        if self.optimizer.warmup_steps + self.optimizer.decay_steps > self.steps:
+            raise ValueError("spec.optimizer.warmupSteps + spec.optimizer.decaySteps must be <= spec.steps")
+        return self
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Ranks per pod: procsPerNode, else gpusPerNode, else 1."""
+        if self.procs_per_node is not None:
+            return self.procs_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.nproc_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.parallelism.expert_parallel
+
+
+class Progress(ApiModel):
+    """Training progress that rank 0 of the gang writes through the status subresource."""
+
+    step: int = Field(default=0, ge=0, description="Last completed optimizer step.")
+    loss: float | None = Field(default=None, description="Training loss at that step.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Throughput of the whole gang.")
+    max_attention_logit: float | None = Field(
+        default=None, description="Largest pre-softmax attention logit of the step (what QK-Clip bounds)."
+    )
+    last_checkpoint: str | None = Field(default=None, description="URI or path of the latest checkpoint.")
+    last_checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the latest checkpoint.")
+    updated_at: datetime | None = Field(default=None, description="When rank 0 wrote this progress.")
+
+
+class K2TrainingStatus(ApiModel):
+    """Observed state of a K2Training, written by the operator (and progress by rank 0)."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the operator last reconciled."
+    )
+    conditions: list[Condition] = conditions_field("Created, Running, Restarting, Succeeded, Failed, Suspended")
+    restarts: int = Field(default=0, ge=0, description="Gang restarts so far (compared with maxRestarts).")
+    ready_workers: int = Field(default=0, ge=0, description="Worker pods running and ready.")
+    progress: Progress | None = Field(default=None, description="Step, loss, throughput, checkpoint.")
+    start_time: datetime | None = Field(default=None, description="When the gang first started running.")
+    completion_time: datetime | None = Field(default=None, description="When the training Succeeded or Failed.")
+
+
+class K2Training(Resource):
+    """A K2Training manifest: `K2Training.model_validate(body)` accepts what the API server returns."""
+
+    KIND: ClassVar[str] = KIND
+    PLURAL: ClassVar[str] = PLURAL
+    SINGULAR: ClassVar[str] = SINGULAR
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = SHORT_NAMES
+
+    kind: Literal["K2Training"] = "K2Training"
+    spec: K2TrainingSpec
+    status: K2TrainingStatus | None = None
