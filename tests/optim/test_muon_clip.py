@@ -132,3 +132,15 @@ def test_state_dict_round_trip_gives_the_same_next_step() -> None:
     assert not torch.allclose(
         fresh.model.layers[0].self_attn.o_proj.weight, restored.model.layers[0].self_attn.o_proj.weight
     )
+
+
+def test_chunked_batches_give_the_same_update() -> None:
+    torch.manual_seed(3)
+    one, chunked = Hidden(), Hidden()
+    chunked.load_state_dict(one.state_dict())
+    opts = [MuonClip(one, lr=LR, weight_decay=WD), MuonClip(chunked, lr=LR, weight_decay=WD, max_batch_numel=600)]
+    for model, opt in zip([one, chunked], opts, strict=True):
+        _set_random_grads(list(model.parameters()), seed=5)
+        opt.step()
+    for (name, got), want in zip(chunked.named_parameters(), one.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)

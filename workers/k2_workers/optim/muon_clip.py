@@ -38,6 +38,11 @@ class MuonClip(torch.optim.Optimizer):
 
     Call ``step(max_attention_logits=S_LH)`` with ``S_LH = all_reduce_max(model.max_attention_logits())`` to clip after
     the update; ``step()`` without it only updates. ``last_clipped_heads`` is the number of heads the last step clipped.
+
+    Args beyond the paper's (lr, weight_decay, momentum, qk_clip_tau): ``ns_*`` configure Newton–Schulz (defaults as
+    torch.optim.Muon, computed in ``ns_dtype``); ``adamw_*`` the AdamW group (``adamw_weight_decay`` defaults to
+    ``weight_decay``, as in Moonlight); ``head_layout`` overrides the MLA layout read from ``model.config``;
+    ``max_batch_numel`` bounds the elements orthogonalised in one batched call (memory of the stacked copy).
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class MuonClip(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         head_layout: MLAHeadLayout | None = None,
+        max_batch_numel: int = 2**28,
     ) -> None:
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -93,6 +99,7 @@ class MuonClip(torch.optim.Optimizer):
         self.param_names: dict[Tensor, str] = {p: n for kind in ("muon", "adamw") for n, p in split[kind]}
         self.qk_clip_tau = qk_clip_tau
         self.ns_dtype = ns_dtype
+        self.max_batch_numel = max_batch_numel
         self.last_clipped_heads = 0
         self._attentions = find_mla_attentions(model)
         self._layout: MLAHeadLayout | None = None
@@ -145,21 +152,26 @@ class MuonClip(torch.optim.Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         if weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
-        for indices in _same_shape_buckets(params).values():
-            self._orthogonalised_update([params[i] for i in indices], [updates[i] for i in indices], lr, group)
+        for bucket in _matrix_buckets(params, self.max_batch_numel):
+            self._orthogonalised_update([params[i] for i in bucket], [updates[i] for i in bucket], lr, group)
 
     def _orthogonalised_update(
         self, params: list[Tensor], updates: list[Tensor], lr: float, group: dict[str, Any]
     ) -> None:
-        """Orthogonalises a bucket of same-shaped matrices in one batched call and applies the scaled updates."""
+        """Orthogonalises a bucket of matrices with the same shape up to transposition in one batched call.
+
+        Tall matrices are transposed into the bucket's wide orientation (Newton–Schulz would transpose them anyway),
+        so e.g. expert ``gate_proj`` [E, I, D] and ``down_proj`` [E, D, I] share one call.
+        """
         rows, cols = params[0].shape[-2:]
-        stacked_BMN = torch.cat([u.reshape(-1, rows, cols) for u in updates])
+        wide = [u.reshape(-1, *u.shape[-2:]) for u in updates]
+        wide = [w.mT if w.size(-2) > w.size(-1) else w for w in wide]
         ortho_BMN = zeropower_via_newton_schulz(
-            stacked_BMN, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], self.ns_dtype
+            torch.cat(wide), group["ns_coefficients"], group["ns_steps"], group["ns_eps"], self.ns_dtype
         ).to(params[0].dtype)
+        chunks = torch.split(ortho_BMN, [w.size(0) for w in wide])
         per_param = [
-            o.view_as(p)
-            for o, p in zip(torch.split(ortho_BMN, [u.numel() // (rows * cols) for u in updates]), params, strict=True)
+            (o.mT if p.size(-2) > p.size(-1) else o).reshape(p.shape) for o, p in zip(chunks, params, strict=True)
         ]
         torch._foreach_add_(params, per_param, alpha=-lr * match_rms_adamw_scale(rows, cols))
 
@@ -198,9 +210,22 @@ class MuonClip(torch.optim.Optimizer):
         )
 
 
-def _same_shape_buckets(params: list[Tensor]) -> dict[tuple[Any, ...], list[int]]:
-    """Indices of ``params`` grouped by (matrix shape, dtype, device): each group is one batched Newton–Schulz call."""
-    buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+def _matrix_buckets(params: list[Tensor], max_batch_numel: int) -> list[list[int]]:
+    """Indices of ``params`` grouped by (matrix shape up to transposition, dtype, device), each group cut into
+    chunks of at most ``max_batch_numel`` elements (a single larger parameter forms its own chunk).
+    Each chunk is one batched Newton–Schulz call."""
+    by_key: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
-        buckets[(tuple(p.shape[-2:]), p.dtype, p.device)].append(i)
+        by_key[(tuple(sorted(p.shape[-2:])), p.dtype, p.device)].append(i)
+    buckets: list[list[int]] = []
+    for indices in by_key.values():
+        chunk: list[int] = []
+        chunk_numel = 0
+        for i in indices:
+            if chunk and chunk_numel + params[i].numel() > max_batch_numel:
+                buckets.append(chunk)
+                chunk, chunk_numel = [], 0
+            chunk.append(i)
+            chunk_numel += params[i].numel()
+        buckets.append(chunk)
     return buckets
