@@ -1,0 +1,122 @@
+"""A real Prometheus (Debian package) started on 127.0.0.1 for tests, scraping file-discovered loopback targets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+PROMETHEUS = Path("/usr/bin/prometheus")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Prometheus:
+    """A running server; `set_targets` rewrites the file-SD file that Prometheus watches."""
+
+    def __init__(self, directory: Path, port: int, process: subprocess.Popen[bytes]):
+        self.directory = directory
+        self.port = port
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+
+    def set_targets(self, targets: Sequence[str], labels: Mapping[str, str]) -> None:
+        for target in targets:
+            assert target.startswith("127.0.0.1:"), target
+        path = self.directory / "targets.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"targets": list(targets), "labels": dict(labels)}]))
+        tmp.replace(path)
+
+    def query(self, promql: str) -> list[dict[str, object]]:
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            answer = json.loads(response.read())
+        result: list[dict[str, object]] = answer["data"]["result"]
+        return result
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+        """Poll `condition` every 0.25 s; fail the test if it does not hold within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.25)
+        pytest.fail(f"prometheus: {what} did not hold within {timeout:g}s")
+
+
+CONFIG = """\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 900ms
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: k2-serving
+    file_sd_configs:
+      - files: [{targets}]
+        refresh_interval: 1s
+"""
+
+
+@contextmanager
+def running_prometheus(directory: Path) -> Iterator[Prometheus]:
+    """Start Prometheus in `directory` (config, targets, TSDB); skip the test when the package is missing."""
+    if not PROMETHEUS.exists() and shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (Debian package `prometheus`, /usr/bin/prometheus)")
+    binary = str(PROMETHEUS) if PROMETHEUS.exists() else str(shutil.which("prometheus"))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "targets.json").write_text("[]")
+    (directory / "prometheus.yml").write_text(CONFIG.format(targets=json.dumps(str(directory / "targets.json"))))
+    port = free_port()
+    log = (directory / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = Prometheus(directory, port, process)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                output = (directory / "prometheus.log").read_text()
+                pytest.fail(f"prometheus exited with {process.returncode}: {output}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("prometheus did not become ready within 30s")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
