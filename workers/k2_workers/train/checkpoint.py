@@ -13,6 +13,7 @@ position, the RNG states and the step: small Python objects).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import pickle
 import re
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +142,8 @@ class CheckpointManager:
             "optim_skeleton": pickle.dumps(skeleton),
             f"extra.rank{rank}": pickle.dumps({"step": step, **extra}),
         }
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
         _barrier()
         if rank == 0:
             if before_rename is not None:
@@ -174,7 +177,8 @@ class CheckpointManager:
         rank = _rank()
         extra_key = f"extra.rank{rank}" if f"extra.rank{rank}" in keys else "extra.rank0"
         small: dict[str, Any] = {"optim_skeleton": b"", extra_key: b""}
-        dcp.load(small, checkpoint_id=str(path), no_dist=not _is_dist())
+        with _single_process_quiet():
+            dcp.load(small, checkpoint_id=str(path), no_dist=not _is_dist())
 
         model_state = model.state_dict()
         optim_template: dict[str, torch.Tensor] = {}
@@ -182,11 +186,20 @@ class CheckpointManager:
             if key.startswith("optim.") and isinstance(meta, TensorStorageMetadata):
                 optim_template[key.removeprefix("optim.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
         state: dict[str, Any] = {"model": model_state, "optim": optim_template}
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(join_tensors(pickle.loads(small["optim_skeleton"]), state["optim"]))
         extra = pickle.loads(small[extra_key])
         return TrainState(step=int(extra.pop("step")), extra=extra)
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes a single process when there is no process group: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _write_durably(path: Path, text: str) -> None:

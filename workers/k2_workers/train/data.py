@@ -26,7 +26,7 @@ from k2_workers.train.corpus import generate_corpus
 INDEX_FILE = "index.json"
 FORMAT = "k2-tokens-v1"
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_CORPORA = ("tiny-english",)
+BUILTIN_CORPORA = ("synthetic",)
 
 
 def token_dtype(vocab_size: int) -> np.dtype[np.unsignedinteger]:
@@ -73,8 +73,9 @@ def read_shards(directory: str | Path) -> list[np.ndarray]:
 
 
 def load_dataset(uri: str, tokenizer: Tokenizer) -> list[np.ndarray]:
-    """Token shards for a dataset URI: `builtin:tiny-english` (generated in memory), `file:///dir`, a plain directory
-    holding `index.json`, or a `.txt` file (one document per blank-line-separated paragraph, tokenised in memory)."""
+    """Token shards for a dataset URI: `builtin:synthetic` (the bundled corpus, generated in memory), `file:///dir` or
+    a plain directory holding `index.json`, or a `.txt` file (one document per blank-line-separated paragraph,
+    tokenised in memory)."""
     if uri.startswith(BUILTIN_PREFIX):
         name = uri.removeprefix(BUILTIN_PREFIX)
         if name not in BUILTIN_CORPORA:

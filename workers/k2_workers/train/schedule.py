@@ -41,11 +41,10 @@ def wsd_lr(step: int, peak_lr: float, warmup_steps: int, decay_start: int, decay
 
 
 def wsd_for_run(
-    peak_lr: float, total_steps: int, warmup_steps: int, decay_fraction: float, min_lr_ratio: float
+    peak_lr: float, total_steps: int, warmup_steps: int, decay_steps: int, final_lr_ratio: float
 ) -> WSDSchedule:
-    """The usual way to size it: warmup, then constant, then the last `decay_fraction` of the run decays."""
-    if not 0.0 <= decay_fraction <= 1.0:
-        raise ValueError("decay_fraction must be in [0, 1]")
+    """Warmup, then constant, then the last `decay_steps` of the run decay to `final_lr_ratio`·peak. Warmup and
+    decay are shortened when they do not fit (e.g. a local run with fewer --steps than the manifest's)."""
     warmup = min(warmup_steps, total_steps)
-    decay_steps = min(round(total_steps * decay_fraction), total_steps - warmup)
-    return WSDSchedule(peak_lr, warmup, total_steps - decay_steps, decay_steps, peak_lr * min_lr_ratio)
+    decay = min(decay_steps, total_steps - warmup)
+    return WSDSchedule(peak_lr, warmup, total_steps - decay, decay, peak_lr * final_lr_ratio)

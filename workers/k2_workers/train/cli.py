@@ -1,0 +1,62 @@
+"""`python -m k2_workers.train --config FILE` / `k2 worker train`: the entry point of K2Training pods."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from k2_workers.train.config import RunConfig, load_manifest, resolve_config
+
+log = logging.getLogger("k2_workers.train")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="k2 worker train", description=__doc__)
+    parser.add_argument("--config", help="a K2Training manifest (YAML); without it the defaults of a local demo run")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (overrides spec)")
+    parser.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="checkpoint root (overrides spec)")
+    parser.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
+    parser.add_argument(
+        "--stop-after",
+        dest="stop_after",
+        type=int,
+        help="stop with a checkpoint after this step; the schedule stays sized by --steps (for resume experiments)",
+    )
+    parser.add_argument("--seed", type=int, help="seed of weights init and data order (overrides spec)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus port on rank 0; 0 = off")
+    parser.add_argument(
+        "--pg-timeout",
+        dest="process_group_timeout_s",
+        type=float,
+        help="seconds a collective may wait for the other ranks before the worker fails (default 60)",
+    )
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    manifest = load_manifest(args.config) if args.config else None
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    return resolve_config(manifest, overrides, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
+    )
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as error:
+        log.error("invalid configuration: %s", error)
+        return 2
+    from k2_workers.train.loop import train  # torch and the model load only once the config is valid
+
+    try:
+        return train(cfg)
+    except Exception:
+        log.exception("training failed")
+        return 1

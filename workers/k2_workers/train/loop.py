@@ -1,0 +1,232 @@
+"""The training loop: data parallel K2 training with MuonClip, the WSD schedule and loss-free router balancing.
+
+One step on every rank: forward (bf16 autocast on GPU) and backward on its own batch, gradients averaged over ranks,
+global gradient-norm clipping, the learning rate of the WSD schedule, a MuonClip step whose QK-Clip sees the per-head
+max attention logits max-reduced over ranks, then the loss-free router-bias update from the expert token counts
+summed over ranks (every rank applies the same update to the same bias, so the biases stay identical). Rank 0 prints
+one JSON line per step on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from k2_workers.model import K2Config, K2ForCausalLM, loss_free_bias_update
+from k2_workers.optim import MuonClip
+from k2_workers.tokenizer import Tokenizer, load_tokenizer
+from k2_workers.train.checkpoint import CheckpointManager, latest_checkpoint
+from k2_workers.train.config import RunConfig
+from k2_workers.train.data import DataLoader, SampleOrder, load_dataset
+from k2_workers.train.distributed import (
+    DistEnv,
+    all_reduce_,
+    all_reduce_gradients_,
+    broadcast_module_,
+    init_distributed,
+    shutdown,
+)
+from k2_workers.train.metrics import TrainMetrics
+from k2_workers.train.schedule import WSDSchedule, wsd_for_run
+from k2_workers.train.signals import StopFlag
+from k2_workers.train.status import StatusReporter, progress_record, reporter_from_env
+
+log = logging.getLogger(__name__)
+
+
+def build_schedule(cfg: RunConfig) -> WSDSchedule:
+    return wsd_for_run(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_steps, cfg.final_lr_ratio)
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> K2ForCausalLM:
+    """The same initial weights on every rank: seeded init (rank 0's weights are broadcast afterwards as well)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.model_checkpoint is not None:
+        model = K2ForCausalLM.from_pretrained(cfg.model_checkpoint)
+    elif cfg.model_hf_config is not None:
+        model = K2ForCausalLM(K2Config.from_hf_config(cfg.model_hf_config))
+    else:
+        assert cfg.model_preset is not None
+        model = K2ForCausalLM(K2Config.from_preset(cfg.model_preset))
+    vocab_size = model.config.vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"model: vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _broadcast_path(path: Path | None, env: DistEnv) -> Path | None:
+    """Rank 0 decides which checkpoint every rank resumes from."""
+    if not env.distributed:
+        return path
+    box: list[str | None] = [str(path) if path is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] is not None else None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopFlag, out: TextIO) -> None:
+        self.cfg, self.env, self.stop, self.out = cfg, env, stop, out
+        self.tokenizer = load_tokenizer(cfg.model_checkpoint)
+        self.model = build_model(cfg, self.tokenizer).to(env.device)
+        self.model.train()
+        broadcast_module_(self.model)
+        self.optimizer = MuonClip(
+            self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=cfg.qk_clip_tau
+        )
+        self.schedule = build_schedule(cfg)
+        self.lr_ratio = {"adamw": cfg.adam_lr / cfg.lr} if cfg.adam_lr is not None and cfg.lr > 0 else {}
+        order = SampleOrder(load_dataset(cfg.dataset, self.tokenizer), cfg.seq_len, cfg.seed)
+        self.loader = DataLoader(order, cfg.micro_batch_size, env.rank, env.world_size)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last) if cfg.checkpoint_dir else None
+        self.metrics = TrainMetrics(cfg.name, cfg.metrics_port) if env.is_main else None
+        self.status: StatusReporter | None = (
+            reporter_from_env(min_interval_s=cfg.status_interval_s) if env.is_main else None
+        )
+        self.step = 0
+        self.last_checkpoint: str | None = None
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        if self.checkpoints is None:
+            return
+        path = _broadcast_path(latest_checkpoint(self.checkpoints.root) if self.env.is_main else None, self.env)
+        if path is None:
+            log.info("no complete checkpoint under %s: starting from step 0", self.checkpoints.root)
+            return
+        state = self.checkpoints.load(path, self.model, self.optimizer)
+        self.step = state.step
+        self.loader.load_state_dict(state.extra["data"])
+        set_rng_state(state.extra["rng"])
+        if state.extra["scheduler"]["schedule"] != asdict(self.schedule):
+            log.warning("the WSD schedule differs from the checkpoint's; continuing with the new one")
+        self.last_checkpoint = path.name
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def save(self) -> None:
+        if self.checkpoints is None:
+            return
+        extra = {
+            "scheduler": {"schedule": asdict(self.schedule), "step": self.step},
+            "data": self.loader.state_dict(),
+            "rng": rng_state(),
+        }
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, extra)
+        self.last_checkpoint = path.name
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint(self.step)
+
+    # --- one step ----------------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, Any], bool]:
+        """One optimizer step; returns its record and whether any rank asked to stop."""
+        cfg, device = self.cfg, self.env.device
+        started = time.perf_counter()
+        self.step += 1
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * self.lr_ratio.get(group.get("name", ""), 1.0)
+
+        batch = torch.from_numpy(self.loader.next_batch()).to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = _logits(self.model(inputs))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        aux = self.model.aux_loss() if cfg.aux_loss_alpha > 0 else None
+        (loss if aux is None else loss + cfg.aux_loss_alpha * aux).backward()
+
+        all_reduce_gradients_(self.model.parameters())
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        max_logits_LH = all_reduce_(self.model.max_attention_logits().detach().float().clone(), dist.ReduceOp.MAX)
+        self.optimizer.step(max_attention_logits=max_logits_LH)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        counts_LE = all_reduce_(self.model.expert_token_counts().detach().float().clone())
+        loss_free_bias_update(self.model, counts_LE, cfg.router_bias_update_rate)
+
+        # one collective for the logged loss and the stop decision, so all ranks stop after the same step
+        shared = all_reduce_(torch.tensor([loss.item(), float(self.stop.requested)], dtype=torch.float64))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        num_tokens = inputs.numel() * self.env.world_size
+        record = {
+            "step": self.step,
+            "loss": shared[0].item() / self.env.world_size,
+            "lr": lr,
+            "tokens_per_s": num_tokens / elapsed,
+            "max_attn_logit": max_logits_LH.max().item() if max_logits_LH.numel() else 0.0,
+            "clipped_heads": self.optimizer.last_clipped_heads,
+            "grad_norm": grad_norm.item(),
+        }
+        if aux is not None:
+            record["aux_loss"] = aux.item()
+        if self.metrics is not None:
+            self.metrics.observe_step(record, num_tokens, counts_LE.tolist())
+        return record, shared[1].item() > 0
+
+    def run(self) -> int:
+        self.resume()
+        last = self.cfg.steps if self.cfg.stop_after is None else min(self.cfg.steps, self.cfg.stop_after)
+        while self.step < last:
+            record, stop = self.train_step()
+            if self.env.is_main:
+                print(json.dumps(record), file=self.out, flush=True)
+            every = self.cfg.checkpoint_every
+            if stop or self.step == last or (every and self.step % every == 0):
+                self.save()
+            if self.status is not None:
+                progress = progress_record(
+                    self.step, record["loss"], record["tokens_per_s"], record["max_attn_logit"], self.last_checkpoint
+                )
+                self.status.report(progress, force=self.last_checkpoint == f"step-{self.step}")
+            if stop:
+                log.warning("stopped at step %d on request; checkpoint %s", self.step, self.last_checkpoint)
+                break
+        return 0
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.close()
+
+
+def train(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
+    """Runs (or resumes) a training run; returns the exit code. Collective failures raise."""
+    stop = StopFlag()
+    stop.install()
+    env = init_distributed(cfg.device, cfg.process_group_timeout_s)
+    trainer = Trainer(cfg, env, stop, out)
+    try:
+        code = trainer.run()
+    finally:
+        trainer.close()
+    shutdown()  # only after success: tearing down a group whose peer died can block
+    return code
