@@ -20,8 +20,18 @@ def test_manifest_fields_map_to_the_run_config() -> None:
 
 def test_flags_override_the_manifest(tmp_path: Path) -> None:
     args = parse_args(
-        ["--config", str(MANIFEST), "--steps", "7", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "2"]
-        + ["--seed", "9"]
+        [
+            "--config",
+            str(MANIFEST),
+            "--steps",
+            "7",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "2",
+            "--seed",
+            "9",
+        ]
     )
     cfg = config_from_args(args)
     assert (cfg.steps, cfg.checkpoint_dir, cfg.checkpoint_every, cfg.seed) == (7, str(tmp_path), 2, 9)

@@ -25,7 +25,7 @@ def test_shards_round_trip(tmp_path: Path) -> None:
 
 
 def test_missing_index_and_bad_scheme_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="index.json"):
+    with pytest.raises(ValueError, match=r"index\.json"):
         read_shards(tmp_path)
     with pytest.raises(ValueError, match="scheme"):
         load_dataset("s3://bucket/x", ByteTokenizer())

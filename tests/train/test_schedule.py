@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -34,7 +35,7 @@ def test_lr_is_bounded_and_never_rises_after_the_warmup(warmup: int, stable: int
     lrs = [s(i) for i in range(1, warmup + stable + decay + 5)]
     assert all(min(ratio, lr) >= 0 and lr <= 1.0 + 1e-12 for lr in lrs)
     after = lrs[warmup:]
-    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:], strict=False))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(after))
     assert lrs[-1] == pytest.approx(ratio)
 
 

@@ -4,7 +4,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,7 +14,7 @@ from k2_workers.train.status import StatusReporter, http_sender, progress_record
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
-    received: list[tuple[str, str, str, Any]] = []
+    received: ClassVar[list[tuple[str, str, str, Any]]] = []
 
     def do_PATCH(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

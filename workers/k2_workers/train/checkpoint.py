@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ class CheckpointManager:
             f"extra.rank{rank}": pickle.dumps({"step": step, **extra}),
         }
         with _single_process_quiet():
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
+            dcp_save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
         _barrier()
         if rank == 0:
             if before_rename is not None:
@@ -171,14 +173,14 @@ class CheckpointManager:
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
         """Collective. Restores model and optimizer in place and returns this rank's extras (rank 0's when this
         rank did not exist in the saved run, i.e. the world grew)."""
-        reader = dcp.FileSystemReader(str(path))
+        reader = FileSystemReader(str(path))
         metadata = reader.read_metadata()
         keys = metadata.state_dict_metadata
         rank = _rank()
         extra_key = f"extra.rank{rank}" if f"extra.rank{rank}" in keys else "extra.rank0"
         small: dict[str, Any] = {"optim_skeleton": b"", extra_key: b""}
         with _single_process_quiet():
-            dcp.load(small, checkpoint_id=str(path), no_dist=not _is_dist())
+            dcp_load(small, checkpoint_id=str(path), no_dist=not _is_dist())
 
         model_state = model.state_dict()
         optim_template: dict[str, torch.Tensor] = {}
@@ -187,7 +189,7 @@ class CheckpointManager:
                 optim_template[key.removeprefix("optim.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
         state: dict[str, Any] = {"model": model_state, "optim": optim_template}
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _is_dist())
+            dcp_load(state, checkpoint_id=str(path), no_dist=not _is_dist())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(join_tensors(pickle.loads(small["optim_skeleton"]), state["optim"]))
         extra = pickle.loads(small[extra_key])
