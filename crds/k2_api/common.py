@@ -59,7 +59,6 @@ def name_rule() -> dict[str, JsonValue]:
     return cel(
         f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
         f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child object names are derived from it)",
-        field_path=".metadata.name",
     )
 
 

@@ -84,7 +84,7 @@ class ExpertPlacementSpec(ApiModel):
                     field_path=".layers",
                 ),
                 cel(
-                    "self.layers.all(l, l.slots.all(r, r.all(e, e < self.numExperts)))",
+                    "self.layers.all(l, l.slots.all(r, r.size() == 0 || r.max() < self.numExperts))",
                     _RANGE_MESSAGE,
                     field_path=".layers",
                 ),
