@@ -78,7 +78,9 @@ def _collapse_any_of(node: Schema, defs: dict[str, Schema]) -> Schema:
         merged = {**outer, "x-kubernetes-int-or-string": True}
     else:
         raise ValueError(f"no structural form for anyOf {node['anyOf']!r}")
-    if nullable:
+    # Optional fields accept an explicit null. Not enums: kube-apiserver (v1.34) rejects null in an enum field even
+    # when it is nullable and null is listed, so `nullable` there would only promise what the server refuses.
+    if nullable and "enum" not in merged:
         merged["nullable"] = True
     return merged
 
