@@ -1,0 +1,214 @@
+"""`k2 eplb run`: the EPLB controller, a plain loop around the pure planner.
+
+Each pass, for every K2Serving with spec.eplb.enabled whose interval is due: read its ExpertPlacement (status
+.placementName, else the serving's own name), read the expert load over spec.eplb.windowSeconds (Prometheus when a URL
+is configured, else direct scrapes of the rank pods), plan, and, when the plan says so, write the new slot tables with
+spec.generation + 1. Every pass records its finding as the `Planned` condition on the ExpertPlacement status (True
+with reason Rebalanced, or False with the reason it wrote nothing) and in the controller's metrics; a rebalance, and a
+change to a warning reason (PartialMetrics, MetricsUnavailable), also post a Kubernetes Event on the ExpertPlacement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import start_http_server
+
+from k2_api import ExpertPlacement, K2Serving
+from k2_eplb import convert
+from k2_eplb.controller_metrics import ControllerMetrics
+from k2_eplb.kube import REBALANCED_AT, KubeApi, KubeClient, parse_rfc3339
+from k2_eplb.load import LoadReadError, LoadSample
+from k2_eplb.planner import Decision, Reason, plan
+from k2_eplb.prometheus_reader import PrometheusLoadReader
+from k2_eplb.scrape_reader import ScrapeLoadReader
+
+log = logging.getLogger("k2_eplb")
+
+WARNING_REASONS = frozenset({Reason.PARTIAL_METRICS, Reason.METRICS_UNAVAILABLE})
+
+
+@dataclass
+class Controller:
+    """One controller instance; `reconcile(serving)` is one planning pass for one serving."""
+
+    kube: KubeApi
+    prometheus_url: str | None = None
+    metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
+    endpoints: Callable[[K2Serving], Sequence[str]] | None = None
+    """Rank metrics URLs for direct scraping; default: the rank pods' addresses from the API server."""
+    namespace_label: str | None = "namespace"
+    """Label Prometheus puts the pod namespace in (None: select by `serving` only)."""
+    clock: Callable[[], float] = time.time
+    one_shot: bool = False
+    """Direct scraping with no history: scrape, wait a window, scrape again (for --once)."""
+    scrape_reader: ScrapeLoadReader = field(default_factory=ScrapeLoadReader)
+    failures: int = 0
+    """Passes over one serving that ended in an error, since start."""
+    _due: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def run_once(self, namespace: str | None = None, *, force: bool = False) -> dict[tuple[str, str], Decision]:
+        """Plan every enabled serving whose interval is due (all with `force`); errors are logged and counted."""
+        decisions: dict[tuple[str, str], Decision] = {}
+        for serving in self.kube.list_servings(namespace):
+            key = (serving.metadata.namespace or "", serving.metadata.name or "")
+            now = self.clock()
+            if not serving.spec.eplb.enabled:
+                self.metrics.skipped.labels(key[1], key[0], Reason.DISABLED.value).inc()
+                continue
+            if not force and now < self._due.get(key, 0.0):
+                continue
+            self._due[key] = now + serving.spec.eplb.interval_seconds
+            try:
+                decision = self.reconcile(serving)
+            except (ApiException, OSError, ValueError) as error:
+                self.failures += 1
+                self.metrics.errors.labels(key[1], key[0]).inc()
+                log.error("eplb %s/%s: %s", key[0], key[1], error)
+                continue
+            if decision is not None:
+                decisions[key] = decision
+        return decisions
+
+    def reconcile(self, serving: K2Serving) -> Decision | None:
+        """Read, plan and write for one serving; None when it has no ExpertPlacement yet."""
+        namespace, name = serving.metadata.namespace or "", serving.metadata.name or ""
+        placement_name = (serving.status.placement_name if serving.status else None) or name
+        placement = self.kube.get_placement(namespace, placement_name)
+        if placement is None:
+            log.info("eplb %s/%s: no ExpertPlacement %s yet", namespace, name, placement_name)
+            return None
+        spec = placement.spec
+        eplb = serving.spec.eplb
+        sample, error = self._read_load(serving, placement)
+        last = parse_rfc3339(placement.metadata.annotations.get(REBALANCED_AT, ""))
+        now = self.clock()
+        decision = plan(
+            convert.policy_from_spec(eplb, spec.ranks * spec.slots_per_rank),
+            convert.placement_state(placement, last),
+            sample,
+            now,
+            load_error=error,
+            bytes_per_expert=convert.bytes_per_expert(serving.spec.model),
+        )
+        if decision.rebalance:
+            assert decision.placement_LGS is not None and decision.generation is not None
+            layers = convert.layers_from_array(decision.placement_LGS)
+            self.kube.write_placement(placement, layers, decision.generation, f"rebalance: {decision.message}", now)
+        self._record(placement, decision, now)
+        self.metrics.observe(name, namespace, decision)
+        log.info("eplb %s/%s: %s: %s", namespace, name, decision.reason.value, decision.message)
+        return decision
+
+    def _read_load(self, serving: K2Serving, placement: ExpertPlacement) -> tuple[LoadSample | None, str | None]:
+        spec = placement.spec
+        eplb = serving.spec.eplb
+        namespace, name = serving.metadata.namespace or "", serving.metadata.name or ""
+        window = float(eplb.window_seconds)
+        ranks_expected = serving.spec.groups * serving.spec.ranks_per_group
+        url = eplb.prometheus_url or self.prometheus_url
+        try:
+            if url:
+                labels = {"serving": name} | ({self.namespace_label: namespace} if self.namespace_label else {})
+                reader = PrometheusLoadReader(url)
+                sample = reader.read(
+                    labels,
+                    window_seconds=window,
+                    num_layers=spec.num_layers,
+                    num_experts=spec.num_experts,
+                    ranks_expected=ranks_expected,
+                )
+                return sample, None
+            endpoints = list((self.endpoints or self.kube.rank_endpoints)(serving))
+            read = self.scrape_reader.read_twice if self.one_shot else self.scrape_reader.read
+            sample = read(
+                {"serving": name},
+                endpoints,
+                window_seconds=window,
+                num_layers=spec.num_layers,
+                num_experts=spec.num_experts,
+                ranks_expected=ranks_expected,
+            )
+            return sample, None
+        except (LoadReadError, ValueError) as error:
+            return None, str(error)
+
+    def _record(self, placement: ExpertPlacement, decision: Decision, now: float) -> None:
+        """Write the Planned condition and owned status fields when they changed; post Events on news."""
+        previous = next(
+            (c for c in (placement.status.conditions if placement.status else []) if c.type == convert.PLANNED), None
+        )
+        status = convert.status_fields(decision, placement, now)
+        if status != convert.observed_fields(placement):
+            self.kube.apply_status(placement, status)
+        if decision.rebalance:
+            self.kube.post_event(placement, "Normal", decision.reason.value, decision.message, now)
+        elif decision.reason in WARNING_REASONS and (previous is None or previous.reason != decision.reason.value):
+            self.kube.post_event(placement, "Warning", decision.reason.value, decision.message, now)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="k2 eplb run", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--namespace", default=None, help="watch one namespace (default: all)")
+    parser.add_argument("--interval", type=float, default=10.0, help="seconds between passes (default 10)")
+    parser.add_argument("--once", action="store_true", help="plan every enabled serving once and exit")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
+    parser.add_argument("--metrics-address", default="0.0.0.0", help="address of /metrics (default 0.0.0.0)")
+    parser.add_argument(
+        "--prometheus-url", default=None, help="Prometheus for servings without spec.eplb.prometheusUrl"
+    )
+    parser.add_argument(
+        "--namespace-label",
+        default="namespace",
+        help="label holding the pod namespace in Prometheus ('' to select by serving only)",
+    )
+    parser.add_argument("--kubeconfig", type=Path, default=None, help="default: $KUBECONFIG, then in-cluster")
+    args = parser.parse_args(list(argv))
+    if args.interval <= 0:
+        parser.error("--interval must be > 0")
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    metrics = ControllerMetrics()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_address, registry=metrics.registry)
+    controller = Controller(
+        KubeClient.connect(args.kubeconfig),
+        prometheus_url=args.prometheus_url,
+        metrics=metrics,
+        namespace_label=args.namespace_label or None,
+        one_shot=args.once,
+    )
+    if args.once:
+        try:
+            controller.run_once(args.namespace, force=True)
+        except ApiException as error:
+            log.error("eplb: %s", error)
+            return 1
+        return 1 if controller.failures else 0
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.is_set():
+        try:
+            controller.run_once(args.namespace)
+        except ApiException as error:  # listing failed: try again next pass
+            log.error("eplb: %s", error)
+        stop.wait(args.interval)
+    return 0

@@ -1,0 +1,61 @@
+"""The EPLB controller's own Prometheus metrics, on a registry of its own (tests read them without global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from k2_eplb.planner import Decision
+
+_LABELS = ("serving", "namespace")
+
+
+class ControllerMetrics:
+    """Gauges per serving for the last pass, counters for what the controller did."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.balancedness = Gauge(
+            "k2_eplb_balancedness",
+            "Balancedness of the placement in force: measured from slot counters, else estimated on the newest load.",
+            _LABELS,
+            registry=r,
+        )
+        self.predicted = Gauge(
+            "k2_eplb_predicted_balancedness",
+            "Balancedness the planner predicted for its last solve.",
+            _LABELS,
+            registry=r,
+        )
+        self.staleness = Gauge(
+            "k2_eplb_staleness", "Balancedness of the current placement on the newest load window.", _LABELS, registry=r
+        )
+        self.rebalances = Counter("k2_eplb_rebalances", "Placement generations written.", _LABELS, registry=r)
+        self.moved_experts = Counter("k2_eplb_moved_experts", "Expert copies planned.", _LABELS, registry=r)
+        self.moved_bytes = Counter(
+            "k2_eplb_moved_bytes", "Bytes of expert weights planned to move.", _LABELS, registry=r
+        )
+        self.skipped = Counter(
+            "k2_eplb_skipped", "Planning passes that wrote nothing, by reason.", (*_LABELS, "reason"), registry=r
+        )
+        self.errors = Counter("k2_eplb_errors", "Planning passes that failed with an error.", _LABELS, registry=r)
+
+    def observe(self, serving: str, namespace: str, decision: Decision) -> None:
+        labels = (serving, namespace)
+        current = decision.measured_balancedness if decision.measured_balancedness is not None else decision.staleness
+        if current is not None:
+            self.balancedness.labels(*labels).set(current)
+        if decision.staleness is not None:
+            self.staleness.labels(*labels).set(decision.staleness)
+        if decision.predicted_balancedness is not None:
+            self.predicted.labels(*labels).set(decision.predicted_balancedness)
+        if decision.rebalance:
+            self.rebalances.labels(*labels).inc()
+            self.moved_experts.labels(*labels).inc(decision.moved_experts)
+            self.moved_bytes.labels(*labels).inc(decision.moved_bytes)
+        else:
+            self.skipped.labels(*labels, decision.reason.value).inc()
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The current value of one sample (for tests and logs)."""
+        return self.registry.get_sample_value(name, labels)

@@ -1,0 +1,111 @@
+"""Pure conversions between the API objects (k2_api) and the planner's plain inputs and outputs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+
+from k2_api import ExpertPlacement, ModelSpec
+from k2_api.common import Condition, ConditionStatus, DType, Preset
+from k2_api.serving import Eplb
+from k2_eplb.planner import K2_FP8_EXPERT_BYTES, Decision, IntArray, PlacementState, Policy, expert_bytes
+
+PLANNED = "Planned"
+"""The controller's condition on ExpertPlacement status: True when its last pass wrote spec, else False and why."""
+
+_DTYPE_BYTES = {DType.FP8: 1.0, DType.BF16: 2.0, DType.FP32: 4.0}
+# (hidden_size, moe_intermediate_size) of the presets whose shape the controller knows without importing the workers.
+_PRESET_EXPERT_SHAPE = {Preset.KIMI_K2: (7168, 2048), Preset.DEEPSEEK_V3: (7168, 2048)}
+
+
+def policy_from_spec(eplb: Eplb, num_slots: int) -> Policy:
+    """The planner's knobs from K2Serving spec.eplb; `num_slots` (ranks x slots per rank) scales the move budget."""
+    return Policy(
+        enabled=eplb.enabled,
+        window_seconds=float(eplb.window_seconds),
+        min_improvement=eplb.min_improvement,
+        max_moves=eplb.move_budget(num_slots),
+        cooldown_seconds=float(eplb.cooldown_seconds),
+    )
+
+
+def bytes_per_expert(model: ModelSpec) -> int:
+    """Bytes one expert copy moves: 3 x hidden x moe_intermediate x dtype size; the K2 FP8 size when unknown."""
+    shape = None
+    if model.config is not None and model.config.hidden_size and model.config.moe_intermediate_size:
+        shape = (model.config.hidden_size, model.config.moe_intermediate_size)
+    elif model.preset is not None:
+        shape = _PRESET_EXPERT_SHAPE.get(Preset(model.preset))
+    if shape is None:
+        return K2_FP8_EXPERT_BYTES
+    return expert_bytes(*shape, bytes_per_weight=_DTYPE_BYTES[DType(model.dtype)])
+
+
+def placement_array(placement: ExpertPlacement) -> IntArray:
+    """spec.layers as [L, G, S], rows ordered by layer index."""
+    spec = placement.spec
+    return np.array([spec.table(layer) for layer in range(spec.num_layers)], dtype=np.int64)
+
+
+def layers_from_array(placement_LGS: IntArray) -> list[dict[str, Any]]:
+    """[L, G, S] back to the wire form of spec.layers."""
+    return [{"layer": layer, "slots": table.tolist()} for layer, table in enumerate(placement_LGS)]
+
+
+def placement_state(placement: ExpertPlacement, last_rebalance_time: float | None) -> PlacementState:
+    status = placement.status
+    return PlacementState(
+        placement_LGS=placement_array(placement),
+        generation=placement.spec.generation,
+        applied_generation=status.applied_generation if status else None,
+        last_rebalance_time=last_rebalance_time,
+    )
+
+
+def planned_condition(decision: Decision, previous: Condition | None, now: float, generation: int | None) -> Condition:
+    """The Planned condition for `decision`; lastTransitionTime moves only when the status flips."""
+    status = ConditionStatus.TRUE if decision.rebalance else ConditionStatus.FALSE
+    transition = dt.datetime.fromtimestamp(int(now), tz=dt.UTC)
+    if previous is not None and previous.status == status and previous.last_transition_time is not None:
+        transition = previous.last_transition_time
+    return Condition(
+        type=PLANNED,
+        status=status,
+        reason=decision.reason.value,
+        message=decision.message,
+        last_transition_time=transition,
+        observed_generation=generation,
+    )
+
+
+def status_fields(decision: Decision, placement: ExpertPlacement, now: float) -> dict[str, Any]:
+    """Every status field the controller owns, in wire form (server-side apply drops owned fields left out)."""
+    observed = placement.status
+    previous = next((c for c in observed.conditions if c.type == PLANNED), None) if observed else None
+    fields: dict[str, Any] = {
+        "predictedBalancedness": decision.predicted_balancedness
+        if decision.rebalance
+        else (observed.predicted_balancedness if observed else None),
+        "movedExperts": decision.moved_experts if decision.rebalance else (observed.moved_experts if observed else 0),
+        "movedBytes": decision.moved_bytes if decision.rebalance else (observed.moved_bytes if observed else 0),
+        "measuredBalancedness": decision.measured_balancedness
+        if decision.measured_balancedness is not None
+        else (observed.measured_balancedness if observed else None),
+        "conditions": [planned_condition(decision, previous, now, placement.metadata.generation).to_dict()],
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def observed_fields(placement: ExpertPlacement) -> dict[str, Any]:
+    """The controller-owned status fields as they are now, in the same form as `status_fields`."""
+    if placement.status is None:
+        return {}
+    wire = placement.status.to_dict()
+    owned = ("predictedBalancedness", "movedExperts", "movedBytes", "measuredBalancedness")
+    fields = {key: wire[key] for key in owned if wire.get(key) is not None}
+    planned = [c.to_dict() for c in placement.status.conditions if c.type == PLANNED]
+    if planned:
+        fields["conditions"] = planned
+    return fields
