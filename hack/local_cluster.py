@@ -424,8 +424,12 @@ def _cmdline(pid: int) -> str:
 
 
 def _is_ours(pid: int, layout: Layout) -> bool:
-    """True when `pid` runs and its command line names this cluster's directory (guards against pid reuse)."""
-    return str(layout.root) in _cmdline(pid)
+    """True when `pid` is a component (etcd, kube-*, kwok) whose command line names this cluster's directory.
+
+    Guards against pid reuse, and never matches other processes that mention the directory (a waiting `up`, pytest).
+    """
+    argv = _cmdline(pid).split(" ")
+    return Path(argv[0]).name in COMPONENTS and str(layout.root) in " ".join(argv[1:])
 
 
 def _reap(pid: int) -> None:
@@ -435,10 +439,9 @@ def _reap(pid: int) -> None:
 
 
 def leftover_pids(layout: Layout) -> list[int]:
-    """Every live process whose command line names this cluster's directory (what `pgrep -f DIR` finds)."""
+    """Every live component whose command line names this cluster's directory (`pgrep -f DIR`, filtered)."""
     result = subprocess.run(["pgrep", "-f", str(layout.root)], capture_output=True, text=True, check=False)
-    own = {os.getpid(), os.getppid()}
-    return [pid for pid in map(int, result.stdout.split()) if pid not in own and _is_ours(pid, layout)]
+    return [pid for pid in map(int, result.stdout.split()) if _is_ours(pid, layout)]
 
 
 def _stop_group(pid: int, layout: Layout, grace_s: float) -> None:
@@ -616,7 +619,9 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
             state = State.load(layout)
             assert state is not None
             return state
-        _stop(layout, remove=True)  # a half-started or dead cluster from before
+        if State.load(layout) is not None:
+            print(f"local cluster: {layout.root} holds a stopped or broken cluster; starting afresh", file=sys.stderr)
+        _stop(layout, remove=True)
         try:
             return _start(layout, num_nodes, tools)
         except BaseException:

@@ -28,7 +28,7 @@ CLUSTER_FIXTURES = {"cluster", "namespace", "k2_crds"}
 KUBECTL_TIMEOUT_S = 120
 
 
-def _local_cluster() -> ModuleType:
+def load_local_cluster() -> ModuleType:
     """hack/local_cluster.py, imported by path (hack/ is not a package)."""
     name = "k2_local_cluster"
     if name not in sys.modules:
@@ -83,7 +83,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The local control plane: the running `make cluster-up` one, or a fresh one for this session."""
-    local_cluster = _local_cluster()
+    local_cluster = load_local_cluster()
     shared_dir: Path = local_cluster.DEFAULT_DIR
     if local_cluster.is_healthy(shared_dir):
         state = local_cluster.State.load(local_cluster.Layout(shared_dir.resolve()))
