@@ -71,8 +71,8 @@ def test_gpu_nodes_have_8_gpus_topology_and_own_pod_ranges() -> None:
     nodes = [lc.gpu_node_manifest(i) for i in range(lc.NUM_NODES)]
     assert lc.NUM_NODES >= 4
     assert len({n["metadata"]["name"] for n in nodes}) == lc.NUM_NODES
-    pods = ipaddress.ip_network(lc.POD_CIDR)
-    ranges = [ipaddress.ip_network(n["spec"]["podCIDR"]) for n in nodes]
+    pods = ipaddress.IPv4Network(lc.POD_CIDR)
+    ranges = [ipaddress.IPv4Network(n["spec"]["podCIDR"]) for n in nodes]
     assert all(r.subnet_of(pods) for r in ranges)
     assert not any(a.overlaps(b) for i, a in enumerate(ranges) for b in ranges[i + 1 :])
     for node in nodes:
