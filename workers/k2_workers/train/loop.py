@@ -65,6 +65,19 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> K2ForCausalLM:
     return model
 
 
+def router_biases(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The `e_score_correction_bias` buffer of every MoE layer, in layer order (the rows of expert_token_counts)."""
+    return [buffer for name, buffer in model.named_buffers() if name.endswith("e_score_correction_bias")]
+
+
+def update_router_biases_(model: torch.nn.Module, counts_LE: torch.Tensor, rate: float) -> None:
+    """The loss-free balancing rule per MoE layer, from token counts summed over all ranks."""
+    biases = router_biases(model)
+    assert len(biases) == counts_LE.shape[0], "one row of expert counts per MoE layer"
+    for bias_E, count_E in zip(biases, counts_LE, strict=True):
+        loss_free_bias_update(bias_E, count_E, rate)
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -170,7 +183,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         counts_LE = all_reduce_(self.model.expert_token_counts().detach().float().clone())
-        loss_free_bias_update(self.model, counts_LE, cfg.router_bias_update_rate)
+        update_router_biases_(self.model, counts_LE, cfg.router_bias_update_rate)
 
         # one collective for the logged loss and the stop decision, so all ranks stop after the same step
         shared = all_reduce_(torch.tensor([loss.item(), float(self.stop.requested)], dtype=torch.float64))

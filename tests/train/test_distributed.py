@@ -1,0 +1,97 @@
+"""Multi-process training on CPU (gloo): resume exactness, learning, preemption and rank failure."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from k2_workers.train.checkpoint import complete_checkpoints
+
+from .launch import start_ranks, step_lines, torchrun, wait_for_step
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """30 steps on 2 ranks in one go."""
+    checkpoints = tmp_path_factory.mktemp("straight")
+    result = torchrun(["--steps", "30", "--checkpoint-dir", str(checkpoints)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return step_lines(result.stdout)
+
+
+def test_rank0_prints_one_json_line_per_step(straight_run: list[dict[str, Any]]) -> None:
+    assert [r["step"] for r in straight_run] == list(range(1, 31))
+    keys = {"step", "loss", "lr", "tokens_per_s", "max_attn_logit", "clipped_heads", "grad_norm"}
+    assert all(keys <= r.keys() for r in straight_run)
+    assert straight_run[2]["lr"] == pytest.approx(0.01)  # end of the 3-step warmup
+    assert straight_run[-1]["lr"] == pytest.approx(0.001)  # end of the decay to finalLrRatio
+
+
+def test_loss_falls_well_over_ten_percent_in_30_steps(straight_run: list[dict[str, Any]]) -> None:
+    first = sum(r["loss"] for r in straight_run[:3]) / 3
+    last = sum(r["loss"] for r in straight_run[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_20_steps_plus_a_resumed_10_equal_30_straight(straight_run: list[dict[str, Any]], tmp_path: Path) -> None:
+    # --stop-after keeps the schedule of a 30-step run (its decay covers steps 21..30)
+    first = torchrun(["--steps", "30", "--stop-after", "20", "--checkpoint-dir", str(tmp_path)])
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [10, 20]
+    resumed = torchrun(["--steps", "30", "--checkpoint-dir", str(tmp_path)])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    lines = step_lines(resumed.stdout)
+    assert [r["step"] for r in lines] == list(range(21, 31))
+    assert lines[-1]["loss"] == pytest.approx(straight_run[-1]["loss"], rel=1e-4)
+    assert lines[0]["lr"] == pytest.approx(straight_run[20]["lr"], rel=1e-12)
+
+
+def _stop(procs: list[subprocess.Popen[str]], timeout_s: float) -> list[int | None]:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    codes = [p.poll() for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return codes
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "ckpt"
+    procs = start_ranks(["--steps", "100000", "--checkpoint-dir", str(checkpoints)], 2, tmp_path)
+    try:
+        wait_for_step(tmp_path / "rank0.out", 3, procs)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+    finally:
+        codes = _stop(procs, 120)
+    assert codes == [0, 0], (tmp_path / "rank0.err").read_text()[-4000:]
+    last_step = step_lines((tmp_path / "rank0.out").read_text())[-1]["step"]
+    assert [s for s, _ in complete_checkpoints(checkpoints)] == [last_step]
+    assert not list(checkpoints.glob("*.tmp"))
+
+
+def test_when_a_rank_dies_the_others_exit_nonzero_within_the_timeout(tmp_path: Path) -> None:
+    timeout_s = 20
+    procs = start_ranks(["--steps", "100000", "--pg-timeout", str(timeout_s)], 2, tmp_path)
+    try:
+        wait_for_step(tmp_path / "rank0.out", 3, procs)
+        procs[1].kill()
+        killed_at = time.monotonic()
+        procs[0].wait(timeout=timeout_s + 40)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        codes = _stop(procs, 1)
+    assert codes[0] not in (0, None), codes
+    assert elapsed < timeout_s + 40
