@@ -163,17 +163,17 @@ class MuonClip(torch.optim.Optimizer):
         Tall matrices are transposed into the bucket's wide orientation (Newton–Schulz would transpose them anyway),
         so e.g. expert ``gate_proj`` [E, I, D] and ``down_proj`` [E, D, I] share one call.
         """
-        rows, cols = params[0].shape[-2:]
-        wide = [u.reshape(-1, *u.shape[-2:]) for u in updates]
-        wide = [w.mT if w.size(-2) > w.size(-1) else w for w in wide]
+        short, long = sorted(params[0].shape[-2:])
+        counts = [math.prod(p.shape[:-2]) for p in params]
+        stacked_BMN = torch.empty((sum(counts), short, long), dtype=self.ns_dtype, device=params[0].device)
+        for view_BMN, update in zip(_param_views(stacked_BMN, counts, params), updates, strict=True):
+            view_BMN.copy_(update.view(view_BMN.shape))
         ortho_BMN = zeropower_via_newton_schulz(
-            torch.cat(wide), group["ns_coefficients"], group["ns_steps"], group["ns_eps"], self.ns_dtype
-        ).to(params[0].dtype)
-        chunks = torch.split(ortho_BMN, [w.size(0) for w in wide])
-        per_param = [
-            (o.mT if p.size(-2) > p.size(-1) else o).reshape(p.shape) for o, p in zip(chunks, params, strict=True)
-        ]
-        torch._foreach_add_(params, per_param, alpha=-lr * match_rms_adamw_scale(rows, cols))
+            stacked_BMN, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], self.ns_dtype
+        )
+        alpha = -lr * match_rms_adamw_scale(short, long)
+        for ortho_BMN_view, p in zip(_param_views(ortho_BMN, counts, params), params, strict=True):
+            p.view(ortho_BMN_view.shape).add_(ortho_BMN_view, alpha=alpha)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -208,6 +208,13 @@ class MuonClip(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=False,
         )
+
+
+def _param_views(stacked_BMN: Tensor, counts: list[int], params: list[Tensor]) -> list[Tensor]:
+    """Per-parameter slices of a wide-oriented stack ``[B, short, long]``, each viewed in its parameter's orientation
+    (``[n, rows, cols]``; a transposed view for tall matrices)."""
+    chunks = torch.split(stacked_BMN, counts)
+    return [c.mT if p.size(-2) > p.size(-1) else c for c, p in zip(chunks, params, strict=True)]
 
 
 def _matrix_buckets(params: list[Tensor], max_batch_numel: int) -> list[list[int]]:

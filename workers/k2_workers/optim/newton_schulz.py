@@ -32,7 +32,7 @@ def zeropower_via_newton_schulz(
     if g_BMN.ndim not in (2, 3):
         raise ValueError(f"g_BMN must be 2-D or 3-D, got shape {tuple(g_BMN.shape)}")
     a, b, c = coefficients
-    x = g_BMN.to(dtype=dtype, copy=True)
+    x = g_BMN.to(dtype=dtype)  # not modified in place: no copy needed
     squeeze = x.ndim == 2
     if squeeze:
         x = x.unsqueeze(0)
