@@ -47,6 +47,7 @@ class Reason(enum.StrEnum):
     PARTIAL_METRICS = "PartialMetrics"
     TOO_FEW_SAMPLES = "TooFewSamples"
     NO_LOAD = "NoLoad"
+    INVALID_PLACEMENT = "InvalidPlacement"
     BELOW_MIN_IMPROVEMENT = "BelowMinImprovement"
 
 
@@ -149,17 +150,18 @@ def plan(
     assert sample is not None and staleness is not None
 
     _, num_gpus, slots_per_gpu = state.placement_LGS.shape
-    new_LGS = np.asarray(
-        solver(
+    try:
+        solved = solver(
             sample.load_LE,
             num_gpus,
             slots_per_gpu,
             current=state.placement_LGS,
             max_moves=policy.max_moves,
             gpus_per_node=gpus_per_node,
-        ),
-        dtype=np.int64,
-    )
+        )
+    except ValueError as error:  # e.g. a hand-written placement with two replicas of one expert on a GPU
+        return skip(Reason.INVALID_PLACEMENT, f"cannot plan from the current placement: {error}")
+    new_LGS = np.asarray(solved, dtype=np.int64)
     predicted = mean_balancedness(sample.load_LE, new_LGS)
     moved = metrics.count_moves(state.placement_LGS, new_LGS)
     gain = predicted - staleness
