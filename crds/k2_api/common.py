@@ -296,6 +296,14 @@ class Resource(BaseModel):
     api_version: Literal["k2.ai/v1alpha1"] = "k2.ai/v1alpha1"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
 
+    @model_validator(mode="after")
+    def _name_length(self) -> Resource:
+        if self.metadata.name is not None and len(self.metadata.name) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child object names are derived from it)"
+            )
+        return self
+
     @classmethod
     def crd_name(cls) -> str:
         return f"{cls.PLURAL}.{GROUP}"
