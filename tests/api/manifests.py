@@ -84,7 +84,7 @@ def invalid_manifests() -> list[Invalid]:
         # Wrong types.
         Invalid("training-nodes-string", edited(training, spec__numNodes="two"), "spec.numNodes"),
         Invalid("serving-suspend-string", edited(serving, spec__suspend="sometimes"), "spec.suspend"),
-        Invalid("placement-slots-flat", edited(xp, spec__layers__0__slots=[0, 1, 2]), "spec.layers[0].slots"),
+        Invalid("placement-slots-flat", edited(xp, spec__layers__0__slots=[0, 1, 2]), "spec.layers[layer=0].slots"),
         # Negative or zero counts, out-of-range numbers.
         Invalid("training-nodes-negative", edited(training, spec__numNodes=-1), "spec.numNodes"),
         Invalid(
