@@ -1,3 +1,4 @@
+import datetime
 import http.server
 import json
 import threading
@@ -42,7 +43,8 @@ def test_progress_is_merge_patched_into_the_status_subresource(api_server: Any, 
     token = tmp_path / "token"
     token.write_text("secret-token\n")
     reporter = StatusReporter(http_sender(status_url(base, "ns1", "run1"), token, None), min_interval_s=0)
-    reporter.report(progress_record(7, 2.5, 1234.56, 12.3456789, "step-5"))
+    now = datetime.datetime(2026, 11, 23, 1, 2, 3, tzinfo=datetime.UTC)
+    reporter.report(progress_record(7, 2.5, 1234.56, 12.3456789, "/checkpoints/step-5", 5, now))
     reporter.close()
     path, content_type, auth, body = received[-1]
     assert path == "/apis/k2.ai/v1alpha1/namespaces/ns1/k2trainings/run1/status"
@@ -54,7 +56,9 @@ def test_progress_is_merge_patched_into_the_status_subresource(api_server: Any, 
                 "loss": 2.5,
                 "tokensPerSecond": 1234.6,
                 "maxAttentionLogit": 12.3457,
-                "lastCheckpoint": "step-5",
+                "lastCheckpoint": "/checkpoints/step-5",
+                "lastCheckpointStep": 5,
+                "updatedAt": "2026-11-23T01:02:03Z",
             }
         }
     }

@@ -126,6 +126,7 @@ class Trainer:
         )
         self.step = 0
         self.last_checkpoint: str | None = None
+        self.last_checkpoint_step: int | None = None
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -141,7 +142,7 @@ class Trainer:
         set_rng_state(state.extra["rng"])
         if state.extra["scheduler"]["schedule"] != asdict(self.schedule):
             log.warning("the WSD schedule differs from the checkpoint's; continuing with the new one")
-        self.last_checkpoint = path.name
+        self.last_checkpoint, self.last_checkpoint_step = str(path), self.step
         log.info("resumed from %s (step %d)", path, self.step)
 
     def save(self) -> None:
@@ -153,7 +154,7 @@ class Trainer:
             "rng": rng_state(),
         }
         path = self.checkpoints.save(self.step, self.model, self.optimizer, extra)
-        self.last_checkpoint = path.name
+        self.last_checkpoint, self.last_checkpoint_step = str(path), self.step
         if self.metrics is not None:
             self.metrics.observe_checkpoint(self.step)
 
@@ -218,9 +219,14 @@ class Trainer:
                 self.save()
             if self.status is not None:
                 progress = progress_record(
-                    self.step, record["loss"], record["tokens_per_s"], record["max_attn_logit"], self.last_checkpoint
+                    self.step,
+                    record["loss"],
+                    record["tokens_per_s"],
+                    record["max_attn_logit"],
+                    self.last_checkpoint,
+                    self.last_checkpoint_step,
                 )
-                self.status.report(progress, force=self.last_checkpoint == f"step-{self.step}")
+                self.status.report(progress, force=self.last_checkpoint_step == self.step)
             if stop:
                 log.warning("stopped at step %d on request; checkpoint %s", self.step, self.last_checkpoint)
                 break

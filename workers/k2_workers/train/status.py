@@ -10,6 +10,7 @@ slow API server never stalls training and other status fields (the operator's co
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -33,17 +34,26 @@ Sender = Callable[[dict[str, Any]], None]
 
 
 def progress_record(
-    step: int, loss: float, tokens_per_second: float, max_attention_logit: float, last_checkpoint: str | None
+    step: int,
+    loss: float,
+    tokens_per_second: float,
+    max_attention_logit: float,
+    last_checkpoint: str | None = None,
+    last_checkpoint_step: int | None = None,
+    now: datetime.datetime | None = None,
 ) -> dict[str, Any]:
     """The `status.progress` object (camelCase, as in the K2Training API)."""
+    updated = now or datetime.datetime.now(datetime.UTC)
     progress: dict[str, Any] = {
         "step": step,
         "loss": round(loss, 6),
         "tokensPerSecond": round(tokens_per_second, 1),
         "maxAttentionLogit": round(max_attention_logit, 4),
+        "updatedAt": updated.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if last_checkpoint is not None:
         progress["lastCheckpoint"] = last_checkpoint
+        progress["lastCheckpointStep"] = last_checkpoint_step
     return progress
 
 
