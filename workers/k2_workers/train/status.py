@@ -124,19 +124,21 @@ class StatusReporter:
             self._last_sent = time.monotonic()
 
 
-def reporter_from_env(env: Mapping[str, str] = os.environ, min_interval_s: float = 10.0) -> StatusReporter | None:
+def reporter_from_env(
+    env: Mapping[str, str] = os.environ, min_interval_s: float = 10.0, service_account_dir: Path = SERVICE_ACCOUNT_DIR
+) -> StatusReporter | None:
     """A reporter when running in a cluster with the K2Training known, else None (quietly)."""
     host, name = env.get("KUBERNETES_SERVICE_HOST"), env.get(ENV_NAME)
     namespace = env.get(ENV_NAMESPACE)
-    if namespace is None and (SERVICE_ACCOUNT_DIR / "namespace").is_file():
-        namespace = (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
+    if namespace is None and (service_account_dir / "namespace").is_file():
+        namespace = (service_account_dir / "namespace").read_text().strip()
     if not (host and name and namespace):
         log.debug("not in a cluster or K2Training unknown: status reporting off")
         return None
     port = env.get("KUBERNETES_SERVICE_PORT", "443")
     server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    token = SERVICE_ACCOUNT_DIR / "token"
-    ca = SERVICE_ACCOUNT_DIR / "ca.crt"
+    token = service_account_dir / "token"
+    ca = service_account_dir / "ca.crt"
     send = http_sender(
         status_url(server, namespace, name), token if token.is_file() else None, ca if ca.is_file() else None
     )
