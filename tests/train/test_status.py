@@ -3,6 +3,7 @@ import http.server
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,3 +106,14 @@ def test_metrics_record_a_step() -> None:
     assert 'k2_train_expert_tokens_total{expert="0",layer="0",training="run1"} 3.0' in text
     assert 'expert="1",layer="0"' not in text
     assert 'k2_train_last_checkpoint_step{training="run1"} 3.0' in text
+
+
+def test_metrics_are_served_on_a_port() -> None:
+    metrics = TrainMetrics("run2", port=-1, addr="127.0.0.1")
+    try:
+        metrics.observe_checkpoint(40)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        metrics.close()
+    assert 'k2_train_last_checkpoint_step{training="run2"} 40.0' in text

@@ -235,6 +235,8 @@ class Trainer:
     def close(self) -> None:
         if self.status is not None:
             self.status.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> int:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a training run, served by rank 0 (port 0 disables them)."""
+"""Prometheus metrics of a training run, served by rank 0 (port 0 disables them; -1 picks a free port)."""
 
 from __future__ import annotations
 
@@ -31,9 +31,20 @@ class TrainMetrics:
             [*labels, "layer", "expert"],
             registry=self.registry,
         )
-        self.port = port
+        self._server = None
         if port:
-            start_http_server(port, addr=addr, registry=self.registry)
+            self._server, _ = start_http_server(max(port, 0), addr=addr, registry=self.registry)
+
+    @property
+    def port(self) -> int | None:
+        """The port metrics are served on (None when off)."""
+        return int(self._server.server_address[1]) if self._server is not None else None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     def observe_step(self, record: dict[str, float], num_tokens: int, expert_counts: list[list[float]] | None) -> None:
         labels = self._labels
