@@ -27,7 +27,7 @@ def _type_name(node: Schema) -> str:
         if isinstance(node.get("additionalProperties"), dict):
             return f"map[string]{_type_name(node['additionalProperties'])}"
         return "free-form object"
-    return str(type_ or "any")
+    return f"{type_} ({node['format']})" if "format" in node else str(type_ or "any")
 
 
 def _constraints(node: Schema) -> list[str]:
@@ -35,10 +35,14 @@ def _constraints(node: Schema) -> list[str]:
     if "enum" in node:
         notes.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
     low, high = node.get("minimum"), node.get("maximum")
-    if low is not None or high is not None:
+    if low is not None and high is not None:
         left = "(" if node.get("exclusiveMinimum") else "["
         right = ")" if node.get("exclusiveMaximum") else "]"
-        notes.append(f"range {left}{'' if low is None else low}, {'' if high is None else high}{right}")
+        notes.append(f"range {left}{low}, {high}{right}")
+    elif low is not None:
+        notes.append(f"{'>' if node.get('exclusiveMinimum') else '>='} {low}")
+    elif high is not None:
+        notes.append(f"{'<' if node.get('exclusiveMaximum') else '<='} {high}")
     for key, label in (("minLength", "min length"), ("maxLength", "max length"), ("maxItems", "max items")):
         if key in node:
             notes.append(f"{label} {node[key]}")
