@@ -122,3 +122,21 @@ def _reduce_bucket(grads: list[torch.Tensor], world_size: int) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def check_replicas_identical(module: torch.nn.Module) -> None:
+    """Raises RuntimeError naming the first tensor whose value differs between ranks (data-parallel replicas, the
+    router biases included, must stay bitwise identical). One all-reduce of per-tensor fingerprints."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    named = [*module.named_parameters(), *module.named_buffers()]
+    with torch.no_grad():
+        fingerprints = torch.stack(
+            [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for _, t in named]
+        ).cpu()
+    low, high = fingerprints.clone(), fingerprints.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differs = (low != high).any(dim=1).nonzero()
+    if len(differs):
+        raise RuntimeError(f"data-parallel replicas diverged: {named[int(differs[0])][0]} differs between ranks")

@@ -34,6 +34,7 @@ from k2_workers.train.distributed import (
     all_reduce_,
     all_reduce_gradients_,
     broadcast_module_,
+    check_replicas_identical,
     init_distributed,
     shutdown,
 )
@@ -63,19 +64,6 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> K2ForCausalLM:
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"model: vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return model
-
-
-def router_biases(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The `e_score_correction_bias` buffer of every MoE layer, in layer order (the rows of expert_token_counts)."""
-    return [buffer for name, buffer in model.named_buffers() if name.endswith("e_score_correction_bias")]
-
-
-def update_router_biases_(model: torch.nn.Module, counts_LE: torch.Tensor, rate: float) -> None:
-    """The loss-free balancing rule per MoE layer, from token counts summed over all ranks."""
-    biases = router_biases(model)
-    assert len(biases) == counts_LE.shape[0], "one row of expert counts per MoE layer"
-    for bias_E, count_E in zip(biases, counts_LE, strict=True):
-        loss_free_bias_update(bias_E, count_E, rate)
 
 
 def rng_state() -> dict[str, Any]:
@@ -146,6 +134,7 @@ class Trainer:
         log.info("resumed from %s (step %d)", path, self.step)
 
     def save(self) -> None:
+        check_replicas_identical(self.model)
         if self.checkpoints is None:
             return
         extra = {
@@ -184,7 +173,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         counts_LE = all_reduce_(self.model.expert_token_counts().detach().float().clone())
-        update_router_biases_(self.model, counts_LE, cfg.router_bias_update_rate)
+        loss_free_bias_update(self.model, counts_LE, cfg.router_bias_update_rate)
 
         # one collective for the logged loss and the stop decision, so all ranks stop after the same step
         shared = all_reduce_(torch.tensor([loss.item(), float(self.stop.requested)], dtype=torch.float64))

@@ -1,0 +1,44 @@
+"""The replica check that guards data parallelism (weights and router biases identical on every rank)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .launch import free_port
+
+pytestmark = pytest.mark.distributed
+
+
+def _rank(rank: int, port: int, perturb: bool, results: dict[int, str]) -> None:
+    from k2_workers.train.distributed import check_replicas_identical
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    model.register_buffer("e_score_correction_bias", torch.zeros(4))
+    if perturb and rank == 1:
+        model.e_score_correction_bias[2] += 1e-3
+    try:
+        check_replicas_identical(model)
+        results[rank] = "ok"
+    except RuntimeError as error:
+        results[rank] = str(error)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_diverged_router_bias_is_detected(perturb: bool) -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(free_port(), perturb, results), nprocs=2, join=True)
+        outcome = dict(results)
+    if perturb:
+        assert all("e_score_correction_bias differs" in outcome[r] for r in (0, 1)), outcome
+    else:
+        assert outcome == {0: "ok", 1: "ok"}
