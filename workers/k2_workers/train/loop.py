@@ -176,7 +176,8 @@ class Trainer:
         loss_free_bias_update(self.model, counts_LE, cfg.router_bias_update_rate)
 
         # one collective for the logged loss and the stop decision, so all ranks stop after the same step
-        shared = all_reduce_(torch.tensor([loss.item(), float(self.stop.requested)], dtype=torch.float64))
+        flags = torch.tensor([loss.item(), float(self.stop.requested)], dtype=torch.float64, device=device)
+        shared = all_reduce_(flags)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
