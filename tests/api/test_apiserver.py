@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pydantic
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from k2_api import ExpertPlacement, K2Serving, K2Training
 from k2_api.placement import round_robin
@@ -124,3 +127,40 @@ def test_kimi_k2_sized_placement_is_accepted(cluster: Cluster, namespace: str, k
     manifest["spec"]["layers"][59]["slots"][31][12] = 384
     result = _dry_run(cluster, manifest, namespace)
     assert result.returncode != 0 and "every expert id must be in [0, spec.numExperts)" in result.stderr
+
+
+@st.composite
+def _perturbed_placements(draw: st.DrawFn) -> dict[str, Any]:
+    """Placement manifests near the validity boundary: each of shape, id range and layer count is sometimes off."""
+    num_layers, ranks, slots = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    num_experts = draw(st.integers(1, ranks * slots + 1))  # + 1: sometimes too few slots
+    bad_shape, bad_ids, bad_layers = (draw(st.integers(0, 3)) == 0 for _ in range(3))
+    ids = st.integers(0, num_experts if bad_ids else num_experts - 1)  # numExperts itself is out of range
+    row_sizes = st.integers(max(1, slots - 1), slots + 1) if bad_shape else st.just(slots)
+    num_rows = st.integers(max(1, ranks - 1), ranks + 1) if bad_shape else st.just(ranks)
+
+    def table() -> list[list[int]]:
+        return [draw(st.lists(ids, min_size=(n := draw(row_sizes)), max_size=n)) for _ in range(draw(num_rows))]
+
+    layer_count = draw(st.integers(max(1, num_layers - 1), num_layers + 1)) if bad_layers else num_layers
+    manifest = placement(num_layers=1, num_experts=1, ranks=1, slots_per_rank=1)
+    manifest["spec"] |= {
+        "numLayers": num_layers,
+        "numExperts": num_experts,
+        "ranks": ranks,
+        "slotsPerRank": slots,
+        "layers": [{"layer": i, "slots": table()} for i in range(layer_count)],
+    }
+    return manifest
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(manifest=_perturbed_placements())
+def test_python_and_cel_agree_on_placements(cluster: Cluster, k2_crds: list[str], manifest: dict[str, Any]) -> None:
+    try:
+        ExpertPlacement.model_validate(manifest)
+        python_accepts = True
+    except pydantic.ValidationError:
+        python_accepts = False
+    result = _dry_run(cluster, manifest)
+    assert (result.returncode == 0) == python_accepts, (manifest["spec"], result.stderr)
