@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,12 +44,17 @@ class Prometheus:
         tmp.write_text(json.dumps([{"targets": list(targets), "labels": dict(labels)}]))
         tmp.replace(path)
 
-    def query(self, promql: str) -> list[dict[str, object]]:
+    def query(self, promql: str) -> list[dict[str, Any]]:
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
         with urllib.request.urlopen(url, timeout=5) as response:
             answer = json.loads(response.read())
-        result: list[dict[str, object]] = answer["data"]["result"]
+        result: list[dict[str, Any]] = answer["data"]["result"]
         return result
+
+    def scalar(self, promql: str) -> float | None:
+        """The value of a query that yields one sample, None when it yields none."""
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
         """Poll `condition` every 0.25 s; fail the test if it does not hold within `timeout` seconds."""

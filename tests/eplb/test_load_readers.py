@@ -195,14 +195,8 @@ def fake_serving() -> Iterator[FakeServing]:
 
 
 def wait_for_full_window(server: Prometheus) -> None:
-    server.wait_for(
-        lambda: (
-            bool(r := server.query(f"min(count_over_time(k2_expert_tokens_total[{WINDOW:g}s]))"))
-            and float(r[0]["value"][1]) >= WINDOW
-        ),  # type: ignore[index]
-        timeout=60,
-        what="a full window of samples",
-    )
+    promql = f"min(count_over_time(k2_expert_tokens_total[{WINDOW:g}s]))"
+    server.wait_for(lambda: (server.scalar(promql) or 0) >= WINDOW, timeout=60, what="a full window of samples")
 
 
 @pytest.mark.prometheus

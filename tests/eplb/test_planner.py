@@ -64,6 +64,7 @@ def test_skewed_load_rebalances_with_the_next_generation() -> None:
     assert decision.reason is Reason.REBALANCED and decision.rebalance
     assert decision.generation == 4
     assert decision.placement_LGS is not None
+    assert decision.staleness is not None and decision.predicted_balancedness is not None
     assert decision.staleness == pytest.approx(mean_balancedness(skewed(), trivial_placement()))
     assert decision.predicted_balancedness == pytest.approx(mean_balancedness(skewed(), decision.placement_LGS))
     assert decision.predicted_balancedness > decision.staleness + POLICY.min_improvement

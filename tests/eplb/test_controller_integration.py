@@ -1,0 +1,307 @@
+"""The EPLB controller against the real local API server, with a real Prometheus scraping loopback exporters.
+
+Each test creates a K2Serving and its ExpertPlacement (no operator needed), marks generation 1 applied as the workers
+would, feeds a load through the fake ranks, and runs one planning pass at a time with a clock the test controls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from k2_api import round_robin
+from k2_eplb import controller as controller_module
+from k2_eplb.controller import Controller
+from k2_eplb.controller_metrics import ControllerMetrics
+from k2_eplb.kube import KubeClient
+from k2_eplb.metrics import count_moves, replica_counts
+from k2_eplb.planner import Reason
+from tests.eplb.load_exporter import FakeServing, skewed_load
+from tests.eplb.prometheus_server import Prometheus, running_prometheus
+
+pytestmark = [pytest.mark.integration]
+
+NAME = "k2"
+LAYERS, EXPERTS, RANKS, SLOTS = 2, 8, 4, 3  # ceil(8 / 4) + 1 redundant slot per rank
+WINDOW = 6
+BYTES_PER_EXPERT = 3 * 64 * 32  # hidden 64, moe_intermediate 32, fp8
+INITIAL = np.array([t.slots for t in round_robin(LAYERS, EXPERTS, RANKS, SLOTS)], dtype=np.int64)
+SKEWED = skewed_load(LAYERS, EXPERTS, hot={0: 12.0, 5: 5.0})
+BALANCED = replica_counts(INITIAL, EXPERTS).astype(np.float64)  # every slot of the initial placement gets equal load
+
+
+def serving_manifest(namespace: str, prometheus_url: str | None, **eplb: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "enabled": True,
+        "intervalSeconds": 1,
+        "windowSeconds": WINDOW,
+        "minImprovement": 0.02,
+        "maxMovesFraction": 1.0,
+        "cooldownSeconds": 600,
+    }
+    if prometheus_url:
+        settings["prometheusUrl"] = prometheus_url
+    settings.update(eplb)
+    return {
+        "apiVersion": "k2.ai/v1alpha1",
+        "kind": "K2Serving",
+        "metadata": {"name": NAME, "namespace": namespace},
+        "spec": {
+            "model": {
+                "config": {
+                    "num_hidden_layers": LAYERS + 1,
+                    "first_k_dense_replace": 1,
+                    "n_routed_experts": EXPERTS,
+                    "num_experts_per_tok": 2,
+                    "hidden_size": 64,
+                    "moe_intermediate_size": 32,
+                },
+                "dtype": "fp8",
+            },
+            "image": "k2-operator/worker:test",
+            "groups": 1,
+            "ranksPerGroup": RANKS,
+            "redundantSlotsPerRank": 1,
+            "eplb": settings,
+        },
+    }
+
+
+def placement_manifest(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "k2.ai/v1alpha1",
+        "kind": "ExpertPlacement",
+        "metadata": {"name": NAME, "namespace": namespace},
+        "spec": {
+            "numLayers": LAYERS,
+            "numExperts": EXPERTS,
+            "ranks": RANKS,
+            "slotsPerRank": SLOTS,
+            "generation": 1,
+            "reason": "initial",
+            "layers": [{"layer": layer, "slots": INITIAL[layer].tolist()} for layer in range(LAYERS)],
+        },
+    }
+
+
+class Env:
+    """The objects of one test and handles on them."""
+
+    def __init__(self, cluster: Any, namespace: str, fake: FakeServing, prometheus: Prometheus | None):
+        self.cluster, self.namespace, self.fake, self.prometheus = cluster, namespace, fake, prometheus
+        self.now = time.time()
+        self.metrics = ControllerMetrics()
+        self.kube = KubeClient.connect(cluster.kubeconfig)
+
+    def create(self, **eplb: Any) -> None:
+        url = self.prometheus.url if self.prometheus else None
+        self.cluster.kubectl("apply", "-f", "-", input=json.dumps(serving_manifest(self.namespace, url, **eplb)))
+        self.cluster.kubectl("apply", "-f", "-", input=json.dumps(placement_manifest(self.namespace)))
+        self.mark_applied(1)
+
+    def controller(self, **kwargs: Any) -> Controller:
+        return Controller(self.kube, metrics=self.metrics, clock=lambda: self.now, **kwargs)
+
+    def reconcile(self, controller: Controller) -> Any:
+        (serving,) = self.kube.list_servings(self.namespace)
+        return controller.reconcile(serving)
+
+    def placement(self) -> dict[str, Any]:
+        out = self.cluster.kubectl("get", "expertplacement", NAME, "-n", self.namespace, "-o", "json").stdout
+        body: dict[str, Any] = json.loads(out)
+        return body
+
+    def slots(self) -> np.ndarray:
+        layers = sorted(self.placement()["spec"]["layers"], key=lambda entry: entry["layer"])
+        return np.array([entry["slots"] for entry in layers], dtype=np.int64)
+
+    def mark_applied(self, generation: int) -> None:
+        patch = json.dumps({"status": {"appliedGeneration": generation}})
+        self.cluster.kubectl(
+            "patch", "expertplacement", NAME, "-n", self.namespace, "--subresource=status", "--type=merge", "-p", patch
+        )
+
+    def planned(self) -> dict[str, Any]:
+        conditions = self.placement().get("status", {}).get("conditions", [])
+        (condition,) = [c for c in conditions if c["type"] == "Planned"]
+        return dict(condition)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = self.cluster.kubectl("get", "events", "-n", self.namespace, "-o", "json").stdout
+        return [e for e in json.loads(out)["items"] if e["involvedObject"]["name"] == NAME]
+
+    def counter(self, name: str, **labels: str) -> float:
+        value = self.metrics.value(name, serving=NAME, namespace=self.namespace, **labels)
+        return 0.0 if value is None else value
+
+    def reporting_ranks(self) -> int:
+        assert self.prometheus is not None
+        selector = f'k2_expert_tokens_total{{namespace="{self.namespace}"}}'
+        return int(self.prometheus.scalar(f"count(count by (rank) ({selector}))") or 0)
+
+    def wait_for_window(self) -> None:
+        """Until Prometheus holds a full window of samples from every rank of this namespace."""
+        prometheus = self.prometheus
+        assert prometheus is not None
+        promql = f'min(count_over_time(k2_expert_tokens_total{{namespace="{self.namespace}"}}[{WINDOW}s]))'
+
+        def ready() -> bool:
+            return self.reporting_ranks() == RANKS and (prometheus.scalar(promql) or 0) >= WINDOW
+
+        prometheus.wait_for(ready, timeout=60, what=f"a full {WINDOW}s window from {RANKS} ranks")
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    with running_prometheus(tmp_path_factory.mktemp("prometheus")) as server:
+        yield server
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeServing]:
+    serving = FakeServing(NAME, num_layers=LAYERS, num_experts=EXPERTS, num_ranks=RANKS, slots=SLOTS, tokens_per_s=4000)
+    serving.set_placement(INITIAL)
+    yield serving
+    serving.stop()
+
+
+@pytest.fixture
+def env(cluster: Any, k2_crds: list[str], namespace: str, fake: FakeServing, prometheus: Prometheus) -> Env:
+    prometheus.set_targets(fake.targets, {"namespace": namespace})
+    return Env(cluster, namespace, fake, prometheus)
+
+
+@pytest.mark.prometheus
+def test_rebalances_skew_then_waits_for_apply_and_cooldown(env: Env) -> None:
+    env.create(maxMoves=4)
+    env.fake.set_profile(SKEWED)
+    env.fake.start()
+    env.wait_for_window()
+    controller = env.controller()
+
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.REBALANCED
+    body = env.placement()
+    assert body["spec"]["generation"] == 2
+    new = env.slots()
+    moves = count_moves(INITIAL, new)
+    assert 0 < moves <= 4  # the absolute budget (4) is below maxMovesFraction x 12 slots
+    status = body["status"]
+    assert status["movedExperts"] == moves
+    assert status["movedBytes"] == moves * BYTES_PER_EXPERT
+    assert status["predictedBalancedness"] == pytest.approx(decision.predicted_balancedness)
+    assert decision.predicted_balancedness >= decision.staleness + 0.02
+    assert status["appliedGeneration"] == 1  # the workers' field is left alone
+    assert env.planned()["status"] == "True" and env.planned()["reason"] == "Rebalanced"
+    assert [e["reason"] for e in env.events()] == ["Rebalanced"]
+    assert env.counter("k2_eplb_rebalances_total") == 1
+    assert env.counter("k2_eplb_moved_bytes_total") == moves * BYTES_PER_EXPERT
+    assert env.metrics.value("k2_eplb_staleness", serving=NAME, namespace=env.namespace) == pytest.approx(
+        decision.staleness
+    )
+
+    # Generation 2 is not applied yet: nothing is written, whatever the load says.
+    env.now += 1000
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.APPLY_PENDING
+    assert env.placement()["spec"]["generation"] == 2
+    np.testing.assert_array_equal(env.slots(), new)
+    planned = env.planned()
+    assert (planned["status"], planned["reason"]) == ("False", "ApplyPending")
+    assert planned["message"].startswith("previous generation 2 not yet applied")
+
+    # Applied, but within the cooldown counted from the rebalance.
+    env.mark_applied(2)
+    env.now -= 1000 - 100
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.COOLDOWN
+    assert env.planned()["message"] == "cooldown: 500s left"
+    assert env.placement()["spec"]["generation"] == 2
+    assert env.counter("k2_eplb_skipped_total", reason="Cooldown") == 1
+
+    # After the cooldown the load is still skewed towards the experts just spread: it may move again, within budget.
+    env.now += 600
+    decision = env.reconcile(controller)
+    assert decision.reason in (Reason.REBALANCED, Reason.BELOW_MIN_IMPROVEMENT)
+    assert count_moves(new, env.slots()) <= 4
+
+
+@pytest.mark.prometheus
+def test_stays_quiet_when_balanced(env: Env) -> None:
+    env.create()
+    env.fake.set_profile(BALANCED)
+    env.fake.start()
+    env.wait_for_window()
+    decision = env.reconcile(env.controller())
+    assert decision.reason is Reason.BELOW_MIN_IMPROVEMENT
+    assert decision.staleness == pytest.approx(1.0, abs=0.02)
+    assert env.placement()["spec"]["generation"] == 1
+    np.testing.assert_array_equal(env.slots(), INITIAL)
+    planned = env.planned()
+    assert (planned["status"], planned["reason"]) == ("False", "BelowMinImprovement")
+    assert planned["message"].startswith("predicted gain ")
+    # The slot counters of the fake ranks give the measured balancedness.
+    assert env.placement()["status"]["measuredBalancedness"] == pytest.approx(1.0, abs=0.02)
+    assert env.events() == []
+
+
+@pytest.mark.prometheus
+def test_partial_metrics_change_nothing_and_say_why(env: Env) -> None:
+    env.create()
+    env.fake.set_profile(SKEWED)
+    env.fake.start()
+    env.wait_for_window()
+    env.fake.ranks[2].down()
+    assert env.prometheus is not None
+    env.prometheus.wait_for(lambda: env.reporting_ranks() == RANKS - 1, what="the stopped rank going stale")
+    decision = env.reconcile(env.controller())
+    assert decision.reason is Reason.PARTIAL_METRICS
+    assert env.placement()["spec"]["generation"] == 1
+    np.testing.assert_array_equal(env.slots(), INITIAL)
+    planned = env.planned()
+    assert (planned["status"], planned["reason"]) == ("False", "PartialMetrics")
+    assert planned["message"] == "partial metrics: 3/4 ranks reporting"
+    events = env.events()
+    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "PartialMetrics")]
+    assert env.counter("k2_eplb_skipped_total", reason="PartialMetrics") == 1
+
+
+@pytest.mark.prometheus
+def test_cli_once_rebalances(env: Env) -> None:
+    env.create()
+    env.fake.set_profile(SKEWED)
+    env.fake.start()
+    env.wait_for_window()
+    argv = ["--once", "--namespace", env.namespace, "--kubeconfig", str(env.cluster.kubeconfig)]
+    assert controller_module.main(argv) == 0
+    assert env.placement()["spec"]["generation"] == 2
+    assert env.planned()["reason"] == "Rebalanced"
+
+
+def test_direct_scrapes_without_prometheus(cluster: Any, k2_crds: list[str], namespace: str, fake: FakeServing) -> None:
+    env = Env(cluster, namespace, fake, prometheus=None)
+    env.create()
+    fake.set_profile(SKEWED)
+    controller = env.controller(endpoints=lambda serving: fake.urls)
+    fake.advance(1.0)
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.TOO_FEW_SAMPLES  # one scrape: no increase yet
+    assert env.placement()["spec"]["generation"] == 1
+    fake.advance(WINDOW)
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.REBALANCED
+    assert env.placement()["spec"]["generation"] == 2
+    # A rank goes down: nothing changes, and the condition says why.
+    env.mark_applied(2)
+    env.now += 10_000
+    fake.ranks[0].down()
+    fake.advance(WINDOW)
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.PARTIAL_METRICS
+    assert env.planned()["message"] == "partial metrics: 3/4 ranks reporting"
+    assert env.placement()["spec"]["generation"] == 2
