@@ -164,3 +164,13 @@ def test_python_and_cel_agree_on_placements(cluster: Cluster, k2_crds: list[str]
         python_accepts = False
     result = _dry_run(cluster, manifest)
     assert (result.returncode == 0) == python_accepts, (manifest["spec"], result.stderr)
+
+
+def test_explicit_null_in_an_optional_field_is_accepted(cluster: Cluster, k2_crds: list[str]) -> None:
+    manifest = load_example("K2Training")
+    manifest["spec"] |= {"ttlSecondsAfterFinished": None, "procsPerNode": None}
+    manifest["spec"]["model"]["checkpointUri"] = None
+    result = _dry_run(cluster, manifest)
+    assert result.returncode == 0, result.stderr
+    spec = K2Training.model_validate(json.loads(result.stdout)).spec
+    assert spec.ttl_seconds_after_finished is None and spec.nproc_per_node == 1  # gpusPerNode 1
