@@ -1,0 +1,139 @@
+"""`mlp.experts`: the routed experts of one MoE layer, stored stacked, computed grouped by expert.
+
+The (token, expert) assignments are sorted by expert so that each expert's tokens form one contiguous slice; the
+SwiGLU is then one grouped GEMM (`torch._grouped_mm`: CUDA in bf16, or CPU inference) or one matmul per expert over
+its slice. There is never a loop over tokens. Expert parallelism replaces this module from outside, keeping
+`forward(x_TD, expert_ids_TK, expert_weights_TK) -> y_TD`.
+
+A module may hold only some experts ("slots", e.g. an expert-parallel rank's share, replicas allowed):
+`expert_ids[j]` is the logical expert in slot j; assignments to experts it does not hold contribute zero.
+
+Shape legend: T = tokens, K = experts per token, A = held assignments (≤ T·K), D = hidden, I = expert intermediate,
+E = slots (all routed experts unless a subset is held).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Implementation = Literal["auto", "grouped_mm", "loop"]
+_GROUPED_MM_ALIGN_ROWS = 16  # CUDA grouped GEMM wants 16-byte aligned group starts; bf16 rows padded to 16
+
+
+def grouped_mm_available(x: Tensor, needs_grad: bool) -> bool:
+    """Whether `torch._grouped_mm` can run this case: CUDA in bf16 (training too), or CPU without autograd."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu" and not needs_grad
+
+
+def _pad_groups(counts_E: Tensor, align: int) -> tuple[Tensor, Tensor]:
+    """Row positions of the sorted assignments inside groups padded to `align` rows, and the padded group ends."""
+    padded_E = (counts_E + align - 1) // align * align
+    ends_E = padded_E.cumsum(0)
+    shift_E = (ends_E - padded_E) - (counts_E.cumsum(0) - counts_E)  # padded start - unpadded start
+    group_A = torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E)
+    rows_A = torch.arange(group_A.numel(), device=counts_E.device) + shift_E[group_A]
+    return rows_A, ends_E
+
+
+def grouped_swiglu(
+    x_AD: Tensor, counts_E: Tensor, gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor, align: int = 1
+) -> Tensor:
+    """SwiGLU of every expert over its contiguous rows, as three grouped GEMMs."""
+    rows_A = ends_E = None
+    if align > 1:
+        rows_A, ends_E = _pad_groups(counts_E, align)
+        x_padded = x_AD.new_zeros(int(ends_E[-1].item()) if ends_E.numel() else 0, x_AD.shape[-1])
+        x_AD = x_padded.index_copy(0, rows_A, x_AD)
+    else:
+        ends_E = counts_E.cumsum(0)
+    offs = ends_E.to(torch.int32)
+    gate = torch._grouped_mm(x_AD, gate_EID.transpose(-2, -1), offs=offs)
+    up = torch._grouped_mm(x_AD, up_EID.transpose(-2, -1), offs=offs)
+    out = torch._grouped_mm(F.silu(gate) * up, down_EDI.transpose(-2, -1), offs=offs)
+    return out if rows_A is None else out[rows_A]
+
+
+def looped_swiglu(x_AD: Tensor, counts_E: Tensor, gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor) -> Tensor:
+    """SwiGLU of every expert over its contiguous rows, one matmul per expert that received tokens."""
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        x = x_AD[start : start + n]
+        outs.append(F.linear(F.silu(F.linear(x, gate_EID[e])) * F.linear(x, up_EID[e]), down_EDI[e]))
+        start += n
+    return torch.cat(outs) if outs else x_AD.new_zeros(0, down_EDI.shape[1])
+
+
+class RoutedExperts(nn.Module):
+    """Stacked SwiGLU experts: `gate_proj` [E, I, D], `up_proj` [E, I, D], `down_proj` [E, D, I]."""
+
+    slot_of_expert: Tensor | None
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        expert_ids: Sequence[int] | None = None,
+        implementation: Implementation = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts  # logical routed experts of the layer
+        self.expert_ids = list(range(num_experts)) if expert_ids is None else [int(e) for e in expert_ids]
+        for e in self.expert_ids:
+            if not 0 <= e < num_experts:
+                raise ValueError(f"expert_ids: {e} is not a routed expert id in [0, {num_experts})")
+        num_slots = len(self.expert_ids)
+        self.implementation: Implementation = implementation
+        self.gate_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_slots, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_slots, hidden_size, intermediate_size))
+        if self.expert_ids == list(range(num_experts)):
+            self.slot_of_expert = None
+        else:  # logical id -> first slot holding it; num_slots marks "not held here"
+            table = torch.full((num_experts,), num_slots, dtype=torch.long)
+            for slot, e in reversed(list(enumerate(self.expert_ids))):
+                table[e] = slot
+            self.register_buffer("slot_of_expert", table, persistent=False)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.expert_ids)
+
+    def forward(self, x_TD: Tensor, expert_ids_TK: Tensor, expert_weights_TK: Tensor) -> Tensor:
+        k = expert_ids_TK.shape[1]
+        slots_A = expert_ids_TK.reshape(-1)
+        if self.slot_of_expert is not None:
+            slots_A = self.slot_of_expert[slots_A]
+        order_A = slots_A.argsort(stable=True)
+        counts_E = torch.bincount(slots_A, minlength=self.num_slots + 1)[: self.num_slots]
+        if self.slot_of_expert is not None:  # drop assignments to experts held elsewhere (sorted last)
+            order_A = order_A[: int(counts_E.sum().item())]
+        token_A = order_A // k
+        x_AD = x_TD[token_A]
+        needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or self.gate_proj.requires_grad)
+        use_grouped = self.implementation == "grouped_mm" or (
+            self.implementation == "auto" and grouped_mm_available(x_TD, needs_grad)
+        )
+        if use_grouped:
+            align = _GROUPED_MM_ALIGN_ROWS if x_TD.is_cuda else 1
+            y_AD = grouped_swiglu(x_AD, counts_E, self.gate_proj, self.up_proj, self.down_proj, align)
+        else:
+            y_AD = looped_swiglu(x_AD, counts_E, self.gate_proj, self.up_proj, self.down_proj)
+        y_AD = y_AD * expert_weights_TK.reshape(-1)[order_A, None].to(y_AD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
+
+    def extra_repr(self) -> str:
+        e, i, d = self.gate_proj.shape
+        return f"slots={e}, hidden={d}, intermediate={i}, experts={self.num_experts}"
