@@ -509,12 +509,15 @@ def _spawn(component: str, argv: list[str], layout: Layout, state: State) -> sub
 # up / down / status.
 
 
+def _lock_path(layout: Layout) -> Path:
+    digest = hashlib.sha1(str(layout.root).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"k2-cluster-lock-{digest}"
+
+
 @contextlib.contextmanager
 def _locked(layout: Layout) -> Iterator[None]:
     """Serialises concurrent up/down on the same directory (two `make cluster-up` at once)."""
-    digest = hashlib.sha1(str(layout.root).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"k2-local-cluster-{digest}.lock"
-    with lock_path.open("w") as lock:
+    with _lock_path(layout).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -653,7 +656,10 @@ def down(root: Path = DEFAULT_DIR) -> None:
     """Stops every process of the cluster in `root` and removes its directory; a no-op when nothing is there."""
     layout = Layout(root.resolve())
     with _locked(layout):
-        _stop(layout, remove=True)
+        try:
+            _stop(layout, remove=True)
+        finally:
+            _lock_path(layout).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

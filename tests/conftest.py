@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster() -> Iterator[Cluster]:
     """The local control plane: the running `make cluster-up` one, or a fresh one for this session."""
     local_cluster = load_local_cluster()
     shared_dir: Path = local_cluster.DEFAULT_DIR
@@ -96,7 +97,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    root = tmp_path_factory.mktemp("local-cluster")
+    # Not under pytest's basetemp: a later pytest session rotates those directories away.
+    root = Path(tempfile.mkdtemp(prefix="k2-local-cluster-"))
     try:
         state = local_cluster.up(root)
     except local_cluster.ClusterError as error:
