@@ -2,14 +2,14 @@
 
 Each rank counts an equal share of the tokens routed to every logical expert (as routing ranks do) and, given the
 placement in force, the tokens of its own slots (an expert's tokens split evenly over its replicas). A background
-thread advances the counters every `tick` seconds at `tokens_per_s` for the current profile until `stop()`.
+thread advances the counters every `tick` seconds at `tokens_per_s` for the current profile until `stop()`; tests
+make the load drift by changing the profile (`set_profile`) while it runs.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -88,8 +88,6 @@ class FakeServing:
         self.ranks = [FakeRank(serving, 0, r, (num_layers, num_experts, slots)) for r in range(num_ranks)]
         self.profile: FloatArray = np.ones((num_layers, num_experts))
         self.placement_LGS: IntArray | None = None
-        self.drift: Callable[[float], FloatArray] | None = None
-        """When set, the profile at t seconds after `start()`: the background thread follows it."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -133,11 +131,9 @@ class FakeServing:
         return self
 
     def _run(self) -> None:
-        start = last = time.monotonic()
+        last = time.monotonic()
         while not self._stop.wait(self.tick):
             now = time.monotonic()
-            if self.drift is not None:
-                self.set_profile(self.drift(now - start))
             self.advance(now - last)
             last = now
 

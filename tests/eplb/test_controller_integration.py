@@ -32,6 +32,7 @@ WINDOW = 6
 BYTES_PER_EXPERT = 3 * 64 * 32  # hidden 64, moe_intermediate 32, fp8
 INITIAL = np.array([t.slots for t in round_robin(LAYERS, EXPERTS, RANKS, SLOTS)], dtype=np.int64)
 SKEWED = skewed_load(LAYERS, EXPERTS, hot={0: 12.0, 5: 5.0})
+DRIFTED = skewed_load(LAYERS, EXPERTS, hot={3: 12.0, 6: 6.0})
 BALANCED = replica_counts(INITIAL, EXPERTS).astype(np.float64)  # every slot of the initial placement gets equal load
 
 
@@ -94,7 +95,7 @@ class Env:
 
     def __init__(self, cluster: Any, namespace: str, fake: FakeServing, prometheus: Prometheus | None):
         self.cluster, self.namespace, self.fake, self.prometheus = cluster, namespace, fake, prometheus
-        self.now = time.time()
+        self.now = float(int(time.time()))  # whole seconds, as the rebalanced-at annotation stores them
         self.metrics = ControllerMetrics()
         self.kube = KubeClient.connect(cluster.kubeconfig)
 
@@ -120,8 +121,8 @@ class Env:
         layers = sorted(self.placement()["spec"]["layers"], key=lambda entry: entry["layer"])
         return np.array([entry["slots"] for entry in layers], dtype=np.int64)
 
-    def mark_applied(self, generation: int) -> None:
-        patch = json.dumps({"status": {"appliedGeneration": generation}})
+    def mark_applied(self, generation: int, **status: Any) -> None:
+        patch = json.dumps({"status": {"appliedGeneration": generation, **status}})
         self.cluster.kubectl(
             "patch", "expertplacement", NAME, "-n", self.namespace, "--subresource=status", "--type=merge", "-p", patch
         )
@@ -179,6 +180,8 @@ def env(cluster: Any, k2_crds: list[str], namespace: str, fake: FakeServing, pro
 @pytest.mark.prometheus
 def test_rebalances_skew_then_waits_for_apply_and_cooldown(env: Env) -> None:
     env.create(maxMoves=4)
+    applied = {"type": "Applied", "status": "True", "reason": "AllRanks", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    env.mark_applied(1, conditions=[applied])  # as the operator reports it
     env.fake.set_profile(SKEWED)
     env.fake.start()
     env.wait_for_window()
@@ -196,7 +199,8 @@ def test_rebalances_skew_then_waits_for_apply_and_cooldown(env: Env) -> None:
     assert status["movedBytes"] == moves * BYTES_PER_EXPERT
     assert status["predictedBalancedness"] == pytest.approx(decision.predicted_balancedness)
     assert decision.predicted_balancedness >= decision.staleness + 0.02
-    assert status["appliedGeneration"] == 1  # the workers' field is left alone
+    assert status["appliedGeneration"] == 1  # the workers' and the operator's fields are left alone
+    assert {c["type"] for c in status["conditions"]} == {"Applied", "Planned"}
     assert env.planned()["status"] == "True" and env.planned()["reason"] == "Rebalanced"
     assert [e["reason"] for e in env.events()] == ["Rebalanced"]
     assert env.counter("k2_eplb_rebalances_total") == 1
@@ -224,11 +228,16 @@ def test_rebalances_skew_then_waits_for_apply_and_cooldown(env: Env) -> None:
     assert env.placement()["spec"]["generation"] == 2
     assert env.counter("k2_eplb_skipped_total", reason="Cooldown") == 1
 
-    # After the cooldown the load is still skewed towards the experts just spread: it may move again, within budget.
+    # The load drifts to other experts; once the cooldown is over, the controller follows it, again within budget.
+    env.fake.set_placement(new)
+    env.fake.set_profile(DRIFTED)
+    time.sleep(WINDOW + 1)  # let the window hold the drifted load only
     env.now += 600
     decision = env.reconcile(controller)
-    assert decision.reason in (Reason.REBALANCED, Reason.BELOW_MIN_IMPROVEMENT)
-    assert count_moves(new, env.slots()) <= 4
+    assert decision.reason is Reason.REBALANCED, decision.message
+    assert env.placement()["spec"]["generation"] == 3
+    assert 0 < count_moves(new, env.slots()) <= 4
+    assert env.counter("k2_eplb_rebalances_total") == 2
 
 
 @pytest.mark.prometheus
