@@ -553,6 +553,16 @@ def _nodes_ready(layout: Layout, state: State, num_nodes: int) -> bool:
     return len(ready) >= num_nodes
 
 
+def describe_nodes(layout: Layout, state: State) -> str:
+    """One line: how many Ready nodes with how many GPUs each, e.g. `4 Ready x 8 nvidia.com/gpu`."""
+    status, body = api_request(layout, state, "GET", "/api/v1/nodes")
+    if status != 200:
+        return f"unknown (HTTP {status})"
+    ready = [n for n in body["items"] if _node_ready(n)]
+    gpus = sorted({n["status"].get("allocatable", {}).get("nvidia.com/gpu", "0") for n in ready})
+    return f"{len(ready)} Ready x {'/'.join(gpus) or '0'} nvidia.com/gpu"
+
+
 def _default_service_account(layout: Layout, state: State) -> bool:
     return api_request(layout, state, "GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
 
@@ -676,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             state = up(layout.root, args.nodes)
             verb = "already up" if already else f"up in {time.monotonic() - started:.1f}s"
             print(f"local cluster {verb}: {state.server}")
+            print(f"  nodes:      {describe_nodes(layout, state)}")
             print(f"  kubeconfig: {layout.kubeconfig}")
             print(f"  logs:       {layout.logs}/")
             print(f"  try:        .tools/bin/kubectl --kubeconfig {layout.kubeconfig} get nodes")
