@@ -53,6 +53,7 @@ NODE_IP = "10.250.0.{}"  # fake InternalIP of node i (1-based host part)
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 NUM_NODES = 4
+MAX_NODES = 100  # node i owns 10.244.i.0/24 and 10.250.0.(i+1); zones are lettered
 GPUS_PER_NODE = 8
 NODES_PER_RACK = 2
 RACKS_PER_ZONE = 2
@@ -429,7 +430,7 @@ def _is_ours(pid: int, layout: Layout) -> bool:
     Guards against pid reuse, and never matches other processes that mention the directory (a waiting `up`, pytest).
     """
     argv = _cmdline(pid).split(" ")
-    return Path(argv[0]).name in COMPONENTS and str(layout.root) in " ".join(argv[1:])
+    return Path(argv[0]).name in COMPONENTS and f"{layout.root}/" in " ".join(argv[1:])
 
 
 def _reap(pid: int) -> None:
@@ -626,6 +627,8 @@ def _start(layout: Layout, num_nodes: int, tools: Path) -> State:
 
 def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS_BIN) -> State:
     """Starts a cluster in `root`, or keeps the healthy one already there. On failure everything started is stopped."""
+    if not 1 <= num_nodes <= MAX_NODES:
+        raise ValueError(f"num_nodes must be between 1 and {MAX_NODES}, got {num_nodes}")
     layout = Layout(root.resolve())
     with _locked(layout):
         if is_healthy(layout.root):
@@ -697,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
             healthy = is_healthy(layout.root)
             print("up" if healthy else "down")
             return 0 if healthy else 1
-    except ClusterError as error:
+    except (ClusterError, ValueError) as error:
         print(f"local cluster: {error}", file=sys.stderr)
         return 1
     return 0
