@@ -110,3 +110,24 @@ def test_refuses_to_remove_a_foreign_directory(tmp_path: Path) -> None:
     with pytest.raises(lc.ClusterError, match="refusing"):
         lc.down(tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.integration
+def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
+    if not (lc.TOOLS_BIN / "kube-apiserver").is_file():
+        pytest.skip("the control-plane binaries are not built: run `make tools`")
+    root = tmp_path / "cluster"
+    layout = lc.Layout(root.resolve())
+    state = lc.up(root, num_nodes=1)
+    try:
+        pids = dict(state.pids)
+        assert sorted(pids) == sorted(lc.COMPONENTS)
+        assert lc.is_healthy(root)
+        assert lc.up(root, num_nodes=1).pids == pids, "a healthy cluster is kept, not restarted"
+        assert sorted(lc.leftover_pids(layout)) == sorted(pids.values())
+    finally:
+        lc.down(root)
+    assert lc.leftover_pids(layout) == []
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())
+    assert not root.exists()
+    assert not lc.is_healthy(root)
