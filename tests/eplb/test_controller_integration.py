@@ -7,7 +7,11 @@ would, feeds a load through the fake ranks, and runs one planning pass at a time
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +26,7 @@ from k2_eplb.kube import KubeClient
 from k2_eplb.metrics import count_moves, replica_counts
 from k2_eplb.planner import Reason
 from tests.eplb.load_exporter import FakeServing, skewed_load
-from tests.eplb.prometheus_server import Prometheus, running_prometheus
+from tests.eplb.prometheus_server import Prometheus, free_port, running_prometheus
 
 pytestmark = [pytest.mark.integration]
 
@@ -314,3 +318,38 @@ def test_direct_scrapes_without_prometheus(cluster: Any, k2_crds: list[str], nam
     assert decision.reason is Reason.PARTIAL_METRICS
     assert env.planned()["message"] == "partial metrics: 3/4 ranks reporting"
     assert env.placement()["spec"]["generation"] == 2
+
+
+def test_cli_loop_serves_metrics_and_stops_on_sigterm(cluster: Any, k2_crds: list[str], namespace: str) -> None:
+    manifest = serving_manifest(namespace, prometheus_url=None, enabled=False)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    port = free_port()
+    argv = [sys.executable, "-m", "k2_api.cli", "eplb", "run", "--namespace", namespace, "--interval", "0.5"]
+    argv += ["--metrics-port", str(port), "--metrics-address", "127.0.0.1", "--kubeconfig", str(cluster.kubeconfig)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sample = f'k2_eplb_skipped_total{{namespace="{namespace}",reason="Disabled",serving="{NAME}"}} '
+
+    def passes(text: str) -> float:
+        line = next((line for line in text.splitlines() if line.startswith(sample)), None)
+        return float(line.removeprefix(sample)) if line else 0.0
+
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while passes(text) < 2:  # at least two passes over the disabled serving
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert f'k2_eplb_rebalances_total{{namespace="{namespace}"' not in text  # a disabled serving is never planned
+    assert f'k2_eplb_staleness{{namespace="{namespace}"' not in text
