@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from k2_workers.optim import MuonClip, classify_parameter
-from tests.optim.tiny_mla import TinyConfig, TinyK2
+from tests.optim.k2_debug import debug_model
 
 
 def _param(*shape: int, requires_grad: bool = True) -> nn.Parameter:
@@ -40,11 +40,28 @@ def test_parameters_without_grad_are_frozen() -> None:
     assert classify_parameter("model.layers.0.self_attn.o_proj.weight", _param(8, 8, requires_grad=False)) == "frozen"
 
 
-def test_every_trainable_parameter_is_in_exactly_one_group() -> None:
-    model = TinyK2(TinyConfig())
+def test_k2_debug_parameters_are_split_as_the_paper_says() -> None:
+    model = debug_model()
     opt = MuonClip(model, lr=1e-3, weight_decay=0.1)
     grouped = [p for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     by_group = {g["name"]: {opt.param_names[p] for p in g["params"]} for g in opt.param_groups}
-    assert "model.layers.1.mlp.experts.down_proj" in by_group["muon"]
-    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= by_group["adamw"]
+    names = dict(model.named_parameters())
+    assert by_group["adamw"] == {n for n, p in names.items() if p.ndim == 1} | {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    }
+    assert by_group["muon"] == {n for n, p in names.items() if p.ndim >= 2} - {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    }
+    assert {
+        "model.layers.1.mlp.experts.gate_proj",
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+    } <= by_group["muon"]
+    buffers = {n for n, _ in model.named_buffers()}
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in buffers
