@@ -8,6 +8,7 @@ automatically, so `pytest -m "not integration"` runs without a control plane.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -118,8 +119,8 @@ def _namespace_name(test_name: str) -> str:
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace (with its `default` ServiceAccount), deleted after the test without waiting for it to go."""
     name = _namespace_name(request.node.name)
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("label", "namespace", name, "k2.ai/test=true")
+    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"k2.ai/test": "true"}}}
+    cluster.kubectl("create", "-f", "-", input=json.dumps(manifest))
     # Pods are rejected until the controller-manager has created the namespace's default ServiceAccount.
     deadline = time.monotonic() + 30
     while cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode != 0:
