@@ -353,3 +353,34 @@ def test_cli_loop_serves_metrics_and_stops_on_sigterm(cluster: Any, k2_crds: lis
             process.wait()
     assert f'k2_eplb_rebalances_total{{namespace="{namespace}"' not in text  # a disabled serving is never planned
     assert f'k2_eplb_staleness{{namespace="{namespace}"' not in text
+
+
+def test_rank_endpoints_come_from_running_pods_selected_by_the_serving(
+    cluster: Any, k2_crds: list[str], namespace: str
+) -> None:
+    """Only lists pods: their IPs are fake and never contacted."""
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(serving_manifest(namespace, prometheus_url=None)))
+    patch = json.dumps({"status": {"selector": "k2.ai/test-rank=k2"}})
+    cluster.kubectl("patch", "k2serving", NAME, "-n", namespace, "--subresource=status", "--type=merge", "-p", patch)
+    for name, labels, ports in [
+        ("rank-0", {"k2.ai/test-rank": "k2"}, [{"name": "metrics", "containerPort": 9400}]),
+        ("rank-1", {"k2.ai/test-rank": "k2"}, [{"name": "http", "containerPort": 8001}]),  # no metrics port
+        ("other", {"k2.ai/test-rank": "other"}, [{"name": "metrics", "containerPort": 9400}]),
+    ]:
+        container = {"name": "main", "image": "registry.invalid/k2/worker:test", "ports": ports}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}}
+        pod["spec"] = {"containers": [container]}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    kube = KubeClient.connect(cluster.kubeconfig)
+
+    def pod_ip() -> str | None:
+        out = cluster.kubectl("get", "pod", "rank-0", "-n", namespace, "-o", "json").stdout
+        status = json.loads(out).get("status", {})
+        return str(status["podIP"]) if status.get("phase") == "Running" and status.get("podIP") else None
+
+    deadline = time.monotonic() + 60
+    while (ip := pod_ip()) is None:
+        assert time.monotonic() < deadline, "rank-0 did not get Running with a pod IP within 60s"
+        time.sleep(0.5)
+    (serving,) = kube.list_servings(namespace)
+    assert kube.rank_endpoints(serving) == [f"http://{ip}:9400/metrics"]
