@@ -299,6 +299,8 @@ class State:
 
 
 def _openssl(*args: str, cwd: Path) -> None:
+    if shutil.which("openssl") is None:
+        raise ClusterError("the openssl command is missing (Debian package openssl)")
     result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ClusterError(f"openssl {' '.join(args)} failed:\n{result.stderr}")
