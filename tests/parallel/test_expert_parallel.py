@@ -80,7 +80,9 @@ def _worker(rank: int, port: int, table: list[list[int]]) -> None:
             else:
                 full = grad.clone()
             dist.all_reduce(full)
-            torch.testing.assert_close(full, ref_param.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                full, ref_param.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+            )
     finally:
         dist.destroy_process_group()
 

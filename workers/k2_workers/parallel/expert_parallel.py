@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from k2_workers.model import K2ForCausalLM
 from k2_workers.model.experts import RoutedExperts, grouped_mm_available, grouped_swiglu, looped_swiglu
@@ -27,6 +27,10 @@ from k2_workers.parallel.slot_table import SlotTable
 
 class ExpertParallelExperts(nn.Module):
     """This rank's slots of one MoE layer: `gate_proj` [S, I, D], `up_proj` [S, I, D], `down_proj` [S, D, I]."""
+
+    num_replicas_E: Tensor
+    rank_EP: Tensor
+    slot_EP: Tensor
 
     def __init__(
         self,
@@ -120,7 +124,9 @@ def _all_to_all(
     x: Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None
 ) -> Tensor:
     """Differentiable all-to-all of rows (its backward is the reverse all-to-all)."""
-    out = all_to_all_single_autograd(x, output_splits, input_splits, group or dist.group.WORLD)
+    out = all_to_all_single_autograd(
+        x, output_splits, input_splits, group or dist.distributed_c10d._get_default_group()
+    )
     return out.wait() if hasattr(out, "wait") else out
 
 
