@@ -30,13 +30,14 @@ cluster-down:
 
 # The CRD YAML is generated from the pydantic models in crds/k2_api; the chart carries a copy.
 crds: venv
-	$(BIN)/k2 crds generate --out crds
+	$(BIN)/k2 crds generate --out crds --docs docs/api.md
 
 chart-crds: crds
 	mkdir -p charts/k2-operator/crds
 	cp crds/*.k2.ai.yaml charts/k2-operator/crds/
 
 lint: venv
+	$(BIN)/k2 crds generate --out crds --docs docs/api.md --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p k2_api -p k2_operator -p k2_eplb -p k2_workers
