@@ -30,7 +30,8 @@ _REPLICATE_TOTAL = 8  # best replicate targets tried per layer
 _PARTNERS = 16  # lightest GPUs considered as swap partners and replicate targets
 _CROSS_NODE_WEIGHT = 0.5  # extra weight of a cross-node copy when ranking changes
 _RATIO_WINDOW = 0.3  # with a budget, apply changes whose gain per copy is >= this times the round's best
-_MIN_PROGRESS = 1e-9  # value of a change that only removes a GPU from the tie at the max
+_MIN_PROGRESS = 1e-9
+_LOCAL_GAIN_WEIGHT = 0.5  # value of a change that only removes a GPU from the tie at the max
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,16 @@ def _best_changes(
     third = gl[r, order[:, 2]] if num_gpus > 2 else np.full(n, -np.inf)
     outside_G = np.where(np.arange(num_gpus)[_NEW, :] == order[:, 1:2], third[:, _NEW], second[:, _NEW])
 
-    def value(new_peak: FloatArray) -> FloatArray:
+    def value(new_peak: FloatArray, touched_peak: FloatArray) -> FloatArray:
+        """Balancedness gained, plus a share of what g* alone would gain (prefers changes that cut g* deep, so a
+        GPU is not revisited when the runner-up caps the layer's gain)."""
         shape = (n,) + (1,) * (new_peak.ndim - 1)
-        gain: FloatArray = mean.reshape(shape) / np.maximum(new_peak, 1e-300) - (
-            mean / np.maximum(peak, 1e-300)
-        ).reshape(shape)
-        return np.maximum(gain, 0.0) + _MIN_PROGRESS
+        mean_ = mean.reshape(shape)
+        before = (mean / np.maximum(peak, 1e-300)).reshape(shape)
+        gain = np.maximum(mean_ / np.maximum(new_peak, 1e-300) - before, 0.0)
+        local = np.maximum(mean_ / np.maximum(touched_peak, 1e-300) - before, 0.0)
+        total: FloatArray = gain + _LOCAL_GAIN_WEIGHT * local + _MIN_PROGRESS
+        return total
 
     # --- swaps of a slot of g* with slot (g, t) -------------------------------------------------------------------
     # partners: the m lightest GPUs (the only ones that can take load off g* in most cases)
@@ -201,7 +206,7 @@ def _best_changes(
     y_on_gs = holds[rows[:, _NEW, _NEW], Pm, gs[:, _NEW, _NEW]]  # [n, m, S]
     ok = ~x_on_g[..., _NEW] & ~y_on_gs[:, _NEW] & (pair < (peak - tol)[:, _NEW, _NEW, _NEW])
     outside_m = np.take_along_axis(outside_G, partners, axis=1)
-    swap_value = value(np.maximum(pair, outside_m[:, _NEW, :, _NEW]))
+    swap_value = value(np.maximum(pair, outside_m[:, _NEW, :, _NEW]), pair)
     swap_cost = np.zeros(pair.shape, dtype=np.int64)
     swap_weight = np.zeros(pair.shape)
     if origin is not None:
@@ -271,7 +276,8 @@ def _best_changes(
             move_weight = move_weight + _CROSS_NODE_WEIGHT * ~origin.node_holds_LEG[rk, y_k, g_k]
     if remaining is not None:
         usable &= move_cost <= remaining[:, _NEW]
-    move_score = np.where(usable, value(new_peak) / np.maximum(move_weight, 0.5), -np.inf)
+    touched = np.maximum(new_load[r[:, _NEW], kk, gs[:, _NEW]], new_load[r[:, _NEW], kk, g_k])
+    move_score = np.where(usable, value(new_peak, touched) / np.maximum(move_weight, 0.5), -np.inf)
     move_pick = np.argmax(move_score, axis=1)
     move_best = move_score[r, move_pick]
 

@@ -21,7 +21,14 @@ def pack_distinct(load_BE: FloatArray, counts_BE: IntArray, num_gpus: int, slots
     fill_BG = np.zeros((num_rows, num_gpus), dtype=np.int64)
     holds_BEG = np.zeros((num_rows, load_BE.shape[1], num_gpus), dtype=bool)
     placement_BGS = np.zeros((num_rows, num_gpus, slots_per_gpu), dtype=np.int64)
-    for k in range(num_gpus * slots_per_gpu):
+    # the G heaviest replicas each open an empty GPU, in order (what the loop below would do, without ties at 0)
+    first = min(num_gpus, experts_BR.shape[1])
+    gpus = np.arange(first)
+    placement_BGS[:, :first, 0] = experts_BR[:, :first]
+    fill_BG[:, :first] = 1
+    gpu_load_BG[:, :first] = shares_BR[:, :first]
+    holds_BEG[row[:, None], experts_BR[:, :first], gpus[None, :]] = True
+    for k in range(first, num_gpus * slots_per_gpu):
         expert = experts_BR[:, k]
         full_BG = fill_BG >= slots_per_gpu
         candidate_BG = np.where(full_BG | holds_BEG[row, expert], np.inf, gpu_load_BG)
@@ -57,26 +64,24 @@ def _repair_duplicates(load_E: FloatArray, placement_GS: IntArray) -> None:
     """In place: swap one copy of each duplicated expert with an item of a GPU lacking it (lightest result first).
 
     A swap always exists: the duplicate's GPU holds at most S-1 distinct experts, so some item of any GPU lacking the
-    expert is absent from it.
+    expert is absent from it. A swap removes one duplicate and creates none.
     """
     num_slots = placement_GS.shape[1]
     shares_GS = slot_loads(load_E[None], placement_GS[None])[0]  # swaps keep counts, so shares travel with items
-    while True:
-        ordered = np.sort(placement_GS, axis=1)
-        dup_gpus = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-        if not len(dup_gpus):
-            return
-        gpu = int(dup_gpus[0])
-        _, first = np.unique(placement_GS[gpu], return_index=True)
-        slot = int(np.setdiff1d(np.arange(num_slots), first)[0])
+    gpu_load_G = shares_GS.sum(axis=1)
+    same = placement_GS[:, :, None] == placement_GS[:, None, :]
+    earlier = np.tril(np.ones((num_slots, num_slots), dtype=bool), k=-1)
+    for gpu, slot in np.argwhere((same & earlier).any(axis=2)):  # a slot repeating an earlier slot of its GPU
         expert = placement_GS[gpu, slot]
-        gpu_load_G = shares_GS.sum(axis=1)
+        on_gpu = np.zeros(load_E.shape[0], dtype=bool)
+        on_gpu[placement_GS[gpu]] = True
         delta_GS = shares_GS[gpu, slot] - shares_GS
         worst_GS = np.maximum(gpu_load_G[gpu] - delta_GS, gpu_load_G[:, None] + delta_GS)
         lacks_G = ~(placement_GS == expert).any(axis=1)
-        fresh_GS = ~np.isin(placement_GS, placement_GS[gpu])
-        worst_GS = np.where(lacks_G[:, None] & fresh_GS, worst_GS, np.inf)
+        worst_GS = np.where(lacks_G[:, None] & ~on_gpu[placement_GS], worst_GS, np.inf)
         other, other_slot = np.unravel_index(int(np.argmin(worst_GS)), worst_GS.shape)
         assert np.isfinite(worst_GS[other, other_slot]), "no repair swap for a duplicated expert"
         placement_GS[gpu, slot], placement_GS[other, other_slot] = placement_GS[other, other_slot], expert
         shares_GS[gpu, slot], shares_GS[other, other_slot] = shares_GS[other, other_slot], shares_GS[gpu, slot]
+        gpu_load_G[gpu] -= delta_GS[other, other_slot]
+        gpu_load_G[other] += delta_GS[other, other_slot]

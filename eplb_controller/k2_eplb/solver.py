@@ -30,9 +30,9 @@ from k2_eplb.validation import check_gpus_per_node, check_load, check_max_moves,
 # Replica caps tried from scratch, as fractions of the uncapped greedy's largest count (1.0 is the greedy itself).
 _CAP_FRACTIONS = (1.0, 0.75, 0.5)
 # Round limits keep one call well under half a second at K2's shape on one core.
-_PAIR_ROUNDS_CANDIDATES = 4
-_PAIR_ROUNDS_BEST = 24
-_SEARCH_ROUNDS_FRESH = 30
+_PAIR_ROUNDS_CANDIDATES = 2
+_PAIR_ROUNDS_BEST = 16
+_SEARCH_ROUNDS_FRESH = 20
 _SEARCH_ROUNDS_INCREMENTAL = 80
 _SEARCH_ROUNDS_LEFTOVER = 30
 

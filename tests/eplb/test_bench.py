@@ -1,0 +1,54 @@
+"""`k2 eplb bench --quick`: the report's fields and the relations it is meant to show."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from k2_eplb.bench import BYTES_PER_EXPERT, main
+
+
+def run_quick(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    assert main(["--quick", "--seed", "1", *flags]) == 0
+    return capsys.readouterr().out
+
+
+def test_quick_bench_json_fields_and_relations(capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads(run_quick(capsys, "--json"))
+    assert data["example"]["baseline_max_load"] == 232.0
+    assert data["example"]["ours_max_load"] <= 205.0
+    assert {(row["gpus"], row["slots_per_gpu"], row["load"]) for row in data["fresh"]} == {
+        (gpus, slots, load) for gpus, slots in ((16, 4), (24, 3)) for load in ("lognormal", "zipf", "hotspot")
+    }
+    for row in data["fresh"]:
+        assert row["ours"] >= row["baseline"]
+        assert 0 < row["ours_min_layer"] <= row["ours"] <= 1
+        assert row["ours_seconds"] > 0 and row["baseline_seconds"] > 0
+    for row in data["drift"]:
+        assert row["ours_moves"] <= row["budget"] < row["baseline_moves"]
+        assert row["ours_bytes"] == row["ours_moves"] * BYTES_PER_EXPERT
+        assert row["baseline_bytes"] == row["baseline_moves"] * BYTES_PER_EXPERT
+        assert row["ours"] >= row["stale"] - 1e-12
+    budgets = [row["budget_fraction"] for row in data["curve"] if row["gpus"] == 16 and row["drift"] == "step"]
+    assert budgets == [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, None]
+    for row in data["curve"]:
+        if row["budget_fraction"] == 0.0:
+            assert row["moves"] == 0
+        elif row["budget_fraction"] is not None:
+            assert row["moved_fraction"] <= row["budget_fraction"]
+    targets = data["targets"]
+    for name in (
+        "fresh_at_least_baseline_every_case",
+        "example_max_load_at_most_205",
+        "example_baseline_232",
+        "drift_within_budget",
+    ):
+        assert targets[name] is True, name
+
+
+def test_quick_bench_prints_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    text = run_quick(capsys)
+    assert "8-GPU example, max GPU load: ours" in text
+    assert "Balance vs moves" in text and "unlimited" in text
+    assert "Targets:" in text
