@@ -125,11 +125,12 @@ def _reduce_bucket(grads: list[torch.Tensor], world_size: int) -> None:
 
 
 def check_replicas_identical(module: torch.nn.Module) -> None:
-    """Raises RuntimeError naming the first tensor whose value differs between ranks (data-parallel replicas, the
-    router biases included, must stay bitwise identical). One all-reduce of per-tensor fingerprints."""
+    """Raises RuntimeError naming the first tensor of the state dict whose value differs between ranks (data-parallel
+    replicas, the router biases included, must stay bitwise identical; per-step statistics kept in non-persistent
+    buffers are rank-local and not compared). Two all-reduces of per-tensor fingerprints."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    named = [*module.named_parameters(), *module.named_buffers()]
+    named = list(module.state_dict().items())
     with torch.no_grad():
         fingerprints = torch.stack(
             [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for _, t in named]

@@ -80,10 +80,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _logits(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
 def _broadcast_path(path: Path | None, env: DistEnv) -> Path | None:
     """Rank 0 decides which checkpoint every rank resumes from."""
     if not env.distributed:
@@ -160,10 +156,10 @@ class Trainer:
         batch = torch.from_numpy(self.loader.next_batch()).to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = _logits(self.model(inputs))
+            logits = self.model(inputs).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux = self.model.aux_loss() if cfg.aux_loss_alpha > 0 else None
-        (loss if aux is None else loss + cfg.aux_loss_alpha * aux).backward()
+        torch.autograd.backward(loss if aux is None else loss + cfg.aux_loss_alpha * aux)
 
         all_reduce_gradients_(self.model.parameters())
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
