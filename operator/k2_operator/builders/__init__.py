@@ -1,0 +1,1 @@
+"""Pure builders of the child objects: `(resource, observed) -> manifest dict`."""

@@ -1,0 +1,317 @@
+"""Children of a K2Serving: model ConfigMap, per group a headless Service and a StatefulSet of expert-parallel ranks,
+a frontend Deployment and Service, the ranks' RBAC, and (created once) the ExpertPlacement.
+
+Rolling updates: every group's StatefulSet uses `updateStrategy: OnDelete`, so a new pod template (image, model,
+resources) is recorded at once but replaces no pod by itself. The operator then restarts whole groups, oldest index
+first, only while fewer than `spec.rollout.maxUnavailableGroups` groups are unavailable (`rollout.groups_to_restart`):
+an expert-parallel group is a gang, so restarting its ranks one by one (RollingUpdate) would keep it broken longer and
+mix two model versions inside one group. The other groups keep serving throughout.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from k2_api import K2Serving
+from k2_operator.builders.common import (
+    CONFIG_DIR,
+    TEMPLATE_HASH,
+    Manifest,
+    container_security_context,
+    content_hash,
+    metadata,
+    pod_security_context,
+    propagated_annotations,
+    resources,
+    scheduling_fields,
+    selector_labels,
+    worker_rbac,
+    writable_tmp,
+)
+from k2_operator.builders.model_shape import moe_shape
+from k2_operator.builders.placement import ACTIVE_FILE, active_config_name, placement_name
+
+RANK_COMPONENT = "rank"
+FRONTEND_COMPONENT = "frontend"
+GROUP_LABEL = "k2.ai/group"
+APPLIED_GENERATION = "k2.ai/applied-placement-generation"
+"""Annotation each rank sets on its own Pod once it serves with that ExpertPlacement generation."""
+CONFIG_FILE = "serving.yaml"
+MODEL_FILE = "model.json"
+MASTER_PORT = 29500
+RANK_HTTP_PORT = 8001
+METRICS_PORT = 9400
+POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def group_name(serving: K2Serving, group: int) -> str:
+    return f"{serving.metadata.name}-g{group}"
+
+
+def model_config_name(serving: K2Serving) -> str:
+    return f"{serving.metadata.name}-model"
+
+
+def frontend_name(serving: K2Serving) -> str:
+    return f"{serving.metadata.name}-frontend"
+
+
+def frontend_service_name(serving: K2Serving) -> str:
+    name = serving.metadata.name
+    assert name is not None
+    return name
+
+
+def rank_account_name(serving: K2Serving) -> str:
+    return f"{serving.metadata.name}-rank"
+
+
+def endpoint(serving: K2Serving) -> str:
+    return f"http://{frontend_service_name(serving)}.{serving.metadata.namespace}.svc:{serving.spec.frontend.port}"
+
+
+def rank_selector(serving: K2Serving) -> str:
+    """Label selector of every rank pod of the serving (status.selector, used by the scale subresource and EPLB)."""
+    labels = selector_labels(serving, RANK_COMPONENT)
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def rank_pod_names(serving: K2Serving) -> list[str]:
+    return [
+        f"{group_name(serving, g)}-{r}" for g in range(serving.spec.groups) for r in range(serving.spec.ranks_per_group)
+    ]
+
+
+def model_document(serving: K2Serving) -> dict[str, Any]:
+    """The resolved model the ranks load: the spec's model plus its MoE shape and the slot layout."""
+    shape = moe_shape(serving.spec.model)
+    return {
+        **serving.spec.model.to_dict(),
+        **shape.to_dict(),
+        "ranksPerGroup": serving.spec.ranks_per_group,
+        "slotsPerRank": serving.spec.slots_per_rank(shape.num_experts),
+    }
+
+
+def config_document(serving: K2Serving) -> dict[str, Any]:
+    return {
+        "apiVersion": serving.api_version,
+        "kind": serving.kind,
+        "metadata": {"name": serving.metadata.name, "namespace": serving.metadata.namespace},
+        "spec": serving.spec.to_dict(),
+    }
+
+
+def model_config_map(serving: K2Serving) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(serving, model_config_name(serving), RANK_COMPONENT),
+        "data": {
+            CONFIG_FILE: yaml.safe_dump(config_document(serving), sort_keys=False),
+            MODEL_FILE: json.dumps(model_document(serving), indent=2, sort_keys=True),
+        },
+    }
+
+
+def group_service(serving: K2Serving, group: int) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(serving, group_name(serving, group), RANK_COMPONENT, **{GROUP_LABEL: str(group)}),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(serving, RANK_COMPONENT, **{GROUP_LABEL: str(group)}),
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
+                {"name": "http", "port": RANK_HTTP_PORT, "targetPort": RANK_HTTP_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def rank_template_hash(serving: K2Serving) -> str:
+    """What forces a group restart when it changes: image, model and the per-rank shape and resources."""
+    spec = serving.spec
+    return content_hash(
+        {
+            "image": spec.image,
+            "model": spec.model.to_dict(),
+            "ranksPerGroup": spec.ranks_per_group,
+            "gpusPerRank": spec.gpus_per_rank,
+            "redundantSlotsPerRank": spec.redundant_slots_per_rank,
+            "resources": spec.resources.to_dict(),
+            "scheduling": spec.scheduling.to_dict(),
+        }
+    )
+
+
+def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
+    spec = serving.spec
+    first_rank = f"{group_name(serving, group)}-0.{group_name(serving, group)}.{serving.metadata.namespace}.svc"
+    _, tmp_mount = writable_tmp()
+    return {
+        "name": RANK_COMPONENT,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": [
+            "k2",
+            "worker",
+            "serve",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_FILE}",
+            "--placement",
+            f"{CONFIG_DIR}/placement/{ACTIVE_FILE}",
+        ],
+        "env": [
+            {"name": "K2_SERVING_NAME", "value": serving.metadata.name},
+            {"name": "K2_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "K2_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "K2_GROUP", "value": str(group)},
+            {"name": "K2_PLACEMENT_NAME", "value": placement_name(serving)},
+            {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": POD_INDEX}}},
+            {"name": "WORLD_SIZE", "value": str(spec.ranks_per_group)},
+            {"name": "MASTER_ADDR", "value": first_rank},
+            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        ],
+        "ports": [
+            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": RANK_HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "resources": resources(
+            spec.resources.cpu, spec.resources.memory, spec.resources.gpu_resource_name, spec.gpus_per_rank
+        ),
+        "securityContext": container_security_context(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "placement", "mountPath": f"{CONFIG_DIR}/placement", "readOnly": True},
+            tmp_mount,
+        ],
+    }
+
+
+def group_stateful_set(serving: K2Serving, group: int) -> Manifest:
+    spec = serving.spec
+    group_label = {GROUP_LABEL: str(group)}
+    tmp_volume, _ = writable_tmp()
+    template_hash = rank_template_hash(serving)
+    pod_labels = metadata(serving, "", RANK_COMPONENT, **group_label)["labels"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(serving, group_name(serving, group), RANK_COMPONENT, **group_label),
+        "spec": {
+            "serviceName": group_name(serving, group),
+            "replicas": 0 if spec.suspend else spec.ranks_per_group,
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "OnDelete"},
+            "selector": {"matchLabels": selector_labels(serving, RANK_COMPONENT, **group_label)},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {**propagated_annotations(serving), TEMPLATE_HASH: template_hash},
+                },
+                "spec": {
+                    "serviceAccountName": rank_account_name(serving),
+                    "securityContext": pod_security_context(),
+                    **scheduling_fields(spec.scheduling),
+                    "containers": [_rank_container(serving, group)],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": model_config_name(serving)}},
+                        {
+                            "name": "placement",
+                            "configMap": {"name": active_config_name(placement_name(serving)), "optional": True},
+                        },
+                        tmp_volume,
+                    ],
+                },
+            },
+        },
+    }
+
+
+def frontend_deployment(serving: K2Serving) -> Manifest:
+    spec = serving.spec
+    groups = ",".join(
+        f"http://{group_name(serving, g)}-0.{group_name(serving, g)}.{serving.metadata.namespace}.svc:{RANK_HTTP_PORT}"
+        for g in range(spec.groups)
+    )
+    tmp_volume, tmp_mount = writable_tmp()
+    labels = selector_labels(serving, FRONTEND_COMPONENT)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(serving, frontend_name(serving), FRONTEND_COMPONENT),
+        "spec": {
+            "replicas": 0 if spec.suspend else spec.frontend.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": metadata(serving, "", FRONTEND_COMPONENT)["labels"]},
+                "spec": {
+                    "securityContext": pod_security_context(),
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": FRONTEND_COMPONENT,
+                            "image": spec.image,
+                            "imagePullPolicy": spec.image_pull_policy,
+                            "command": ["k2", "worker", "serve", "--frontend", "--port", str(spec.frontend.port)],
+                            "env": [{"name": "K2_GROUP_ENDPOINTS", "value": groups}],
+                            "ports": [{"name": "http", "containerPort": spec.frontend.port, "protocol": "TCP"}],
+                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+                            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                            "securityContext": container_security_context(),
+                            "volumeMounts": [tmp_mount],
+                        }
+                    ],
+                    "volumes": [tmp_volume],
+                },
+            },
+        },
+    }
+
+
+def frontend_service(serving: K2Serving) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(serving, frontend_service_name(serving), FRONTEND_COMPONENT),
+        "spec": {
+            "type": serving.spec.frontend.service_type,
+            "selector": selector_labels(serving, FRONTEND_COMPONENT),
+            "ports": [{"name": "http", "port": serving.spec.frontend.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def rbac(serving: K2Serving) -> list[Manifest]:
+    """Ranks may read the placement and annotate their own Pod with the generation they applied, nothing else."""
+    rules = [
+        {
+            "apiGroups": [serving.GROUP],
+            "resources": ["expertplacements"],
+            "resourceNames": [placement_name(serving)],
+            "verbs": ["get"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "resourceNames": rank_pod_names(serving), "verbs": ["get", "patch"]},
+    ]
+    return worker_rbac(serving, rank_account_name(serving), RANK_COMPONENT, rules)
+
+
+def children(serving: K2Serving) -> list[Manifest]:
+    """Everything the serving needs except the ExpertPlacement (created once, then owned by EPLB), in apply order."""
+    groups = range(serving.spec.groups)
+    return [
+        model_config_map(serving),
+        *rbac(serving),
+        *(group_service(serving, g) for g in groups),
+        *(group_stateful_set(serving, g) for g in groups),
+        frontend_deployment(serving),
+        frontend_service(serving),
+    ]

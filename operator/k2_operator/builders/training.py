@@ -1,0 +1,219 @@
+"""Children of a K2Training: headless Service, config ConfigMap, the workers' RBAC, and one Indexed Job per attempt.
+
+The gang is an Indexed Job with completions = parallelism = numNodes and backoffLimit 0: the first failed worker
+fails the Job, whose controller then stops the others; the operator restarts the whole gang by creating the Job of
+the next attempt (`<name>-worker-<attempt>`), which resumes from the last checkpoint. `spec.suspend` maps onto the
+Job's own suspend (pods deleted, Job and status kept). Pod hostnames are `<job>-<index>` under the headless
+Service, so rank 0 is reachable at `<job>-0.<name>-workers.<namespace>.svc` before it is Ready.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from k2_api import K2Training
+from k2_operator.builders.common import (
+    CONFIG_DIR,
+    Manifest,
+    container_security_context,
+    content_hash,
+    metadata,
+    pod_security_context,
+    propagated_annotations,
+    resources,
+    scheduling_fields,
+    selector_labels,
+    worker_rbac,
+    writable_tmp,
+)
+
+COMPONENT = "trainer"
+ATTEMPT_LABEL = "k2.ai/attempt"
+CONFIG_FILE = "training.yaml"
+MASTER_PORT = 29500
+METRICS_PORT = 9400
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def service_name(training: K2Training) -> str:
+    return f"{training.metadata.name}-workers"
+
+
+def config_name(training: K2Training) -> str:
+    return f"{training.metadata.name}-config"
+
+
+def worker_account_name(training: K2Training) -> str:
+    return f"{training.metadata.name}-worker"
+
+
+def job_name(training: K2Training, attempt: int) -> str:
+    return f"{training.metadata.name}-worker-{attempt}"
+
+
+def master_addr(training: K2Training, attempt: int) -> str:
+    return f"{job_name(training, attempt)}-0.{service_name(training)}.{training.metadata.namespace}.svc"
+
+
+def headless_service(training: K2Training) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(training, service_name(training), COMPONENT),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before any worker is Ready
+            "selector": selector_labels(training, COMPONENT),
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def config_document(training: K2Training) -> dict[str, Any]:
+    """The manifest the worker reads with `--config`: apiVersion, kind, name, namespace and spec (no status)."""
+    return {
+        "apiVersion": training.api_version,
+        "kind": training.kind,
+        "metadata": {"name": training.metadata.name, "namespace": training.metadata.namespace},
+        "spec": training.spec.to_dict(),
+    }
+
+
+def config_map(training: K2Training) -> Manifest:
+    text = yaml.safe_dump(config_document(training), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(training, config_name(training), COMPONENT),
+        "data": {CONFIG_FILE: text},
+    }
+
+
+def rbac(training: K2Training) -> list[Manifest]:
+    """The workers may read and patch the status of this K2Training only (rank 0 writes status.progress)."""
+    rules = [
+        {
+            "apiGroups": [training.GROUP],
+            "resources": [f"{training.PLURAL}/status"],
+            "resourceNames": [training.metadata.name],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    return worker_rbac(training, worker_account_name(training), COMPONENT, rules)
+
+
+def _command(training: K2Training) -> list[str]:
+    spec = training.spec
+    config = f"{CONFIG_DIR}/{CONFIG_FILE}"
+    if spec.nproc_per_node == 1:
+        return ["k2", "worker", "train", "--config", config]
+    return [
+        "torchrun",
+        f"--nnodes={spec.num_nodes}",
+        f"--nproc-per-node={spec.nproc_per_node}",
+        "--node-rank=$(NODE_RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "k2_workers.train",
+        "--config",
+        config,
+    ]
+
+
+def _env(training: K2Training, attempt: int) -> list[dict[str, Any]]:
+    spec = training.spec
+    index = {"valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
+    return [
+        {"name": "MASTER_ADDR", "value": master_addr(training, attempt)},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "WORLD_SIZE", "value": str(spec.world_size)},
+        {"name": "NNODES", "value": str(spec.num_nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(spec.nproc_per_node)},
+        {"name": "NODE_RANK", **index},
+        # One process per pod: its global rank is the node rank (torchrun overrides RANK/LOCAL_RANK otherwise).
+        {"name": "RANK", **index},
+        {"name": "LOCAL_RANK", "value": "0"},
+        {"name": "K2_TRAINING_NAME", "value": training.metadata.name},
+        {"name": "K2_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "K2_RESTART_ATTEMPT", "value": str(attempt)},
+    ]
+
+
+def _checkpoint_volume(training: K2Training) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The claim, or an emptyDir, mounted at mountPath; None when checkpoints go to a URI."""
+    ckpt = training.spec.checkpointing
+    if ckpt.uri is not None:
+        return None
+    source: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": ckpt.claim_name}} if ckpt.claim_name else {"emptyDir": {}}
+    )
+    return {"name": "checkpoints", **source}, {"name": "checkpoints", "mountPath": ckpt.mount_path}
+
+
+def job(training: K2Training, attempt: int) -> Manifest:
+    """The gang of attempt `attempt` (0 for the first run, +1 per gang restart)."""
+    spec = training.spec
+    attempt_label = {ATTEMPT_LABEL: str(attempt)}
+    tmp_volume, tmp_mount = writable_tmp()
+    volumes = [{"name": "config", "configMap": {"name": config_name(training)}}, tmp_volume]
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, tmp_mount]
+    checkpoint = _checkpoint_volume(training)
+    if checkpoint is not None:
+        volumes.append(checkpoint[0])
+        mounts.append(checkpoint[1])
+    annotations = {
+        **propagated_annotations(training),
+        "k2.ai/config-hash": content_hash(config_document(training)),
+    }
+    container = {
+        "name": COMPONENT,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": _command(training),
+        "env": _env(training, attempt),
+        "ports": [
+            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": resources(
+            spec.resources.cpu, spec.resources.memory, spec.resources.gpu_resource_name, spec.gpus_per_node
+        ),
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(training),
+        "serviceAccountName": worker_account_name(training),
+        "securityContext": pod_security_context(),
+        **scheduling_fields(spec.scheduling),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(training, job_name(training, attempt), COMPONENT, **attempt_label),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": spec.num_nodes,
+            "parallelism": spec.num_nodes,
+            "backoffLimit": 0,  # one failed worker fails the gang; the operator restarts it as a whole
+            "suspend": spec.suspend,
+            "template": {
+                "metadata": {
+                    "labels": {**metadata(training, "", COMPONENT, **attempt_label)["labels"]},
+                    "annotations": annotations,
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def children(training: K2Training, attempt: int) -> list[Manifest]:
+    """Everything a running K2Training needs, in apply order."""
+    return [config_map(training), headless_service(training), *rbac(training), job(training, attempt)]

@@ -1,0 +1,126 @@
+"""K2Serving handlers: one level-based reconcile, triggered on create, update, resume, child events and the resync."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
+from k2_operator.builders.common import KIND_LABEL
+from k2_operator.builders.placement import desired_shape, expert_placement, placement_name
+from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT, children, frontend_name
+from k2_operator.kube import Kube
+from k2_operator.runtime import controller_owner, now, owned_by, register, trigger, write_status
+from k2_operator.status.serving import (
+    CONDITION_TYPES,
+    GroupState,
+    group_index,
+    group_state,
+    groups_to_restart,
+    serving_status,
+)
+
+KIND = K2Serving.KIND
+REVISION_LABEL = "controller-revision-hash"
+log = logging.getLogger("k2_operator.serving")
+
+
+async def ensure_placement(kube: Kube, serving: K2Serving) -> dict[str, Any] | None:
+    """Creates the ExpertPlacement once; afterwards its spec belongs to the EPLB controller, except that a placement
+    whose shape no longer fits the serving (ranks, slots, experts, layers) is replaced by a fresh initial one."""
+    namespace, name = serving.metadata.namespace, placement_name(serving)
+    assert namespace is not None
+    current = await kube.get(ExpertPlacement.KIND, namespace, name)
+    if current is None:
+        return await kube.create(expert_placement(serving)) or await kube.get(ExpertPlacement.KIND, namespace, name)
+    if not owned_by(current, serving.metadata.uid):
+        log.warning(
+            "%s/%s: ExpertPlacement %s exists but is not owned by this K2Serving",
+            namespace,
+            serving.metadata.name,
+            name,
+        )
+        return current
+    shape = desired_shape(serving)
+    if any(current["spec"].get(key) != value for key, value in shape.items()):
+        generation = int(current["spec"].get("generation", 1)) + 1
+        spec = expert_placement(serving, generation)["spec"]
+        spec["reason"] = "reshaped: the serving's ranks, slots or model changed"
+        await kube.replace_spec(ExpertPlacement.KIND, namespace, name, spec, current["metadata"]["resourceVersion"])
+        return await kube.get(ExpertPlacement.KIND, namespace, name)
+    return current
+
+
+async def restart_groups(
+    kube: Kube, serving: K2Serving, groups: list[int], stateful_sets: dict[int, dict[str, Any]]
+) -> None:
+    """Deletes the outdated pods of `groups`; their StatefulSets recreate them from the new template (OnDelete)."""
+    namespace, name = serving.metadata.namespace, serving.metadata.name
+    assert namespace is not None and name is not None
+    for group in groups:
+        revision = stateful_sets[group].get("status", {}).get("updateRevision")
+        selector = {
+            "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/component": RANK_COMPONENT,
+            GROUP_LABEL: str(group),
+        }
+        for pod in await kube.list("Pod", namespace, selector):
+            labels = pod["metadata"].get("labels", {})
+            if revision and labels.get(REVISION_LABEL) != revision and not pod["metadata"].get("deletionTimestamp"):
+                log.info("%s/%s: restarting group %d (pod %s)", namespace, name, group, pod["metadata"]["name"])
+                await kube.delete("Pod", namespace, pod["metadata"]["name"])
+
+
+@register(KIND)
+async def reconcile(kube: Kube, namespace: str, name: str) -> None:
+    body = await kube.get(KIND, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    serving = K2Serving.model_validate(body)
+    spec = serving.spec
+    placement = await ensure_placement(kube, serving)
+    stateful_sets: dict[int, dict[str, Any]] = {}
+    frontend: dict[str, Any] | None = None
+    for manifest in children(serving):
+        applied = await kube.apply(manifest)
+        index = group_index(applied)
+        if manifest["kind"] == "StatefulSet" and index is not None:
+            stateful_sets[index] = applied
+        elif manifest["kind"] == "Deployment" and manifest["metadata"]["name"] == frontend_name(serving):
+            frontend = applied
+    # Scale down: groups beyond spec.groups go (their pods are garbage-collected).
+    selector = {"app.kubernetes.io/instance": name, KIND_LABEL: KIND, "app.kubernetes.io/component": RANK_COMPONENT}
+    for kind in ("StatefulSet", "Service"):
+        for obj in await kube.list(kind, namespace, selector):
+            index = group_index(obj)
+            if index is not None and index >= spec.groups and owned_by(obj, serving.metadata.uid):
+                await kube.delete(kind, namespace, obj["metadata"]["name"])
+    groups: list[GroupState] = [group_state(g, stateful_sets.get(g), spec.ranks_per_group) for g in range(spec.groups)]
+    if not spec.suspend:
+        await restart_groups(
+            kube, serving, groups_to_restart(groups, spec.rollout.max_unavailable_groups), stateful_sets
+        )
+    frontend_ready = int((frontend or {}).get("status", {}).get("readyReplicas", 0) or 0)
+    status = serving_status(serving, groups, frontend_ready, placement, now())
+    await write_status(kube, body, status, CONDITION_TYPES)
+
+
+@kopf.on.resume(GROUP, VERSION, K2Serving.PLURAL)
+@kopf.on.create(GROUP, VERSION, K2Serving.PLURAL)
+@kopf.on.update(GROUP, VERSION, K2Serving.PLURAL)
+async def on_serving(namespace: str | None, name: str, **_: Any) -> None:
+    await trigger(KIND, namespace, name)
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels={KIND_LABEL: KIND})
+@kopf.on.event("apps", "v1", "deployments", labels={KIND_LABEL: KIND})
+async def on_child(body: kopf.Body, **_: Any) -> None:
+    await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))
+
+
+@kopf.on.event(GROUP, VERSION, ExpertPlacement.PLURAL)
+async def on_placement(body: kopf.Body, **_: Any) -> None:
+    """A placement's status (applied generation, balancedness) shows in its serving's status."""
+    await trigger(KIND, body.metadata.namespace, controller_owner(dict(body), KIND))

@@ -1,0 +1,67 @@
+"""K2Training handlers: one level-based reconcile, triggered on create, update, resume, Job events and the resync."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from k2_api import GROUP, VERSION, K2Training
+from k2_operator.builders.common import KIND_LABEL, TEMPLATE_HASH, content_hash
+from k2_operator.builders.training import children
+from k2_operator.kube import Kube
+from k2_operator.runtime import now, owned_by, register, trigger, write_status
+from k2_operator.status.training import CONDITION_TYPES, plan
+
+KIND = K2Training.KIND
+log = logging.getLogger("k2_operator.training")
+
+
+def _with_template_hash(job: dict[str, Any]) -> dict[str, Any]:
+    """The Job labelled with a hash of its immutable parts: a changed template means delete and recreate."""
+    immutable = {k: v for k, v in job["spec"].items() if k not in ("suspend", "parallelism")}
+    job["metadata"]["labels"][TEMPLATE_HASH] = content_hash(immutable)
+    return job
+
+
+@register(KIND)
+async def reconcile(kube: Kube, namespace: str, name: str) -> None:
+    body = await kube.get(KIND, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    training = K2Training.model_validate(body)
+    selector = {"app.kubernetes.io/instance": name, KIND_LABEL: KIND}
+    jobs = [j for j in await kube.list("Job", namespace, selector) if owned_by(j, training.metadata.uid)]
+    decision = plan(training, jobs, now())
+    if decision.delete_training:
+        log.info("%s/%s: ttlSecondsAfterFinished passed, deleting", namespace, name)
+        await kube.delete(KIND, namespace, name)
+        return
+    for job_name in decision.delete_jobs:
+        await kube.delete("Job", namespace, job_name)
+    if decision.run_gang:
+        existing = {j["metadata"]["name"]: j for j in jobs if j["metadata"]["name"] not in decision.delete_jobs}
+        for manifest in children(training, decision.attempt):
+            if manifest["kind"] == "Job":
+                manifest = _with_template_hash(manifest)
+                old = existing.get(manifest["metadata"]["name"])
+                old_hash = (old or {}).get("metadata", {}).get("labels", {}).get(TEMPLATE_HASH)
+                if old is not None and old_hash != manifest["metadata"]["labels"][TEMPLATE_HASH]:
+                    # Job templates are immutable: the gang restarts with the new spec (from the checkpoint).
+                    await kube.delete("Job", namespace, manifest["metadata"]["name"])
+                    continue
+            await kube.apply(manifest)
+    await write_status(kube, body, decision.status, CONDITION_TYPES)
+
+
+@kopf.on.resume(GROUP, VERSION, K2Training.PLURAL)
+@kopf.on.create(GROUP, VERSION, K2Training.PLURAL)
+@kopf.on.update(GROUP, VERSION, K2Training.PLURAL)
+async def on_training(namespace: str | None, name: str, **_: Any) -> None:
+    await trigger(KIND, namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={KIND_LABEL: KIND})
+async def on_job(body: kopf.Body, **_: Any) -> None:
+    await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))
