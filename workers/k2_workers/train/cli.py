@@ -25,6 +25,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="stop with a checkpoint after this step; the schedule stays sized by --steps (for resume experiments)",
     )
     parser.add_argument("--seed", type=int, help="seed of weights init and data order (overrides spec)")
+    parser.add_argument("--grad-clip", dest="grad_clip", type=float, help="global gradient-norm bound; 0 = off")
+    parser.add_argument(
+        "--aux-loss-alpha", dest="aux_loss_alpha", type=float, help="Switch auxiliary loss weight; 0 (default) = off"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus port on rank 0; 0 = off")
     parser.add_argument(
