@@ -34,7 +34,7 @@ from k2_eplb.solver import solve  # noqa: E402
 
 BYTES_PER_EXPERT = 44_040_192  # one FP8 K2 routed expert: 3 x 7168 x 2048 parameters
 EXAMPLE_LOAD = [600, 560, 120, 120, 20, 10, 10, 10]
-DRIFT_SIGMA = 0.03
+DRIFT_SIGMA = 0.02
 SHOCK_SIGMA = 0.3
 BUDGET = 0.05
 CURVE_BUDGETS: tuple[float | None, ...] = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20, None)

@@ -66,12 +66,15 @@ def improve(
     origin: Origin | None = None,
     budget: int | None = None,
     layer_budget_L: IntArray | None = None,
+    target_L: FloatArray | None = None,
     max_rounds: int = 10_000,
 ) -> tuple[IntArray, IntArray]:
     """Return (improved placement, copies spent per layer against `origin`).
 
     `budget` bounds the total copies (None: unbounded); `layer_budget_L` bounds each layer's copies, and then every
     layer applies its best affordable change each round (parallel spending) instead of the ranked, windowed choice.
+    With `target_L` (a GPU load level per layer), a change is valued by how much load it removes above that level,
+    so copies go to cuts that bring GPUs under it rather than to shallow cuts of the heaviest GPU.
     """
     placement = placement_LGS.copy()
     num_layers, num_gpus, _ = placement.shape
@@ -91,7 +94,8 @@ def improve(
         if layer_budget_L is not None:
             own = layer_budget_L[rows] - spent_L[rows]
             row_left = own if row_left is None else np.minimum(row_left, own)
-        best = _best_changes(load_LE, placement, counts, holds, rows, origin, row_left)
+        target = None if target_L is None else target_L[rows]
+        best = _best_changes(load_LE, placement, counts, holds, rows, origin, row_left, target)
         found = np.isfinite(best.score)
         active[rows[~found]] = False
         if not found.any():
@@ -104,10 +108,11 @@ def improve(
     return placement, spent_L
 
 
-def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float = 1.5) -> IntArray:
+def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float = 1.5) -> tuple[IntArray, FloatArray]:
     """Split `budget` over layers so that all layers aim at one common balancedness B*: layer l needs about
     `copies_per_fix` copies per GPU above mean_l / B*; B* is the highest level whose needs fit, and the budget is
-    shared in proportion to those needs (worst layers get the most).
+    shared in proportion to those needs (worst layers get the most). Returns (copies per layer, the load level
+    mean_l / B* per layer).
     """
     mean_L1 = gpu_loads_LG.mean(axis=1, keepdims=True)
     peak_L1 = np.maximum(gpu_loads_LG.max(axis=1, keepdims=True), 1e-300)
@@ -129,7 +134,8 @@ def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float
     share_L: IntArray = np.floor(budget * weights / weights.sum()).astype(np.int64)
     extra = budget - int(share_L.sum())
     share_L[np.argsort(-weights, kind="stable")[:extra]] += 1
-    return share_L
+    level_L: FloatArray = mean_L1[:, 0] / high
+    return share_L, level_L
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ def _best_changes(
     rows: IntArray,
     origin: Origin | None,
     remaining: IntArray | None,
+    target: FloatArray | None,
 ) -> _Changes:
     n = len(rows)
     r = np.arange(n)
@@ -178,6 +185,14 @@ def _best_changes(
     second = gl[r, order[:, 1]]
     third = gl[r, order[:, 2]] if num_gpus > 2 else np.full(n, -np.inf)
     outside_G = np.where(np.arange(num_gpus)[_NEW, :] == order[:, 1:2], third[:, _NEW], second[:, _NEW])
+
+    def excess_cut(before_: FloatArray, after_: FloatArray) -> FloatArray:
+        """Load above the target level removed, relative to the mean, summed over the last axis."""
+        assert target is not None
+        level = target.reshape((n,) + (1,) * (before_.ndim - 1))
+        cut = np.maximum(before_ - level, 0.0) - np.maximum(after_ - level, 0.0)
+        total: FloatArray = cut.sum(axis=-1) / mean.reshape((n,) + (1,) * (before_.ndim - 2))
+        return total
 
     def value(new_peak: FloatArray, touched_peak: FloatArray) -> FloatArray:
         """Balancedness gained, plus a share of what g* alone would gain (prefers changes that cut g* deep, so a
@@ -207,6 +222,13 @@ def _best_changes(
     ok = ~x_on_g[..., _NEW] & ~y_on_gs[:, _NEW] & (pair < (peak - tol)[:, _NEW, _NEW, _NEW])
     outside_m = np.take_along_axis(outside_G, partners, axis=1)
     swap_value = value(np.maximum(pair, outside_m[:, _NEW, :, _NEW]), pair)
+    if target is not None:
+        new_a = peak[:, _NEW, _NEW, _NEW] - a[:, :, _NEW, _NEW] + b
+        new_b = glm[:, _NEW, :, _NEW] + a[:, :, _NEW, _NEW] - b
+        before_ab = np.stack(np.broadcast_arrays(peak[:, _NEW, _NEW, _NEW], glm[:, _NEW, :, _NEW]), axis=-1)
+        swap_value = swap_value + excess_cut(
+            np.broadcast_to(before_ab, (*pair.shape, 2)), np.stack([new_a, new_b], axis=-1)
+        )
     swap_cost = np.zeros(pair.shape, dtype=np.int64)
     swap_weight = np.zeros(pair.shape)
     if origin is not None:
@@ -277,7 +299,10 @@ def _best_changes(
     if remaining is not None:
         usable &= move_cost <= remaining[:, _NEW]
     touched = np.maximum(new_load[r[:, _NEW], kk, gs[:, _NEW]], new_load[r[:, _NEW], kk, g_k])
-    move_score = np.where(usable, value(new_peak, touched) / np.maximum(move_weight, 0.5), -np.inf)
+    move_value = value(new_peak, touched)
+    if target is not None:
+        move_value = move_value + excess_cut(np.broadcast_to(gl[:, _NEW, :], new_load.shape), new_load)
+    move_score = np.where(usable, move_value / np.maximum(move_weight, 0.5), -np.inf)
     move_pick = np.argmax(move_score, axis=1)
     move_best = move_score[r, move_pick]
 

@@ -68,13 +68,14 @@ def solve(
         placement, spent_L = improve(load_LE, current_LGS, origin=origin, max_rounds=_SEARCH_ROUNDS_INCREMENTAL)
     else:
         # first every layer in parallel towards one common balancedness, then what is left by best gain per copy
-        share_L = allocate_budget(gpu_loads(load_LE, current_LGS), budget)
+        share_L, level_L = allocate_budget(gpu_loads(load_LE, current_LGS), budget)
         placement, spent_L = improve(
             load_LE,
             current_LGS,
             origin=origin,
             budget=budget,
             layer_budget_L=share_L,
+            target_L=level_L,
             max_rounds=_SEARCH_ROUNDS_INCREMENTAL,
         )
         placement, spent_L = _continue(load_LE, placement, origin, budget, spent_L)
