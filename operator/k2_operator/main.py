@@ -58,6 +58,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # kopf logs every event handler call at INFO
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Importing the handler modules registers their kopf handlers and reconciles.
     from k2_operator import placement, serving, training  # noqa: F401
 

@@ -1,0 +1,39 @@
+"""Stored-looking K2 resources for the pure tests: the examples with the metadata the API server adds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from k2_api import K2Serving, K2Training
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def example(name: str) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    return body
+
+
+def stored(
+    body: dict[str, Any], namespace: str = "ns1", uid: str = "00000000-0000-4000-8000-000000000001"
+) -> dict[str, Any]:
+    out = copy.deepcopy(body)
+    out["metadata"].update({"namespace": namespace, "uid": uid, "generation": 1, "resourceVersion": "1"})
+    return out
+
+
+def training(**spec: Any) -> K2Training:
+    body = stored(example("k2training-debug.yaml"))
+    body["spec"].update(spec)
+    return K2Training.model_validate(body)
+
+
+def serving(**spec: Any) -> K2Serving:
+    body = stored(example("k2serving-debug.yaml"))
+    body["spec"].update(spec)
+    return K2Serving.model_validate(body)
