@@ -180,7 +180,12 @@ def _fill(model: K2ForCausalLM, reader: CheckpointReader, device: torch.device |
         prefix, projection = stacked.groups()
         held = modules[prefix]
         assert isinstance(held, RoutedExperts)
+        first_slot: dict[int, int] = {}
         for slot, expert_id in enumerate(held.expert_ids):
+            if expert_id in first_slot:  # a replica: copy, do not read again
+                tensor[slot].copy_(tensor[first_slot[expert_id]])
+                continue
+            first_slot[expert_id] = slot
             source = expert_tensor_name(prefix, expert_id, projection)
             tensor[slot].copy_(reader.read(source, tensor.shape[1:], tensor.dtype, device))
 

@@ -18,7 +18,9 @@ ROUTER_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ROPE_SCALING_TYPES = ("yarn",)
 
 # HF keys that describe the file rather than the model; to_hf_config writes them, from_hf_config ignores them.
-_HF_BOOKKEEPING_KEYS = frozenset({"transformers_version", "dtype", "qk_head_dim", "head_dim", "output_router_logits"})
+_HF_BOOKKEEPING_KEYS = frozenset(
+    {"architectures", "transformers_version", "dtype", "qk_head_dim", "head_dim", "output_router_logits"}
+)
 
 
 def _kimi_k2_rope_scaling() -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""Decoding with the MLA latent cache: what the cache stores, step-by-step equals the full forward, greedy and
+sampled generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from k2_workers.model import K2Config, K2ForCausalLM, MLACache
+from k2_workers.model.generate import sample_next
+
+
+@pytest.fixture(scope="module")
+def model() -> K2ForCausalLM:
+    torch.manual_seed(0)
+    m = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.1)
+        for moe in m.moe_blocks():
+            assert moe.gate.e_score_correction_bias is not None
+            moe.gate.e_score_correction_bias.normal_(0.0, 0.1)
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+    return m
+
+
+def test_cache_holds_only_the_compressed_latent() -> None:
+    config = K2Config.from_preset("kimi-k2")
+    cache = MLACache(config, batch_size=1, max_seq_len=3)
+    assert cache.values_per_token_per_layer == 512 + 64
+    stored = sum(t.numel() for t in vars(cache).values() if isinstance(t, torch.Tensor))
+    assert stored == config.num_hidden_layers * 3 * 576
+
+
+def test_step_by_step_equals_full_forward(model: K2ForCausalLM) -> None:
+    input_ids = torch.randint(0, 258, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        cache = MLACache(model.config, 2, 14)
+        pieces = [model(input_ids[:, :5], cache=cache).logits]  # prefill
+        pieces.append(model(input_ids[:, 5:8], cache=cache).logits)  # a chunk
+        for t in range(8, 14):  # single tokens
+            pieces.append(model(input_ids[:, t : t + 1], cache=cache).logits)
+    assert cache.seq_len == 14
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    # the cache rows are the RMS-normalised latents, not per-head keys
+    assert cache.latent_LBTC.shape == (model.config.num_hidden_layers, 2, 14, model.config.kv_lora_rank)
+
+
+def test_cache_overflow_is_an_error(model: K2ForCausalLM) -> None:
+    cache = MLACache(model.config, 1, 4)
+    with pytest.raises(ValueError, match="max_seq_len"), torch.no_grad():
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_greedy_generation_follows_the_argmax(model: K2ForCausalLM) -> None:
+    prompt = torch.randint(0, 258, (2, 6), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, max_new_tokens=8)
+    assert out.shape == (2, 14) and torch.equal(out[:, :6], prompt)
+    with torch.no_grad():
+        for t in range(6, 14):
+            assert torch.equal(out[:, t], model(out[:, :t]).logits[:, -1].argmax(-1))
+
+
+def test_sampled_generation_is_seeded(model: K2ForCausalLM) -> None:
+    prompt = torch.randint(0, 258, (2, 4), generator=torch.Generator().manual_seed(5))
+
+    def run(seed: int, **kwargs: float | int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, max_new_tokens=10, temperature=1.0, generator=g, **kwargs)  # type: ignore[arg-type]
+
+    assert torch.equal(run(1), run(1))
+    assert any(not torch.equal(run(1), run(seed)) for seed in range(2, 6))
+    assert torch.equal(run(7, top_k=1), model.generate(prompt, max_new_tokens=10))
+
+
+def test_eos_stops_a_row(model: K2ForCausalLM) -> None:
+    prompt = torch.randint(0, 258, (1, 4), generator=torch.Generator().manual_seed(6))
+    greedy = model.generate(prompt, max_new_tokens=6)
+    eos = int(greedy[0, 6])
+    stopped = model.generate(prompt, max_new_tokens=6, eos_token_id=eos)
+    assert stopped.shape[1] <= 7 and int(stopped[0, -1]) == eos
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, temperature=1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    assert draws == {0, 1}
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, temperature=-1.0)
