@@ -31,6 +31,7 @@ class ExpertParallelExperts(nn.Module):
     num_replicas_E: Tensor
     rank_EP: Tensor
     slot_EP: Tensor
+    last_tokens_per_slot_S: Tensor  # assignments each local slot computed in the last forward
 
     def __init__(
         self,
@@ -56,6 +57,28 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("num_replicas_E", num_replicas_E, persistent=False)
         self.register_buffer("rank_EP", rank_EP, persistent=False)
         self.register_buffer("slot_EP", slot_EP, persistent=False)
+        self.register_buffer("last_tokens_per_slot_S", torch.zeros(num_slots, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def from_weights(
+        cls,
+        table: SlotTable,
+        rank: int,
+        gate_proj: Tensor,
+        up_proj: Tensor,
+        down_proj: Tensor,
+        group: dist.ProcessGroup | None = None,
+    ) -> ExpertParallelExperts:
+        """A shard whose slots get the given stacked weights, one row per slot of `table[rank]` in slot order."""
+        _, intermediate, hidden = gate_proj.shape
+        module = cls(table, rank, hidden, intermediate, group).to(gate_proj.device, gate_proj.dtype)
+        if gate_proj.shape[0] != len(module.expert_ids):
+            raise ValueError(f"weights for {gate_proj.shape[0]} slots, but rank {rank} has {len(module.expert_ids)}")
+        with torch.no_grad():
+            module.gate_proj.copy_(gate_proj)
+            module.up_proj.copy_(up_proj)
+            module.down_proj.copy_(down_proj)
+        return module
 
     @classmethod
     def from_full(
@@ -64,14 +87,8 @@ class ExpertParallelExperts(nn.Module):
         """Shard a module holding every expert: copy the weights of this rank's slots (replicas included)."""
         if full.num_slots != full.num_experts or table.num_experts != full.num_experts:
             raise ValueError("from_full needs a module holding all experts, and a slot table over the same experts")
-        _, intermediate, hidden = full.gate_proj.shape
-        module = cls(table, rank, hidden, intermediate, group).to(full.gate_proj.device, full.gate_proj.dtype)
-        ids = torch.tensor(module.expert_ids, device=full.gate_proj.device)
-        with torch.no_grad():
-            module.gate_proj.copy_(full.gate_proj[ids])
-            module.up_proj.copy_(full.up_proj[ids])
-            module.down_proj.copy_(full.down_proj[ids])
-        return module
+        ids = table.table_RS[rank].to(full.gate_proj.device)
+        return cls.from_weights(table, rank, full.gate_proj[ids], full.up_proj[ids], full.down_proj[ids], group)
 
     def forward(self, x_TD: Tensor, expert_ids_TK: Tensor, expert_weights_TK: Tensor) -> Tensor:
         k = expert_ids_TK.shape[1]
@@ -108,6 +125,7 @@ class ExpertParallelExperts(nn.Module):
         """The SwiGLU of each received row by the expert in its slot, grouped by slot."""
         order_B = slot_B.argsort(stable=True)
         counts_S = torch.bincount(slot_B, minlength=self.gate_proj.shape[0])
+        self.last_tokens_per_slot_S = counts_S.detach()
         needs_grad = torch.is_grad_enabled() and (x_BD.requires_grad or self.gate_proj.requires_grad)
         if grouped_mm_available(x_BD, needs_grad):
             align = 16 if x_BD.is_cuda else 1

@@ -1,0 +1,198 @@
+"""One expert-parallel group of serving ranks running in lockstep.
+
+Rank 0 owns the HTTP endpoint. For each request it broadcasts a small header and the prompt to the group, and every
+rank runs the same decoding loop: attention is replicated, the routed experts are sharded by the placement in force,
+and tokens reach their experts through all-to-all (k2_workers.parallel). A new placement generation is applied
+between two requests: rank 0 broadcasts the slot tables, each rank loads the experts of its new slots, and the
+requests that arrive meanwhile wait on the lock instead of failing. Greedy output does not depend on the placement.
+
+Every rank decodes exactly `max_new_tokens` steps (EOS is cut afterwards on rank 0) so that all ranks make the same
+number of all-to-all calls even if floating-point noise made their samples differ.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from k2_workers.model import K2ForCausalLM
+from k2_workers.model.moe import MoE
+from k2_workers.parallel import ExpertParallelExperts
+from k2_workers.serve.expert_weights import ExpertWeights
+from k2_workers.serve.metrics import ExpertLoadCollector
+from k2_workers.serve.placement import ActivePlacement
+from k2_workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Op(enum.IntEnum):
+    STOP = 0
+    GENERATE = 1
+    APPLY_PLACEMENT = 2
+
+
+HEADER_LEN = 6  # op, prompt length | generation, max_new_tokens, temperature in micro-units, seed, top_k (0 = off)
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    top_k: int | None = None
+
+
+class GroupEngine:
+    """A rank of a serving group. Rank 0 calls `generate`/`apply_placement`; the other ranks call `follow`."""
+
+    def __init__(
+        self,
+        model: K2ForCausalLM,
+        tokenizer: Tokenizer,
+        weights: ExpertWeights,
+        rank: int,
+        world_size: int,
+        collector: ExpertLoadCollector | None = None,
+        on_applied: Callable[[int], None] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.rank = rank
+        self.world_size = world_size
+        self._weights = weights
+        self._collector = collector
+        self._on_applied = on_applied
+        self._lock = threading.Lock()
+        self.placement: ActivePlacement | None = None
+        num_layers = len(list(model.moe_blocks()))
+        self._expert_tokens_LE = np.zeros((num_layers, model.config.n_routed_experts))
+        self._slot_tokens_LS: np.ndarray | None = None
+        for index, moe in enumerate(model.moe_blocks()):
+            moe.register_forward_hook(self._count_hook(index))
+
+    # --- rank 0 --------------------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> int | None:
+        return None if self.placement is None else self.placement.generation
+
+    def apply_placement(self, placement: ActivePlacement) -> None:
+        """Make `placement` the one in force on every rank of the group (called on rank 0)."""
+        with self._lock:
+            if self.placement is not None and placement.generation == self.placement.generation:
+                return
+            tables = placement.as_tensor()
+            self._broadcast_header(Op.APPLY_PLACEMENT, placement.generation, list(tables.shape))
+            self._broadcast(tables)
+            self._apply(placement)
+
+    def generate(self, prompt_ids: list[int], params: GenerateParams) -> list[int]:
+        """The completion token ids of one prompt (without the prompt, cut after EOS)."""
+        with self._lock:
+            if self.placement is None:
+                raise RuntimeError("no placement applied yet")
+            temperature = round(params.temperature * 1_000_000)
+            self._broadcast_header(
+                Op.GENERATE, len(prompt_ids), [params.max_new_tokens, temperature, params.seed, params.top_k or 0]
+            )
+            prompt = torch.tensor(prompt_ids, dtype=torch.long)
+            self._broadcast(prompt)
+            completion = self._decode(prompt, params)
+        eos = self.tokenizer.eos_id
+        return completion[: completion.index(eos) + 1] if eos in completion else completion
+
+    def stop(self) -> None:
+        with self._lock:
+            self._broadcast_header(Op.STOP, 0, [])
+
+    # --- ranks > 0 -----------------------------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Run what rank 0 broadcasts until it says stop."""
+        while True:
+            header = torch.zeros(HEADER_LEN, dtype=torch.long)
+            dist.broadcast(header, src=0)
+            op, arg, *rest = header.tolist()
+            if op == Op.STOP:
+                return
+            if op == Op.APPLY_PLACEMENT:
+                tables = torch.zeros(rest[:3], dtype=torch.long)
+                dist.broadcast(tables, src=0)
+                self._apply(ActivePlacement.from_tensor(arg, tables, self.model.config.n_routed_experts))
+            elif op == Op.GENERATE:
+                prompt = torch.zeros(arg, dtype=torch.long)
+                dist.broadcast(prompt, src=0)
+                max_new, temperature, seed, top_k = rest[:4]
+                self._decode(prompt, GenerateParams(max_new, temperature / 1_000_000, seed, top_k or None))
+
+    # --- every rank ----------------------------------------------------------------------------------------------
+    def _apply(self, placement: ActivePlacement) -> None:
+        blocks = list(self.model.moe_blocks())
+        if len(placement.tables) != len(blocks):
+            raise ValueError(f"placement has {len(placement.tables)} layers, the model {len(blocks)} MoE layers")
+        if placement.num_ranks != self.world_size:
+            raise ValueError(f"placement has {placement.num_ranks} ranks, this group {self.world_size}")
+        dtype = self.model.lm_head.weight.dtype
+        for index, (moe, table) in enumerate(zip(blocks, placement.tables, strict=True)):
+            current = moe.experts
+            wanted = table.table_RS[self.rank].tolist()
+            if isinstance(current, ExpertParallelExperts) and current.expert_ids == wanted:
+                moe.experts = ExpertParallelExperts.from_weights(
+                    table, self.rank, current.gate_proj, current.up_proj, current.down_proj
+                )  # same local weights, new routing tables
+                continue
+            gate, up, down = self._weights.experts(index, wanted)
+            moe.experts = ExpertParallelExperts.from_weights(
+                table, self.rank, gate.to(dtype), up.to(dtype), down.to(dtype)
+            )
+        self.placement = placement
+        self._slot_tokens_LS = np.zeros((len(blocks), placement.slots_per_rank))
+        log.info("rank %d applied placement generation %d", self.rank, placement.generation)
+        if self._on_applied is not None:
+            self._on_applied(placement.generation)
+
+    @torch.no_grad()
+    def _decode(self, prompt: torch.Tensor, params: GenerateParams) -> list[int]:
+        generator = torch.Generator().manual_seed(params.seed)
+        tokens = self.model.generate(
+            prompt[None],
+            params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            generator=generator,
+        )
+        self._flush_counts()
+        return tokens[0, prompt.numel() :].tolist()
+
+    def _count_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: MoE, args: object, output: object) -> None:
+            if self.rank == 0:  # rank 0 routes the group's tokens; the others route the same tokens again
+                self._expert_tokens_LE[index] += module.last_tokens_per_expert_E.numpy()
+            experts = module.experts
+            if self._slot_tokens_LS is not None and isinstance(experts, ExpertParallelExperts):
+                self._slot_tokens_LS[index] += experts.last_tokens_per_slot_S.numpy()
+
+        return hook
+
+    def _flush_counts(self) -> None:
+        if self._collector is not None and self._slot_tokens_LS is not None:
+            self._collector.add(self._expert_tokens_LE, self._slot_tokens_LS)
+        self._expert_tokens_LE[:] = 0
+        if self._slot_tokens_LS is not None:
+            self._slot_tokens_LS[:] = 0
+
+    def _broadcast_header(self, op: Op, arg: int, rest: list[int]) -> None:
+        if self.world_size > 1:
+            header = torch.zeros(HEADER_LEN, dtype=torch.long)
+            header[: 2 + len(rest)] = torch.tensor([int(op), arg, *rest])
+            dist.broadcast(header, src=0)
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=0)

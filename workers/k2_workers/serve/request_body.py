@@ -1,0 +1,52 @@
+"""Parsing of the generate request body: pure, and every error names the field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from k2_workers.serve.engine import GenerateParams
+
+MAX_PROMPT_CHARS = 16_384
+
+
+class RequestError(ValueError):
+    """A bad request; the HTTP layer answers 400 with this message."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    params: GenerateParams
+
+
+def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
+    """`{"prompt": str, "max_new_tokens": int = 16, "temperature": float = 0, "seed": int = 0, "top_k": int}`."""
+    try:
+        document = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(f"body: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise RequestError("body: expected a JSON object")
+    unknown = set(document) - {"prompt", "max_new_tokens", "temperature", "seed", "top_k"}
+    if unknown:
+        raise RequestError(f"body: unknown fields {sorted(unknown)}")
+    prompt = document.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt: required, a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
+    max_new = _integer(document, "max_new_tokens", 16, 1, max_new_tokens_limit)
+    temperature = document.get("temperature", 0.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
+        raise RequestError("temperature: a number in [0, 10]")
+    seed = _integer(document, "seed", 0, 0, 2**31 - 1)
+    top_k = _integer(document, "top_k", 0, 0, 1_000_000)
+    return GenerateRequest(prompt, GenerateParams(max_new, float(temperature), seed, top_k or None))
+
+
+def _integer(document: dict[str, object], field: str, default: int, low: int, high: int) -> int:
+    value = document.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{field}: an integer in [{low}, {high}]")
+    return value
