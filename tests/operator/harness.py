@@ -1,0 +1,159 @@
+"""Runs `k2 operator run` as a subprocess against the local control plane, and small kubectl helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.conftest import Cluster
+
+T = TypeVar("T")
+RESYNC_SECONDS = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Operator:
+    """One operator process watching one namespace; `kill()` is SIGKILL, `start()` starts a fresh one."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.cluster, self.namespace, self.log_dir = cluster, namespace, log_dir
+        self.env = {**cluster.env, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.starts = 0
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.starts += 1
+        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        argv = [sys.executable, "-m", "k2_api.cli", "operator", "run", "--namespace", self.namespace, "--standalone"]
+        argv += ["--metrics-port", str(self.port), "--metrics-address", "127.0.0.1"]
+        argv += ["--resync-seconds", str(RESYNC_SECONDS)]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        wait_for("the operator's /healthz", self.healthy, timeout_s=30)
+
+    def healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.logs()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as answer:
+            text: str = answer.read().decode()
+            return text
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-6000:] for p in sorted(self.log_dir.glob("operator-*.log")))
+
+    def errors(self) -> list[str]:
+        return [line for line in self.logs().splitlines() if "Traceback" in line or " ERROR " in line]
+
+
+@contextmanager
+def running_operator(
+    cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str] | None = None
+) -> Iterator[Operator]:
+    operator = Operator(cluster, namespace, log_dir, env)
+    operator.start()
+    try:
+        yield operator
+    except BaseException:
+        sys.stderr.write(f"--- operator logs ---\n{operator.logs()}\n")
+        raise
+    finally:
+        operator.stop()
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.3)
+
+
+def get(cluster: Cluster, namespace: str, *args: str) -> Any:
+    result = cluster.kubectl("get", "-n", namespace, *args, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def items(cluster: Cluster, namespace: str, kind: str, selector: str | None = None) -> list[dict[str, Any]]:
+    args = [kind] + ([f"--selector={selector}"] if selector else [])
+    found = get(cluster, namespace, *args)
+    return list(found["items"]) if found else []
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for entry in (obj or {}).get("status", {}).get("conditions", []):
+        if entry.get("type") == type_:
+            return dict(entry)
+    return None
+
+
+def has_condition(
+    cluster: Cluster, namespace: str, ref: str, type_: str, status: str = "True"
+) -> dict[str, Any] | None:
+    obj = get(cluster, namespace, ref)
+    found = condition(obj, type_)
+    return obj if found is not None and found["status"] == status else None
+
+
+def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any] | str) -> None:
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    cluster.kubectl("apply", "-n", namespace, "--server-side", "--field-manager=k2-tests", "-f", "-", input=text)
+
+
+def patch(cluster: Cluster, namespace: str, ref: str, body: dict[str, Any], subresource: str | None = None) -> None:
+    args = ["patch", "-n", namespace, ref, "--type=merge", "-p", json.dumps(body)]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    cluster.kubectl(*args)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def pythonpath_env() -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(str(repo_root() / p) for p in ("crds", "operator", "eplb_controller"))}

@@ -1,0 +1,318 @@
+"""The operator against the real local control plane (kube-apiserver, controller-manager, scheduler, kwok).
+
+Each test starts `k2 operator run --namespace <its namespace>` as a subprocess, so tests of other areas sharing the
+cluster are never reconciled. kwok makes pods Ready, completes Job pods after 1s (the K2Training annotation
+`k2.ai/fake-run-duration` keeps them running longer: k2.ai/ annotations propagate to the worker pods) and fails pods
+annotated `k2.ai/fake-fail`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.operator.harness import (
+    RESYNC_SECONDS,
+    Operator,
+    apply,
+    condition,
+    env_of,
+    get,
+    has_condition,
+    items,
+    patch,
+    running_operator,
+    wait_for,
+)
+from tests.operator.resources import example
+
+pytestmark = pytest.mark.integration
+
+SERVING = "k2-debug-serve"
+TRAINING = "k2-debug-train"
+LONG_RUN = {"k2.ai/fake-run-duration": "600s"}
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path) -> Iterator[Operator]:
+    with running_operator(cluster, namespace, tmp_path) as running:
+        yield running
+    assert running.errors() == [], running.logs()
+
+
+def serving_manifest(**spec: Any) -> dict[str, Any]:
+    body = example("k2serving-debug.yaml")
+    body["spec"].update(spec)
+    return body
+
+
+def training_manifest(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    body = example("k2training-debug.yaml")
+    body["spec"].update(spec)
+    if annotations:
+        body["metadata"]["annotations"] = annotations
+    return body
+
+
+def instance(name: str) -> str:
+    return f"app.kubernetes.io/instance={name}"
+
+
+def stateful_sets(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
+    return {s["metadata"]["name"]: s for s in items(cluster, namespace, "statefulsets", instance(SERVING))}
+
+
+def serving_settled(cluster: Cluster, namespace: str, groups: int) -> dict[str, Any] | None:
+    obj = get(cluster, namespace, f"k2serving/{SERVING}")
+    status = (obj or {}).get("status", {})
+    ok = (
+        status.get("readyGroups") == groups
+        and status.get("updatedGroups") == groups
+        and status.get("observedGeneration") == obj["metadata"]["generation"]
+        and (condition(obj, "Progressing") or {}).get("reason") == "RolloutComplete"
+    )
+    return obj if ok else None
+
+
+def test_examples_reconcile_and_deleting_the_serving_removes_its_children(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    apply(cluster, namespace, serving_manifest())
+    apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
+    wait_for("K2Serving Available", lambda: has_condition(cluster, namespace, f"k2serving/{SERVING}", "Available"))
+    placement = get(cluster, namespace, f"expertplacement/{SERVING}")
+    assert placement["spec"]["ranks"] == 2 and placement["spec"]["generation"] == 1
+    assert placement["metadata"]["ownerReferences"][0]["kind"] == "K2Serving"
+
+    ranks = items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank")
+    assert len(ranks) == 4
+    assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1" for p in ranks)
+
+    running = wait_for(
+        "K2Training Running", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Running")
+    )
+    assert running["status"]["readyWorkers"] == 2
+    workers = items(cluster, namespace, "pods", instance(TRAINING))
+    assert len(workers) == 2
+    for pod in workers:
+        variables = env_of(pod["spec"]["containers"][0])
+        assert variables["WORLD_SIZE"] == "2"
+        assert variables["MASTER_ADDR"] == f"{TRAINING}-worker-0-0.{TRAINING}-workers.{namespace}.svc"
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert sorted(p["spec"]["hostname"] for p in workers) == [f"{TRAINING}-worker-0-0", f"{TRAINING}-worker-0-1"]
+
+    cluster.kubectl("delete", "-n", namespace, f"k2serving/{SERVING}", "--wait=true", "--timeout=60s")
+    kinds = "statefulsets,deployments,services,configmaps,expertplacements,serviceaccounts,roles,rolebindings,pods"
+    wait_for(
+        "the serving's children to be garbage-collected",
+        lambda: not items(cluster, namespace, kinds, instance(SERVING)),
+        90,
+    )
+    assert items(cluster, namespace, "jobs", instance(TRAINING)), "the training is untouched"
+
+
+def test_serving_scale_update_suspend_resume(cluster: Cluster, namespace: str, operator: Operator) -> None:
+    apply(cluster, namespace, serving_manifest())
+    wait_for("2 groups ready", lambda: serving_settled(cluster, namespace, 2))
+
+    patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"groups": 3}})
+    wait_for("3 groups ready", lambda: serving_settled(cluster, namespace, 3))
+    assert sorted(stateful_sets(cluster, namespace)) == [f"{SERVING}-g0", f"{SERVING}-g1", f"{SERVING}-g2"]
+
+    # Rolling update: a new image restarts one group at a time; the others stay ready throughout.
+    patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"image": "k2-operator/worker:v2"}})
+    most_unavailable = 0
+
+    def rolled_out() -> dict[str, Any] | None:
+        nonlocal most_unavailable
+        sets = stateful_sets(cluster, namespace).values()
+        unavailable = sum(1 for s in sets if s.get("status", {}).get("readyReplicas", 0) < 2)
+        most_unavailable = max(most_unavailable, unavailable)
+        pods = items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank")
+        images = {p["spec"]["containers"][0]["image"] for p in pods if not p["metadata"].get("deletionTimestamp")}
+        return (
+            serving_settled(cluster, namespace, 3) if images == {"k2-operator/worker:v2"} and len(pods) == 6 else None
+        )
+
+    wait_for("the new image on every rank", rolled_out, 120)
+    assert most_unavailable <= 1, "more than one group was down at once"
+
+    patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"groups": 1}})
+    wait_for("scale down to 1 group", lambda: list(stateful_sets(cluster, namespace)) == [f"{SERVING}-g0"])
+    wait_for("1 group ready", lambda: serving_settled(cluster, namespace, 1))
+    services = {s["metadata"]["name"] for s in items(cluster, namespace, "services", instance(SERVING))}
+    assert services == {SERVING, f"{SERVING}-g0"}
+
+    patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"suspend": True}})
+    suspended = wait_for(
+        "Available=False (Suspended)",
+        lambda: has_condition(cluster, namespace, f"k2serving/{SERVING}", "Available", "False"),
+    )
+    assert condition(suspended, "Available")["reason"] == "Suspended"
+    wait_for(
+        "rank pods gone",
+        lambda: not items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank"),
+    )
+    patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"suspend": False}})
+    wait_for("Available again", lambda: serving_settled(cluster, namespace, 1))
+
+
+def test_a_steady_resource_causes_no_writes(cluster: Cluster, namespace: str, operator: Operator) -> None:
+    apply(cluster, namespace, serving_manifest())
+    apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
+    wait_for("serving settled", lambda: serving_settled(cluster, namespace, 2))
+    wait_for("training Running", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Running"))
+    time.sleep(2 * RESYNC_SECONDS)
+    refs = [f"k2serving/{SERVING}", f"k2training/{TRAINING}", f"expertplacement/{SERVING}"]
+    before = {ref: get(cluster, namespace, ref)["metadata"]["resourceVersion"] for ref in refs}
+    reconciles_before = operator.metrics().count("k2_operator_reconciles_total")
+    time.sleep(5 * RESYNC_SECONDS)  # several resync ticks
+    after = {ref: get(cluster, namespace, ref)["metadata"]["resourceVersion"] for ref in refs}
+    assert after == before
+    assert reconciles_before > 0
+
+
+def fail_worker(cluster: Cluster, namespace: str, attempt: int) -> None:
+    pods = items(cluster, namespace, "pods", f"{instance(TRAINING)},k2.ai/attempt={attempt}")
+    assert pods, f"no pods of attempt {attempt}"
+    cluster.kubectl("annotate", "-n", namespace, f"pod/{pods[0]['metadata']['name']}", "k2.ai/fake-fail=1")
+
+
+def test_worker_failure_restarts_the_gang_then_fails_past_max_restarts(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    apply(cluster, namespace, training_manifest(annotations=LONG_RUN, failurePolicy={"maxRestarts": 1}))
+    ref = f"k2training/{TRAINING}"
+    wait_for("Running", lambda: has_condition(cluster, namespace, ref, "Running"))
+    fail_worker(cluster, namespace, attempt=0)
+    restarted = wait_for(
+        "restart 1", lambda: (o := get(cluster, namespace, ref)) and o["status"].get("restarts") == 1 and o
+    )
+    assert condition(restarted, "Restarting")["status"] == "True"
+    wait_for("the new gang Running", lambda: has_condition(cluster, namespace, ref, "Running"))
+    jobs = [j["metadata"]["name"] for j in items(cluster, namespace, "jobs", instance(TRAINING))]
+    assert jobs == [f"{TRAINING}-worker-1"], "the failed gang is gone, one gang runs"
+    assert condition(get(cluster, namespace, ref), "Restarting")["status"] == "False"
+
+    fail_worker(cluster, namespace, attempt=1)
+    failed = wait_for("Failed", lambda: has_condition(cluster, namespace, ref, "Failed"))
+    assert condition(failed, "Failed")["reason"] == "MaxRestartsExceeded"
+    assert failed["status"]["restarts"] == 1
+    wait_for(
+        "no worker left running",
+        lambda: (
+            not [
+                p
+                for p in items(cluster, namespace, "pods", instance(TRAINING))
+                if p["status"].get("phase") == "Running"
+            ]
+        ),
+    )
+    time.sleep(3 * RESYNC_SECONDS)
+    assert not items(cluster, namespace, "jobs", instance(TRAINING)), "a failed training starts no new gang"
+
+
+def test_deleting_a_worker_pod_restarts_the_gang(cluster: Cluster, namespace: str, operator: Operator) -> None:
+    apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
+    ref = f"k2training/{TRAINING}"
+    wait_for("Running", lambda: has_condition(cluster, namespace, ref, "Running"))
+    pod = items(cluster, namespace, "pods", instance(TRAINING))[0]["metadata"]["name"]
+    cluster.kubectl("delete", "-n", namespace, f"pod/{pod}", "--wait=false")
+    wait_for("restart 1", lambda: (o := get(cluster, namespace, ref)) and o["status"].get("restarts") == 1)
+    wait_for("attempt 1 Running", lambda: has_condition(cluster, namespace, ref, "Running"))
+
+
+def test_training_suspend_resume_and_success(cluster: Cluster, namespace: str, operator: Operator) -> None:
+    apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
+    ref = f"k2training/{TRAINING}"
+    wait_for("Running", lambda: has_condition(cluster, namespace, ref, "Running"))
+    # rank 0's progress report (the workers' merge patch of status.progress) must survive the operator's writes
+    patch(cluster, namespace, ref, {"status": {"progress": {"step": 7, "loss": 3.5}}}, subresource="status")
+    patch(cluster, namespace, ref, {"spec": {"suspend": True}})
+    wait_for("Suspended", lambda: has_condition(cluster, namespace, ref, "Suspended"))
+    wait_for("worker pods deleted", lambda: not items(cluster, namespace, "pods", instance(TRAINING)))
+    suspended = get(cluster, namespace, ref)
+    assert suspended["status"]["progress"]["step"] == 7
+    assert condition(suspended, "Running")["status"] == "False"
+
+    patch(cluster, namespace, ref, {"spec": {"suspend": False}})
+    resumed = wait_for("Running again", lambda: has_condition(cluster, namespace, ref, "Running"))
+    assert resumed["status"]["restarts"] == 0 and resumed["status"]["progress"]["step"] == 7
+    # The kwok pods then finish: the gang completes and the training Succeeds.
+    for pod in items(cluster, namespace, "pods", instance(TRAINING)):
+        cluster.kubectl(
+            "annotate", "-n", namespace, f"pod/{pod['metadata']['name']}", "k2.ai/fake-run-duration=1s", "--overwrite"
+        )
+    done = wait_for("Succeeded", lambda: has_condition(cluster, namespace, ref, "Succeeded"), 90)
+    assert done["status"]["completionTime"]
+
+
+def test_ttl_deletes_a_finished_training(cluster: Cluster, namespace: str, operator: Operator) -> None:
+    apply(cluster, namespace, training_manifest(ttlSecondsAfterFinished=2))
+    wait_for("Succeeded", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Succeeded"))
+    wait_for("deleted by TTL", lambda: get(cluster, namespace, f"k2training/{TRAINING}") is None, 30)
+
+
+def test_invalid_placement_is_marked_and_the_previous_stays_in_force(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    apply(cluster, namespace, serving_manifest())
+    ref = f"expertplacement/{SERVING}"
+    wait_for("placement generation 1 in force", lambda: get(cluster, namespace, f"configmap/{SERVING}-active"))
+    for pod in items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank"):
+        cluster.kubectl(
+            "annotate", "-n", namespace, f"pod/{pod['metadata']['name']}", "k2.ai/applied-placement-generation=1"
+        )
+    applied = wait_for("Applied", lambda: has_condition(cluster, namespace, ref, "Applied"))
+    assert applied["status"]["appliedGeneration"] == 1 and applied["status"]["appliedRanks"] == 4
+    wait_for(
+        "serving shows generation 1",
+        lambda: (
+            (get(cluster, namespace, f"k2serving/{SERVING}") or {}).get("status", {}).get("placementGeneration") == 1
+        ),
+    )
+
+    layers = copy.deepcopy(applied["spec"]["layers"])
+    layers[0]["slots"] = [[0] * len(row) for row in layers[0]["slots"]]  # experts 1..7 lose every replica
+    patch(cluster, namespace, ref, {"spec": {"generation": 2, "layers": layers}})
+    invalid = wait_for("Invalid", lambda: has_condition(cluster, namespace, ref, "Invalid"))
+    assert "experts without a replica" in condition(invalid, "Invalid")["message"]
+    active = json.loads(get(cluster, namespace, f"configmap/{SERVING}-active")["data"]["placement.json"])
+    assert active["generation"] == 1
+    assert invalid["status"]["appliedGeneration"] == 1
+
+
+def test_sigkill_mid_reconcile_converges_without_duplicates(
+    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
+) -> None:
+    with running_operator(cluster, namespace, tmp_path) as operator:
+        apply(cluster, namespace, serving_manifest(groups=4))
+        apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
+        # Kill as soon as the first children appear: the reconcile is half done.
+        wait_for("first children", lambda: items(cluster, namespace, "configmaps", instance(SERVING)), 30)
+        operator.kill()
+        operator.start()
+        wait_for("4 groups ready after restart", lambda: serving_settled(cluster, namespace, 4), 90)
+        wait_for("training Running", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Running"))
+        assert operator.errors() == []
+    assert sorted(stateful_sets(cluster, namespace)) == [f"{SERVING}-g{g}" for g in range(4)]
+    assert len(items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank")) == 8
+    assert len(items(cluster, namespace, "deployments", instance(SERVING))) == 1
+    assert len(items(cluster, namespace, "expertplacements")) == 1
+    assert [j["metadata"]["name"] for j in items(cluster, namespace, "jobs")] == [f"{TRAINING}-worker-0"]
+    assert len(items(cluster, namespace, "pods", instance(TRAINING))) == 2
+    everything = items(
+        cluster, namespace, "statefulsets,deployments,services,configmaps,jobs,serviceaccounts,roles,rolebindings"
+    )
+    managed = [
+        o for o in everything if o["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") == "k2-operator"
+    ]
+    orphans = [o["metadata"]["name"] for o in managed if not o["metadata"].get("ownerReferences")]
+    assert orphans == []
