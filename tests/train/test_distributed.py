@@ -99,3 +99,26 @@ def test_when_a_rank_dies_or_hangs_the_others_exit_nonzero_within_the_timeout(
         codes = _stop(procs, 1)
     assert codes[0] not in (0, None), codes
     assert elapsed < timeout_s + 50
+
+
+def test_expert_parallel_training_matches_data_parallel_and_resumes_exactly(
+    straight_run: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """expertParallel 2: each rank holds 4 of the 8 experts per layer, tokens travel by all-to-all."""
+    ep = ["--steps", "30", "--expert-parallel", "2"]
+    straight = torchrun([*ep, "--stop-after", "8", "--checkpoint-dir", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    lines = step_lines(straight.stdout)
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    assert lines[0]["grad_norm"] == pytest.approx(straight_run[0]["grad_norm"], rel=1e-5)
+    for ep_line, dp_line in zip(lines, straight_run[:8], strict=True):  # same maths, other summation order
+        assert ep_line["loss"] == pytest.approx(dp_line["loss"], rel=2e-3)
+
+    split = tmp_path / "b"
+    first = torchrun([*ep, "--stop-after", "4", "--checkpoint-dir", str(split)])
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = torchrun([*ep, "--stop-after", "8", "--checkpoint-dir", str(split)])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed_lines = step_lines(resumed.stdout)
+    assert resumed_lines[0]["step"] == 5
+    assert resumed_lines[-1]["loss"] == pytest.approx(lines[-1]["loss"], rel=1e-5)

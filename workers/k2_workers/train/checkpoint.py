@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,17 @@ def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
     return walk(obj, prefix), tensors
 
 
+def tensor_refs(skeleton: Any) -> list[str]:
+    """The tensor keys a skeleton of `split_tensors` refers to."""
+    if isinstance(skeleton, str) and skeleton.startswith(_TENSOR_REF):
+        return [skeleton.removeprefix(_TENSOR_REF)]
+    if isinstance(skeleton, dict):
+        return [ref for v in skeleton.values() for ref in tensor_refs(v)]
+    if isinstance(skeleton, list | tuple):
+        return [ref for v in skeleton for ref in tensor_refs(v)]
+    return []
+
+
 def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """The inverse of `split_tensors`."""
     if isinstance(skeleton, str) and skeleton.startswith(_TENSOR_REF):
@@ -127,8 +138,13 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         extra: dict[str, Any],
         before_rename: Callable[[Path], None] | None = None,
+        shard_tag: str | None = None,
+        sharded: Collection[str] = (),
     ) -> Path:
-        """Collective: every rank calls it. Returns the final directory. `before_rename` is a test hook."""
+        """Collective: every rank calls it. Returns the final directory. `sharded` names the parameters that differ
+        between ranks (expert shards): they and their optimizer state are stored under `name@shard_tag`, so that
+        ranks holding the same shard write it once and ranks holding different shards do not collide.
+        `before_rename` is a test hook."""
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         rank = _rank()
@@ -138,9 +154,10 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         _barrier()
         skeleton, optim_tensors = split_tensors(optimizer.state_dict())
+        tag = _Tagger(model, optimizer, shard_tag, sharded)
         state: dict[str, Any] = {
-            "model": model.state_dict(),
-            "optim": optim_tensors,
+            "model": tag.model_keys(model.state_dict()),
+            "optim": tag.optim_keys(optim_tensors),
             "optim_skeleton": pickle.dumps(skeleton),
             f"extra.rank{rank}": pickle.dumps({"step": step, **extra}),
         }
@@ -170,7 +187,14 @@ class CheckpointManager:
             if match and int(match.group(1)) <= current_step:
                 shutil.rmtree(child, ignore_errors=True)
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    def load(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        shard_tag: str | None = None,
+        sharded: Collection[str] = (),
+    ) -> TrainState:
         """Collective. Restores model and optimizer in place and returns this rank's extras (rank 0's when this
         rank did not exist in the saved run, i.e. the world grew)."""
         reader = FileSystemReader(str(path))
@@ -182,18 +206,48 @@ class CheckpointManager:
         with _single_process_quiet():
             dcp_load(small, checkpoint_id=str(path), no_dist=not _is_dist())
 
-        model_state = model.state_dict()
+        tag = _Tagger(model, optimizer, shard_tag, sharded)
+        skeleton = pickle.loads(small["optim_skeleton"])
+        wanted = dict.fromkeys(tensor_refs(skeleton))  # the (untagged) tensor paths of the optimizer state
         optim_template: dict[str, torch.Tensor] = {}
-        for key, meta in keys.items():
-            if key.startswith("optim.") and isinstance(meta, TensorStorageMetadata):
-                optim_template[key.removeprefix("optim.")] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        state: dict[str, Any] = {"model": model_state, "optim": optim_template}
+        for key in tag.optim_keys(wanted):
+            meta = keys.get(f"optim.{key}")
+            if not isinstance(meta, TensorStorageMetadata):
+                raise ValueError(f"checkpoint {path}: no optimizer tensor {key!r} (saved with another parallelism?)")
+            optim_template[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        state: dict[str, Any] = {"model": tag.model_keys(model.state_dict()), "optim": optim_template}
         with _single_process_quiet():
             dcp_load(state, checkpoint_id=str(path), no_dist=not _is_dist())
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(join_tensors(pickle.loads(small["optim_skeleton"]), state["optim"]))
+        model.load_state_dict(tag.untag(state["model"]))
+        optimizer.load_state_dict(join_tensors(skeleton, tag.untag(state["optim"])))
         extra = pickle.loads(small[extra_key])
         return TrainState(step=int(extra.pop("step")), extra=extra)
+
+
+class _Tagger:
+    """Renames the state of sharded parameters to `key@tag` (model keys and the optimizer's per-parameter state)."""
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tag: str | None, sharded: Collection[str]
+    ) -> None:
+        self.tag = tag
+        self.model_sharded = set(sharded) if tag else set()
+        sharded_ids = {id(p) for name, p in model.named_parameters() if name in self.model_sharded}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Optimizer.state_dict numbers parameters in param_groups order; split_tensors paths start with the number
+        self.optim_prefixes = tuple(f"/'state'/{i}/" for i, p in enumerate(params) if id(p) in sharded_ids)
+
+    def model_keys(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {(f"{k}@{self.tag}" if k in self.model_sharded else k): v for k, v in state.items()}
+
+    def optim_keys(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        if not self.optim_prefixes:
+            return dict(tensors)
+        return {(f"{k}@{self.tag}" if k.startswith(self.optim_prefixes) else k): v for k, v in tensors.items()}
+
+    def untag(self, state: dict[str, Any]) -> dict[str, Any]:
+        suffix = f"@{self.tag}"
+        return {k.removesuffix(suffix) if self.tag else k: v for k, v in state.items()}
 
 
 @contextlib.contextmanager

@@ -29,6 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--aux-loss-alpha", dest="aux_loss_alpha", type=float, help="Switch auxiliary loss weight; 0 (default) = off"
     )
+    parser.add_argument(
+        "--expert-parallel", dest="expert_parallel", type=int, help="ranks sharing one copy of the experts"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus port on rank 0; 0 = off")
     parser.add_argument(

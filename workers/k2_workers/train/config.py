@@ -46,6 +46,7 @@ class RunConfig:
     grad_clip: float = 1.0  # global gradient-norm bound; 0 = no clipping
     router_bias_update_rate: float = 1e-3  # u of the loss-free balancing rule
     aux_loss_alpha: float = 0.0  # Switch auxiliary loss weight; 0 = off
+    expert_parallel: int = 1  # ranks sharing one copy of the experts (k2_workers.parallel); must divide the world
     # checkpoints
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # 0 = only at the end and on SIGTERM
@@ -57,7 +58,7 @@ class RunConfig:
     process_group_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "micro_batch_size", "steps", "keep_last")
+        positive = ("seq_len", "micro_batch_size", "steps", "keep_last", "expert_parallel")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -107,6 +108,7 @@ def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, A
         "warmup_steps": spec.optimizer.warmup_steps,
         "decay_steps": spec.optimizer.decay_steps,
         "final_lr_ratio": spec.optimizer.final_lr_ratio,
+        "expert_parallel": spec.parallelism.expert_parallel,
         "checkpoint_every": spec.checkpointing.every_n_steps,
         "keep_last": spec.checkpointing.keep_last,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +90,20 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(tensor.data, src)
 
 
-def all_reduce_gradients_(params: Iterable[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
-    """Average gradients over ranks in flat buckets (one all-reduce per bucket). A parameter without a gradient
-    counts as zero, so every rank takes part in the same collectives."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def all_reduce_gradients_(
+    params: Iterable[torch.nn.Parameter],
+    group: dist.ProcessGroup | None = None,
+    divisor: int | None = None,
+    bucket_bytes: int = 64 << 20,
+) -> None:
+    """Sum gradients over the ranks of `group` (default: all) in flat buckets, one all-reduce per bucket, and divide
+    by `divisor` (default: the group's size, i.e. average). A parameter without a gradient counts as zero, so every
+    rank takes part in the same collectives."""
+    if not dist.is_initialized():
         return
-    world_size = dist.get_world_size()
+    world_size = dist.get_world_size(group) if divisor is None else divisor
+    if dist.get_world_size(group) == 1 and world_size == 1:
+        return
     params = [p for p in params if p.requires_grad]
     for p in params:
         if p.grad is None:
@@ -106,31 +114,32 @@ def all_reduce_gradients_(params: Iterable[torch.nn.Parameter], bucket_bytes: in
         grad = p.grad
         assert grad is not None
         if bucket and (size + grad.numel() * grad.element_size() > bucket_bytes or grad.dtype != bucket[0].dtype):
-            _reduce_bucket(bucket, world_size)
+            _reduce_bucket(bucket, world_size, group)
             bucket, size = [], 0
         bucket.append(grad)
         size += grad.numel() * grad.element_size()
     if bucket:
-        _reduce_bucket(bucket, world_size)
+        _reduce_bucket(bucket, world_size, group)
 
 
-def _reduce_bucket(grads: list[torch.Tensor], world_size: int) -> None:
+def _reduce_bucket(grads: list[torch.Tensor], divisor: int, group: dist.ProcessGroup | None) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat.div_(divisor)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
-def check_replicas_identical(module: torch.nn.Module) -> None:
+def check_replicas_identical(module: torch.nn.Module, exclude: Collection[str] = ()) -> None:
     """Raises RuntimeError naming the first tensor of the state dict whose value differs between ranks (data-parallel
     replicas, the router biases included, must stay bitwise identical; per-step statistics kept in non-persistent
     buffers are rank-local and not compared). Two all-reduces of per-tensor fingerprints."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    named = list(module.state_dict().items())
+    named = [(k, v) for k, v in module.state_dict().items() if k not in exclude]
     with torch.no_grad():
         fingerprints = torch.stack(
             [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for _, t in named]

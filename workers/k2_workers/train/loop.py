@@ -1,5 +1,6 @@
 """The training loop: data parallel K2 training with MuonClip, the WSD schedule and loss-free router balancing.
 
+Data parallel over all ranks, optionally with expert parallelism inside (train/parallel.py).
 One step on every rank: forward (bf16 autocast on GPU) and backward on its own batch, gradients averaged over ranks,
 global gradient-norm clipping, the learning rate of the WSD schedule, a MuonClip step whose QK-Clip sees the per-head
 max attention logits max-reduced over ranks, then the loss-free router-bias update from the expert token counts
@@ -32,13 +33,13 @@ from k2_workers.train.data import DataLoader, SampleOrder, load_dataset
 from k2_workers.train.distributed import (
     DistEnv,
     all_reduce_,
-    all_reduce_gradients_,
     broadcast_module_,
     check_replicas_identical,
     init_distributed,
     shutdown,
 )
 from k2_workers.train.metrics import TrainMetrics
+from k2_workers.train.parallel import clip_gradients_, expert_parameter_names, make_plan, shard_experts, sync_gradients_
 from k2_workers.train.schedule import WSDSchedule, wsd_for_run
 from k2_workers.train.signals import StopFlag
 from k2_workers.train.status import StatusReporter, progress_record, reporter_from_env
@@ -96,6 +97,9 @@ class Trainer:
         self.model = build_model(cfg, self.tokenizer).to(env.device)
         self.model.train()
         broadcast_module_(self.model)
+        self.plan = make_plan(env, cfg.expert_parallel)
+        shard_experts(self.model, self.plan)
+        self.sharded = expert_parameter_names(self.model, self.plan)
         self.optimizer = MuonClip(
             self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=cfg.qk_clip_tau
         )
@@ -120,7 +124,7 @@ class Trainer:
         if path is None:
             log.info("no complete checkpoint under %s: starting from step 0", self.checkpoints.root)
             return
-        state = self.checkpoints.load(path, self.model, self.optimizer)
+        state = self.checkpoints.load(path, self.model, self.optimizer, self.plan.shard_tag, self.sharded)
         self.step = state.step
         self.loader.load_state_dict(state.extra["data"])
         set_rng_state(state.extra["rng"])
@@ -130,7 +134,7 @@ class Trainer:
         log.info("resumed from %s (step %d)", path, self.step)
 
     def save(self) -> None:
-        check_replicas_identical(self.model)
+        check_replicas_identical(self.model, exclude=self.sharded)
         if self.checkpoints is None:
             return
         extra = {
@@ -138,7 +142,9 @@ class Trainer:
             "data": self.loader.state_dict(),
             "rng": rng_state(),
         }
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, extra)
+        path = self.checkpoints.save(
+            self.step, self.model, self.optimizer, extra, shard_tag=self.plan.shard_tag, sharded=self.sharded
+        )
         self.last_checkpoint, self.last_checkpoint_step = str(path), self.step
         if self.metrics is not None:
             self.metrics.observe_checkpoint(self.step)
@@ -161,9 +167,8 @@ class Trainer:
         aux = self.model.aux_loss() if cfg.aux_loss_alpha > 0 else None
         torch.autograd.backward(loss if aux is None else loss + cfg.aux_loss_alpha * aux)
 
-        all_reduce_gradients_(self.model.parameters())
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        sync_gradients_(self.model, self.plan)
+        grad_norm = clip_gradients_(self.model, self.plan, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         max_logits_LH = all_reduce_(self.model.max_attention_logits().detach().float().clone(), dist.ReduceOp.MAX)
         self.optimizer.step(max_attention_logits=max_logits_LH)
         self.optimizer.zero_grad(set_to_none=True)
