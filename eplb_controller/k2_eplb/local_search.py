@@ -26,7 +26,7 @@ from k2_eplb.metrics import FloatArray, IntArray, replica_counts
 BoolArray = npt.NDArray[np.bool_]
 _NEW = np.newaxis
 _SHED_PER_SLOT = 2  # lightest new experts tried per slot of g*
-_REPLICATE_TOTAL = 8  # best replicate targets tried per layer
+_REPLICATE_PER_SLOT = 6  # best replicate targets tried per expert of g*
 _PARTNERS = 16  # lightest GPUs considered as swap partners and replicate targets
 _CROSS_NODE_WEIGHT = 0.5  # extra weight of a cross-node copy when ranking changes
 _RATIO_WINDOW = 0.3  # with a budget, apply changes whose gain per copy is >= this times the round's best
@@ -73,8 +73,9 @@ def improve(
 
     `budget` bounds the total copies (None: unbounded); `layer_budget_L` bounds each layer's copies, and then every
     layer applies its best affordable change each round (parallel spending) instead of the ranked, windowed choice.
-    With `target_L` (a GPU load level per layer), a change is valued by how much load it removes above that level,
-    so copies go to cuts that bring GPUs under it rather than to shallow cuts of the heaviest GPU.
+    With `target_L` (a GPU load level per layer, the mean in practice), a change is also valued by the load it removes
+    above that level over all GPUs, so copies go to deep cuts (which leave slack for the next drift) and to extra
+    replicas of hot experts (which lighten many GPUs at once) rather than to shallow cuts of the heaviest GPU.
     """
     placement = placement_LGS.copy()
     num_layers, num_gpus, _ = placement.shape
@@ -108,11 +109,10 @@ def improve(
     return placement, spent_L
 
 
-def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float = 1.5) -> tuple[IntArray, FloatArray]:
+def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float = 1.5) -> IntArray:
     """Split `budget` over layers so that all layers aim at one common balancedness B*: layer l needs about
     `copies_per_fix` copies per GPU above mean_l / B*; B* is the highest level whose needs fit, and the budget is
-    shared in proportion to those needs (worst layers get the most). Returns (copies per layer, the load level
-    mean_l / B* per layer).
+    shared in proportion to those needs (worst layers get the most).
     """
     mean_L1 = gpu_loads_LG.mean(axis=1, keepdims=True)
     peak_L1 = np.maximum(gpu_loads_LG.max(axis=1, keepdims=True), 1e-300)
@@ -134,8 +134,7 @@ def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float
     share_L: IntArray = np.floor(budget * weights / weights.sum()).astype(np.int64)
     extra = budget - int(share_L.sum())
     share_L[np.argsort(-weights, kind="stable")[:extra]] += 1
-    level_L: FloatArray = mean_L1[:, 0] / high
-    return share_L, level_L
+    return share_L
 
 
 @dataclass(frozen=True)
@@ -186,13 +185,12 @@ def _best_changes(
     third = gl[r, order[:, 2]] if num_gpus > 2 else np.full(n, -np.inf)
     outside_G = np.where(np.arange(num_gpus)[_NEW, :] == order[:, 1:2], third[:, _NEW], second[:, _NEW])
 
-    def excess_cut(before_: FloatArray, after_: FloatArray) -> FloatArray:
-        """Load above the target level removed, relative to the mean, summed over the last axis."""
+    def excess(loads: FloatArray) -> FloatArray:
+        """Load above the target level, relative to the mean (per element)."""
         assert target is not None
-        level = target.reshape((n,) + (1,) * (before_.ndim - 1))
-        cut = np.maximum(before_ - level, 0.0) - np.maximum(after_ - level, 0.0)
-        total: FloatArray = cut.sum(axis=-1) / mean.reshape((n,) + (1,) * (before_.ndim - 2))
-        return total
+        shape = (n,) + (1,) * (loads.ndim - 1)
+        above: FloatArray = np.maximum(loads - target.reshape(shape), 0.0) / mean.reshape(shape)
+        return above
 
     def value(new_peak: FloatArray, touched_peak: FloatArray) -> FloatArray:
         """Balancedness gained, plus a share of what g* alone would gain (prefers changes that cut g* deep, so a
@@ -223,12 +221,9 @@ def _best_changes(
     outside_m = np.take_along_axis(outside_G, partners, axis=1)
     swap_value = value(np.maximum(pair, outside_m[:, _NEW, :, _NEW]), pair)
     if target is not None:
-        new_a = peak[:, _NEW, _NEW, _NEW] - a[:, :, _NEW, _NEW] + b
-        new_b = glm[:, _NEW, :, _NEW] + a[:, :, _NEW, _NEW] - b
-        before_ab = np.stack(np.broadcast_arrays(peak[:, _NEW, _NEW, _NEW], glm[:, _NEW, :, _NEW]), axis=-1)
-        swap_value = swap_value + excess_cut(
-            np.broadcast_to(before_ab, (*pair.shape, 2)), np.stack([new_a, new_b], axis=-1)
-        )
+        d = a[:, :, _NEW, _NEW] - b  # load g* hands to g
+        before_ab = excess(peak)[:, _NEW, _NEW, _NEW] + excess(glm)[:, _NEW, :, _NEW]
+        swap_value = swap_value + before_ab - excess(peak[:, _NEW, _NEW, _NEW] - d) - excess(glm[:, _NEW, :, _NEW] + d)
     swap_cost = np.zeros(pair.shape, dtype=np.int64)
     swap_weight = np.zeros(pair.shape)
     if origin is not None:
@@ -264,10 +259,13 @@ def _best_changes(
     land = glm[:, _NEW, :, _NEW] - b + y_share[:, :, _NEW, _NEW]  # [n, S, m, S]
     movable = np.take_along_axis(c_nE, Pm.reshape(n, -1), axis=1).reshape(Pm.shape) >= 2
     land_ok = ~x_on_g[..., _NEW] & movable[:, _NEW]
-    flat = np.where(land_ok, land, np.inf).reshape(n, -1)
-    k_rep = min(_REPLICATE_TOTAL, flat.shape[1])
-    rep_pick = np.argpartition(flat, k_rep - 1, axis=1)[:, :k_rep]
-    rep_s, rep_j, rep_t = np.unravel_index(rep_pick, (num_slots, m, num_slots))
+    # the best few targets for each expert of g*, so hot experts (whose extra replica lightens many GPUs) get tried
+    flat = np.where(land_ok, land, np.inf).reshape(n, num_slots, -1)
+    k_rep = min(_REPLICATE_PER_SLOT, flat.shape[2])
+    rep_pick = np.argpartition(flat, k_rep - 1, axis=2)[:, :, :k_rep]
+    rep_j, rep_t = np.divmod(rep_pick, num_slots)
+    rep_s = np.broadcast_to(np.arange(num_slots)[None, :, None], rep_pick.shape)
+    rep_s, rep_j, rep_t = (x.reshape(n, -1) for x in (rep_s, rep_j, rep_t))
     rep_g = partners[r[:, _NEW], rep_j]
     rep_y = xs[r[:, _NEW], rep_s]
     g_k = np.concatenate([shed_g, rep_g], axis=1)
@@ -301,7 +299,7 @@ def _best_changes(
     touched = np.maximum(new_load[r[:, _NEW], kk, gs[:, _NEW]], new_load[r[:, _NEW], kk, g_k])
     move_value = value(new_peak, touched)
     if target is not None:
-        move_value = move_value + excess_cut(np.broadcast_to(gl[:, _NEW, :], new_load.shape), new_load)
+        move_value = move_value + excess(gl).sum(axis=1)[:, _NEW] - excess(new_load).sum(axis=2)
     move_score = np.where(usable, move_value / np.maximum(move_weight, 0.5), -np.inf)
     move_pick = np.argmax(move_score, axis=1)
     move_best = move_score[r, move_pick]

@@ -33,8 +33,8 @@ _CAP_FRACTIONS = (1.0, 0.75, 0.5)
 _PAIR_ROUNDS_CANDIDATES = 2
 _PAIR_ROUNDS_BEST = 16
 _SEARCH_ROUNDS_FRESH = 20
-_SEARCH_ROUNDS_INCREMENTAL = 80
-_SEARCH_ROUNDS_LEFTOVER = 30
+_SEARCH_ROUNDS_INCREMENTAL = 60
+_SEARCH_ROUNDS_LEFTOVER = 20
 
 
 def solve(
@@ -68,14 +68,15 @@ def solve(
         placement, spent_L = improve(load_LE, current_LGS, origin=origin, max_rounds=_SEARCH_ROUNDS_INCREMENTAL)
     else:
         # first every layer in parallel towards one common balancedness, then what is left by best gain per copy
-        share_L, level_L = allocate_budget(gpu_loads(load_LE, current_LGS), budget)
+        loads_LG = gpu_loads(load_LE, current_LGS)
+        share_L = allocate_budget(loads_LG, budget)
         placement, spent_L = improve(
             load_LE,
             current_LGS,
             origin=origin,
             budget=budget,
             layer_budget_L=share_L,
-            target_L=level_L,
+            target_L=loads_LG.mean(axis=1),
             max_rounds=_SEARCH_ROUNDS_INCREMENTAL,
         )
         placement, spent_L = _continue(load_LE, placement, origin, budget, spent_L)
