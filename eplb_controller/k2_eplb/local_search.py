@@ -9,9 +9,11 @@ A change is accepted only if it lowers g* without lifting any GPU to the old max
 at the max) decreases and the search terminates. Copies are counted against `origin` (the placement being replaced):
 an expert put on a GPU that held no replica of it in `origin` costs one; putting it back refunds one.
 
-With a budget, each round ranks the layers' best changes by balancedness gained per copy (a cross-node copy weighs
-1.5 when `gpus_per_node` is given) and applies only the ones within a factor of the best ratio, so copies go where
-they buy the most; without one, every layer applies its best change each round.
+A change's value is the layer's balancedness gained, plus half of what g* alone gains, plus (with a target level)
+the load it removes above that level over all GPUs; its price is its copies (a cross-node copy weighs 1.5 when
+`gpus_per_node` is given). Each layer picks its best value per copy. With per-layer budgets every layer applies its
+pick each round; with only a total budget the round applies the best ratios first, within a factor of the best;
+without a budget every layer applies its pick.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ BoolArray = npt.NDArray[np.bool_]
 _NEW = np.newaxis
 _SHED_PER_SLOT = 2  # lightest new experts tried per slot of g*
 _REPLICATE_PER_SLOT = 6  # best replicate targets tried per expert of g*
-_PARTNERS = 16  # lightest GPUs considered as swap partners and replicate targets
+_PARTNERS = 16  # GPUs tried with g*: this many lightest, plus this many spread over the rest
 _CROSS_NODE_WEIGHT = 0.5  # extra weight of a cross-node copy when ranking changes
 _RATIO_WINDOW = 0.3  # with a budget, apply changes whose gain per copy is >= this times the round's best
-_MIN_PROGRESS = 1e-9
-_LOCAL_GAIN_WEIGHT = 0.5  # value of a change that only removes a GPU from the tie at the max
+_MIN_PROGRESS = 1e-9  # value of a change that only removes a GPU from the tie at the max
+_LOCAL_GAIN_WEIGHT = 0.5  # weight of what g* alone gains in a change's value
 
 
 @dataclass(frozen=True)
