@@ -121,6 +121,6 @@ async def on_child(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, ExpertPlacement.PLURAL)
-async def on_placement(body: kopf.Body, **_: Any) -> None:
+async def on_placement_status(body: kopf.Body, **_: Any) -> None:
     """A placement's status (applied generation, balancedness) shows in its serving's status."""
     await trigger(KIND, body.metadata.namespace, controller_owner(dict(body), KIND))
