@@ -10,6 +10,7 @@ import sys
 from k2_workers.train.config import RunConfig, load_manifest, resolve_config
 
 log = logging.getLogger("k2_workers.train")
+METRICS_PORT_ENV = "K2_METRICS_PORT"  # the default of --metrics-port
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,7 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--expert-parallel", dest="expert_parallel", type=int, help="ranks sharing one copy of the experts"
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus port on rank 0; 0 = off")
+    parser.add_argument(
+        "--metrics-port",
+        dest="metrics_port",
+        type=int,
+        help=f"Prometheus port on rank 0; 0 = off (default ${METRICS_PORT_ENV} or 0)",
+    )
     parser.add_argument(
         "--pg-timeout",
         dest="process_group_timeout_s",
@@ -46,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     manifest = load_manifest(args.config) if args.config else None
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    if overrides["metrics_port"] is None and os.environ.get(METRICS_PORT_ENV):
+        overrides["metrics_port"] = int(os.environ[METRICS_PORT_ENV])
     return resolve_config(manifest, overrides, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
 
 

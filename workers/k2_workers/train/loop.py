@@ -234,11 +234,14 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
     """Runs (or resumes) a training run; returns the exit code. Collective failures raise."""
     stop = StopFlag()
     stop.install()
-    env = init_distributed(cfg.device, cfg.process_group_timeout_s)
-    trainer = Trainer(cfg, env, stop, out)
     try:
-        code = trainer.run()
+        env = init_distributed(cfg.device, cfg.process_group_timeout_s)
+        trainer = Trainer(cfg, env, stop, out)
+        try:
+            code = trainer.run()
+        finally:
+            trainer.close()
+        shutdown()  # only after success: tearing down a group whose peer died can block
+        return code
     finally:
-        trainer.close()
-    shutdown()  # only after success: tearing down a group whose peer died can block
-    return code
+        stop.uninstall()

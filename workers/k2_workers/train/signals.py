@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -15,10 +16,17 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Restore the handlers `install` replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         log.warning("received %s: stopping after this step", signal.Signals(signum).name)
