@@ -8,7 +8,8 @@ Cases (K2's shape, 60 MoE layers x 384 experts, at 128 GPUs x 4 slots and 256 GP
   5% of the slots, the baseline solves from scratch each step as it does in SGLang and vLLM;
 - curve: balancedness vs budget (0% .. 20% of the slots, and unlimited) after one step of the walk and after a
   shock (lognormal(0, 0.3), the drift of the published measurements).
-Timings are wall-clock seconds of one call on one core (the process is pinned to one CPU, BLAS threads set to 1).
+Timings are per call on one core (the process is pinned to one CPU, BLAS threads set to 1): CPU seconds of the
+process, which the targets use, and wall-clock seconds, which also count waiting for the CPU on a shared machine.
 """
 
 from __future__ import annotations
@@ -70,10 +71,16 @@ def synthetic_load(kind: str, num_layers: int, num_experts: int, rng: np.random.
     return load * 1000.0
 
 
-def timed(fn: Callable[..., IntArray], *args: Any, **kwargs: Any) -> tuple[IntArray, float]:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Timing:
+    cpu: float
+    wall: float
+
+
+def timed(fn: Callable[..., IntArray], *args: Any, **kwargs: Any) -> tuple[IntArray, Timing]:
+    cpu, wall = time.process_time(), time.perf_counter()
     result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
+    return result, Timing(time.process_time() - cpu, time.perf_counter() - wall)
 
 
 def run(scale: Scale, seed: int) -> dict[str, Any]:
@@ -108,7 +115,7 @@ def run(scale: Scale, seed: int) -> dict[str, Any]:
 
 
 def fresh_row(
-    load: FloatArray, ours: IntArray, base: IntArray, gpus: int, slots: int, kind: str, ours_s: float, base_s: float
+    load: FloatArray, ours: IntArray, base: IntArray, gpus: int, slots: int, kind: str, ours_s: Timing, base_s: Timing
 ) -> dict[str, Any]:
     b_ours, b_base = balancedness(load, ours), balancedness(load, base)
     return {
@@ -119,8 +126,10 @@ def fresh_row(
         "baseline": float(b_base.mean()),
         "ours_min_layer": float(b_ours.min()),
         "baseline_min_layer": float(b_base.min()),
-        "ours_seconds": ours_s,
-        "baseline_seconds": base_s,
+        "ours_seconds": ours_s.cpu,
+        "baseline_seconds": base_s.cpu,
+        "ours_wall_seconds": ours_s.wall,
+        "baseline_wall_seconds": base_s.wall,
     }
 
 
@@ -158,8 +167,10 @@ def drift_rows(
                 "baseline_moved_fraction": moves_base / num_slots,
                 "ours_bytes": moves_ours * BYTES_PER_EXPERT,
                 "baseline_bytes": moves_base * BYTES_PER_EXPERT,
-                "ours_seconds": ours_s,
-                "baseline_seconds": base_s,
+                "ours_seconds": ours_s.cpu,
+                "baseline_seconds": base_s.cpu,
+                "ours_wall_seconds": ours_s.wall,
+                "baseline_wall_seconds": base_s.wall,
             }
         )
         ours, base = new_ours, new_base
@@ -184,7 +195,8 @@ def curve_rows(
                 "moved_fraction": moves / num_slots,
                 "bytes": moves * BYTES_PER_EXPERT,
                 "balancedness": float(balancedness(load, placed).mean()),
-                "seconds": seconds,
+                "seconds": seconds.cpu,
+                "wall_seconds": seconds.wall,
             }
         )
     fresh = greedy_rebalance(load, gpus, slots)
@@ -204,7 +216,7 @@ def targets(report: dict[str, Any]) -> dict[str, bool]:
         "drift_within_0.01_of_baseline_fresh": all(row["ours"] >= row["baseline"] - 0.01 for row in drift),
         "drift_within_budget": all(row["ours_moves"] <= row["budget"] for row in drift),
         "baseline_moves_over_90_percent": all(row["baseline_moved_fraction"] > 0.9 for row in drift),
-        "solve_under_0.5_seconds": max(seconds) < 0.5,
+        "solve_under_0.5_cpu_seconds": max(seconds) < 0.5,
     }
 
 
@@ -229,22 +241,22 @@ def format_table(report: dict[str, Any]) -> str:
         f"8-GPU example, max GPU load: ours {report['example']['ours_max_load']:.0f}, "
         f"baseline {report['example']['baseline_max_load']:.0f}",
         "",
-        "From scratch: balancedness (mean over layers; min layer), solve seconds",
+        "From scratch: balancedness (mean over layers; min layer), solve CPU seconds (wall in parentheses)",
         f"{'GPUs x slots':>12} {'load':>9} {'ours':>7} {'base':>7} {'ratio':>6} {'ours min':>8} {'base min':>8}"
-        f" {'ours s':>7} {'base s':>7}",
+        f" {'ours s':>7} {'(wall)':>7} {'base s':>7}",
     ]
     for row in report["fresh"]:
         lines.append(
             f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {row['load']:>9} {row['ours']:7.4f} {row['baseline']:7.4f}"
             f" {row['ours'] / row['baseline']:6.3f} {row['ours_min_layer']:8.4f} {row['baseline_min_layer']:8.4f}"
-            f" {row['ours_seconds']:7.3f} {row['baseline_seconds']:7.3f}"
+            f" {row['ours_seconds']:7.3f} {row['ours_wall_seconds']:7.3f} {row['baseline_seconds']:7.3f}"
         )
     lines += [
         "",
         f"Drift (x lognormal(0, {DRIFT_SIGMA}) per step): ours incremental with a {BUDGET:.0%} budget vs the baseline"
         " re-solved from scratch",
         f"{'GPUs x slots':>12} {'load':>9} {'step':>4} {'stale':>7} {'ours':>7} {'base':>7} {'ours mv':>8}"
-        f" {'base mv':>8} {'ours GB':>8} {'base GB':>8} {'mv ratio':>8} {'ours s':>7} {'base s':>7}",
+        f" {'base mv':>8} {'ours GB':>8} {'base GB':>8} {'mv ratio':>8} {'ours s':>7} {'(wall)':>7} {'base s':>7}",
     ]
     for row in report["drift"]:
         lines.append(
@@ -252,20 +264,20 @@ def format_table(report: dict[str, Any]) -> str:
             f" {row['ours']:7.4f} {row['baseline']:7.4f} {row['ours_moves']:8d} {row['baseline_moves']:8d}"
             f" {row['ours_bytes'] / 1e9:8.1f} {row['baseline_bytes'] / 1e9:8.1f}"
             f" {row['ours_moves'] / max(row['baseline_moves'], 1):8.3f}"
-            f" {row['ours_seconds']:7.3f} {row['baseline_seconds']:7.3f}"
+            f" {row['ours_seconds']:7.3f} {row['ours_wall_seconds']:7.3f} {row['baseline_seconds']:7.3f}"
         )
     lines += [
         "",
         f"Balance vs moves after one drift step (sigma {DRIFT_SIGMA}) and a shock (sigma {SHOCK_SIGMA})",
         f"{'GPUs x slots':>12} {'drift':>6} {'budget':>9} {'moves':>7} {'moved':>7} {'GB':>8} {'ours':>7}"
-        f" {'base fresh':>10} {'ours s':>7}",
+        f" {'base fresh':>10} {'ours s':>7} {'(wall)':>7}",
     ]
     for row in report["curve"]:
         budget = "unlimited" if row["budget_fraction"] is None else f"{row['budget_fraction']:.0%}"
         lines.append(
             f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {row['drift']:>6} {budget:>9} {row['moves']:7d}"
             f" {row['moved_fraction']:7.1%} {row['bytes'] / 1e9:8.1f} {row['balancedness']:7.4f}"
-            f" {row['baseline_fresh']:10.4f} {row['seconds']:7.3f}"
+            f" {row['baseline_fresh']:10.4f} {row['seconds']:7.3f} {row['wall_seconds']:7.3f}"
         )
     lines += ["", "Targets:"] + [f"  {name}: {'met' if ok else 'NOT met'}" for name, ok in report["targets"].items()]
     return "\n".join(lines)

@@ -38,6 +38,7 @@ _PAIR_ROUNDS_BEST = 16
 _SEARCH_ROUNDS_FRESH = 20
 _SEARCH_ROUNDS_INCREMENTAL = 60
 _SEARCH_ROUNDS_LEFTOVER = 20
+_FRESH_LAYER_MIN_BUDGET = 0.75  # budget left, in slots of one layer, before fresh layers are tried
 
 
 def solve(
@@ -84,7 +85,8 @@ def solve(
         )
         placement, spent_L = _continue(load_LE, placement, origin, budget, spent_L)
     remaining = None if budget is None else budget - int(spent_L.sum())
-    if remaining is None or remaining >= gpus * slots // 2:
+    # a fresh layer re-places nearly all of its slots: only worth computing when the budget left could pay for one
+    if remaining is None or remaining >= _FRESH_LAYER_MIN_BUDGET * gpus * slots:
         placement = _adopt_fresh_layers(load_LE, current_LGS, placement, remaining)
     return placement
 
