@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.optim import MuonClip, split_parameters
