@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from k2_workers.optim import MuonClip
 from tests.optim.k2_debug import debug_model, set_random_grads
@@ -136,4 +137,25 @@ def test_chunked_batches_give_the_same_update() -> None:
         set_random_grads(model, seed=5)
         opt.step()
     for (name, got), want in zip(chunked.named_parameters(), one.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_distributed_checkpoint_state_dict_api_round_trip() -> None:
+    """The FQN-keyed optimizer state that torch.distributed.checkpoint saves and loads."""
+    model = debug_model(seed=4)
+    opt = MuonClip(model, lr=1e-2, weight_decay=WD)
+    set_random_grads(model, seed=30)
+    opt.step()
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert "model.layers.1.mlp.experts.gate_proj" in saved["state"]
+    assert [g["name"] for g in saved["param_groups"]] == ["muon", "adamw"]
+
+    restored = debug_model(seed=5)
+    restored.load_state_dict(model.state_dict())
+    restored_opt = MuonClip(restored, lr=1.0, weight_decay=0.0)
+    set_optimizer_state_dict(restored, restored_opt, saved)
+    for m, o in ((model, opt), (restored, restored_opt)):
+        set_random_grads(m, seed=31)
+        o.step()
+    for (name, got), want in zip(restored.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
