@@ -28,7 +28,7 @@ from k2_eplb.metrics import FloatArray, IntArray, replica_counts
 BoolArray = npt.NDArray[np.bool_]
 _NEW = np.newaxis
 _SHED_PER_SLOT = 2  # lightest new experts tried per slot of g*
-_REPLICATE_PER_SLOT = 6  # best replicate targets tried per expert of g*
+_REPLICATE_PER_SLOT = 4  # best replicate targets tried per expert of g*
 _PARTNERS = 16  # GPUs tried with g*: this many lightest, plus this many spread over the rest
 _CROSS_NODE_WEIGHT = 0.5  # extra weight of a cross-node copy when ranking changes
 _RATIO_WINDOW = 0.3  # with a budget, apply changes whose gain per copy is >= this times the round's best

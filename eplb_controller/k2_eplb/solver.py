@@ -14,8 +14,8 @@ With `current`, the search starts from it instead and counts a move for every ex
 replica of it; `max_moves` bounds the total over all layers of one call. The budget is first split over layers by
 need (every layer aiming at one common balancedness, so the worst layers get the most), spent in parallel on the
 changes with the most value per copy, and what is left then goes to the best value per copy across layers
-(intra-node copies preferred when `gpus_per_node` is given). When the budget left can afford it, a layer whose fresh
-solution is better replaces it, best gain per extra copy first.
+(intra-node copies preferred when `gpus_per_node` is given). Without a budget (`max_moves=None`), a layer whose fresh
+solution is more balanced than the search's result is replaced by it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from k2_eplb.baseline import greedy_rebalance
 from k2_eplb.local_search import Origin, allocate_budget, balance_pairs, improve
-from k2_eplb.metrics import FloatArray, IntArray, balancedness, gpu_loads, moves_per_layer, replica_counts
+from k2_eplb.metrics import FloatArray, IntArray, balancedness, gpu_loads, replica_counts
 from k2_eplb.packing import pack_distinct, repair_duplicates
 from k2_eplb.replication import water_filled_counts
 from k2_eplb.validation import check_gpus_per_node, check_load, check_max_moves, check_placement, check_shape
@@ -38,7 +38,7 @@ _PAIR_ROUNDS_BEST = 16
 _SEARCH_ROUNDS_FRESH = 20
 _SEARCH_ROUNDS_INCREMENTAL = 60
 _SEARCH_ROUNDS_LEFTOVER = 20
-_FRESH_LAYER_MIN_BUDGET = 0.75  # budget left, in slots of one layer, before fresh layers are tried
+_SEARCH_ROUNDS_UNBOUNDED = 20
 
 
 def solve(
@@ -69,25 +69,23 @@ def solve(
         return current_LGS
     origin = Origin.of(current_LGS, num_experts, per_node)
     if budget is None:
-        placement, spent_L = improve(load_LE, current_LGS, origin=origin, max_rounds=_SEARCH_ROUNDS_INCREMENTAL)
-    else:
-        # first every layer in parallel towards one common balancedness, then what is left by best gain per copy
-        loads_LG = gpu_loads(load_LE, current_LGS)
-        share_L = allocate_budget(loads_LG, budget)
-        placement, spent_L = improve(
-            load_LE,
-            current_LGS,
-            origin=origin,
-            budget=budget,
-            layer_budget_L=share_L,
-            target_L=loads_LG.mean(axis=1),
-            max_rounds=_SEARCH_ROUNDS_INCREMENTAL,
-        )
-        placement, spent_L = _continue(load_LE, placement, origin, budget, spent_L)
-    remaining = None if budget is None else budget - int(spent_L.sum())
-    # a fresh layer re-places nearly all of its slots: only worth computing when the budget left could pay for one
-    if remaining is None or remaining >= _FRESH_LAYER_MIN_BUDGET * gpus * slots:
-        placement = _adopt_fresh_layers(load_LE, current_LGS, placement, remaining)
+        # copies are free: the cheap improvements from `current`, then any layer whose fresh solution is better
+        placement, _ = improve(load_LE, current_LGS, origin=origin, max_rounds=_SEARCH_ROUNDS_UNBOUNDED)
+        return _adopt_fresh_layers(load_LE, current_LGS, placement)
+    # every layer in parallel towards one common balancedness, then what is left by best gain per copy
+    loads_LG = gpu_loads(load_LE, current_LGS)
+    placement, spent_L = improve(
+        load_LE,
+        current_LGS,
+        origin=origin,
+        budget=budget,
+        layer_budget_L=allocate_budget(loads_LG, budget),
+        target_L=loads_LG.mean(axis=1),
+        max_rounds=_SEARCH_ROUNDS_INCREMENTAL,
+    )
+    left = budget - int(spent_L.sum())
+    if left > 0:
+        placement, _ = improve(load_LE, placement, origin=origin, budget=left, max_rounds=_SEARCH_ROUNDS_LEFTOVER)
     return placement
 
 
@@ -119,33 +117,10 @@ def solve_fresh(load_LE: FloatArray, num_gpus: int, slots_per_gpu: int) -> IntAr
     return improved
 
 
-def _continue(
-    load_LE: FloatArray, placement_LGS: IntArray, origin: Origin, budget: int, spent_L: IntArray
-) -> tuple[IntArray, IntArray]:
-    """Spend what the parallel pass left, by best gain per copy across layers."""
-    left = budget - int(spent_L.sum())
-    if left <= 0:
-        return placement_LGS, spent_L
-    placement, more_L = improve(load_LE, placement_LGS, origin=origin, budget=left, max_rounds=_SEARCH_ROUNDS_LEFTOVER)
-    return placement, spent_L + more_L
-
-
-def _adopt_fresh_layers(
-    load_LE: FloatArray, current_LGS: IntArray, placement_LGS: IntArray, remaining: int | None
-) -> IntArray:
-    """Replace layers by their fresh solution where that is better, best gain per extra copy first, within budget."""
+def _adopt_fresh_layers(load_LE: FloatArray, current_LGS: IntArray, placement_LGS: IntArray) -> IntArray:
+    """Each layer replaced by its fresh solution where that is more balanced."""
     num_gpus, slots = placement_LGS.shape[1:]
     fresh = solve_fresh(load_LE, num_gpus, slots)
-    gain_L = balancedness(load_LE, fresh) - balancedness(load_LE, placement_LGS)
-    extra_L = moves_per_layer(current_LGS, fresh) - moves_per_layer(current_LGS, placement_LGS)
-    result = placement_LGS.copy()
-    left = remaining
-    for layer in np.argsort(-gain_L / np.maximum(extra_L, 1), kind="stable"):
-        if gain_L[layer] <= 1e-12:
-            break
-        if left is not None and extra_L[layer] > left:
-            continue
-        result[layer] = fresh[layer]
-        if left is not None:
-            left -= int(max(extra_L[layer], 0))
+    better_L = balancedness(load_LE, fresh) > balancedness(load_LE, placement_LGS) + 1e-12
+    result: IntArray = np.where(better_L[:, None, None], fresh, placement_LGS)
     return result
