@@ -1,0 +1,59 @@
+"""The acceptance of the operator on any cluster: CRDs applied, `k2 operator run`, both examples applied ->
+GPU-requesting pods, an ExpertPlacement, K2Serving Available=True, training pods with MASTER_ADDR and WORLD_SIZE;
+deleting the K2Serving removes all its children.
+
+On a cluster whose nodes really run pods the worker image must exist; on the local control plane kwok runs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.operator.harness import apply, env_of, get, has_condition, items, running_operator, wait_for
+from tests.operator.resources import example
+
+pytestmark = pytest.mark.e2e
+
+
+def test_examples_end_to_end(e2e_cluster: Cluster, e2e_namespace: str, e2e_crds: None, tmp_path: Path) -> None:
+    cluster, namespace = e2e_cluster, e2e_namespace
+    with running_operator(cluster, namespace, tmp_path) as operator:
+        training = example("k2training-debug.yaml")
+        training["metadata"]["annotations"] = {"k2.ai/fake-run-duration": "600s"}  # kwok only; ignored elsewhere
+        apply(cluster, namespace, example("k2serving-debug.yaml"))
+        apply(cluster, namespace, training)
+        wait_for(
+            "K2Serving Available",
+            lambda: has_condition(cluster, namespace, "k2serving/k2-debug-serve", "Available"),
+            300,
+        )
+        assert get(cluster, namespace, "expertplacement/k2-debug-serve")["spec"]["generation"] >= 1
+        workers = wait_for(
+            "2 training pods",
+            lambda: (
+                (p := items(cluster, namespace, "pods", "app.kubernetes.io/instance=k2-debug-train"))
+                and len(p) == 2
+                and p
+            ),
+            300,
+        )
+        for pod in workers:
+            variables = env_of(pod["spec"]["containers"][0])
+            assert variables["WORLD_SIZE"] == "2" and variables["MASTER_ADDR"].startswith("k2-debug-train-worker-")
+        ranks = items(
+            cluster, namespace, "pods", "app.kubernetes.io/instance=k2-debug-serve,app.kubernetes.io/component=rank"
+        )
+        assert all("nvidia.com/gpu" in p["spec"]["containers"][0]["resources"]["limits"] for p in [*ranks, *workers])
+
+        cluster.kubectl("delete", "-n", namespace, "k2serving/k2-debug-serve", "--wait=true", "--timeout=120s")
+        kinds = "statefulsets,deployments,services,configmaps,expertplacements,serviceaccounts,roles,rolebindings,pods"
+        wait_for(
+            "children gone",
+            lambda: not items(cluster, namespace, kinds, "app.kubernetes.io/instance=k2-debug-serve"),
+            180,
+        )
+        cluster.kubectl("delete", "-n", namespace, "k2training/k2-debug-train", "--wait=true", "--timeout=120s")
+        assert operator.errors() == [], operator.logs()
