@@ -104,6 +104,8 @@ class MuonClip(torch.optim.Optimizer):
         self._attentions = find_mla_attentions(model)
         self._layout: MLAHeadLayout | None = None
         if self._attentions:
+            if head_layout is None and not hasattr(model, "config"):
+                raise ValueError("head_layout is required for a model without a `config` attribute")
             self._layout = head_layout or MLAHeadLayout.from_config(model.config)
             check_layout(self._attentions, self._layout)
 

@@ -55,7 +55,11 @@ def key_value_projection(attn: nn.Module) -> nn.Linear:
 
 
 def find_mla_attentions(model: nn.Module) -> list[nn.Module]:
-    """The MLA attention modules in layer order (the order of ``model.max_attention_logits()`` rows)."""
+    """The MLA attention modules in the order of ``model.max_attention_logits()`` rows: the model's own
+    ``attention_layers()`` when it has one, else every module with ``kv_b_proj`` and ``kv_a_proj_with_mqa``."""
+    attention_layers = getattr(model, "attention_layers", None)
+    if callable(attention_layers):
+        return list(attention_layers())
     return [m for m in model.modules() if hasattr(m, "kv_b_proj") and hasattr(m, "kv_a_proj_with_mqa")]
 
 
