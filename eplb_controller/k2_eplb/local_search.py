@@ -191,7 +191,7 @@ def _best_changes(
         """Load above the target level, relative to the mean (per element)."""
         assert target is not None
         shape = (n,) + (1,) * (loads.ndim - 1)
-        above: FloatArray = np.maximum(loads - target.reshape(shape), 0.0) / mean.reshape(shape)
+        above: FloatArray = np.maximum(loads - target.reshape(shape), 0.0) / np.maximum(mean, 1e-300).reshape(shape)
         return above
 
     def value(new_peak: FloatArray, touched_peak: FloatArray) -> FloatArray:
