@@ -83,17 +83,15 @@ async def resync_forever() -> None:
             for namespace in scopes:
                 try:
                     items = await RUNTIME.client().list(kind, namespace)
-                except Exception:
-                    log.exception("resync: listing %s failed", kind)
+                except Exception as error:  # transient (API server restarting, CRD being updated): next tick
+                    log.warning("resync: listing %s failed: %s", kind, error)
                     continue
                 for item in items:
                     meta = item["metadata"]
                     try:
                         await trigger(kind, meta.get("namespace"), meta.get("name"))
-                    except Exception:
-                        log.exception(
-                            "resync: reconcile of %s %s/%s failed", kind, meta.get("namespace"), meta.get("name")
-                        )
+                    except Exception as error:  # counted in k2_operator_reconcile_errors_total; next tick retries
+                        log.warning("resync: %s %s/%s failed: %r", kind, meta.get("namespace"), meta.get("name"), error)
 
 
 def now() -> dt.datetime:
