@@ -13,9 +13,9 @@ import yaml
 from k2_workers.train.status import progress_record, reporter_from_env
 from tests.conftest import Cluster
 
-from .launch import MANIFEST
-
 pytestmark = pytest.mark.integration
+
+MANIFEST = Path(__file__).parent / "k2training-test.yaml"  # metadata.name: train-test
 
 ROLE = """
 apiVersion: rbac.authorization.k8s.io/v1
