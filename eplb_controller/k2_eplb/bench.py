@@ -7,7 +7,8 @@ Cases (K2's shape, 60 MoE layers x 384 experts, at 128 GPUs x 4 slots and 256 GP
   of a windowed load between two rebalances); ours solves incrementally from its previous placement with a budget of
   5% of the slots, the baseline solves from scratch each step as it does in SGLang and vLLM;
 - curve: balancedness vs budget (0% .. 20% of the slots, and unlimited) after one step of the walk and after a
-  shock (lognormal(0, 0.3), the drift of the published measurements).
+  shock (lognormal(0, 0.3), the drift of the published measurements);
+- locality: that step's 5% solve without and with 8 GPUs per node: how many copies cross nodes.
 Timings are per call on one core (the process is pinned to one CPU, BLAS threads set to 1): CPU seconds of the
 process, which the targets use, and wall-clock seconds, which also count waiting for the CPU on a shared machine.
 """
@@ -30,7 +31,14 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 from k2_eplb.baseline import greedy_rebalance  # noqa: E402
-from k2_eplb.metrics import FloatArray, IntArray, balancedness, count_moves, gpu_loads  # noqa: E402
+from k2_eplb.metrics import (  # noqa: E402
+    FloatArray,
+    IntArray,
+    balancedness,
+    count_cross_node_moves,
+    count_moves,
+    gpu_loads,
+)
 from k2_eplb.solver import solve  # noqa: E402
 
 BYTES_PER_EXPERT = 44_040_192  # one FP8 K2 routed expert: 3 x 7168 x 2048 parameters
@@ -40,6 +48,7 @@ SHOCK_SIGMA = 0.3
 BUDGET = 0.05
 CURVE_BUDGETS: tuple[float | None, ...] = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20, None)
 LOAD_KINDS = ("lognormal", "zipf", "hotspot")
+GPUS_PER_NODE = 8
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ def run(scale: Scale, seed: int) -> dict[str, Any]:
         "fresh": [],
         "drift": [],
         "curve": [],
+        "locality": [],
     }
     for gpus, slots in scale.shapes:
         num_slots = scale.num_layers * gpus * slots
@@ -110,6 +120,8 @@ def run(scale: Scale, seed: int) -> dict[str, Any]:
         for label, sigma in (("step", DRIFT_SIGMA), ("shock", SHOCK_SIGMA)):
             drifted = load * rng.lognormal(0.0, sigma, size=load.shape)
             report["curve"] += curve_rows(drifted, start, gpus, slots, label, num_slots)
+            if label == "step":
+                report["locality"] += locality_rows(drifted, start, gpus, slots, int(BUDGET * num_slots))
     report["targets"] = targets(report)
     return report
 
@@ -205,15 +217,38 @@ def curve_rows(
     return rows
 
 
+def locality_rows(load: FloatArray, start: IntArray, gpus: int, slots: int, budget: int) -> list[dict[str, Any]]:
+    """The same incremental solve without and with `gpus_per_node`: copies whose expert had no replica on the
+    destination's node must cross the inter-node network."""
+    rows = []
+    for per_node in (None, GPUS_PER_NODE):
+        placed, seconds = timed(solve, load, gpus, slots, current=start, max_moves=budget, gpus_per_node=per_node)
+        rows.append(
+            {
+                "gpus": gpus,
+                "slots_per_gpu": slots,
+                "gpus_per_node": per_node,
+                "budget": budget,
+                "moves": count_moves(start, placed),
+                "cross_node_moves": count_cross_node_moves(start, placed, GPUS_PER_NODE),
+                "balancedness": float(balancedness(load, placed).mean()),
+                "seconds": seconds.cpu,
+            }
+        )
+    return rows
+
+
 def targets(report: dict[str, Any]) -> dict[str, bool]:
     fresh, drift = report["fresh"], report["drift"]
-    seconds = [row["ours_seconds"] for row in fresh + drift] + [row["seconds"] for row in report["curve"]]
+    seconds = [row["ours_seconds"] for row in fresh + drift]
+    seconds += [row["seconds"] for row in report["curve"] + report["locality"]]
     return {
         "fresh_at_least_baseline_every_case": all(row["ours"] >= row["baseline"] for row in fresh),
         "example_max_load_at_most_205": report["example"]["ours_max_load"] <= 205.0,
         "example_baseline_232": abs(report["example"]["baseline_max_load"] - 232.0) < 1e-9,
         "drift_within_0.01_of_baseline_fresh": all(row["ours"] >= row["baseline"] - 0.01 for row in drift),
-        "drift_within_budget": all(row["ours_moves"] <= row["budget"] for row in drift),
+        "drift_within_budget": all(row["ours_moves"] <= row["budget"] for row in drift)
+        and all(row["moves"] <= row["budget"] for row in report["locality"]),
         "baseline_moves_over_90_percent": all(row["baseline_moved_fraction"] > 0.9 for row in drift),
         "solve_under_0.5_cpu_seconds": max(seconds) < 0.5,
     }
@@ -277,6 +312,17 @@ def format_table(report: dict[str, Any]) -> str:
             f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {row['drift']:>6} {budget:>9} {row['moves']:7d}"
             f" {row['moved_fraction']:7.1%} {row['bytes'] / 1e9:8.1f} {row['balancedness']:7.4f}"
             f" {row['baseline_fresh']:10.4f} {row['seconds']:7.3f} {row['wall_seconds']:7.3f}"
+        )
+    lines += [
+        "",
+        f"Node locality: one drift step, {BUDGET:.0%} budget, without and with gpus_per_node={GPUS_PER_NODE}",
+        f"{'GPUs x slots':>12} {'per node':>8} {'moves':>7} {'cross-node':>10} {'ours':>7} {'ours s':>7}",
+    ]
+    for row in report["locality"]:
+        per_node = "-" if row["gpus_per_node"] is None else str(row["gpus_per_node"])
+        lines.append(
+            f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {per_node:>8} {row['moves']:7d}"
+            f" {row['cross_node_moves']:10d} {row['balancedness']:7.4f} {row['seconds']:7.3f}"
         )
     lines += ["", "Targets:"] + [f"  {name}: {'met' if ok else 'NOT met'}" for name, ok in report["targets"].items()]
     return "\n".join(lines)

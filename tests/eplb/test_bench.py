@@ -37,6 +37,9 @@ def test_quick_bench_json_fields_and_relations(capsys: pytest.CaptureFixture[str
             assert row["moves"] == 0
         elif row["budget_fraction"] is not None:
             assert row["moved_fraction"] <= row["budget_fraction"]
+    plain, local = (row for row in data["locality"] if row["gpus"] == 16)
+    assert (plain["gpus_per_node"], local["gpus_per_node"]) == (None, 8)
+    assert local["moves"] <= local["budget"] and local["cross_node_moves"] <= local["moves"]
     targets = data["targets"]
     for name in (
         "fresh_at_least_baseline_every_case",
