@@ -19,6 +19,21 @@ from tests.conftest import Cluster
 
 T = TypeVar("T")
 RESYNC_SECONDS = 1.0
+SLOW_APPLY = """
+import asyncio, sys
+from k2_operator.kube import Kube
+from k2_api.cli import main
+
+original = Kube.apply
+
+async def slow_apply(self, manifest):
+    await asyncio.sleep({delay})
+    return await original(self, manifest)
+
+if {delay} > 0:
+    Kube.apply = slow_apply
+sys.exit(main({args!r}))
+"""
 
 
 def free_port() -> int:
@@ -38,14 +53,18 @@ class Operator:
         self.port = 0
         self.starts = 0
 
-    def start(self) -> None:
+    def start(self, apply_delay_s: float = 0.0) -> None:
+        """Starts the operator; `apply_delay_s` slows every server-side apply down (to catch it mid-reconcile)."""
         self.port = free_port()
         self.starts += 1
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        argv = [sys.executable, "-m", "k2_api.cli", "operator", "run", "--namespace", self.namespace, "--standalone"]
-        argv += ["--metrics-port", str(self.port), "--metrics-address", "127.0.0.1"]
-        argv += ["--resync-seconds", str(RESYNC_SECONDS)]
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        args = ["operator", "run", "--namespace", self.namespace, "--standalone"]
+        args += ["--metrics-port", str(self.port), "--metrics-address", "127.0.0.1"]
+        args += ["--resync-seconds", str(RESYNC_SECONDS)]
+        script = SLOW_APPLY.format(delay=apply_delay_s, args=args)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
         wait_for("the operator's /healthz", self.healthy, timeout_s=30)
 
     def healthy(self) -> bool:

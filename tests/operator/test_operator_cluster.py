@@ -84,6 +84,8 @@ def serving_settled(cluster: Cluster, namespace: str, groups: int) -> dict[str, 
 def test_examples_reconcile_and_deleting_the_serving_removes_its_children(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
+    # PodSecurity admission enforces "restricted": a non-compliant pod would never be created.
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted", "--overwrite")
     apply(cluster, namespace, serving_manifest())
     apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
     wait_for("K2Serving Available", lambda: has_condition(cluster, namespace, f"k2serving/{SERVING}", "Available"))
@@ -311,11 +313,14 @@ def test_sigkill_mid_reconcile_converges_without_duplicates(
     cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
 ) -> None:
     with running_operator(cluster, namespace, tmp_path) as operator:
+        operator.kill()
+        operator.start(apply_delay_s=0.5)  # every apply takes 0.5s: a serving reconcile takes about 8s
         apply(cluster, namespace, serving_manifest(groups=4))
         apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
-        # Kill as soon as the first children appear: the reconcile is half done.
-        wait_for("first children", lambda: items(cluster, namespace, "configmaps", instance(SERVING)), 30)
+        wait_for("the first group's StatefulSet", lambda: f"{SERVING}-g0" in stateful_sets(cluster, namespace), 30)
         operator.kill()
+        partial = items(cluster, namespace, "statefulsets,deployments", instance(SERVING))
+        assert len(partial) < 5, "the reconcile had already finished: not killed mid-reconcile"
         operator.start()
         wait_for("4 groups ready after restart", lambda: serving_settled(cluster, namespace, 4), 90)
         wait_for("training Running", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Running"))
