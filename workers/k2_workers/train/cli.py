@@ -33,6 +33,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--expert-parallel", dest="expert_parallel", type=int, help="ranks sharing one copy of the experts"
     )
+    parser.add_argument(
+        "--nproc-per-node",
+        dest="nproc_per_node",
+        type=int,
+        default=1,
+        help="ranks to start in this pod/machine (k2_workers.train.launcher); 1 = run this process as one rank",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
     parser.add_argument(
         "--metrics-port",
@@ -51,10 +58,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     manifest = load_manifest(args.config) if args.config else None
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "nproc_per_node")}
     if overrides["metrics_port"] is None and os.environ.get(METRICS_PORT_ENV):
         overrides["metrics_port"] = int(os.environ[METRICS_PORT_ENV])
     return resolve_config(manifest, overrides, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
+
+
+def without_nproc_flag(argv: list[str]) -> list[str]:
+    """The worker's argv for the ranks a launcher starts."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
     )
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ValueError as error:
         log.error("invalid configuration: %s", error)
         return 2
+    if args.nproc_per_node > 1:
+        from k2_workers.train.launcher import launch
+
+        return launch(args.nproc_per_node, without_nproc_flag(argv))
     from k2_workers.train.loop import train  # torch and the model load only once the config is valid
 
     try:
