@@ -71,7 +71,7 @@ def solve(
     if budget is None:
         # copies are free: the cheap improvements from `current`, then any layer whose fresh solution is better
         placement, _ = improve(load_LE, current_LGS, origin=origin, max_rounds=_SEARCH_ROUNDS_UNBOUNDED)
-        return _adopt_fresh_layers(load_LE, current_LGS, placement)
+        return _adopt_fresh_layers(load_LE, placement)
     # every layer in parallel towards one common balancedness, then what is left by best gain per copy
     loads_LG = gpu_loads(load_LE, current_LGS)
     placement, spent_L = improve(
@@ -117,7 +117,7 @@ def solve_fresh(load_LE: FloatArray, num_gpus: int, slots_per_gpu: int) -> IntAr
     return improved
 
 
-def _adopt_fresh_layers(load_LE: FloatArray, current_LGS: IntArray, placement_LGS: IntArray) -> IntArray:
+def _adopt_fresh_layers(load_LE: FloatArray, placement_LGS: IntArray) -> IntArray:
     """Each layer replaced by its fresh solution where that is more balanced."""
     num_gpus, slots = placement_LGS.shape[1:]
     fresh = solve_fresh(load_LE, num_gpus, slots)
