@@ -206,7 +206,7 @@ def _best_changes(
         return total
 
     # --- swaps of a slot of g* with slot (g, t) -------------------------------------------------------------------
-    # partners: the m lightest GPUs (the only ones that can take load off g* in most cases)
+    # partners: the lightest GPUs (most able to take load off g*) and a spread sample of the rest
     partners = _partners(order)  # [n, m]
     m = partners.shape[1]
     xs = P[r, gs]  # [n, S]
