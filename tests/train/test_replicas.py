@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import spawn
 
 from .launch import free_port
 
@@ -21,9 +22,10 @@ def _rank(rank: int, port: int, perturb: bool, results: dict[int, str]) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
-    model.register_buffer("e_score_correction_bias", torch.zeros(4))
+    bias = torch.zeros(4)
     if perturb and rank == 1:
-        model.e_score_correction_bias[2] += 1e-3
+        bias[2] += 1e-3
+    model.register_buffer("e_score_correction_bias", bias)
     try:
         check_replicas_identical(model)
         results[rank] = "ok"
@@ -36,7 +38,7 @@ def _rank(rank: int, port: int, perturb: bool, results: dict[int, str]) -> None:
 def test_diverged_router_bias_is_detected(perturb: bool) -> None:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(free_port(), perturb, results), nprocs=2, join=True)
+        spawn(_rank, args=(free_port(), perturb, results), nprocs=2, join=True)  # type: ignore[no-untyped-call]
         outcome = dict(results)
     if perturb:
         assert all("e_score_correction_bias differs" in outcome[r] for r in (0, 1)), outcome

@@ -18,7 +18,8 @@ def test_warmup_constant_cosine_decay() -> None:
 
 def test_for_run_puts_the_decay_at_the_end_and_shrinks_what_does_not_fit() -> None:
     s = wsd_for_run(2e-4, total_steps=100, warmup_steps=10, decay_steps=30, final_lr_ratio=0.1)
-    assert (s.warmup_steps, s.decay_start, s.decay_steps, s.min_lr) == (10, 70, 30, pytest.approx(2e-5))
+    assert (s.warmup_steps, s.decay_start, s.decay_steps) == (10, 70, 30)
+    assert s.min_lr == pytest.approx(2e-5)
     short = wsd_for_run(1.0, total_steps=12, warmup_steps=10, decay_steps=30, final_lr_ratio=0.0)
     assert (short.warmup_steps, short.decay_start, short.decay_steps) == (10, 10, 2)
     assert short(12) == 0.0
