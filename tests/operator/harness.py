@@ -46,8 +46,15 @@ def free_port() -> int:
 class Operator:
     """One operator process watching one namespace; `kill()` is SIGKILL, `start()` starts a fresh one."""
 
-    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.cluster, self.namespace, self.log_dir = cluster, namespace, log_dir
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        resync_s: float = RESYNC_SECONDS,
+    ) -> None:
+        self.cluster, self.namespace, self.log_dir, self.resync_s = cluster, namespace, log_dir, resync_s
         self.env = {**cluster.env, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -60,7 +67,7 @@ class Operator:
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         args = ["operator", "run", "--namespace", self.namespace, "--standalone"]
         args += ["--metrics-port", str(self.port), "--metrics-address", "127.0.0.1"]
-        args += ["--resync-seconds", str(RESYNC_SECONDS)]
+        args += ["--resync-seconds", str(self.resync_s)]
         script = SLOW_APPLY.format(delay=apply_delay_s, args=args)
         self.process = subprocess.Popen(
             [sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, env=self.env
@@ -104,9 +111,9 @@ class Operator:
 
 @contextmanager
 def running_operator(
-    cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str] | None = None
+    cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str] | None = None, resync_s: float = RESYNC_SECONDS
 ) -> Iterator[Operator]:
-    operator = Operator(cluster, namespace, log_dir, env)
+    operator = Operator(cluster, namespace, log_dir, env, resync_s)
     operator.start()
     try:
         yield operator

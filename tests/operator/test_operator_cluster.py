@@ -339,3 +339,27 @@ def test_sigkill_mid_reconcile_converges_without_duplicates(
     ]
     orphans = [o["metadata"]["name"] for o in managed if not o["metadata"].get("ownerReferences")]
     assert orphans == []
+
+
+def test_child_events_drive_reconciles_without_the_resync(
+    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
+) -> None:
+    """With the timer out of the way, Job, StatefulSet, Pod and ExpertPlacement events alone converge everything."""
+    with running_operator(cluster, namespace, tmp_path, resync_s=3600) as operator:
+        apply(cluster, namespace, serving_manifest())
+        apply(cluster, namespace, training_manifest())  # kwok completes its pods after 1s
+        wait_for("Available", lambda: has_condition(cluster, namespace, f"k2serving/{SERVING}", "Available"))
+        wait_for("Succeeded", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Succeeded"))
+        for pod in items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank"):
+            cluster.kubectl(
+                "annotate", "-n", namespace, f"pod/{pod['metadata']['name']}", "k2.ai/applied-placement-generation=1"
+            )
+        wait_for(
+            "the serving shows the applied generation",
+            lambda: (
+                (get(cluster, namespace, f"k2serving/{SERVING}") or {}).get("status", {}).get("placementGeneration")
+                == 1
+            ),
+        )
+        assert has_condition(cluster, namespace, f"expertplacement/{SERVING}", "Applied")
+        assert operator.errors() == []
