@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from k2_workers.train.cli import config_from_args, parse_args
+from k2_workers.train.cli import config_from_args, main, parse_args
 from k2_workers.train.config import RunConfig, load_manifest, resolve_config
 
 MANIFEST = Path(__file__).parent / "k2training-test.yaml"
@@ -49,3 +49,10 @@ def test_checkpoint_uri_and_bad_values(tmp_path: Path) -> None:
         RunConfig(seq_len=0)
     with pytest.raises(ValueError, match="K2Training"):
         resolve_config({"apiVersion": "k2.ai/v1alpha1", "kind": "K2Serving", "spec": {}}, {})
+
+
+def test_a_bad_config_exits_2(tmp_path: Path) -> None:
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: k2.ai/v1alpha1\nkind: K2Training\nspec: {image: i, model: {preset: nope}}\n")
+    assert main(["--config", str(bad)]) == 2

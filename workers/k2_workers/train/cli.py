@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+import yaml
+
 from k2_workers.train.config import RunConfig, load_manifest, resolve_config
 
 log = logging.getLogger("k2_workers.train")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
-    except ValueError as error:
+    except (OSError, ValueError, yaml.YAMLError) as error:
         log.error("invalid configuration: %s", error)
         return 2
     if args.nproc_per_node > 1:
