@@ -1,8 +1,12 @@
 """`mlp.experts`: the routed experts of one MoE layer, stored stacked, computed grouped by expert.
 
 The (token, expert) assignments are sorted by expert so that each expert's tokens form one contiguous slice; the
-SwiGLU is then one grouped GEMM (`torch._grouped_mm`: CUDA in bf16, or CPU inference) or one matmul per expert over
-its slice. There is never a loop over tokens. Expert parallelism replaces this module from outside, keeping
+SwiGLU then runs as
+- `grouped_mm`: one grouped GEMM per projection (`torch._grouped_mm`, CUDA sm90+ in bf16);
+- `padded`: one batched GEMM per projection over an [E, capacity, D] layout (capacity ≤ 1.5× the mean load; the
+  rows of an expert beyond it get one matmul per overflowing expert), for accelerators without grouped_mm;
+- `loop`: one matmul per expert that received tokens (the CPU choice).
+There is never a loop over tokens. Expert parallelism replaces this module from outside, keeping
 `forward(x_TD, expert_ids_TK, expert_weights_TK) -> y_TD`.
 
 A module may hold only some experts ("slots", e.g. an expert-parallel rank's share, replicas allowed):
@@ -14,6 +18,7 @@ E = slots (all routed experts unless a subset is held).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -21,17 +26,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Implementation = Literal["auto", "grouped_mm", "loop"]
+Implementation = Literal["auto", "grouped_mm", "padded", "loop"]
+PADDED_CAPACITY_FACTOR = 1.5  # padded rows <= this × assignments
 _GROUPED_MM_ALIGN_ROWS = 16  # CUDA grouped GEMM wants 16-byte aligned group starts; bf16 rows padded to 16
 
 
-def grouped_mm_available(x: Tensor, needs_grad: bool) -> bool:
-    """Whether `torch._grouped_mm` can run this case: CUDA in bf16 (training too), or CPU without autograd."""
-    if not hasattr(torch, "_grouped_mm"):
+def grouped_mm_available(x: Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs this case fast: CUDA sm90+ in bf16 (its CPU version is a loop of matmuls)."""
+    if not hasattr(torch, "_grouped_mm") or not x.is_cuda:
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == "cpu" and not needs_grad
+    return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def choose_implementation(x_AD: Tensor, num_slots: int) -> Implementation:
+    """grouped_mm where it is native; padded batched GEMMs on other accelerators (per-launch cost dominates there);
+    on CPU one exact-size matmul per expert, which measured faster than the padded layout (benchmarks/moe_layer.py)."""
+    if grouped_mm_available(x_AD):
+        return "grouped_mm"
+    if x_AD.device.type != "cpu" and x_AD.shape[0] >= num_slots:
+        return "padded"
+    return "loop"
 
 
 def _pad_groups(counts_E: Tensor, align: int) -> tuple[Tensor, Tensor]:
@@ -60,6 +74,46 @@ def grouped_swiglu(
     up = torch._grouped_mm(x_AD, up_EID.transpose(-2, -1), offs=offs)
     out = torch._grouped_mm(F.silu(gate) * up, down_EDI.transpose(-2, -1), offs=offs)
     return out if rows_A is None else out[rows_A]
+
+
+def padded_swiglu(
+    x_AD: Tensor,
+    counts_E: Tensor,
+    gate_EID: Tensor,
+    up_EID: Tensor,
+    down_EDI: Tensor,
+    capacity_factor: float = PADDED_CAPACITY_FACTOR,
+) -> Tensor:
+    """SwiGLU of every expert as batched GEMMs over [E, C, D], C = min(max load, capacity_factor × mean load).
+
+    Rows beyond an expert's first C (skewed routing) are computed with one matmul per overflowing expert.
+    """
+    num_experts, num_rows = counts_E.numel(), x_AD.shape[0]
+    max_count = int(counts_E.max().item()) if num_experts else 0
+    capacity = max(1, min(max_count, math.ceil(capacity_factor * num_rows / max(num_experts, 1))))
+    starts_E = counts_E.cumsum(0) - counts_E
+    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=x_AD.device), counts_E)
+    rank_A = torch.arange(num_rows, device=x_AD.device) - starts_E[expert_A]
+    padded_A = rank_A < capacity
+    rows_P = padded_A.nonzero().squeeze(-1)
+    slots_P = (expert_A * capacity + rank_A)[rows_P]
+
+    x_ECD = x_AD.new_zeros(num_experts * capacity, x_AD.shape[1]).index_copy(0, slots_P, x_AD[rows_P])
+    x_ECD = x_ECD.view(num_experts, capacity, -1)
+    h_ECI = F.silu(torch.bmm(x_ECD, gate_EID.transpose(1, 2))) * torch.bmm(x_ECD, up_EID.transpose(1, 2))
+    y_PD = torch.bmm(h_ECI, down_EDI.transpose(1, 2)).flatten(0, 1)[slots_P]
+    if max_count <= capacity:
+        return y_PD.new_zeros(num_rows, y_PD.shape[1]).index_copy(0, rows_P, y_PD)
+
+    overflow_rows, overflow_outs = [rows_P], [y_PD]
+    heavy = (counts_E > capacity).nonzero().squeeze(-1).tolist()
+    for e, start, count in zip(heavy, starts_E[heavy].tolist(), counts_E[heavy].tolist(), strict=True):
+        rows = torch.arange(start + capacity, start + count, device=x_AD.device)
+        x = x_AD[start + capacity : start + count]
+        overflow_rows.append(rows)
+        overflow_outs.append(F.linear(F.silu(F.linear(x, gate_EID[e])) * F.linear(x, up_EID[e]), down_EDI[e]))
+    y_AD = torch.cat(overflow_outs)
+    return y_AD.new_zeros(num_rows, y_AD.shape[1]).index_copy(0, torch.cat(overflow_rows), y_AD)
 
 
 def looped_swiglu(x_AD: Tensor, counts_E: Tensor, gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor) -> Tensor:
@@ -122,15 +176,17 @@ class RoutedExperts(nn.Module):
             order_A = order_A[: int(counts_E.sum().item())]
         token_A = order_A // k
         x_AD = x_TD[token_A]
-        needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or self.gate_proj.requires_grad)
-        use_grouped = self.implementation == "grouped_mm" or (
-            self.implementation == "auto" and grouped_mm_available(x_TD, needs_grad)
-        )
-        if use_grouped:
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        implementation = self.implementation
+        if implementation == "auto":
+            implementation = choose_implementation(x_AD, self.num_slots)
+        if implementation == "grouped_mm":
             align = _GROUPED_MM_ALIGN_ROWS if x_TD.is_cuda else 1
-            y_AD = grouped_swiglu(x_AD, counts_E, self.gate_proj, self.up_proj, self.down_proj, align)
+            y_AD = grouped_swiglu(x_AD, counts_E, *weights, align=align)
+        elif implementation == "padded":
+            y_AD = padded_swiglu(x_AD, counts_E, *weights)
         else:
-            y_AD = looped_swiglu(x_AD, counts_E, self.gate_proj, self.up_proj, self.down_proj)
+            y_AD = looped_swiglu(x_AD, counts_E, *weights)
         y_AD = y_AD * expert_weights_TK.reshape(-1)[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
 
