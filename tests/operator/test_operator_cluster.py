@@ -132,9 +132,15 @@ def test_serving_scale_update_suspend_resume(cluster: Cluster, namespace: str, o
     apply(cluster, namespace, serving_manifest())
     wait_for("2 groups ready", lambda: serving_settled(cluster, namespace, 2))
 
-    patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"groups": 3}})
+    cluster.kubectl("scale", "-n", namespace, f"k2serving/{SERVING}", "--replicas=3")  # the scale subresource
     wait_for("3 groups ready", lambda: serving_settled(cluster, namespace, 3))
     assert sorted(stateful_sets(cluster, namespace)) == [f"{SERVING}-g0", f"{SERVING}-g1", f"{SERVING}-g2"]
+    scale = json.loads(
+        cluster.kubectl(
+            "get", "--raw", f"/apis/k2.ai/v1alpha1/namespaces/{namespace}/k2servings/{SERVING}/scale"
+        ).stdout
+    )
+    assert scale["status"]["replicas"] == 3 and "app.kubernetes.io/component=rank" in scale["status"]["selector"]
 
     # Rolling update: a new image restarts one group at a time; the others stay ready throughout.
     patch(cluster, namespace, f"k2serving/{SERVING}", {"spec": {"image": "k2-operator/worker:v2"}})
