@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from k2_operator import metrics
 from k2_operator.conditions import changed, normalized, transitions
 from k2_operator.kube import Kube, ObjectRef
@@ -119,7 +121,12 @@ async def write_status(
         return False
     meta = body["metadata"]
     kind = body["kind"]
-    await kube.apply_status(body["apiVersion"], kind, meta["namespace"], meta["name"], normalized(status))
+    try:
+        await kube.apply_status(body["apiVersion"], kind, meta["namespace"], meta["name"], normalized(status))
+    except ApiException as error:
+        if error.status == 404:  # deleted while this reconcile ran: nothing left to report on
+            return False
+        raise
     metrics.STATUS_WRITES.labels(kind).inc()
     ref = ObjectRef(body["apiVersion"], kind, meta["namespace"], meta["name"], meta.get("uid"))
     for condition in transitions((observed or {}).get("conditions", []), status.get("conditions", [])):

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
 from k2_operator.builders.common import KIND_LABEL
@@ -48,7 +49,12 @@ async def ensure_placement(kube: Kube, serving: K2Serving) -> dict[str, Any] | N
         generation = int(current["spec"].get("generation", 1)) + 1
         spec = expert_placement(serving, generation)["spec"]
         spec["reason"] = "reshaped: the serving's ranks, slots or model changed"
-        await kube.replace_spec(ExpertPlacement.KIND, namespace, name, spec, current["metadata"]["resourceVersion"])
+        try:
+            await kube.replace_spec(ExpertPlacement.KIND, namespace, name, spec, current["metadata"]["resourceVersion"])
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            log.info("%s/%s: ExpertPlacement changed meanwhile; re-shaping on the next pass", namespace, name)
         return await kube.get(ExpertPlacement.KIND, namespace, name)
     return current
 
