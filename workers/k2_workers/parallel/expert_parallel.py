@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from k2_workers.model import K2ForCausalLM
-from k2_workers.model.experts import RoutedExperts, grouped_mm_available, grouped_swiglu, looped_swiglu
+from k2_workers.model.experts import (
+    RoutedExperts,
+    choose_implementation,
+    grouped_swiglu,
+    looped_swiglu,
+    padded_swiglu,
+)
 from k2_workers.parallel.slot_table import SlotTable
 
 
@@ -126,12 +132,15 @@ class ExpertParallelExperts(nn.Module):
         order_B = slot_B.argsort(stable=True)
         counts_S = torch.bincount(slot_B, minlength=self.gate_proj.shape[0])
         self.last_tokens_per_slot_S = counts_S.detach()
-        needs_grad = torch.is_grad_enabled() and (x_BD.requires_grad or self.gate_proj.requires_grad)
-        if grouped_mm_available(x_BD, needs_grad):
-            align = 16 if x_BD.is_cuda else 1
-            y_sorted = grouped_swiglu(x_BD[order_B], counts_S, self.gate_proj, self.up_proj, self.down_proj, align)
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        x_sorted = x_BD[order_B]
+        implementation = choose_implementation(x_sorted, len(self.expert_ids))
+        if implementation == "grouped_mm":
+            y_sorted = grouped_swiglu(x_sorted, counts_S, *weights, align=16)
+        elif implementation == "padded":
+            y_sorted = padded_swiglu(x_sorted, counts_S, *weights)
         else:
-            y_sorted = looped_swiglu(x_BD[order_B], counts_S, self.gate_proj, self.up_proj, self.down_proj)
+            y_sorted = looped_swiglu(x_sorted, counts_S, *weights)
         return torch.empty_like(y_sorted).index_copy(0, order_B, y_sorted)
 
     def extra_repr(self) -> str:
