@@ -120,6 +120,8 @@ def test_subset_of_experts_reads_only_those(saved: tuple[K2ForCausalLM, Path], m
         held = partial.model.layers[layer].mlp.experts
         full = model.model.layers[layer].mlp.experts
         assert held.expert_ids == ids
+        table = {e: ids.index(e) for e in ids}  # logical id -> its first slot; the rest are "not held"
+        assert held.slot_of_expert.tolist() == [table.get(e, len(ids)) for e in range(8)]
         for slot, e in enumerate(ids):
             assert torch.equal(held.gate_proj[slot], full.gate_proj[e])
             assert torch.equal(held.down_proj[slot], full.down_proj[e])

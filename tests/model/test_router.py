@@ -120,3 +120,16 @@ def test_expert_token_counts_and_model_bias_update() -> None:
     stored = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert stored is not None
     torch.testing.assert_close(stored, expected[0])
+
+
+def test_routing_stays_fp32_under_bf16_autocast() -> None:
+    config = K2Config.from_preset("k2-debug")
+    model = K2ForCausalLM(config)
+    gate = model.model.layers[1].mlp.gate
+    x = torch.randn(10, config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = gate(x)
+        out = model(torch.randint(0, config.vocab_size, (2, 8)))
+    assert routing.expert_weights_TK.dtype == torch.float32
+    assert torch.equal(routing.expert_ids_TK, gate(x).expert_ids_TK)
+    assert out.logits.dtype == torch.bfloat16

@@ -182,7 +182,9 @@ class RoutedExperts(nn.Module):
             implementation = choose_implementation(x_AD, self.num_slots)
         if implementation == "grouped_mm":
             align = _GROUPED_MM_ALIGN_ROWS if x_TD.is_cuda else 1
-            y_AD = grouped_swiglu(x_AD, counts_E, *weights, align=align)
+            # under autocast the activations are bf16 while the parameters may be fp32
+            gate, up, down = (w.to(x_AD.dtype) for w in weights)
+            y_AD = grouped_swiglu(x_AD, counts_E, gate, up, down, align=align)
         elif implementation == "padded":
             y_AD = padded_swiglu(x_AD, counts_E, *weights)
         else:

@@ -80,8 +80,9 @@ class TopkRouter(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_TD: Tensor) -> Routing:
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        return route(logits_TE, self.config, self.e_score_correction_bias)
+        with torch.autocast(x_TD.device.type, enabled=False):  # routing stays fp32 under bf16 autocast
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            return route(logits_TE, self.config, self.e_score_correction_bias)
 
 
 def tokens_per_expert(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
