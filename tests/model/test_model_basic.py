@@ -15,6 +15,10 @@ def test_debug_preset_forward_backward() -> None:
     out = model(input_ids, labels=input_ids)
     assert out.logits.shape == (2, 64, config.vocab_size)
     assert out.loss is not None and torch.isfinite(out.loss)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, config.vocab_size), input_ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, expected)
     (out.loss + 0.01 * model.aux_loss()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -30,7 +30,7 @@ from k2_workers.model.rope import RotaryEmbedding
 @dataclass
 class K2Output:
     logits: Tensor  # [B, S, V]
-    loss: Tensor | None = None  # mean next-token cross-entropy when labels were given
+    loss: Tensor | None = None  # mean next-token cross-entropy, when labels were given
 
 
 class DecoderLayer(nn.Module):
@@ -104,13 +104,15 @@ class K2ForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: MLACache | None = None,
     ) -> K2Output:
-        """Logits [B, S, V]; with `labels` [B, S] (already shifted, -100 ignored) also the cross-entropy loss."""
+        """Logits [B, S, V]; with `labels` [B, S] also the mean next-token cross-entropy (labels are shifted here,
+        as in transformers: position t predicts labels[t + 1]; -100 is ignored)."""
         record = self.training if self.record_attention_logits is None else self.record_attention_logits
         hidden_BSD = self.model(input_ids, position_ids, cache, record)
         logits_BSV = self.lm_head(hidden_BSD)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            predicted = logits_BSV[:, :-1].float().flatten(0, 1)
+            loss = F.cross_entropy(predicted, labels[:, 1:].flatten(), ignore_index=-100)
         return K2Output(logits=logits_BSV, loss=loss)
 
     # --- training hooks ------------------------------------------------------------------------------------------
