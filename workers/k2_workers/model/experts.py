@@ -31,11 +31,18 @@ PADDED_CAPACITY_FACTOR = 1.5  # padded rows <= this × assignments
 _GROUPED_MM_ALIGN_ROWS = 16  # CUDA grouped GEMM wants 16-byte aligned group starts; bf16 rows padded to 16
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: bf16 under CUDA bf16 autocast, else the activations' dtype."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+        return torch.bfloat16
+    return x.dtype
+
+
 def grouped_mm_available(x: Tensor) -> bool:
     """Whether `torch._grouped_mm` runs this case fast: CUDA sm90+ in bf16 (its CPU version is a loop of matmuls)."""
     if not hasattr(torch, "_grouped_mm") or not x.is_cuda:
         return False
-    return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def choose_implementation(x_AD: Tensor, num_slots: int) -> Implementation:
@@ -183,8 +190,9 @@ class RoutedExperts(nn.Module):
         if implementation == "grouped_mm":
             align = _GROUPED_MM_ALIGN_ROWS if x_TD.is_cuda else 1
             # under autocast the activations are bf16 while the parameters may be fp32
-            gate, up, down = (w.to(x_AD.dtype) for w in weights)
-            y_AD = grouped_swiglu(x_AD, counts_E, gate, up, down, align=align)
+            dtype = compute_dtype(x_AD)  # under autocast, activations and parameters may still be fp32
+            gate, up, down = (w.to(dtype) for w in weights)
+            y_AD = grouped_swiglu(x_AD.to(dtype), counts_E, gate, up, down, align=align)
         elif implementation == "padded":
             y_AD = padded_swiglu(x_AD, counts_E, *weights)
         else:
