@@ -189,7 +189,6 @@ class RoutedExperts(nn.Module):
             implementation = choose_implementation(x_AD, self.num_slots)
         if implementation == "grouped_mm":
             align = _GROUPED_MM_ALIGN_ROWS if x_TD.is_cuda else 1
-            # under autocast the activations are bf16 while the parameters may be fp32
             dtype = compute_dtype(x_AD)  # under autocast, activations and parameters may still be fp32
             gate, up, down = (w.to(dtype) for w in weights)
             y_AD = grouped_swiglu(x_AD.to(dtype), counts_E, gate, up, down, align=align)
