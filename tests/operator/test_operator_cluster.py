@@ -292,6 +292,7 @@ def test_invalid_placement_is_marked_and_the_previous_stays_in_force(
     apply(cluster, namespace, serving_manifest())
     ref = f"expertplacement/{SERVING}"
     wait_for("placement generation 1 in force", lambda: get(cluster, namespace, f"configmap/{SERVING}-active"))
+    wait_for("every rank ready", lambda: serving_settled(cluster, namespace, 2))
     for pod in items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank"):
         cluster.kubectl(
             "annotate", "-n", namespace, f"pod/{pod['metadata']['name']}", "k2.ai/applied-placement-generation=1"
@@ -354,7 +355,7 @@ def test_child_events_drive_reconciles_without_the_resync(
     with running_operator(cluster, namespace, tmp_path, resync_s=3600) as operator:
         apply(cluster, namespace, serving_manifest())
         apply(cluster, namespace, training_manifest())  # kwok completes its pods after 1s
-        wait_for("Available", lambda: has_condition(cluster, namespace, f"k2serving/{SERVING}", "Available"))
+        wait_for("every rank ready", lambda: serving_settled(cluster, namespace, 2))
         wait_for("Succeeded", lambda: has_condition(cluster, namespace, f"k2training/{TRAINING}", "Succeeded"))
         for pod in items(cluster, namespace, "pods", f"{instance(SERVING)},app.kubernetes.io/component=rank"):
             cluster.kubectl(
