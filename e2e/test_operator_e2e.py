@@ -31,6 +31,13 @@ def test_examples_end_to_end(e2e_cluster: Cluster, e2e_namespace: str, e2e_crds:
             300,
         )
         assert get(cluster, namespace, "expertplacement/k2-debug-serve")["spec"]["generation"] >= 1
+        wait_for(
+            "both groups ready",
+            lambda: (
+                (get(cluster, namespace, "k2serving/k2-debug-serve") or {}).get("status", {}).get("readyRanks") == 4
+            ),
+            300,
+        )
         workers = wait_for(
             "2 training pods",
             lambda: (
@@ -46,6 +53,7 @@ def test_examples_end_to_end(e2e_cluster: Cluster, e2e_namespace: str, e2e_crds:
         ranks = items(
             cluster, namespace, "pods", "app.kubernetes.io/instance=k2-debug-serve,app.kubernetes.io/component=rank"
         )
+        assert len(ranks) == 4
         assert all("nvidia.com/gpu" in p["spec"]["containers"][0]["resources"]["limits"] for p in [*ranks, *workers])
 
         cluster.kubectl("delete", "-n", namespace, "k2serving/k2-debug-serve", "--wait=true", "--timeout=120s")

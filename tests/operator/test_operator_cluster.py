@@ -89,6 +89,7 @@ def test_examples_reconcile_and_deleting_the_serving_removes_its_children(
     apply(cluster, namespace, serving_manifest())
     apply(cluster, namespace, training_manifest(annotations=LONG_RUN))
     wait_for("K2Serving Available", lambda: has_condition(cluster, namespace, f"k2serving/{SERVING}", "Available"))
+    wait_for("every rank ready", lambda: serving_settled(cluster, namespace, 2))
     placement = get(cluster, namespace, f"expertplacement/{SERVING}")
     assert placement["spec"]["ranks"] == 2 and placement["spec"]["generation"] == 1
     assert placement["metadata"]["ownerReferences"][0]["kind"] == "K2Serving"
