@@ -2,10 +2,11 @@
 a frontend Deployment and Service, the ranks' RBAC, and (created once) the ExpertPlacement.
 
 Rolling updates: every group's StatefulSet uses `updateStrategy: OnDelete`, so a new pod template (image, model,
-resources) is recorded at once but replaces no pod by itself. The operator then restarts whole groups, oldest index
-first, only while fewer than `spec.rollout.maxUnavailableGroups` groups are unavailable (`rollout.groups_to_restart`):
-an expert-parallel group is a gang, so restarting its ranks one by one (RollingUpdate) would keep it broken longer and
-mix two model versions inside one group. The other groups keep serving throughout.
+resources) is recorded at once but replaces no pod by itself. The operator then restarts whole groups, lowest index
+first, only while fewer than `spec.rollout.maxUnavailableGroups` groups are unavailable
+(`k2_operator.status.serving.groups_to_restart`): an expert-parallel group is a gang, so restarting its ranks one by
+one (RollingUpdate) would keep it broken longer and mix two model versions inside one group. The other groups keep
+serving throughout.
 """
 
 from __future__ import annotations
