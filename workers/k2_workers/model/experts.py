@@ -135,6 +135,27 @@ def looped_swiglu(x_AD: Tensor, counts_E: Tensor, gate_EID: Tensor, up_EID: Tens
     return torch.cat(outs) if outs else x_AD.new_zeros(0, down_EDI.shape[1])
 
 
+def sorted_swiglu(
+    x_AD: Tensor,
+    counts_E: Tensor,
+    gate_EID: Tensor,
+    up_EID: Tensor,
+    down_EDI: Tensor,
+    implementation: Implementation = "auto",
+) -> Tensor:
+    """SwiGLU of rows already sorted by expert (`counts_E` rows each), by the chosen or the best implementation."""
+    if implementation == "auto":
+        implementation = choose_implementation(x_AD, counts_E.numel())
+    if implementation == "grouped_mm":
+        align = _GROUPED_MM_ALIGN_ROWS if x_AD.is_cuda else 1
+        dtype = compute_dtype(x_AD)  # under autocast, activations and parameters may still be fp32
+        gate, up, down = (w.to(dtype) for w in (gate_EID, up_EID, down_EDI))
+        return grouped_swiglu(x_AD.to(dtype), counts_E, gate, up, down, align=align)
+    if implementation == "padded":
+        return padded_swiglu(x_AD, counts_E, gate_EID, up_EID, down_EDI)
+    return looped_swiglu(x_AD, counts_E, gate_EID, up_EID, down_EDI)
+
+
 class RoutedExperts(nn.Module):
     """Stacked SwiGLU experts: `gate_proj` [E, I, D], `up_proj` [E, I, D], `down_proj` [E, D, I]."""
 
@@ -183,19 +204,7 @@ class RoutedExperts(nn.Module):
             order_A = order_A[: int(counts_E.sum().item())]
         token_A = order_A // k
         x_AD = x_TD[token_A]
-        weights = (self.gate_proj, self.up_proj, self.down_proj)
-        implementation = self.implementation
-        if implementation == "auto":
-            implementation = choose_implementation(x_AD, self.num_slots)
-        if implementation == "grouped_mm":
-            align = _GROUPED_MM_ALIGN_ROWS if x_TD.is_cuda else 1
-            dtype = compute_dtype(x_AD)  # under autocast, activations and parameters may still be fp32
-            gate, up, down = (w.to(dtype) for w in weights)
-            y_AD = grouped_swiglu(x_AD.to(dtype), counts_E, gate, up, down, align=align)
-        elif implementation == "padded":
-            y_AD = padded_swiglu(x_AD, counts_E, *weights)
-        else:
-            y_AD = looped_swiglu(x_AD, counts_E, *weights)
+        y_AD = sorted_swiglu(x_AD, counts_E, self.gate_proj, self.up_proj, self.down_proj, self.implementation)
         y_AD = y_AD * expert_weights_TK.reshape(-1)[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
 

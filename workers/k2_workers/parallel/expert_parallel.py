@@ -21,13 +21,7 @@ from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from k2_workers.model import K2ForCausalLM
-from k2_workers.model.experts import (
-    RoutedExperts,
-    choose_implementation,
-    grouped_swiglu,
-    looped_swiglu,
-    padded_swiglu,
-)
+from k2_workers.model.experts import RoutedExperts, sorted_swiglu
 from k2_workers.parallel.slot_table import SlotTable
 
 
@@ -132,15 +126,7 @@ class ExpertParallelExperts(nn.Module):
         order_B = slot_B.argsort(stable=True)
         counts_S = torch.bincount(slot_B, minlength=self.gate_proj.shape[0])
         self.last_tokens_per_slot_S = counts_S.detach()
-        weights = (self.gate_proj, self.up_proj, self.down_proj)
-        x_sorted = x_BD[order_B]
-        implementation = choose_implementation(x_sorted, len(self.expert_ids))
-        if implementation == "grouped_mm":
-            y_sorted = grouped_swiglu(x_sorted, counts_S, *weights, align=16)
-        elif implementation == "padded":
-            y_sorted = padded_swiglu(x_sorted, counts_S, *weights)
-        else:
-            y_sorted = looped_swiglu(x_sorted, counts_S, *weights)
+        y_sorted = sorted_swiglu(x_BD[order_B], counts_S, self.gate_proj, self.up_proj, self.down_proj)
         return torch.empty_like(y_sorted).index_copy(0, order_B, y_sorted)
 
     def extra_repr(self) -> str:
