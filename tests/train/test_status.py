@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 import pytest
 from prometheus_client import generate_latest
 
+from k2_workers.incluster import InClusterClient
 from k2_workers.train.metrics import TrainMetrics
-from k2_workers.train.status import StatusReporter, http_sender, progress_record, reporter_from_env, status_url
+from k2_workers.train.status import StatusReporter, progress_record, progress_sender, reporter_from_env
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -43,7 +44,8 @@ def test_progress_is_merge_patched_into_the_status_subresource(api_server: Any, 
     base, received = api_server
     token = tmp_path / "token"
     token.write_text("secret-token\n")
-    reporter = StatusReporter(http_sender(status_url(base, "ns1", "run1"), token, None), min_interval_s=0)
+    client = InClusterClient(server=base, namespace="ns1", token_file=token, ca_file=None)
+    reporter = StatusReporter(progress_sender(client, "run1"), min_interval_s=0)
     now = datetime.datetime(2026, 11, 23, 1, 2, 3, tzinfo=datetime.UTC)
     reporter.report(progress_record(7, 2.5, 1234.56, 12.3456789, "/checkpoints/step-5", 5, now))
     reporter.close()

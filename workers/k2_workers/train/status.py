@@ -1,5 +1,4 @@
-"""Rank 0 writes training progress to the K2Training status subresource (the only module here that talks to the
-Kubernetes API).
+"""Rank 0 writes training progress to the K2Training status subresource, through `k2_workers.incluster`.
 
 In a pod it uses the ServiceAccount token and CA and the env the operator sets: KUBERNETES_SERVICE_HOST/PORT (set by
 Kubernetes), K2_TRAINING_NAME and K2_NAMESPACE (set by the operator; the namespace falls back to the ServiceAccount's).
@@ -11,24 +10,21 @@ slow API server never stalls training and other status fields (the operator's co
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
-import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from k2_workers.incluster import SERVICE_ACCOUNT_DIR, InClusterClient
+
 log = logging.getLogger(__name__)
 
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 GROUP_VERSION = "k2.ai/v1alpha1"
 PLURAL = "k2trainings"
 ENV_NAME = "K2_TRAINING_NAME"
-ENV_NAMESPACE = "K2_NAMESPACE"
 
 Sender = Callable[[dict[str, Any]], None]
 
@@ -57,24 +53,14 @@ def progress_record(
     return progress
 
 
-def status_url(api_server: str, namespace: str, name: str) -> str:
-    return f"{api_server.rstrip('/')}/apis/{GROUP_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+def status_path(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
 
 
-def http_sender(url: str, token_file: Path | None, ca_file: Path | None, timeout_s: float = 5.0) -> Sender:
-    """PATCH {"status": {"progress": ...}} as a JSON merge patch; the token is re-read each time (it rotates)."""
-    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
-
-    def send(progress: dict[str, Any]) -> None:
-        body = json.dumps({"status": {"progress": progress}}).encode()
-        request = urllib.request.Request(url, data=body, method="PATCH")
-        request.add_header("Content-Type", "application/merge-patch+json")
-        if token_file is not None:
-            request.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
-        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
-            response.read()
-
-    return send
+def progress_sender(client: InClusterClient, name: str) -> Sender:
+    """Merge-patch `{"status": {"progress": ...}}` into the named K2Training."""
+    path = status_path(client.namespace, name)
+    return lambda progress: client.merge_patch(path, {"status": {"progress": progress}})
 
 
 class StatusReporter:
@@ -128,18 +114,9 @@ def reporter_from_env(
     env: Mapping[str, str] = os.environ, min_interval_s: float = 10.0, service_account_dir: Path = SERVICE_ACCOUNT_DIR
 ) -> StatusReporter | None:
     """A reporter when running in a cluster with the K2Training known, else None (quietly)."""
-    host, name = env.get("KUBERNETES_SERVICE_HOST"), env.get(ENV_NAME)
-    namespace = env.get(ENV_NAMESPACE)
-    if namespace is None and (service_account_dir / "namespace").is_file():
-        namespace = (service_account_dir / "namespace").read_text().strip()
-    if not (host and name and namespace):
+    client = InClusterClient.from_env(env, service_account_dir)
+    name = env.get(ENV_NAME)
+    if client is None or not name:
         log.debug("not in a cluster or K2Training unknown: status reporting off")
         return None
-    port = env.get("KUBERNETES_SERVICE_PORT", "443")
-    server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    token = service_account_dir / "token"
-    ca = service_account_dir / "ca.crt"
-    send = http_sender(
-        status_url(server, namespace, name), token if token.is_file() else None, ca if ca.is_file() else None
-    )
-    return StatusReporter(send, min_interval_s)
+    return StatusReporter(progress_sender(client, name), min_interval_s)
