@@ -74,9 +74,24 @@ class Optimizer(ApiModel):
     )
     warmup_steps: int = Field(default=0, ge=0, le=1_000_000_000, description="Linear warmup steps (WSD schedule).")
     decay_steps: int = Field(
-        default=0, ge=0, le=1_000_000_000, description="Final steps of linear decay to finalLrRatio x lr (WSD)."
+        default=0, ge=0, le=1_000_000_000, description="Final steps of cosine decay to finalLrRatio x lr (WSD)."
     )
     final_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Learning rate at the end of decay, over lr.")
+    grad_clip: float = Field(
+        default=1.0, ge=0, le=1e6, description="Bound on the global gradient norm before each step; 0 turns it off."
+    )
+    router_bias_update_rate: float = Field(
+        default=1e-3,
+        ge=0,
+        le=1,
+        description="u of the loss-free balancing rule b += u * sign(mean load - load); 0 freezes the biases.",
+    )
+    aux_loss_alpha: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Weight of the Switch auxiliary balance loss (alpha * N * sum f_i P_i); 0 is off.",
+    )
 
 
 class Data(ApiModel):
