@@ -101,12 +101,20 @@ def test_training_job_is_a_torchrun_gang() -> None:
     assert spec["template"]["spec"]["subdomain"] == "k2-debug-train-workers"
 
 
-def test_training_with_several_procs_per_node_runs_torchrun() -> None:
+def test_training_with_several_procs_per_node_uses_the_workers_launcher() -> None:
     job = training_builder.job(training(numNodes=2, gpusPerNode=4, procsPerNode=4), attempt=0)
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][0] == "torchrun"
-    assert "--nproc-per-node=4" in container["command"]
+    assert container["command"] == [
+        "k2",
+        "worker",
+        "train",
+        "--config",
+        "/etc/k2/training.yaml",
+        "--nproc-per-node",
+        "4",
+    ]
     assert env(container)["WORLD_SIZE"] == "8"
+    assert env(container)["K2_METRICS_PORT"] == "9400"
 
 
 def test_scheduling_fields_reach_the_pods() -> None:

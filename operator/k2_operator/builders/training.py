@@ -105,22 +105,13 @@ def rbac(training: K2Training) -> list[Manifest]:
 
 
 def _command(training: K2Training) -> list[str]:
+    """The worker's own launcher: with nprocPerNode > 1 it starts the pod's ranks itself (RANK = NODE_RANK x N + i)
+    and, unlike torchrun, exits 0 when SIGTERM made every rank checkpoint and stop (preemption is not a failure)."""
     spec = training.spec
-    config = f"{CONFIG_DIR}/{CONFIG_FILE}"
-    if spec.nproc_per_node == 1:
-        return ["k2", "worker", "train", "--config", config]
-    return [
-        "torchrun",
-        f"--nnodes={spec.num_nodes}",
-        f"--nproc-per-node={spec.nproc_per_node}",
-        "--node-rank=$(NODE_RANK)",
-        "--master-addr=$(MASTER_ADDR)",
-        "--master-port=$(MASTER_PORT)",
-        "-m",
-        "k2_workers.train",
-        "--config",
-        config,
-    ]
+    command = ["k2", "worker", "train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    if spec.nproc_per_node > 1:
+        command += ["--nproc-per-node", str(spec.nproc_per_node)]
+    return command
 
 
 def _env(training: K2Training, attempt: int) -> list[dict[str, Any]]:
@@ -139,6 +130,7 @@ def _env(training: K2Training, attempt: int) -> list[dict[str, Any]]:
         {"name": "K2_TRAINING_NAME", "value": training.metadata.name},
         {"name": "K2_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "K2_RESTART_ATTEMPT", "value": str(attempt)},
+        {"name": "K2_METRICS_PORT", "value": str(METRICS_PORT)},
     ]
 
 
