@@ -20,6 +20,7 @@ from tests.serve.worker_process import (
     request,
     serve_processes,
     wait_healthy,
+    wait_until,
     write_placement,
 )
 
@@ -102,13 +103,15 @@ def test_single_rank_serves_applies_placements_live_and_exports_load(tmp_path: P
             thread.join(timeout=300)
         assert len(results) == 9
         assert all(status == 200 and body["tokens"] == expected for status, body in results), results
-        status, body = request(url + "/v1/placement")
-        assert status == 200 and body["generation"] == 2 and body["layers"] == permuted
+        body = wait_until(url + "/v1/placement", lambda b: b["generation"] == 2)
+        assert body["generation"] == 2 and body["layers"] == permuted and body["ignoredFileError"] is None
+        assert request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 12})[1]["tokens"] == expected
 
-        # An invalid file (expert 7 lost) is ignored: generation 2 stays in force.
+        # An invalid file (expert 7 lost) is ignored, saying why: generation 2 stays in force.
         write_placement(placement, 3, [[[0, 1, 2, 3, 4, 5, 6, 6]]] * NUM_MOE_LAYERS, NUM_EXPERTS)
-        assert request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 2})[0] == 200
-        assert request(url + "/v1/placement")[1]["generation"] == 2
+        body = wait_until(url + "/v1/placement", lambda b: b["ignoredFileError"] is not None)
+        assert "experts without a replica: 7" in body["ignoredFileError"] and body["generation"] == 2
+        assert request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 2})[1]["placementGeneration"] == 2
 
         text = metrics_text(metrics_port)
         expert, slot = token_sums(text, "k2_expert_tokens_total"), token_sums(text, "k2_slot_tokens_total")
@@ -141,10 +144,10 @@ def test_two_rank_group_matches_the_single_process_model_and_moves_experts(tmp_p
 
         moved = [[3, 4, 5, 6, 7], [0, 1, 2, 3, 7]]
         write_placement(placement, 2, [moved] * NUM_MOE_LAYERS, NUM_EXPERTS)
+        for url in urls:  # rank 0 broadcasts the new tables; both ranks load their new experts
+            assert wait_until(url + "/healthz", lambda b: b["placementGeneration"] == 2)["placementGeneration"] == 2
         status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
-        assert status == 200 and body["tokens"] == expected
-        for url in urls:
-            assert request(url + "/healthz")[1]["placementGeneration"] == 2
+        assert status == 200 and body["tokens"] == expected and body["placementGeneration"] == 2
 
         texts = [metrics_text(port) for port in metrics_ports]
         routed = token_sums(texts[0], "k2_expert_tokens_total")["0"]

@@ -97,3 +97,13 @@ def write_placement(path: Path, generation: int, layers: list[list[list[int]]], 
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(document))
     tmp.replace(path)  # atomic, like a ConfigMap volume update
+
+
+def wait_until(url: str, predicate: Any, timeout_s: float = 60) -> dict[str, Any]:
+    """GET `url` until `predicate(body)` holds; the last body otherwise (the caller's assertion then fails)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = request(url, timeout=10)
+        if (status == 200 and predicate(body)) or time.monotonic() > deadline:
+            return body
+        time.sleep(0.2)

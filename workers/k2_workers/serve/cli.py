@@ -132,9 +132,9 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         if rank == 0:
             initial = ActivePlacement.round_robin(num_layers, config.n_routed_experts, world_size, slots_per_rank)
-            engine.apply_placement(current_placement(args.placement) or initial)
+            engine.apply_placement(current_placement(args.placement, engine) or initial)
             while not stop.wait(args.placement_poll_seconds):
-                placement = current_placement(args.placement)
+                placement = current_placement(args.placement, engine)
                 if placement is not None and placement.generation != engine.generation:
                     engine.apply_placement(placement)
             engine.stop()
@@ -148,12 +148,17 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
-def current_placement(path: Path | None) -> ActivePlacement | None:
-    """The placement file's content, or None (logged) when absent or invalid: the one in force stays."""
+def current_placement(path: Path | None, engine: GroupEngine) -> ActivePlacement | None:
+    """The placement file's content, or None when absent or invalid: the one in force stays, and the reason is
+    logged once and shown by /v1/placement."""
     if path is None or not path.exists():
         return None
     try:
-        return read_placement(path)
+        placement = read_placement(path)
     except ValueError as error:
-        log.warning("ignoring the placement file: %s", error)
+        if str(error) != engine.placement_error:
+            log.warning("ignoring the placement file: %s", error)
+        engine.placement_error = str(error)
         return None
+    engine.placement_error = None
+    return placement

@@ -72,6 +72,7 @@ class GroupEngine:
         self._on_applied = on_applied
         self._lock = threading.Lock()
         self.placement: ActivePlacement | None = None
+        self.placement_error: str | None = None  # why the newest placement file is not applied, if it is not
         num_layers = len(list(model.moe_blocks()))
         self._expert_tokens_LE = np.zeros((num_layers, model.config.n_routed_experts))
         self._slot_tokens_LS: np.ndarray | None = None

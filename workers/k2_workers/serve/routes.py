@@ -31,6 +31,7 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
             "ranks": current.num_ranks,
             "slotsPerRank": current.slots_per_rank,
             "layers": [t.table_RS.tolist() for t in current.tables],
+            "ignoredFileError": engine.placement_error,
         }
 
     def generate(body: bytes) -> tuple[int, dict[str, Any]]:
