@@ -93,18 +93,20 @@ def _with_implementation(moe: MoE, implementation: str, x: torch.Tensor) -> torc
     return moe(x)
 
 
-def cpu_table(hidden: int, intermediate: int, token_counts: list[int], repeats: int) -> None:
+def cpu_table(hidden: int, intermediate: int, token_counts: list[int], repeats: int, dtype: torch.dtype) -> None:
     config = K2Config(hidden_size=hidden, moe_intermediate_size=intermediate, num_hidden_layers=2)
     theirs, ours = build_pair(config)
+    theirs, ours = theirs.to(dtype), ours.to(dtype)
     print(
-        f"MoE layer, CPU fp32 forward ({torch.get_num_threads()} threads): hidden {hidden}, expert intermediate "
+        f"MoE layer, CPU {str(dtype).removeprefix('torch.')} forward ({torch.get_num_threads()} threads): "
+        f"hidden {hidden}, expert intermediate "
         f"{intermediate}, {config.n_routed_experts} experts top-{config.num_experts_per_tok} + "
         f"{config.n_shared_experts} shared, noaux_tc (n_group {config.n_group}); best of {repeats}, interleaved"
     )
     header = ("tokens", "transformers", "ours", "ratio", "ours padded", "ratio", "max |diff|")
     print("{:>7} {:>13} {:>9} {:>6} {:>12} {:>6} {:>10}".format(*header))
     for num_tokens in token_counts:
-        x = torch.randn(1, num_tokens, hidden, generator=torch.Generator().manual_seed(num_tokens))
+        x = torch.randn(1, num_tokens, hidden, generator=torch.Generator().manual_seed(num_tokens)).to(dtype)
         with torch.no_grad():
             reference = theirs(x)
             diff = max(
@@ -163,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's bf16 peak")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations of both layers on CPU"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.skip_cpu:
-        cpu_table(args.hidden, args.intermediate, args.tokens, args.repeats)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        cpu_table(args.hidden, args.intermediate, args.tokens, args.repeats, dtype)
     if torch.cuda.is_available():
         gpu_grouped_gemm(args.gpu_tokens, args.gpu_experts, args.repeats, args.peak_tflops)
     else:
