@@ -5,7 +5,10 @@ SwiGLU then runs as
 - `grouped_mm`: one grouped GEMM per projection (`torch._grouped_mm`, CUDA sm90+ in bf16);
 - `padded`: one batched GEMM per projection over an [E, capacity, D] layout (capacity ≤ 1.5× the mean load; the
   rows of an expert beyond it get one matmul per overflowing expert), for accelerators without grouped_mm;
-- `loop`: one matmul per expert that received tokens (the CPU choice).
+- `loop`: one matmul per expert that received tokens (the CPU choice). In inference the module runs it
+  gather-to-scatter per expert (gather its rows, SwiGLU, scale, add into the output), so that one expert's working
+  set stays in cache instead of materialising [A, D] buffers; expert parallelism, whose rows arrive gathered,
+  uses `looped_swiglu`.
 There is never a loop over tokens. Expert parallelism replaces this module from outside, keeping
 `forward(x_TD, expert_ids_TK, expert_weights_TK) -> y_TD`.
 
@@ -19,7 +22,7 @@ E = slots (all routed experts unless a subset is held).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -45,14 +48,32 @@ def grouped_mm_available(x: Tensor) -> bool:
     return compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def choose_implementation(x_AD: Tensor, num_slots: int) -> Implementation:
+def choose_implementation(x: Tensor, num_rows: int, num_slots: int) -> Implementation:
     """grouped_mm where it is native; padded batched GEMMs on other accelerators (per-launch cost dominates there);
-    on CPU one exact-size matmul per expert, which measured faster than the padded layout (benchmarks/moe_layer.py)."""
-    if grouped_mm_available(x_AD):
+    on CPU one exact-size matmul per expert, which measured faster than the padded layout (benchmarks/moe_layer.py).
+
+    `x` holds the activations (its device and dtype decide), `num_rows` the assignments to compute."""
+    if grouped_mm_available(x):
         return "grouped_mm"
-    if x_AD.device.type != "cpu" and x_AD.shape[0] >= num_slots:
+    if x.device.type != "cpu" and num_rows >= num_slots:
         return "padded"
     return "loop"
+
+
+def _per_expert(counts: list[int], rows: Sequence[Tensor], weights: Sequence[Tensor]) -> Iterator[tuple[Tensor, ...]]:
+    """(rows, gate, up, down) of each expert that received rows: `rows` split by `counts`, weights unbound.
+
+    `split` and `unbind` each have one backward that concatenates or stacks; slicing `x[a:b]` or `w[e]` per expert
+    instead would zero-fill a gradient of the whole tensor per expert, E of them per step."""
+    pieces = [torch.split(r, counts) for r in rows]
+    for n, *tensors in zip(counts, *pieces, *(w.unbind(0) for w in weights), strict=True):
+        if n > 0:
+            yield tuple(tensors)
+
+
+def swiglu(x_ND: Tensor, gate_ID: Tensor, up_ID: Tensor, down_DI: Tensor) -> Tensor:
+    """One expert's SwiGLU: down(silu(gate(x)) * up(x))."""
+    return F.linear(F.silu(F.linear(x_ND, gate_ID)) * F.linear(x_ND, up_ID), down_DI)
 
 
 def _pad_groups(counts_E: Tensor, align: int) -> tuple[Tensor, Tensor]:
@@ -118,21 +139,41 @@ def padded_swiglu(
         rows = torch.arange(start + capacity, start + count, device=x_AD.device)
         x = x_AD[start + capacity : start + count]
         overflow_rows.append(rows)
-        overflow_outs.append(F.linear(F.silu(F.linear(x, gate_EID[e])) * F.linear(x, up_EID[e]), down_EDI[e]))
+        overflow_outs.append(swiglu(x, gate_EID[e], up_EID[e], down_EDI[e]))
     y_AD = torch.cat(overflow_outs)
     return y_AD.new_zeros(num_rows, y_AD.shape[1]).index_copy(0, torch.cat(overflow_rows), y_AD)
 
 
 def looped_swiglu(x_AD: Tensor, counts_E: Tensor, gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor) -> Tensor:
     """SwiGLU of every expert over its contiguous rows, one matmul per expert that received tokens."""
-    outs, start = [], 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n == 0:
-            continue
-        x = x_AD[start : start + n]
-        outs.append(F.linear(F.silu(F.linear(x, gate_EID[e])) * F.linear(x, up_EID[e]), down_EDI[e]))
-        start += n
+    experts = _per_expert(counts_E.tolist(), [x_AD], [gate_EID, up_EID, down_EDI])
+    outs = [swiglu(x_ND, gate_ID, up_ID, down_DI) for x_ND, gate_ID, up_ID, down_DI in experts]
     return torch.cat(outs) if outs else x_AD.new_zeros(0, down_EDI.shape[1])
+
+
+def looped_swiglu_combine(
+    x_TD: Tensor,
+    token_A: Tensor,
+    weight_A: Tensor,
+    counts_E: Tensor,
+    gate_EID: Tensor,
+    up_EID: Tensor,
+    down_EDI: Tensor,
+) -> Tensor:
+    """sum over assignments of weight · SwiGLU_expert(x_token), one expert at a time.
+
+    `token_A` and `weight_A` are the assignments sorted by expert (`counts_E` each). Each expert gathers its own
+    rows, computes, scales and adds into the output, so no [A, D] buffer is materialised: on CPU the gather, the
+    weighting and the scatter of A·D values through memory cost as much as the matmuls (benchmarks/moe_layer.py).
+    For inference: the backward of each expert's `index_select` would zero-fill a [T, D] gradient, so a forward
+    that needs the input's gradient gathers once instead (`RoutedExperts.forward`).
+    """
+    y_TD = torch.zeros_like(x_TD)
+    experts = _per_expert(counts_E.tolist(), [token_A, weight_A], [gate_EID, up_EID, down_EDI])
+    for token_N, weight_N, gate_ID, up_ID, down_DI in experts:
+        y_ND = swiglu(x_TD.index_select(0, token_N), gate_ID, up_ID, down_DI)
+        y_TD.index_add_(0, token_N, (y_ND * weight_N[:, None]).to(y_TD.dtype))
+    return y_TD
 
 
 def sorted_swiglu(
@@ -145,7 +186,7 @@ def sorted_swiglu(
 ) -> Tensor:
     """SwiGLU of rows already sorted by expert (`counts_E` rows each), by the chosen or the best implementation."""
     if implementation == "auto":
-        implementation = choose_implementation(x_AD, counts_E.numel())
+        implementation = choose_implementation(x_AD, x_AD.shape[0], counts_E.numel())
     if implementation == "grouped_mm":
         align = _GROUPED_MM_ALIGN_ROWS if x_AD.is_cuda else 1
         dtype = compute_dtype(x_AD)  # under autocast, activations and parameters may still be fp32
@@ -203,9 +244,15 @@ class RoutedExperts(nn.Module):
         if self.slot_of_expert is not None:  # drop assignments to experts held elsewhere (sorted last)
             order_A = order_A[: int(counts_E.sum().item())]
         token_A = order_A // k
-        x_AD = x_TD[token_A]
-        y_AD = sorted_swiglu(x_AD, counts_E, self.gate_proj, self.up_proj, self.down_proj, self.implementation)
-        y_AD = y_AD * expert_weights_TK.reshape(-1)[order_A, None].to(y_AD.dtype)
+        weight_A = expert_weights_TK.reshape(-1)[order_A]
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        implementation = self.implementation
+        if implementation == "auto":
+            implementation = choose_implementation(x_TD, token_A.numel(), self.num_slots)
+        if implementation == "loop" and not (torch.is_grad_enabled() and x_TD.requires_grad):
+            return looped_swiglu_combine(x_TD, token_A, weight_A, counts_E, *weights)
+        y_AD = sorted_swiglu(x_TD[token_A], counts_E, *weights, implementation)
+        y_AD = y_AD * weight_A[:, None].to(y_AD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
 
     def extra_repr(self) -> str:
