@@ -2,13 +2,14 @@
 
 Both layers get K2's routing (sigmoid noaux_tc, 384 experts, top-8, one shared expert) at a reduced hidden size so
 that a 2-core CPU finishes in minutes; the script checks that both outputs agree, then prints tokens/s of each and
-the ratio for 512 / 4096 / 16384 tokens (forward, inference mode).
+the ratio for 512 / 4096 / 16384 tokens (forward, inference mode; `--backward`: forward + backward, train mode).
 
 With a CUDA GPU (sm90+, bf16) it also measures the grouped GEMM of the routed experts at K2's real expert shape
 (hidden 7168, intermediate 2048) and reports TFLOP/s against the GPU's bf16 dense peak.
 
     python benchmarks/moe_layer.py                      # CPU table (and the GPU section when a GPU is present)
     python benchmarks/moe_layer.py --hidden 512 --tokens 512 4096
+    python benchmarks/moe_layer.py --backward --repeats 1 --tokens 512 4096   # training step (slow: transformers)
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambd
     return min(times)
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warm_up: bool = True) -> dict[str, float]:
     """Best seconds of each function, calls interleaved so that load from other processes hits all alike."""
-    for fn in fns.values():
+    for fn in fns.values() if warm_up else ():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
@@ -128,6 +129,43 @@ def cpu_table(hidden: int, intermediate: int, token_counts: list[int], repeats: 
     print("(tokens/s; ours = automatic choice, per-expert matmuls on CPU; ours padded = batched GEMM over [E, C, D])")
 
 
+def _train_step(moe: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of <moe(x), probe>; returns the input's gradient (parameter gradients are dropped)."""
+    x = x.detach().requires_grad_(True)
+    (moe(x) * probe).sum().backward()
+    moe.zero_grad(set_to_none=True)
+    assert x.grad is not None
+    return x.grad
+
+
+def cpu_train_table(hidden: int, intermediate: int, token_counts: list[int], repeats: int, dtype: torch.dtype) -> None:
+    """Forward + backward in train mode, both layers; the max |diff| column compares the input gradients."""
+    config = K2Config(hidden_size=hidden, moe_intermediate_size=intermediate, num_hidden_layers=2)
+    theirs, ours = (m.to(dtype).train() for m in build_pair(config))
+    print(
+        f"MoE layer, CPU {str(dtype).removeprefix('torch.')} forward+backward, train mode "
+        f"({torch.get_num_threads()} threads): hidden {hidden}, expert intermediate {intermediate}, "
+        f"{config.n_routed_experts} experts top-{config.num_experts_per_tok}; best of {repeats}, interleaved"
+    )
+    print("{:>7} {:>13} {:>9} {:>7} {:>10}".format("tokens", "transformers", "ours", "ratio", "max |diff|"))
+    for num_tokens in token_counts:
+        g = torch.Generator().manual_seed(num_tokens)
+        x = torch.randn(1, num_tokens, hidden, generator=g).to(dtype)
+        probe = torch.randn(1, num_tokens, hidden, generator=g).to(dtype)
+        diff = (_train_step(ours, x, probe) - _train_step(theirs, x, probe)).abs().max().item()  # also the warm-up
+        best = _interleaved(
+            {"theirs": lambda: _train_step(theirs, x, probe), "ours": lambda: _train_step(ours, x, probe)},  # noqa: B023
+            repeats,
+            warm_up=False,
+        )
+        rate = {name: num_tokens / seconds for name, seconds in best.items()}
+        print(
+            f"{num_tokens:>7} {rate['theirs']:>13,.0f} {rate['ours']:>9,.0f} {rate['ours'] / rate['theirs']:>6.1f}x "
+            f"{diff:>10.1e}"
+        )
+    print("(tokens/s of forward + backward with respect to the input and every parameter)")
+
+
 def gpu_grouped_gemm(num_tokens: int, num_experts: int, repeats: int, peak_tflops: float | None) -> None:
     """Grouped GEMM TFLOP/s of the routed experts at K2's expert shape, bf16, balanced random routing."""
     hidden, inter, top_k = 7168, 2048, 8
@@ -166,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument(
+        "--backward",
+        action="store_true",
+        help="time forward+backward in train mode instead of the inference forward (slow: about a minute per "
+        "transformers call at 384 experts)",
+    )
+    parser.add_argument(
         "--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations of both layers on CPU"
     )
     args = parser.parse_args(argv)
@@ -173,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not args.skip_cpu:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        cpu_table(args.hidden, args.intermediate, args.tokens, args.repeats, dtype)
+        table = cpu_train_table if args.backward else cpu_table
+        table(args.hidden, args.intermediate, args.tokens, args.repeats, dtype)
     if torch.cuda.is_available():
         gpu_grouped_gemm(args.gpu_tokens, args.gpu_experts, args.repeats, args.peak_tflops)
     else:
