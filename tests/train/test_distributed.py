@@ -72,7 +72,9 @@ def _stop(procs: list[subprocess.Popen[str]], timeout_s: float) -> list[int | No
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> None:
     checkpoints = tmp_path / "ckpt"
-    procs = start_ranks(["--steps", "100000", "--checkpoint-dir", str(checkpoints)], 2, tmp_path)
+    # --checkpoint-every 0: the manifest's periodic checkpoints (every 5 steps) would race the signal
+    args = ["--steps", "100000", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "0"]
+    procs = start_ranks(args, 2, tmp_path)
     try:
         wait_for_step(tmp_path / "rank0.out", 3, procs)
         for p in procs:
