@@ -1,12 +1,13 @@
 """`max_attention_logits()` equals a brute-force recomputation of every head's largest pre-softmax logit, with an
-independent (complex-number, DeepSeek-style) RoPE."""
+independent (complex-number, DeepSeek-style) RoPE; the chunked maximum equals the full masked one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from k2_workers.model import K2Config, K2ForCausalLM
-from k2_workers.model.attention import MLAttention
+from k2_workers.model.attention import MLAttention, causal_max_logits
 from k2_workers.model.rope import rope_frequencies, softmax_scale
 
 
@@ -68,4 +69,30 @@ def test_not_recorded_in_eval_unless_switched_on() -> None:
         assert torch.count_nonzero(model.max_attention_logits()) == 0
         model.record_attention_logits = True
         model(input_ids)
+    assert torch.count_nonzero(model.max_attention_logits()) == model.max_attention_logits().numel()
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 50, 1 << 20])
+@pytest.mark.parametrize("past", [0, 3])
+def test_causal_max_logits_in_chunks_equal_the_full_masked_maximum(chunk_elements: int, past: int) -> None:
+    g = torch.Generator().manual_seed(past)
+    b, h, s, k = 2, 3, 5, 4
+    q, keys = torch.randn(b, h, s, k, generator=g), torch.randn(b, h, past + s, k, generator=g)
+    keys[:, :, -1], q[:, :, -1] = 100.0, 0.0  # the big key is visible only to the last query, which ignores it
+    logits = (q @ keys.transpose(-1, -2)) * 0.5
+    visible = torch.ones(s, past + s, dtype=torch.bool).tril(diagonal=past)
+    expected = logits.masked_fill(~visible, float("-inf")).amax(dim=(0, 2, 3))
+    got = causal_max_logits(q, keys, 0.5, past=past, chunk_elements=chunk_elements)
+    torch.testing.assert_close(got, expected)
+
+
+def test_recording_does_not_change_the_forward() -> None:
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
+    input_ids = torch.randint(0, 258, (2, 16))
+    with torch.no_grad():
+        plain = model(input_ids).logits
+        model.record_attention_logits = True
+        recorded = model(input_ids).logits
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
     assert torch.count_nonzero(model.max_attention_logits()) == model.max_attention_logits().numel()

@@ -4,6 +4,11 @@ Without a cache the keys and values are expanded from the latent (the "naive" fo
 with an `MLACache` the cached latent is used directly by absorbing kv_b_proj into the query and the output (the
 "absorbed" form). Both compute the same function.
 
+Recording the largest logit per head (QK-Clip's S_max, in training) does not change how attention is computed:
+the naive form still runs `scaled_dot_product_attention` (flash or memory-efficient kernels on GPU), and the maximum
+is taken separately, without autograd, over query chunks of at most `MAX_LOGIT_CHUNK_ELEMENTS` logits, so no
+[B, H, S, S] tensor is ever held for the backward pass.
+
 Shape legend: B = batch, S = new tokens, T = attended tokens, H = heads, D = hidden, C = kv_lora_rank,
 N = qk_nope_head_dim, R = qk_rope_head_dim, K = N + R, V = v_head_dim, P = R/2.
 """
@@ -18,6 +23,30 @@ from k2_workers.model.config import K2Config
 from k2_workers.model.kv_cache import MLACache
 from k2_workers.model.norm import RMSNorm
 from k2_workers.model.rope import apply_rope, softmax_scale
+
+MAX_LOGIT_CHUNK_ELEMENTS = 1 << 24  # logits materialised at once while recording max logits (64 MiB in fp32)
+
+
+@torch.no_grad()
+def causal_max_logits(
+    q_BHSK: Tensor, k_BHTK: Tensor, scale: float, past: int = 0, chunk_elements: int = MAX_LOGIT_CHUNK_ELEMENTS
+) -> Tensor:
+    """The largest causal pre-softmax logit `scale · q·k` of every head, [H] in fp32, computed over query chunks.
+
+    Query i (absolute position past + i) sees keys 0..past + i.
+    """
+    b, h, s, _ = q_BHSK.shape
+    t = k_BHTK.shape[2]
+    rows = max(1, chunk_elements // max(1, b * h * t))
+    keys_T = torch.arange(t, device=q_BHSK.device)
+    best_H = torch.full((h,), float("-inf"), device=q_BHSK.device)
+    for start in range(0, s, rows):
+        q_BHCK = q_BHSK[:, :, start : start + rows]
+        logits_BHCT = torch.matmul(q_BHCK, k_BHTK.transpose(-1, -2)).float() * scale
+        queries_C = torch.arange(start, start + q_BHCK.shape[2], device=q_BHSK.device) + past
+        logits_BHCT.masked_fill_(keys_T[None, :] > queries_C[:, None], float("-inf"))
+        best_H = torch.maximum(best_H, logits_BHCT.amax(dim=(0, 2, 3)))
+    return best_H
 
 
 class MLAttention(nn.Module):
@@ -88,10 +117,9 @@ class MLAttention(nn.Module):
         k_nope_BHSN, v_BHSV = kv_BHSX.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q_BHSK = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
         k_BHSK = torch.cat([k_nope_BHSN, k_rope_BSR[:, None].expand(b, h, s, -1)], dim=-1)
-        if not record:
-            return F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSV, is_causal=True, scale=self.scale)
-        logits_BHST = torch.matmul(q_BHSK, k_BHSK.transpose(-1, -2)) * self.scale
-        return self._softmax_values(logits_BHST, v_BHSV, past=0, record=True)
+        if record:
+            self.last_max_logits_H = causal_max_logits(q_BHSK, k_BHSK, self.scale)
+        return F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSV, is_causal=True, scale=self.scale)
 
     def _absorbed(
         self, q_nope_BHSN: Tensor, q_rope_BHSR: Tensor, latent_BTC: Tensor, k_rope_BTR: Tensor, record: bool
@@ -114,6 +142,3 @@ class MLAttention(nn.Module):
             with torch.no_grad():
                 self.last_max_logits_H = logits_BHST.detach().amax(dim=(0, 2, 3)).float()
         return F.softmax(logits_BHST, dim=-1, dtype=torch.float32).to(logits_BHST.dtype)
-
-    def _softmax_values(self, logits_BHST: Tensor, v_BHTV: Tensor, past: int, record: bool) -> Tensor:
-        return torch.matmul(self._softmax_probs(logits_BHST, past, record), v_BHTV)
