@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pydantic
@@ -51,11 +52,23 @@ def test_crds_are_served_with_short_names(cluster: Cluster, k2_crds: list[str]) 
     assert cluster.kubectl("get", "k2", "-A").returncode == 0  # the category
 
 
+def _explain(cluster: Cluster, field: str, timeout_s: float = 60) -> str:
+    """`kubectl explain`, retried: the apiserver publishes a new CRD's OpenAPI schema a moment after it is
+    Established, and until then explain answers 'couldn't find resource'."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = cluster.kubectl("explain", field, check=False)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, result.stderr
+            return " ".join(result.stdout.split())
+        time.sleep(0.5)
+
+
 def test_explain_shows_the_model_descriptions(cluster: Cluster, k2_crds: list[str]) -> None:
-    out = " ".join(cluster.kubectl("explain", "k2t.spec.failurePolicy.maxRestarts").stdout.split())
-    assert "Gang restarts allowed before the training is marked Failed" in out
-    out = " ".join(cluster.kubectl("explain", "xp.spec.layers.slots").stdout.split())
-    assert "spec.ranks rows of spec.slotsPerRank ids" in out
+    assert "Gang restarts allowed before the training is marked Failed" in _explain(
+        cluster, "k2t.spec.failurePolicy.maxRestarts"
+    )
+    assert "spec.ranks rows of spec.slotsPerRank ids" in _explain(cluster, "xp.spec.layers.slots")
 
 
 @pytest.mark.parametrize("kind", sorted(EXAMPLES))
