@@ -59,6 +59,16 @@ def token_sums(text: str, metric: str) -> dict[str, float]:
     return sums
 
 
+def weight_bytes(text: str) -> dict[str, float]:
+    """`k2_expert_weight_bytes_total` per `source` label."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("k2_expert_weight_bytes_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('source="', 1)[1].split('"', 1)[0]] = float(value)
+    return found
+
+
 def test_single_rank_serves_applies_placements_live_and_exports_load(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     placement = tmp_path / "placement.json"
@@ -142,12 +152,19 @@ def test_two_rank_group_matches_the_single_process_model_and_moves_experts(tmp_p
         status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
         assert status == 200 and body["tokens"] == expected, body
 
+        loaded = [weight_bytes(metrics_text(port)) for port in metrics_ports]
+        assert [b["peer"] for b in loaded] == [0, 0]  # the first placement is read from storage: 5 experts a rank
         moved = [[3, 4, 5, 6, 7], [0, 1, 2, 3, 7]]
         write_placement(placement, 2, [moved] * NUM_MOE_LAYERS, NUM_EXPERTS)
         for url in urls:  # rank 0 broadcasts the new tables; both ranks load their new experts
             assert wait_until(url + "/healthz", lambda b: b["placementGeneration"] == 2)["placementGeneration"] == 2
         status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
         assert status == 200 and body["tokens"] == expected and body["placementGeneration"] == 2
+        # Rank 0 newly needs experts 5, 6, 7 and rank 1 needs 2, 3: all come from the other rank, none from storage
+        # (the greedy output above shows that they arrived intact).
+        after = [weight_bytes(metrics_text(port)) for port in metrics_ports]
+        assert [b["storage"] for b in after] == [b["storage"] for b in loaded]
+        assert [b["peer"] * 5 for b in after] == [3 * loaded[0]["storage"], 2 * loaded[1]["storage"]]
 
         texts = [metrics_text(port) for port in metrics_ports]
         routed = token_sums(texts[0], "k2_expert_tokens_total")["0"]

@@ -3,8 +3,9 @@
 Rank 0 owns the HTTP endpoint. For each request it broadcasts a small header and the prompt to the group, and every
 rank runs the same decoding loop: attention is replicated, the routed experts are sharded by the placement in force,
 and tokens reach their experts through all-to-all (k2_workers.parallel). A new placement generation is applied
-between two requests: rank 0 broadcasts the slot tables, each rank loads the experts of its new slots, and the
-requests that arrive meanwhile wait on the lock instead of failing. Greedy output does not depend on the placement.
+between two requests: rank 0 broadcasts the slot tables; each rank keeps the experts it already holds, receives
+the ones another rank held from that rank (`expert_moves`, `expert_exchange`) and reads only the rest from storage;
+the requests that arrive meanwhile wait on the lock instead of failing. Greedy output does not depend on the placement.
 
 Every rank decodes exactly `max_new_tokens` steps (EOS is cut afterwards on rank 0) so that all ranks make the same
 number of all-to-all calls even if floating-point noise made their samples differ.
@@ -15,16 +16,19 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from k2_workers.model import K2ForCausalLM
 from k2_workers.model.moe import MoE
-from k2_workers.parallel import ExpertParallelExperts
+from k2_workers.parallel import ExpertParallelExperts, SlotTable
+from k2_workers.serve.expert_exchange import ExpertTriple, exchange_experts
+from k2_workers.serve.expert_moves import plan_expert_moves
 from k2_workers.serve.expert_weights import ExpertWeights
 from k2_workers.serve.metrics import ExpertLoadCollector
 from k2_workers.serve.placement import ActivePlacement
@@ -139,24 +143,43 @@ class GroupEngine:
             raise ValueError(f"placement has {len(placement.tables)} layers, the model {len(blocks)} MoE layers")
         if placement.num_ranks != self.world_size:
             raise ValueError(f"placement has {placement.num_ranks} ranks, this group {self.world_size}")
-        dtype = self.model.lm_head.weight.dtype
         for index, (moe, table) in enumerate(zip(blocks, placement.tables, strict=True)):
-            current = moe.experts
-            wanted = table.table_RS[self.rank].tolist()
-            if isinstance(current, ExpertParallelExperts) and current.expert_ids == wanted:
-                moe.experts = ExpertParallelExperts.from_weights(
-                    table, self.rank, current.gate_proj, current.up_proj, current.down_proj
-                )  # same local weights, new routing tables
-                continue
-            gate, up, down = self._weights.experts(index, wanted)
-            moe.experts = ExpertParallelExperts.from_weights(
-                table, self.rank, gate.to(dtype), up.to(dtype), down.to(dtype)
-            )
+            moe.experts = self._reshard_layer(index, moe.experts, table)
         self.placement = placement
         self._slot_tokens_LS = np.zeros((len(blocks), placement.slots_per_rank))
         log.info("rank %d applied placement generation %d", self.rank, placement.generation)
         if self._on_applied is not None:
             self._on_applied(placement.generation)
+
+    def _reshard_layer(self, index: int, current: nn.Module, table: SlotTable) -> ExpertParallelExperts:
+        """This rank's shard of one MoE layer under `table`. Experts it already holds are reused, experts another
+        rank held under the previous table arrive from that rank, and only the rest are read from storage."""
+        wanted = table.table_RS[self.rank].tolist()
+        config = self.model.config
+        inter, hidden = config.moe_intermediate_size, config.hidden_size
+        dtype = self.model.lm_head.weight.dtype
+        sources: dict[int, ExpertTriple] = {}
+        if isinstance(current, ExpertParallelExperts) and self.placement is not None:
+            gate, up, down = (current.gate_proj.detach(), current.up_proj.detach(), current.down_proj.detach())
+            for slot, expert in enumerate(current.expert_ids):
+                sources.setdefault(expert, (gate[slot], up[slot], down[slot]))
+            moves = plan_expert_moves(self.placement.tables[index], table)  # every rank takes part, even if unchanged
+            received = exchange_experts(moves, self.rank, sources.__getitem__, inter, hidden, gate)
+            self._count_bytes("peer", received.values())
+            sources.update(received)
+        missing = [e for e in dict.fromkeys(wanted) if e not in sources]
+        if missing:
+            stacked = [w.to(dtype) for w in self._weights.experts(index, missing)]
+            loaded = {e: (stacked[0][i], stacked[1][i], stacked[2][i]) for i, e in enumerate(missing)}
+            self._count_bytes("storage", loaded.values())
+            sources.update(loaded)
+        gate, up, down = (torch.stack([sources[e][p] for e in wanted]) for p in range(3))
+        return ExpertParallelExperts.from_weights(table, self.rank, gate, up, down)
+
+    def _count_bytes(self, source: str, experts: Iterable[ExpertTriple]) -> None:
+        nbytes = sum(w.numel() * w.element_size() for triple in experts for w in triple)
+        if self._collector is not None and nbytes:
+            self._collector.add_weight_bytes(source, nbytes)
 
     @torch.no_grad()
     def _decode(self, prompt: torch.Tensor, params: GenerateParams) -> list[int]:

@@ -2,6 +2,8 @@
 
 - `k2_expert_tokens_total{serving,group,rank,layer,expert}`: tokens this rank routed to logical expert `expert`.
 - `k2_slot_tokens_total{serving,group,rank,layer,slot}`: tokens the expert in slot `slot` of this rank processed.
+- `k2_expert_weight_bytes_total{serving,group,rank,source}`: bytes of expert weights this rank took in to apply
+  placements, by `source`: `peer` (sent by another rank of the group) or `storage` (read from the checkpoint).
 
 `layer` is the MoE layer's index in `ExpertPlacement.spec.layers` (0-based, dense layers are not counted); `group` is
 the expert-parallel group and `rank` the rank inside it. Counts are kept as numpy arrays and turned into samples only
@@ -25,6 +27,8 @@ from prometheus_client.registry import Collector
 
 EXPERT_TOKENS = "k2_expert_tokens_total"
 SLOT_TOKENS = "k2_slot_tokens_total"
+WEIGHT_BYTES = "k2_expert_weight_bytes_total"
+WEIGHT_SOURCES = ("peer", "storage")
 
 
 class ExpertLoadCollector(Collector):
@@ -37,6 +41,7 @@ class ExpertLoadCollector(Collector):
         self._lock = threading.Lock()
         self._expert_tokens_LE = np.zeros((num_layers, num_experts), dtype=np.float64)
         self._slot_tokens_LS = np.zeros((num_layers, num_slots), dtype=np.float64)
+        self._weight_bytes = dict.fromkeys(WEIGHT_SOURCES, 0)
 
     def add(self, expert_tokens_LE: npt.ArrayLike, slot_tokens_LS: npt.ArrayLike | None = None) -> None:
         """Add one forward pass (or any batch of them): tokens per logical expert and, optionally, per local slot."""
@@ -55,14 +60,30 @@ class ExpertLoadCollector(Collector):
             if slot is not None:
                 self._slot_tokens_LS += slot
 
+    def add_weight_bytes(self, source: str, nbytes: int) -> None:
+        """Count expert-weight bytes taken in from `source` ("peer" or "storage")."""
+        if source not in self._weight_bytes or nbytes < 0:
+            raise ValueError(f"weight bytes: source {source!r} must be one of {WEIGHT_SOURCES}, bytes >= 0")
+        with self._lock:
+            self._weight_bytes[source] += nbytes
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             expert = self._expert_tokens_LE.copy()
             slot = self._slot_tokens_LS.copy()
+            weight_bytes = dict(self._weight_bytes)
         names = list(self.labels)
         values = list(self.labels.values())
         yield _counter(EXPERT_TOKENS, "Tokens routed to a logical expert.", [*names, "layer", "expert"], values, expert)
         yield _counter(SLOT_TOKENS, "Tokens processed by an expert slot.", [*names, "layer", "slot"], values, slot)
+        family = CounterMetricFamily(
+            WEIGHT_BYTES.removesuffix("_total"),
+            "Bytes of expert weights taken in to apply placements, by source (peer rank or storage).",
+            labels=[*names, "source"],
+        )
+        for source, nbytes in weight_bytes.items():
+            family.add_metric([*values, source], float(nbytes))
+        yield family
 
 
 def _counter(
