@@ -1,13 +1,16 @@
 """Decoding with the MLA latent cache: what the cache stores, step-by-step equals the full forward, greedy and
-sampled generation."""
+sampled generation, and batches of prompts of different lengths."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from k2_workers.model import K2Config, K2ForCausalLM, MLACache
-from k2_workers.model.generate import sample_next
+from k2_workers.model.generate import generate_batch, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,9 @@ def test_cache_holds_only_the_compressed_latent() -> None:
     config = K2Config.from_preset("kimi-k2")
     cache = MLACache(config, batch_size=1, max_seq_len=3)
     assert cache.values_per_token_per_layer == 512 + 64
-    stored = sum(t.numel() for t in vars(cache).values() if isinstance(t, torch.Tensor))
-    assert stored == config.num_hidden_layers * 3 * 576
+    tensors = {name: t for name, t in vars(cache).items() if isinstance(t, torch.Tensor)}
+    assert tensors.pop("pad_B").shape == (1,)  # one padding count per sequence
+    assert sum(t.numel() for t in tensors.values()) == config.num_hidden_layers * 3 * 576
 
 
 def test_step_by_step_equals_full_forward(model: K2ForCausalLM) -> None:
@@ -91,3 +95,54 @@ def test_top_p_keeps_the_nucleus() -> None:
     assert draws == {0, 1}
     with pytest.raises(ValueError, match="temperature"):
         sample_next(logits, temperature=-1.0)
+
+
+def _prompts() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 258, (n,), generator=g) for n in (3, 11, 6)]
+
+
+def test_a_batch_of_different_lengths_decodes_each_prompt_as_if_alone(model: K2ForCausalLM) -> None:
+    prompts = _prompts()
+    batched = generate_batch(model, prompts, max_new_tokens=8)
+    for prompt, completion in zip(prompts, batched, strict=True):
+        alone = model.generate(prompt[None], max_new_tokens=8)[0, prompt.numel() :]
+        assert completion.tolist() == alone.tolist()
+
+
+def test_joined_cache_logits_equal_each_sequence_alone(model: K2ForCausalLM) -> None:
+    """Right-aligned rows: padding is invisible and RoPE positions start at each row's first token."""
+    prompts = _prompts()
+    with torch.no_grad():
+        caches = []
+        for prompt in prompts:
+            caches.append(MLACache(model.config, 1, prompt.numel()))
+            model(prompt[None], cache=caches[-1])
+        joined = MLACache.join(caches, max_seq_len=20)
+        assert joined.pad_B.tolist() == [8, 0, 5]
+        step = torch.tensor([[5], [6], [7]])
+        together = model(step, cache=joined).logits[:, -1]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, step[row]])[None]).logits[:, -1]
+            torch.testing.assert_close(together[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_each_row_samples_with_its_own_generator(model: K2ForCausalLM) -> None:
+    prompts = _prompts()
+
+    def sampler(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return functools.partial(sample_next, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    batched = generate_batch(model, prompts, 6, [sampler(1), sample_next, sampler(3)])
+    assert batched[0].tolist() == generate_batch(model, prompts[:1], 6, [sampler(1)])[0].tolist()
+    assert batched[2].tolist() == generate_batch(model, prompts[2:], 6, [sampler(3)])[0].tolist()
+    assert batched[1].tolist() == model.generate(prompts[1][None], 6)[0, prompts[1].numel() :].tolist()
+
+
+def test_generate_batch_rejects_bad_arguments(model: K2ForCausalLM) -> None:
+    with pytest.raises(ValueError, match="prompts"):
+        generate_batch(model, [torch.tensor([], dtype=torch.long)], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_batch(model, _prompts(), 0)
+    with pytest.raises(ValueError, match="samplers"):
+        generate_batch(model, _prompts(), 2, [sample_next])

@@ -105,7 +105,8 @@ class MLAttention(nn.Module):
             out_BHSV = self._naive(q_nope_BHSN, q_rope_BHSR, latent_BSC, k_rope_BSR, record_max_logits)
         else:
             latent_BTC, k_rope_BTR = cache.update(self.layer_idx, latent_BSC, k_rope_BSR)
-            out_BHSV = self._absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BTR, record_max_logits)
+            pad_B = cache.pad_B if bool(cache.pad_B.any()) else None
+            out_BHSV = self._absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BTR, record_max_logits, pad_B)
         out_BSD: Tensor = self.o_proj(out_BHSV.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim))
         return out_BSD
 
@@ -122,7 +123,13 @@ class MLAttention(nn.Module):
         return F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSV, is_causal=True, scale=self.scale)
 
     def _absorbed(
-        self, q_nope_BHSN: Tensor, q_rope_BHSR: Tensor, latent_BTC: Tensor, k_rope_BTR: Tensor, record: bool
+        self,
+        q_nope_BHSN: Tensor,
+        q_rope_BHSR: Tensor,
+        latent_BTC: Tensor,
+        k_rope_BTR: Tensor,
+        record: bool,
+        cache_pad_B: Tensor | None = None,
     ) -> Tensor:
         s, t = q_nope_BHSN.shape[2], latent_BTC.shape[1]
         w_HXC = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
@@ -130,6 +137,9 @@ class MLAttention(nn.Module):
         q_latent_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, w_k_HNC)
         logits_BHST = torch.einsum("bhsc,btc->bhst", q_latent_BHSC, latent_BTC)
         logits_BHST = (logits_BHST + torch.einsum("bhsr,btr->bhst", q_rope_BHSR, k_rope_BTR)) * self.scale
+        if cache_pad_B is not None:  # right-aligned rows: no query sees a row's leading padding
+            padding_BT = torch.arange(t, device=logits_BHST.device)[None, :] < cache_pad_B[:, None]
+            logits_BHST = logits_BHST.masked_fill(padding_BT[:, None, None, :], float("-inf"))
         probs_BHST = self._softmax_probs(logits_BHST, past=t - s, record=record)
         out_latent_BHSC = torch.einsum("bhst,btc->bhsc", probs_BHST, latent_BTC)
         return torch.einsum("bhsc,hvc->bhsv", out_latent_BHSC, w_v_HVC)

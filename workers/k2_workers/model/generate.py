@@ -1,11 +1,15 @@
 """Autoregressive decoding with the MLA latent cache: greedy, or sampled with temperature / top-k / top-p.
 
-The prompt is prefilled in one forward, then one token per step attends to the cached latents.
+The prompt is prefilled in one forward, then one token per step attends to the cached latents. `generate_batch`
+decodes prompts of different lengths together: each is prefilled alone, their caches are joined right-aligned
+(`MLACache.join`), and every step is one forward for all of them, so padding never passes through the model (nor
+through the MoE routers, whose token counts feed the load balancer).
 Shape legend: B = batch, S = prompt length, N = new tokens, V = vocabulary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,3 +85,36 @@ def generate(
             break
         logits_BSV = model(next_B[:, None], cache=cache).logits
     return torch.cat(tokens, dim=1)
+
+
+Sampler = Callable[[Tensor], Tensor]  # one row's logits [1, V] -> its next token [1]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: K2ForCausalLM, prompts: Sequence[Tensor], max_new_tokens: int, samplers: Sequence[Sampler] | None = None
+) -> list[Tensor]:
+    """Exactly `max_new_tokens` new ids for each 1-D prompt, decoded as one batch; `samplers[i]` picks row i's
+    tokens (default: greedy), so each request keeps its own temperature and random generator."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
+        raise ValueError("prompts: need at least one, each a non-empty 1-D tensor of token ids")
+    samplers = samplers or [sample_next] * len(prompts)
+    if len(samplers) != len(prompts):
+        raise ValueError(f"samplers: {len(samplers)} for {len(prompts)} prompts")
+    dtype, device = model.lm_head.weight.dtype, prompts[0].device
+    caches, last_logits = [], []
+    for prompt in prompts:
+        cache = MLACache(model.config, 1, prompt.numel(), device=device, dtype=dtype)
+        last_logits.append(model(prompt[None], cache=cache).logits[:, -1])
+        caches.append(cache)
+    cache = MLACache.join(caches, max(p.numel() for p in prompts) + max_new_tokens)
+    logits_BV = torch.cat(last_logits)
+    new_tokens: list[Tensor] = []
+    for step in range(max_new_tokens):
+        next_B = torch.cat([sample(logits_BV[row : row + 1]) for row, sample in enumerate(samplers)])
+        new_tokens.append(next_B)
+        if step + 1 < max_new_tokens:
+            logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
+    return list(torch.stack(new_tokens, dim=1).unbind(0))

@@ -74,6 +74,8 @@ class K2Model(nn.Module):
         if position_ids_BS is None:
             start = 0 if cache is None else cache.seq_len
             position_ids_BS = torch.arange(start, start + s, device=input_ids_BS.device).expand(b, s)
+            if cache is not None:  # a right-aligned row counts its positions from its first token
+                position_ids_BS = position_ids_BS - cache.pad_B[:, None]
         cos, sin = self.rotary_emb(position_ids_BS, x_BSD.dtype)
         for layer in self.layers:
             x_BSD = layer(x_BSD, cos, sin, cache, record_max_logits)
