@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,11 @@ def manifest(tmp_path: Path, ranks: int, redundant: int) -> Path:
     return path
 
 
-def reference_completion(max_new_tokens: int) -> list[int]:
-    """What the single-process model generates greedily for PROMPT, with the weights a worker builds (seed 0)."""
+def reference_completion(max_new_tokens: int, text: str = PROMPT) -> list[int]:
+    """What the single-process model generates greedily for `text`, with the weights a worker builds (seed 0)."""
     torch.manual_seed(0)
     model = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
-    prompt = torch.tensor([ByteTokenizer().encode(PROMPT)])
+    prompt = torch.tensor([ByteTokenizer().encode(text)])
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens)
     return out[0, prompt.shape[1] :].tolist()
@@ -129,6 +130,29 @@ def test_single_rank_serves_applies_placements_live_and_exports_load(tmp_path: P
 
 
 @pytest.mark.distributed
+def concurrent_requests_are_batched_and_unchanged(url: str) -> None:
+    """A long request keeps the group busy; the requests that arrive meanwhile (different prompt lengths and
+    lengths to generate) queue and are decoded together, each completion the same as the model's alone."""
+    asks = [(PROMPT, 120), ("Hi", 5), ("Experts move rank to rank", 12), ("A", 1), (PROMPT[:20], 8)]
+    results: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def send(index: int) -> None:
+        text, max_new = asks[index]
+        results[index] = request(url + "/v1/generate", {"prompt": text, "max_new_tokens": max_new})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(asks))]
+    threads[0].start()
+    time.sleep(0.3)  # the long request runs first, the others queue behind it and share a batch
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for index, (text, max_new) in enumerate(asks):
+        status, body = results[index]
+        assert status == 200 and body["tokens"] == reference_completion(max_new, text), (text, body)
+    assert max(body["batchSize"] for _, body in results.values()) > 1
+
+
 def test_two_rank_group_matches_the_single_process_model_and_moves_experts(tmp_path: Path) -> None:
     ports, metrics_ports, master = [free_port(), free_port()], [free_port(), free_port()], free_port()
     placement = tmp_path / "placement.json"
@@ -150,7 +174,8 @@ def test_two_rank_group_matches_the_single_process_model_and_moves_experts(tmp_p
         assert request(urls[1] + "/v1/generate", {"prompt": PROMPT})[0] == 404  # only rank 0 takes requests
         expected = reference_completion(10)
         status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
-        assert status == 200 and body["tokens"] == expected, body
+        assert status == 200 and body["tokens"] == expected and body["batchSize"] == 1, body
+        concurrent_requests_are_batched_and_unchanged(urls[0])
 
         loaded = [weight_bytes(metrics_text(port)) for port in metrics_ports]
         assert [b["peer"] for b in loaded] == [0, 0]  # the first placement is read from storage: 5 experts a rank

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from k2_api import K2Serving
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.serve.endpoints import serve_routes
-from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.engine import DEFAULT_MAX_BATCH_SIZE, GroupEngine
 from k2_workers.serve.expert_weights import CheckpointExpertWeights, ExpertWeights, ResidentExpertWeights
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
 from k2_workers.serve.placement import ActivePlacement, read_placement
@@ -51,10 +51,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus port, -1: off")
     parser.add_argument("--placement-poll-seconds", type=float, default=2.0)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the largest max_new_tokens a request may ask")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="most queued requests decoded together as one batch",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help="comma-separated group URLs (default: env K2_GROUP_ENDPOINTS)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -126,7 +135,16 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     registry.register(collector)
     metrics = serve_metrics(registry, args.metrics_port, args.host) if args.metrics_port >= 0 else None
     reporter = AppliedGenerationReporter.from_env()
-    engine = GroupEngine(model, load_tokenizer(checkpoint), weights, rank, world_size, collector, reporter.report)
+    engine = GroupEngine(
+        model,
+        load_tokenizer(checkpoint),
+        weights,
+        rank,
+        world_size,
+        collector,
+        reporter.report,
+        max_batch_size=args.max_batch_size,
+    )
     server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or DEFAULT_RANK_PORT)
     log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)
     try:

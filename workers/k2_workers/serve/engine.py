@@ -1,23 +1,28 @@
 """One expert-parallel group of serving ranks running in lockstep.
 
-Rank 0 owns the HTTP endpoint. For each request it broadcasts a small header and the prompt to the group, and every
-rank runs the same decoding loop: attention is replicated, the routed experts are sharded by the placement in force,
+Rank 0 owns the HTTP endpoint. Requests that arrive while the group is busy queue up, and the next free moment
+takes up to `max_batch_size` of them as one batch: rank 0 broadcasts a small header, each request's parameters and
+the prompts, and every rank runs the same batched decoding loop (`generate_batch`: prompts prefilled one by one,
+then one forward per step for all). Attention is replicated, the routed experts are sharded by the placement in force,
 and tokens reach their experts through all-to-all (k2_workers.parallel). A new placement generation is applied
 between two requests: rank 0 broadcasts the slot tables; each rank keeps the experts it already holds, receives
 the ones another rank held from that rank (`expert_moves`, `expert_exchange`) and reads only the rest from storage;
 the requests that arrive meanwhile wait on the lock instead of failing. Greedy output does not depend on the placement.
 
-Every rank decodes exactly `max_new_tokens` steps (EOS is cut afterwards on rank 0) so that all ranks make the same
-number of all-to-all calls even if floating-point noise made their samples differ.
+Every rank decodes exactly the batch's largest `max_new_tokens` steps (each completion is cut to its own length and
+after EOS on rank 0) so that all ranks make the same number of all-to-all calls even if floating-point noise made
+their samples differ. Each request samples with its own seeded generator, so a completion does not depend on what
+else shared its batch.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from k2_workers.model import K2ForCausalLM
+from k2_workers.model.generate import Sampler, generate_batch, sample_next
 from k2_workers.model.moe import MoE
 from k2_workers.parallel import ExpertParallelExperts, SlotTable
 from k2_workers.serve.expert_exchange import ExpertTriple, exchange_experts
@@ -43,7 +49,9 @@ class Op(enum.IntEnum):
     APPLY_PLACEMENT = 2
 
 
-HEADER_LEN = 6  # op, prompt length | generation, max_new_tokens, temperature in micro-units, seed, top_k (0 = off)
+HEADER_LEN = 5  # op, then: generation and table shape (APPLY_PLACEMENT) | batch size and total prompt tokens
+PARAMS_LEN = 5  # per request: prompt length, max_new_tokens, temperature in micro-units, seed, top_k (0 = off)
+DEFAULT_MAX_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,38 @@ class GenerateParams:
     temperature: float = 0.0
     seed: int = 0
     top_k: int | None = None
+
+    def as_row(self, prompt_len: int) -> list[int]:
+        temperature = round(self.temperature * 1_000_000)
+        return [prompt_len, self.max_new_tokens, temperature, self.seed, self.top_k or 0]
+
+    @classmethod
+    def from_row(cls, row: list[int]) -> GenerateParams:
+        _, max_new_tokens, temperature, seed, top_k = row
+        return cls(max_new_tokens, temperature / 1_000_000, seed, top_k or None)
+
+    def sampler(self) -> Sampler:
+        """Greedy, or sampling with this request's own generator (seeded by `seed`)."""
+        if self.temperature == 0:
+            return sample_next
+        generator = torch.Generator().manual_seed(self.seed)
+        return functools.partial(sample_next, temperature=self.temperature, top_k=self.top_k, generator=generator)
+
+
+@dataclass(frozen=True)
+class Completion:
+    tokens: list[int]  # without the prompt, cut after EOS
+    batch_size: int  # requests decoded together with this one, itself included
+    placement_generation: int  # the placement in force while it was decoded
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: GenerateParams
+    done: threading.Event = field(default_factory=threading.Event)
+    completion: Completion | None = None
+    error: BaseException | None = None
 
 
 class GroupEngine:
@@ -66,8 +106,14 @@ class GroupEngine:
         world_size: int,
         collector: ExpertLoadCollector | None = None,
         on_applied: Callable[[int], None] | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
         self.model = model.eval()
+        self.max_batch_size = max_batch_size
+        self._queue: list[_Request] = []
+        self._queue_lock = threading.Lock()
         self.tokenizer = tokenizer
         self.rank = rank
         self.world_size = world_size
@@ -98,20 +144,53 @@ class GroupEngine:
             self._broadcast(tables)
             self._apply(placement)
 
-    def generate(self, prompt_ids: list[int], params: GenerateParams) -> list[int]:
-        """The completion token ids of one prompt (without the prompt, cut after EOS)."""
-        with self._lock:
-            if self.placement is None:
-                raise RuntimeError("no placement applied yet")
-            temperature = round(params.temperature * 1_000_000)
-            self._broadcast_header(
-                Op.GENERATE, len(prompt_ids), [params.max_new_tokens, temperature, params.seed, params.top_k or 0]
-            )
-            prompt = torch.tensor(prompt_ids, dtype=torch.long)
-            self._broadcast(prompt)
-            completion = self._decode(prompt, params)
+    def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
+        """The completion of one prompt. Thread-safe: concurrent callers are decoded together, whichever of them
+        gets the group first running the batch; a failed batch raises its error in each of its callers."""
+        if self.placement is None:
+            raise RuntimeError("no placement applied yet")
+        request = _Request(prompt_ids, params)
+        with self._queue_lock:
+            self._queue.append(request)
+        while not request.done.is_set():
+            with self._lock:
+                batch = [] if request.done.is_set() else self._take_batch()
+                if batch:
+                    self._run_batch(batch)
+        if request.error is not None:  # a server-side failure, whatever its type (a ValueError would read as 400)
+            raise RuntimeError(f"decoding failed: {request.error}") from request.error
+        assert request.completion is not None
+        return request.completion
+
+    def _take_batch(self) -> list[_Request]:
+        with self._queue_lock:
+            batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
+        return batch
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        """Decode `batch` on every rank and hand each request its completion (or the error)."""
+        try:
+            rows = torch.tensor([r.params.as_row(len(r.prompt_ids)) for r in batch], dtype=torch.long)
+            prompts = torch.tensor([t for r in batch for t in r.prompt_ids], dtype=torch.long)
+            self._broadcast_header(Op.GENERATE, len(batch), [prompts.numel()])
+            self._broadcast(rows)
+            self._broadcast(prompts)
+            completions = self._decode(rows, prompts)
+        except BaseException as error:  # every caller must wake up, whatever happened
+            for request in batch:
+                request.error = error
+                request.done.set()
+            if not isinstance(error, Exception):
+                raise
+            log.exception("a batch of %d requests failed", len(batch))
+            return
         eos = self.tokenizer.eos_id
-        return completion[: completion.index(eos) + 1] if eos in completion else completion
+        assert self.placement is not None
+        for request, tokens in zip(batch, completions, strict=True):
+            tokens = tokens[: request.params.max_new_tokens]
+            tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+            request.completion = Completion(tokens, len(batch), self.placement.generation)
+            request.done.set()
 
     def stop(self) -> None:
         with self._lock:
@@ -131,10 +210,11 @@ class GroupEngine:
                 dist.broadcast(tables, src=0)
                 self._apply(ActivePlacement.from_tensor(arg, tables, self.model.config.n_routed_experts))
             elif op == Op.GENERATE:
-                prompt = torch.zeros(arg, dtype=torch.long)
-                dist.broadcast(prompt, src=0)
-                max_new, temperature, seed, top_k = rest[:4]
-                self._decode(prompt, GenerateParams(max_new, temperature / 1_000_000, seed, top_k or None))
+                rows = torch.zeros(arg, PARAMS_LEN, dtype=torch.long)
+                dist.broadcast(rows, src=0)
+                prompts = torch.zeros(rest[0], dtype=torch.long)
+                dist.broadcast(prompts, src=0)
+                self._decode(rows, prompts)
 
     # --- every rank ----------------------------------------------------------------------------------------------
     def _apply(self, placement: ActivePlacement) -> None:
@@ -182,17 +262,15 @@ class GroupEngine:
             self._collector.add_weight_bytes(source, nbytes)
 
     @torch.no_grad()
-    def _decode(self, prompt: torch.Tensor, params: GenerateParams) -> list[int]:
-        generator = torch.Generator().manual_seed(params.seed)
-        tokens = self.model.generate(
-            prompt[None],
-            params.max_new_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            generator=generator,
-        )
+    def _decode(self, rows: torch.Tensor, prompts: torch.Tensor) -> list[list[int]]:
+        """The batch's completions, each `max_new_tokens` of the batch long: [B, PARAMS_LEN] rows, flat prompts."""
+        params = [GenerateParams.from_row(row) for row in rows.tolist()]
+        lengths = rows[:, 0].tolist()
+        max_new_tokens = max(p.max_new_tokens for p in params)
+        samplers = [p.sampler() for p in params]
+        completions = generate_batch(self.model, list(torch.split(prompts, lengths)), max_new_tokens, samplers)
         self._flush_counts()
-        return tokens[0, prompt.numel() :].tolist()
+        return [c.tolist() for c in completions]
 
     def _count_hook(self, index: int) -> Callable[..., None]:
         def hook(module: MoE, args: object, output: object) -> None:

@@ -41,10 +41,11 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
         prompt_ids = engine.tokenizer.encode(request.prompt)
         completion = engine.generate(prompt_ids, request.params)
         return HTTPStatus.OK, {
-            "text": engine.tokenizer.decode(completion),
-            "tokens": completion,
+            "text": engine.tokenizer.decode(completion.tokens),
+            "tokens": completion.tokens,
             "promptTokens": len(prompt_ids),
-            "placementGeneration": engine.generation,
+            "placementGeneration": completion.placement_generation,
+            "batchSize": completion.batch_size,
         }
 
     routes: dict[tuple[str, str], Route] = {("GET", "/healthz"): healthz}
