@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from k2_api import K2Serving
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.serve.endpoints import serve_routes
-from k2_workers.serve.engine import DEFAULT_MAX_BATCH_SIZE, GroupEngine
+from k2_workers.serve.engine import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, GroupEngine
 from k2_workers.serve.expert_weights import CheckpointExpertWeights, ExpertWeights, ResidentExpertWeights
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
 from k2_workers.serve.placement import ActivePlacement, read_placement
@@ -57,12 +57,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_MAX_BATCH_SIZE,
         help="most queued requests decoded together as one batch",
     )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=DEFAULT_BATCH_WAIT_S * 1000,
+        help="how long a batch waits for requests already on their way before it starts",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help="comma-separated group URLs (default: env K2_GROUP_ENDPOINTS)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
+    if args.batch_wait_ms < 0:
+        parser.error(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
     return args
 
 
@@ -144,6 +152,7 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         collector,
         reporter.report,
         max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
     )
     server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or DEFAULT_RANK_PORT)
     log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)

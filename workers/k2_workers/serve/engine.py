@@ -1,13 +1,15 @@
 """One expert-parallel group of serving ranks running in lockstep.
 
-Rank 0 owns the HTTP endpoint. Requests that arrive while the group is busy queue up, and the next free moment
-takes up to `max_batch_size` of them as one batch: rank 0 broadcasts a small header, each request's parameters and
-the prompts, and every rank runs the same batched decoding loop (`generate_batch`: prompts prefilled one by one,
-then one forward per step for all). Attention is replicated, the routed experts are sharded by the placement in force,
-and tokens reach their experts through all-to-all (k2_workers.parallel). A new placement generation is applied
-between two requests: rank 0 broadcasts the slot tables; each rank keeps the experts it already holds, receives
-the ones another rank held from that rank (`expert_moves`, `expert_exchange`) and reads only the rest from storage;
-the requests that arrive meanwhile wait on the lock instead of failing. Greedy output does not depend on the placement.
+Rank 0 owns the HTTP endpoint. Requests queue, and one decoding thread takes up to `max_batch_size` of them as one
+batch, after waiting `batch_wait_s` for requests already on their way (callers that come back together then share
+a batch; one thread also keeps the CPU kernels on one OpenMP team instead of one per HTTP thread). Rank 0
+broadcasts a small header, each request's parameters and the prompts, and every rank runs the same batched decoding
+loop (`generate_batch`: prompts prefilled one by one, then one forward per step for all). Attention is replicated,
+the routed experts are sharded by the placement in force, and tokens reach their experts through all-to-all
+(k2_workers.parallel). A new placement generation is applied between two batches: rank 0 broadcasts the slot
+tables; each rank keeps the experts it already holds, receives the ones another rank held from that rank
+(`expert_moves`, `expert_exchange`) and reads only the rest from storage; the requests that arrive meanwhile wait in
+the queue instead of failing. Greedy output does not depend on the placement.
 
 Every rank decodes exactly the batch's largest `max_new_tokens` steps (each completion is cut to its own length and
 after EOS on rank 0) so that all ranks make the same number of all-to-all calls even if floating-point noise made
@@ -21,6 +23,7 @@ import enum
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -52,6 +55,7 @@ class Op(enum.IntEnum):
 HEADER_LEN = 5  # op, then: generation and table shape (APPLY_PLACEMENT) | batch size and total prompt tokens
 PARAMS_LEN = 5  # per request: prompt length, max_new_tokens, temperature in micro-units, seed, top_k (0 = off)
 DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_WAIT_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,19 @@ class GroupEngine:
         collector: ExpertLoadCollector | None = None,
         on_applied: Callable[[int], None] | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        if batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s: must be >= 0, got {batch_wait_s}")
         self.model = model.eval()
         self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
         self._queue: list[_Request] = []
-        self._queue_lock = threading.Lock()
+        self._queue_changed = threading.Condition()
+        self._stopping = False
+        self._batch_thread: threading.Thread | None = None
         self.tokenizer = tokenizer
         self.rank = rank
         self.world_size = world_size
@@ -145,27 +155,37 @@ class GroupEngine:
             self._apply(placement)
 
     def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
-        """The completion of one prompt. Thread-safe: concurrent callers are decoded together, whichever of them
-        gets the group first running the batch; a failed batch raises its error in each of its callers."""
+        """The completion of one prompt. Thread-safe: callers wait while the decoding thread runs their request in
+        a batch with the others queued at the time; a failed batch raises its error in each of its callers."""
         if self.placement is None:
             raise RuntimeError("no placement applied yet")
         request = _Request(prompt_ids, params)
-        with self._queue_lock:
+        with self._queue_changed:
+            if self._stopping:
+                raise RuntimeError("the engine is stopping")
             self._queue.append(request)
-        while not request.done.is_set():
-            with self._lock:
-                batch = [] if request.done.is_set() else self._take_batch()
-                if batch:
-                    self._run_batch(batch)
+            if self._batch_thread is None:
+                self._batch_thread = threading.Thread(target=self._batch_loop, name="decode", daemon=True)
+                self._batch_thread.start()
+            self._queue_changed.notify()
+        request.done.wait()
         if request.error is not None:  # a server-side failure, whatever its type (a ValueError would read as 400)
             raise RuntimeError(f"decoding failed: {request.error}") from request.error
         assert request.completion is not None
         return request.completion
 
-    def _take_batch(self) -> list[_Request]:
-        with self._queue_lock:
-            batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
-        return batch
+    def _batch_loop(self) -> None:
+        """The decoding thread: batches until `stop`, then drains the queue."""
+        while True:
+            with self._queue_changed:
+                self._queue_changed.wait_for(lambda: bool(self._queue) or self._stopping)
+                if not self._queue:
+                    return
+            time.sleep(self.batch_wait_s)  # requests on their way (clients coming back together) join this batch
+            with self._queue_changed:
+                batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
+            with self._lock:
+                self._run_batch(batch)
 
     def _run_batch(self, batch: list[_Request]) -> None:
         """Decode `batch` on every rank and hand each request its completion (or the error)."""
@@ -193,6 +213,12 @@ class GroupEngine:
             request.done.set()
 
     def stop(self) -> None:
+        """Finish the queued requests, then release the other ranks (called on rank 0)."""
+        with self._queue_changed:
+            self._stopping = True
+            self._queue_changed.notify_all()
+        if self._batch_thread is not None:
+            self._batch_thread.join()
         with self._lock:
             self._broadcast_header(Op.STOP, 0, [])
 
