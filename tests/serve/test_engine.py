@@ -1,0 +1,93 @@
+"""The serving engine in-process (one rank over an in-process gloo group): concurrent callers share a batch and
+each gets its own completion, a failed batch fails every caller as a server error, and stop drains the queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.serve.engine import Completion, GenerateParams, GroupEngine
+from k2_workers.serve.expert_weights import ResidentExpertWeights
+from k2_workers.serve.placement import ActivePlacement
+from k2_workers.tokenizer import ByteTokenizer
+
+PROMPTS = ["a", "the expert placement", "K2", "rank to rank moves"]
+
+
+def _model() -> K2ForCausalLM:
+    torch.manual_seed(0)
+    return K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
+
+
+@pytest.fixture
+def engine() -> Iterator[GroupEngine]:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+    try:
+        model = _model()
+        # a generous wait: callers started together land in one batch however slowly the threads start
+        engine = GroupEngine(model, ByteTokenizer(), ResidentExpertWeights(model), 0, 1, batch_wait_s=0.5)
+        num_experts = model.config.n_routed_experts
+        engine.apply_placement(ActivePlacement.round_robin(len(list(model.moe_blocks())), num_experts, 1, num_experts))
+        yield engine
+        engine.stop()
+    finally:
+        dist.destroy_process_group()
+
+
+def _concurrently(engine: GroupEngine, asks: list[tuple[list[int], GenerateParams]]) -> list[Completion | Exception]:
+    results: list[Completion | Exception] = [RuntimeError("not run")] * len(asks)
+
+    def call(index: int) -> None:
+        try:
+            results[index] = engine.generate(*asks[index])
+        except Exception as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(asks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_concurrent_callers_share_a_batch_and_each_gets_its_own_completion(engine: GroupEngine) -> None:
+    tokenizer, reference = ByteTokenizer(), _model()
+    asks = [(tokenizer.encode(text), GenerateParams(max_new_tokens=3 + 2 * i)) for i, text in enumerate(PROMPTS)]
+    results = _concurrently(engine, asks)
+    for (prompt, params), result in zip(asks, results, strict=True):
+        assert isinstance(result, Completion), result
+        alone = reference.generate(torch.tensor([prompt]), params.max_new_tokens)[0, len(prompt) :].tolist()
+        expected = alone[: alone.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in alone else alone
+        assert result.tokens == expected
+        assert result.batch_size == len(PROMPTS) and result.placement_generation == 0
+
+
+def test_a_failed_batch_fails_each_of_its_callers_as_a_server_error(engine: GroupEngine) -> None:
+    good = (ByteTokenizer().encode("fine"), GenerateParams(max_new_tokens=2))
+    bad = ([], GenerateParams(max_new_tokens=2))  # an empty prompt: generate_batch refuses the whole batch
+    results = _concurrently(engine, [good, bad])
+    for result in results:  # RuntimeError, not the ValueError inside, which the HTTP layer would answer with 400
+        assert isinstance(result, RuntimeError) and "decoding failed: prompts" in str(result), result
+    assert isinstance(engine.generate(*good), Completion)  # the engine goes on serving
+
+
+def test_stop_finishes_the_queued_requests_first(engine: GroupEngine) -> None:
+    asks = [(ByteTokenizer().encode(text), GenerateParams(max_new_tokens=4)) for text in PROMPTS]
+    results: list[Completion | Exception] = []
+    caller = threading.Thread(target=lambda: results.extend(_concurrently(engine, asks)))
+    caller.start()
+    deadline = time.monotonic() + 60
+    while len(engine._queue) < len(asks) and time.monotonic() < deadline:  # all queued, the batch wait not over
+        time.sleep(0.01)
+    engine.stop()
+    caller.join(timeout=120)
+    assert len(results) == len(asks) and all(isinstance(r, Completion) for r in results), results
+    with pytest.raises(RuntimeError, match="stopping"):
+        engine.generate(*asks[0])
