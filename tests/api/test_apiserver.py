@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pydantic
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from k2_api import ExpertPlacement, K2Serving, K2Training
 from k2_api.placement import round_robin
 from tests.api.manifests import EXAMPLES, Invalid, invalid_manifests, load_example, placement
+from tests.cluster.kube import wait_for
 from tests.conftest import Cluster
 
 pytestmark = pytest.mark.integration
@@ -52,16 +52,15 @@ def test_crds_are_served_with_short_names(cluster: Cluster, k2_crds: list[str]) 
     assert cluster.kubectl("get", "k2", "-A").returncode == 0  # the category
 
 
-def _explain(cluster: Cluster, field: str, timeout_s: float = 60) -> str:
+def _explain(cluster: Cluster, field: str) -> str:
     """`kubectl explain`, retried: the apiserver publishes a new CRD's OpenAPI schema a moment after it is
     Established, and until then explain answers 'couldn't find resource'."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def explained() -> str | None:
         result = cluster.kubectl("explain", field, check=False)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            assert result.returncode == 0, result.stderr
-            return " ".join(result.stdout.split())
-        time.sleep(0.5)
+        return " ".join(result.stdout.split()) if result.returncode == 0 else None
+
+    return wait_for(f"kubectl explain {field}", explained)
 
 
 def test_explain_shows_the_model_descriptions(cluster: Cluster, k2_crds: list[str]) -> None:

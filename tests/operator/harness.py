@@ -8,16 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from tests.cluster.kube import wait_for
 from tests.conftest import Cluster
 
-T = TypeVar("T")
 RESYNC_SECONDS = 1.0
 SLOW_APPLY = """
 import asyncio, sys
@@ -128,17 +127,6 @@ def running_operator(
         raise
     finally:
         operator.stop()
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.3)
 
 
 def get(cluster: Cluster, namespace: str, *args: str) -> Any:
