@@ -1,5 +1,6 @@
 """The serving engine in-process (one rank over an in-process gloo group): concurrent callers share a batch and
-each gets its own completion, a failed batch fails every caller as a server error, and stop drains the queue."""
+each gets its own completion, an empty prompt is refused, a failed batch fails every caller as a server
+error, and stop drains the queue."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.serve import engine as engine_module
 from k2_workers.serve.engine import Completion, GenerateParams, GroupEngine
 from k2_workers.serve.expert_weights import ResidentExpertWeights
 from k2_workers.serve.placement import ActivePlacement
@@ -69,13 +71,25 @@ def test_concurrent_callers_share_a_batch_and_each_gets_its_own_completion(engin
         assert result.batch_size == len(PROMPTS) and result.placement_generation == 0
 
 
-def test_a_failed_batch_fails_each_of_its_callers_as_a_server_error(engine: GroupEngine) -> None:
-    good = (ByteTokenizer().encode("fine"), GenerateParams(max_new_tokens=2))
-    bad = ([], GenerateParams(max_new_tokens=2))  # an empty prompt: generate_batch refuses the whole batch
-    results = _concurrently(engine, [good, bad])
+def test_an_empty_prompt_is_refused_before_it_reaches_the_group(engine: GroupEngine) -> None:
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate([], GenerateParams(max_new_tokens=2))
+
+
+def test_a_failed_batch_fails_each_of_its_callers_as_a_server_error(
+    engine: GroupEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mock: a decoding failure inside the group (a collective timing out, say) cannot be produced on one rank.
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a rank stopped answering")
+
+    monkeypatch.setattr(engine_module, "generate_batch", broken)
+    asks = [(ByteTokenizer().encode(text), GenerateParams(max_new_tokens=2)) for text in PROMPTS[:2]]
+    results = _concurrently(engine, asks)
     for result in results:  # RuntimeError, not the ValueError inside, which the HTTP layer would answer with 400
-        assert isinstance(result, RuntimeError) and "decoding failed: prompts" in str(result), result
-    assert isinstance(engine.generate(*good), Completion)  # the engine goes on serving
+        assert isinstance(result, RuntimeError) and "decoding failed: a rank stopped" in str(result), result
+    monkeypatch.undo()
+    assert isinstance(engine.generate(*asks[0]), Completion)  # the engine goes on serving
 
 
 def test_stop_finishes_the_queued_requests_first(engine: GroupEngine) -> None:

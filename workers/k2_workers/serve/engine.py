@@ -159,6 +159,8 @@ class GroupEngine:
         a batch with the others queued at the time; a failed batch raises its error in each of its callers."""
         if self.placement is None:
             raise RuntimeError("no placement applied yet")
+        if not prompt_ids:  # refused here, before any other rank sees it
+            raise ValueError("prompt: must encode to at least one token")
         request = _Request(prompt_ids, params)
         with self._queue_changed:
             if self._stopping:
