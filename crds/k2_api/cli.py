@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 # (group, command) -> "module:function"; each function takes the remaining argv and returns an exit code.
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
-    ("crds", "generate"): ("k2_api.generate:main", "write the CRD YAML generated from the API models"),
+    ("crds", "generate"): ("k2_api.crds_cli:main", "write the CRD YAML generated from the API models"),
     ("operator", "run"): ("k2_operator.main:main", "run the operator (kopf)"),
     ("eplb", "run"): ("k2_eplb.controller:main", "run the EPLB controller"),
     ("eplb", "bench"): ("k2_eplb.bench:main", "benchmark the placement solver against the published greedy baseline"),

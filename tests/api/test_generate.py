@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from k2_api import generate
+from k2_api import crds_cli, generate
 from k2_api.schema import walk
 from tests.api.manifests import ROOT
 
@@ -37,7 +37,7 @@ def _schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_committed_yaml_matches_the_models(tmp_path: Path) -> None:
-    assert generate.main(["--out", str(tmp_path)]) == 0
+    assert crds_cli.main(["--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CRD_FILES)
     for name in CRD_FILES:
         assert (tmp_path / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), (
@@ -47,10 +47,10 @@ def test_committed_yaml_matches_the_models(tmp_path: Path) -> None:
 
 def test_check_mode_reports_drift(tmp_path: Path) -> None:
     generate.write(tmp_path)
-    assert generate.main(["--out", str(tmp_path), "--check"]) == 0
+    assert crds_cli.main(["--out", str(tmp_path), "--check"]) == 0
     path = tmp_path / CRD_FILES[0]
     path.write_text(path.read_text().replace("Gang restarts", "Gang restart"))
-    assert generate.main(["--out", str(tmp_path), "--check"]) == 1
+    assert crds_cli.main(["--out", str(tmp_path), "--check"]) == 1
     assert "Gang restart " in path.read_text(), "--check must not write"
 
 
