@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from k2_api import ExpertPlacement, K2Serving, K2Training
 from k2_api.placement import round_robin
 from tests.api.manifests import EXAMPLES, Invalid, invalid_manifests, load_example, placement
-from tests.cluster.kube import wait_for
-from tests.conftest import Cluster
+from tests.support.cluster import Cluster
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,11 @@ import subprocess
 
 import pytest
 
-from tests.cluster.kube import apply, condition, container, get, is_ready, pods, wait_for
-from tests.conftest import TOOLS_BIN, Cluster
+from tests.cluster.manifests import container
+from tests.support.cluster import Cluster
+from tests.support.kube import apply, condition, get, is_ready, items
+from tests.support.paths import TOOLS_BIN
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +36,7 @@ def test_server_is_on_loopback_with_tls(cluster: Cluster) -> None:
 
 
 def test_fake_gpu_nodes_have_gpus_and_topology(cluster: Cluster) -> None:
-    nodes = get(cluster, "nodes", "-l", "type=kwok")["items"]
+    nodes = items(cluster, "nodes", selector="type=kwok")
     assert len(nodes) >= 4
     for node in nodes:
         name = node["metadata"]["name"]
@@ -61,10 +64,10 @@ def test_deployment_with_8_gpu_pods_runs_on_gpu_nodes(cluster: Cluster, namespac
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
-    apply(cluster, deployment, namespace)
+    apply(cluster, deployment, namespace=namespace)
 
     def two_ready() -> list[dict[str, object]] | None:
-        ready = [p for p in pods(cluster, namespace, "app=gpu-workers") if is_ready(p)]
+        ready = [p for p in items(cluster, "pods", namespace=namespace, selector="app=gpu-workers") if is_ready(p)]
         return ready if len(ready) == 2 else None
 
     ready = wait_for("2 Ready pods of 8 GPUs", two_ready)
@@ -76,7 +79,7 @@ def test_deployment_with_8_gpu_pods_runs_on_gpu_nodes(cluster: Cluster, namespac
         assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     wait_for(
         "the Deployment to report 2 ready replicas",
-        lambda: get(cluster, "deployment", "gpu-workers", "-n", namespace)["status"].get("readyReplicas") == 2,
+        lambda: get(cluster, "deployment", "gpu-workers", namespace=namespace)["status"].get("readyReplicas") == 2,
     )
 
 
@@ -87,15 +90,15 @@ def test_pod_asking_9_gpus_stays_unschedulable(cluster: Cluster, namespace: str)
         "metadata": {"name": "too-big"},
         "spec": {"containers": [container(gpus=9)]},
     }
-    apply(cluster, pod, namespace)
+    apply(cluster, pod, namespace=namespace)
 
     def unschedulable() -> dict[str, object] | None:
-        scheduled = condition(get(cluster, "pod", "too-big", "-n", namespace), "PodScheduled")
+        scheduled = condition(get(cluster, "pod", "too-big", namespace=namespace), "PodScheduled")
         return scheduled if scheduled and scheduled.get("reason") == "Unschedulable" else None
 
     scheduled = wait_for("PodScheduled=False reason Unschedulable", unschedulable)
     assert scheduled["status"] == "False"
     assert "Insufficient nvidia.com/gpu" in str(scheduled["message"])
-    current = get(cluster, "pod", "too-big", "-n", namespace)
+    current = get(cluster, "pod", "too-big", namespace=namespace)
     assert current["status"]["phase"] == "Pending"
     assert not current["spec"].get("nodeName")

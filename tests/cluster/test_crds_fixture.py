@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster.kube import condition, get
-from tests.conftest import Cluster
+from tests.support.cluster import Cluster
+from tests.support.kube import condition, get
 
 pytestmark = pytest.mark.integration
 

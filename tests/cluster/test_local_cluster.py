@@ -1,17 +1,20 @@
-"""Unit tests of hack/local_cluster.py's pure parts: the address plan, node manifests, command lines (no cluster)."""
+"""Unit tests of hack/localcluster: the address plan, node manifests, command lines, process ownership; one up/down."""
 
 from __future__ import annotations
 
 import base64
 import ipaddress
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_local_cluster
+from tests.support.cluster import load_local_cluster
 
 lc = load_local_cluster()
+from localcluster import nodes, processes  # noqa: E402  (on sys.path once the entry script is loaded)
+
 ROOT = Path("/tmp/k2-cluster-under-test")
 
 
@@ -96,8 +99,40 @@ def test_kubeconfig_embeds_credentials() -> None:
 
 def test_only_component_processes_count_as_ours(tmp_path: Path) -> None:
     layout = lc.Layout(tmp_path)
-    assert not lc._is_ours(os.getpid(), layout)
+    assert not lc.owner(layout).owns(os.getpid())
     assert lc.leftover_pids(layout) == []
+
+
+def test_a_process_naming_the_directory_is_owned_and_its_group_stopped(tmp_path: Path) -> None:
+    owner = processes.Owner(tmp_path, programs={"sleep"})
+    (tmp_path / "logs").mkdir()
+    process = processes.spawn(["/bin/sleep", "600", f"{tmp_path}/marker"], tmp_path / "logs" / "sleep.log", tmp_path)
+    try:
+        processes.wait_for("sleep to exec", lambda: owner.owns(process.pid), "sleep", tmp_path / "logs", process, 10.0)
+        assert owner.live_pids() == [process.pid]
+        assert not processes.Owner(tmp_path / "other", programs={"sleep"}).owns(process.pid)
+        assert os.getpgid(process.pid) == process.pid, "each component leads its own process group"
+    finally:
+        processes.stop_group(process.pid, owner, grace_s=5.0)
+    assert process.poll() == -signal.SIGTERM
+    assert owner.live_pids() == []
+
+
+def test_wait_for_names_the_component_and_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "etcd.log"
+    log.write_text("first\nlast words\n")
+    process = processes.spawn(["/bin/false"], log, tmp_path)
+    with pytest.raises(lc.ClusterError, match=r"(?s)etcd exited with code 1 while waiting for health.*last words"):
+        processes.wait_for("health", lambda: False, "etcd", log, process)
+    with pytest.raises(lc.ClusterError, match="timed out after 0s waiting for health"):
+        processes.wait_for("health", lambda: False, "etcd", log, None, timeout_s=0.0)
+
+
+def test_node_summary_counts_ready_nodes_and_their_gpus() -> None:
+    ready = lc.gpu_node_manifest(0) | {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    ready["status"]["allocatable"] = {"nvidia.com/gpu": "8"}
+    assert nodes.summarize([ready, lc.gpu_node_manifest(1)]) == "1 Ready x 8 nvidia.com/gpu"
+    assert nodes.summarize([]) == "0 Ready x 0 nvidia.com/gpu"
 
 
 def test_down_without_a_cluster_is_a_no_op(tmp_path: Path) -> None:

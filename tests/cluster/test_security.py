@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.kube import apply
-from tests.conftest import Cluster
+from tests.support.cluster import Cluster
+from tests.support.kube import apply
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +55,8 @@ def test_service_account_without_a_role_is_forbidden(cluster: Cluster, namespace
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
         "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": namespace}],
     }
-    apply(cluster, role, namespace)
-    apply(cluster, binding, namespace)
+    apply(cluster, role, namespace=namespace)
+    apply(cluster, binding, namespace=namespace)
     # The same identity is allowed once a Role grants it: the denial above came from RBAC, not from impersonation.
     assert cluster.kubectl("get", "pods", "-n", namespace, f"--as={user}").returncode == 0
     can_delete = cluster.kubectl("auth", "can-i", "delete", "pods", "-n", namespace, f"--as={user}", check=False)

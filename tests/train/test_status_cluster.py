@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from k2_workers.train.status import progress_record, reporter_from_env
-from tests.conftest import Cluster
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.integration
 
