@@ -1,0 +1,183 @@
+"""up / down / is_healthy: start the components in order, wait for each, create the nodes; stop and clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from . import api, processes
+from .controlplane import COMPONENTS, command_lines, free_ports, health_urls
+from .errors import ClusterError
+from .layout import DEFAULT_DIR, TOOLS_BIN, Layout, State
+from .nodes import MAX_NODES, NUM_NODES, gpu_node_manifest, node_ready, summarize
+from .pki import kubeconfig_for, make_pki
+
+
+def owner(layout: Layout) -> processes.Owner:
+    """Recognises this cluster's component processes."""
+    return processes.Owner(layout.root, COMPONENTS)
+
+
+def leftover_pids(layout: Layout) -> list[int]:
+    """Every live component whose command line names this cluster's directory."""
+    return owner(layout).live_pids()
+
+
+def _lock_path(layout: Layout) -> Path:
+    digest = hashlib.sha1(str(layout.root).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"k2-cluster-lock-{digest}"
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """Serialises concurrent up/down on the same directory (two `make cluster-up` at once)."""
+    with _lock_path(layout).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def is_healthy(root: Path = DEFAULT_DIR) -> bool:
+    """True when a cluster started by `up` in `root` runs and its apiserver answers /readyz."""
+    layout = Layout(root.resolve())
+    state = State.load(layout)
+    if state is None or not state.ready or not layout.kubeconfig.is_file():
+        return False
+    if any(not owner(layout).owns(state.pids.get(name, -1)) for name in COMPONENTS):
+        return False
+    return api.apiserver_ready(layout, state)
+
+
+def describe_nodes(layout: Layout, state: State) -> str:
+    """One line: how many Ready nodes with how many GPUs each, e.g. `4 Ready x 8 nvidia.com/gpu`."""
+    status, body = api.api_request(layout, state, "GET", "/api/v1/nodes")
+    if status != 200:
+        return f"unknown (HTTP {status})"
+    return summarize(body["items"])
+
+
+def _create_nodes(layout: Layout, state: State, num_nodes: int) -> None:
+    for index in range(num_nodes):
+        status, body = api.api_request(layout, state, "POST", "/api/v1/nodes", gpu_node_manifest(index))
+        if status not in (201, 409):
+            raise ClusterError(f"creating node gpu-node-{index} failed with HTTP {status}: {body}")
+
+
+def _nodes_ready(layout: Layout, state: State, num_nodes: int) -> bool:
+    nodes = api.list_nodes(layout, state)
+    return nodes is not None and sum(map(node_ready, nodes)) >= num_nodes
+
+
+def _check_owned(layout: Layout) -> None:
+    """Refuses to start in or remove a directory that is neither empty nor a cluster directory."""
+    if layout.root.is_dir() and any(layout.root.iterdir()) and not layout.state.exists():
+        raise ClusterError(f"{layout.root} is not empty and holds no state.json: refusing to use it")
+
+
+def _spawn(component: str, argv: list[str], layout: Layout, state: State) -> subprocess.Popen[bytes]:
+    process = processes.spawn(argv, layout.log(component), cwd=layout.root)
+    state.pids[component] = process.pid
+    state.save(layout)
+    return process
+
+
+def _start(layout: Layout, num_nodes: int, tools: Path) -> State:
+    _check_owned(layout)
+    if layout.root.exists():
+        shutil.rmtree(layout.root)
+    layout.logs.mkdir(parents=True)
+    make_pki(layout.pki)
+    ports = free_ports()
+    state = State(ports=asdict(ports))
+    state.save(layout)
+    layout.kubeconfig.write_text(yaml.safe_dump(kubeconfig_for(state.server, layout.pki, "admin"), sort_keys=False))
+    layout.kubeconfig.chmod(0o600)
+    argv = command_lines(layout, ports, tools)
+
+    def wait(what: str, check: Callable[[], bool], component: str, process: subprocess.Popen[bytes]) -> None:
+        processes.wait_for(what, check, component, layout.log(component), process)
+
+    etcd = _spawn("etcd", argv["etcd"], layout, state)
+    etcd_health = f"http://127.0.0.1:{ports.etcd_client}/health"
+    wait("etcd /health", lambda: '"health":"true"' in api.get(etcd_health)[1], "etcd", etcd)
+
+    apiserver = _spawn("kube-apiserver", argv["kube-apiserver"], layout, state)
+    wait("kube-apiserver /readyz", lambda: api.apiserver_ready(layout, state), "kube-apiserver", apiserver)
+
+    started = {name: _spawn(name, argv[name], layout, state) for name in COMPONENTS[2:]}
+    for name, url in health_urls(ports).items():
+        context = api.unverified_context() if url.startswith("https") else None
+        wait(f"{name} {url}", functools.partial(api.healthz_ok, url, context), name, started[name])
+
+    _create_nodes(layout, state, num_nodes)
+    wait(f"{num_nodes} Ready nodes", lambda: _nodes_ready(layout, state, num_nodes), "kwok", started["kwok"])
+    wait(
+        "the default ServiceAccount (controller-manager at work)",
+        lambda: api.default_service_account_exists(layout, state),
+        "kube-controller-manager",
+        started["kube-controller-manager"],
+    )
+    state.ready = True
+    state.save(layout)
+    return state
+
+
+def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS_BIN) -> State:
+    """Starts a cluster in `root`, or keeps the healthy one already there. On failure everything started is stopped."""
+    if not 1 <= num_nodes <= MAX_NODES:
+        raise ValueError(f"num_nodes must be between 1 and {MAX_NODES}, got {num_nodes}")
+    layout = Layout(root.resolve())
+    with _locked(layout):
+        if is_healthy(layout.root):
+            state = State.load(layout)
+            assert state is not None
+            return state
+        if State.load(layout) is not None:
+            print(f"local cluster: {layout.root} holds a stopped or broken cluster; starting afresh", file=sys.stderr)
+        _stop(layout, remove=True)
+        try:
+            return _start(layout, num_nodes, tools)
+        except BaseException:
+            with contextlib.suppress(ClusterError):
+                _stop(layout, remove=False)  # keep the logs the error message points to
+            raise
+
+
+def _stop(layout: Layout, remove: bool) -> None:
+    state = State.load(layout)
+    ours = owner(layout)
+    if state is not None:
+        for name in reversed(COMPONENTS):
+            if name in state.pids:
+                processes.stop_group(state.pids[name], ours, grace_s=10.0)
+    for pid in ours.live_pids():  # e.g. state.json was lost
+        processes.stop_group(pid, ours, grace_s=5.0)
+    left = ours.live_pids()
+    if left:
+        raise ClusterError(f"processes still running after stop: {left}")
+    if state is not None and layout.state.exists():
+        state.pids, state.ready = {}, False
+        state.save(layout)
+    if remove and layout.root.exists():
+        _check_owned(layout)
+        shutil.rmtree(layout.root)
+
+
+def down(root: Path = DEFAULT_DIR) -> None:
+    """Stops every process of the cluster in `root` and removes its directory; a no-op when nothing is there."""
+    layout = Layout(root.resolve())
+    with _locked(layout):
+        try:
+            _stop(layout, remove=True)
+        finally:
+            _lock_path(layout).unlink(missing_ok=True)

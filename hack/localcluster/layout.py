@@ -1,0 +1,63 @@
+"""Where every file of one cluster lives, and the state (ports, process ids) recorded on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DIR = ROOT / ".cluster"
+TOOLS_BIN = ROOT / ".tools" / "bin"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files of the cluster in directory `root`."""
+
+    root: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    def log(self, component: str) -> Path:
+        return self.logs / f"{component}.log"
+
+
+@dataclass
+class State:
+    """What `up` records in state.json: the ports picked, the pid of each component, whether start finished."""
+
+    ports: dict[str, int]
+    pids: dict[str, int] = field(default_factory=dict)
+    ready: bool = False
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    def save(self, layout: Layout) -> None:
+        tmp = layout.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(layout.state)
+
+    @classmethod
+    def load(cls, layout: Layout) -> State | None:
+        try:
+            data = json.loads(layout.state.read_text())
+        except (OSError, ValueError):
+            return None
+        return cls(ports=data["ports"], pids=data.get("pids", {}), ready=bool(data.get("ready")))
