@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained, save_pretrained
 from k2_workers.model import checkpoint as ckpt
 from k2_workers.model.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
@@ -37,7 +37,7 @@ def _all_tensors(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[K2ForCausalLM, Path]:
     model = _debug_model()
-    model.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
+    save_pretrained(model, tmp_path, max_shard_bytes=64 * 1024)
     return model, tmp_path
 
 
@@ -64,7 +64,7 @@ def test_save_writes_sharded_hf_layout(saved: tuple[K2ForCausalLM, Path]) -> Non
 
 def test_round_trip_gives_identical_logits(saved: tuple[K2ForCausalLM, Path]) -> None:
     model, directory = saved
-    loaded = K2ForCausalLM.from_pretrained(directory).eval()
+    loaded = load_pretrained(directory).eval()
     assert loaded.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -75,11 +75,11 @@ def test_round_trip_gives_identical_logits(saved: tuple[K2ForCausalLM, Path]) ->
 
 def test_bf16_save_and_load(tmp_path: Path) -> None:
     model = _debug_model()
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     tensors = _all_tensors(tmp_path)
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
-    loaded = K2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = load_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     bias = loaded.model.layers[1].mlp.gate.e_score_correction_bias
     assert bias is not None and bias.dtype == torch.float32
@@ -105,7 +105,7 @@ def test_subset_of_experts_reads_only_those(saved: tuple[K2ForCausalLM, Path], m
     reads: list[str] = []
     monkeypatch.setattr(ckpt, "safe_open", lambda path, framework: _CountingHandle(safe_open(path, framework), reads))
     slots = {1: [6, 2, 6], 2: [0], 3: [7, 1]}  # a slot table with a replicated expert
-    partial = K2ForCausalLM.from_pretrained(directory, experts=slots)
+    partial = load_pretrained(directory, experts=slots)
 
     expert_reads = {name for name in reads if ".mlp.experts." in name}
     expected = {
@@ -144,10 +144,10 @@ def test_subset_load_survives_deleted_foreign_experts(saved: tuple[K2ForCausalLM
     }
     index_path.write_text(json.dumps(index))
 
-    partial = K2ForCausalLM.from_pretrained(directory, experts={0, 1})
+    partial = load_pretrained(directory, experts={0, 1})
     assert partial.model.layers[1].mlp.experts.gate_proj.shape[0] == 2
     with pytest.raises(ckpt.CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.2\.gate_proj\.weight"):
-        K2ForCausalLM.from_pretrained(directory)
+        load_pretrained(directory)
 
 
 def test_missing_tensor_names_tensor_and_file(saved: tuple[K2ForCausalLM, Path]) -> None:
@@ -159,7 +159,7 @@ def test_missing_tensor_names_tensor_and_file(saved: tuple[K2ForCausalLM, Path])
     del tensors[name]
     save_file(tensors, str(directory / file_name))
     with pytest.raises(ckpt.CheckpointError) as err:
-        K2ForCausalLM.from_pretrained(directory)
+        load_pretrained(directory)
     assert name in str(err.value) and file_name in str(err.value)
 
 
@@ -172,14 +172,14 @@ def test_misshaped_tensor_names_tensor_and_file(saved: tuple[K2ForCausalLM, Path
     tensors[name] = torch.zeros(31, 64)
     save_file(tensors, str(directory / file_name))
     with pytest.raises(ckpt.CheckpointError) as err:
-        K2ForCausalLM.from_pretrained(directory)
+        load_pretrained(directory)
     message = str(err.value)
     assert name in message and file_name in message and "(31, 64)" in message and "(32, 64)" in message
 
 
 def test_missing_config_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match=r"config\.json"):
-        K2ForCausalLM.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_fp8_quantise_dequantise_error_is_small() -> None:
@@ -218,7 +218,7 @@ def test_fp8_weights_are_dequantised_on_load(saved: tuple[K2ForCausalLM, Path]) 
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     (directory / ckpt.CONFIG_FILE).write_text(json.dumps(config))
 
-    loaded = K2ForCausalLM.from_pretrained(directory)
+    loaded = load_pretrained(directory)
     state = loaded.state_dict()
     assert torch.equal(
         state["model.layers.0.self_attn.q_b_proj.weight"], expected["model.layers.0.self_attn.q_b_proj.weight"]
@@ -237,5 +237,5 @@ def test_fp8_weights_are_dequantised_on_load(saved: tuple[K2ForCausalLM, Path]) 
     del tensors[name + "_scale_inv"]
     save_file(tensors, str(directory / file_name))
     with pytest.raises(ckpt.CheckpointError, match=r"o_proj\.weight_scale_inv") as err:
-        K2ForCausalLM.from_pretrained(directory)
+        load_pretrained(directory)
     assert file_name in str(err.value)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from k2_workers.model import K2Config, K2ForCausalLM, MLACache
-from k2_workers.model.generate import generate_batch, sample_next
+from k2_workers.model.generate import generate, generate_batch, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_cache_overflow_is_an_error(model: K2ForCausalLM) -> None:
 
 def test_greedy_generation_follows_the_argmax(model: K2ForCausalLM) -> None:
     prompt = torch.randint(0, 258, (2, 6), generator=torch.Generator().manual_seed(4))
-    out = model.generate(prompt, max_new_tokens=8)
+    out = generate(model, prompt, max_new_tokens=8)
     assert out.shape == (2, 14) and torch.equal(out[:, :6], prompt)
     with torch.no_grad():
         for t in range(6, 14):
@@ -73,18 +73,18 @@ def test_sampled_generation_is_seeded(model: K2ForCausalLM) -> None:
 
     def run(seed: int, **kwargs: float | int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        return model.generate(prompt, max_new_tokens=10, temperature=1.0, generator=g, **kwargs)  # type: ignore[arg-type]
+        return generate(model, prompt, max_new_tokens=10, temperature=1.0, generator=g, **kwargs)  # type: ignore[arg-type]
 
     assert torch.equal(run(1), run(1))
     assert any(not torch.equal(run(1), run(seed)) for seed in range(2, 6))
-    assert torch.equal(run(7, top_k=1), model.generate(prompt, max_new_tokens=10))
+    assert torch.equal(run(7, top_k=1), generate(model, prompt, max_new_tokens=10))
 
 
 def test_eos_stops_a_row(model: K2ForCausalLM) -> None:
     prompt = torch.randint(0, 258, (1, 4), generator=torch.Generator().manual_seed(6))
-    greedy = model.generate(prompt, max_new_tokens=6)
+    greedy = generate(model, prompt, max_new_tokens=6)
     eos = int(greedy[0, 6])
-    stopped = model.generate(prompt, max_new_tokens=6, eos_token_id=eos)
+    stopped = generate(model, prompt, max_new_tokens=6, eos_token_id=eos)
     assert stopped.shape[1] <= 7 and int(stopped[0, -1]) == eos
 
 
@@ -106,7 +106,7 @@ def test_a_batch_of_different_lengths_decodes_each_prompt_as_if_alone(model: K2F
     prompts = _prompts()
     batched = generate_batch(model, prompts, max_new_tokens=8)
     for prompt, completion in zip(prompts, batched, strict=True):
-        alone = model.generate(prompt[None], max_new_tokens=8)[0, prompt.numel() :]
+        alone = generate(model, prompt[None], max_new_tokens=8)[0, prompt.numel() :]
         assert completion.tolist() == alone.tolist()
 
 
@@ -136,7 +136,7 @@ def test_each_row_samples_with_its_own_generator(model: K2ForCausalLM) -> None:
     batched = generate_batch(model, prompts, 6, [sampler(1), sample_next, sampler(3)])
     assert batched[0].tolist() == generate_batch(model, prompts[:1], 6, [sampler(1)])[0].tolist()
     assert batched[2].tolist() == generate_batch(model, prompts[2:], 6, [sampler(3)])[0].tolist()
-    assert batched[1].tolist() == model.generate(prompts[1][None], 6)[0, prompts[1].numel() :].tolist()
+    assert batched[1].tolist() == generate(model, prompts[1][None], 6)[0, prompts[1].numel() :].tolist()
 
 
 def test_generate_batch_rejects_bad_arguments(model: K2ForCausalLM) -> None:

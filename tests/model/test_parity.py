@@ -1,4 +1,4 @@
-"""Numerical parity with transformers' DeepseekV3ForCausalLM: its save_pretrained checkpoint, our from_pretrained,
+"""Numerical parity with transformers' DeepseekV3ForCausalLM: its save_pretrained checkpoint, our load_pretrained,
 the same fp32 logits (max abs difference <= 1e-4), for K2-like, DeepSeek-like and plain-RoPE tiny configs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.model import K2Config, load_pretrained
 from k2_workers.model.rope import rope_frequencies, softmax_scale
 from tests.model.hf_reference import TINY_CONFIGS, save_hf_checkpoint
 
@@ -30,7 +30,7 @@ def _input_ids(batch: int = 2, seq: int = 37) -> torch.Tensor:
 
 def test_logits_match_transformers(pair: tuple[object, Path]) -> None:
     hf, directory = pair
-    ours = K2ForCausalLM.from_pretrained(directory).eval()
+    ours = load_pretrained(directory).eval()
     input_ids = _input_ids()
     with torch.no_grad():
         expected = hf(input_ids).logits  # type: ignore[operator]
@@ -45,7 +45,7 @@ def test_logits_match_transformers(pair: tuple[object, Path]) -> None:
 def test_correction_bias_changes_the_choice(pair: tuple[object, Path]) -> None:
     """The non-zero biases matter: zeroing them in our model moves the logits away from the reference."""
     hf, directory = pair
-    ours = K2ForCausalLM.from_pretrained(directory).eval()
+    ours = load_pretrained(directory).eval()
     for moe in ours.moe_blocks():
         assert moe.gate.e_score_correction_bias is not None
         assert moe.gate.e_score_correction_bias.abs().max() > 0

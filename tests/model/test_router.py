@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from k2_workers.model import K2Config, K2ForCausalLM, loss_free_bias_update, switch_aux_loss
+from k2_workers.model import K2Config, K2ForCausalLM, loss_free_bias_update, switch_aux_loss, update_router_biases
 from k2_workers.model.router import route
 
 
@@ -112,7 +112,7 @@ def test_expert_token_counts_and_model_bias_update() -> None:
     assert counts.shape == (config.num_hidden_layers - config.first_k_dense_replace, config.n_routed_experts)
     assert counts.sum(dim=1).tolist() == [2 * 64 * config.num_experts_per_tok] * counts.shape[0]
 
-    biases = loss_free_bias_update(model, counts, u=0.01)
+    biases = update_router_biases(model, counts, u=0.01)
     load = counts.float()
     expected = 0.01 * torch.sign(load.mean(1, keepdim=True) - load)
     expected -= expected.mean(1, keepdim=True)
@@ -120,6 +120,9 @@ def test_expert_token_counts_and_model_bias_update() -> None:
     stored = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert stored is not None
     torch.testing.assert_close(stored, expected[0])
+    with pytest.raises(ValueError, match="tokens_per_expert_LE"):
+        update_router_biases(model, counts[:, :-1])
+    torch.testing.assert_close(stored, expected[0])  # a refused update changes nothing
 
 
 def test_routing_stays_fp32_under_bf16_autocast() -> None:

@@ -10,15 +10,12 @@ Shape legend: B = batch, S = prompt length, N = new tokens, V = vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from k2_workers.model.kv_cache import MLACache
-
-if TYPE_CHECKING:
-    from k2_workers.model.model import K2ForCausalLM
+from k2_workers.model.model import K2ForCausalLM
 
 
 def sample_next(

@@ -4,24 +4,20 @@
   (group-limited top-k), the weights are the unbiased scores, optionally normalised, times routed_scaling_factor.
 - `greedy` (Mixtral / Switch): softmax over experts, top-k, optional renormalisation.
 - `group_limited_greedy` (DeepSeek-V2): as greedy, within the top groups by their best expert.
-- `switch_aux_loss`: alpha·N·Σ_i f_i·P_i; `loss_free_bias_update`: the auxiliary-loss-free bias rule.
+- `switch_aux_loss`: alpha·N·Σ_i f_i·P_i. The auxiliary-loss-free bias rule is in `balancing`.
 
-Shape legend: T = tokens, D = hidden, E = routed experts, G = expert groups, K = experts per token, L = MoE layers.
+Shape legend: T = tokens, D = hidden, E = routed experts, G = expert groups, K = experts per token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k2_workers.model.config import K2Config
-
-if TYPE_CHECKING:
-    from k2_workers.model.model import K2ForCausalLM
 
 
 @dataclass
@@ -101,32 +97,3 @@ def switch_aux_loss(probs_TE: Tensor, expert_ids_TK: Tensor, alpha: float = 1.0)
     f_E = counts_E / expert_ids_TK.numel()
     p_E = probs_TE.mean(dim=0)
     return alpha * num_experts * (f_E * p_E).sum()
-
-
-@torch.no_grad()
-def loss_free_bias_update(target: Tensor | K2ForCausalLM, tokens_per_expert: Tensor, u: float = 1e-3) -> Tensor:
-    """The auxiliary-loss-free balancing rule: b += u·sign(mean load − load), then recentred to mean 0.
-
-    `target` is a bias [E] (or [L, E] with `tokens_per_expert` [L, E]) updated in place, or a model whose MoE
-    routers' correction biases are updated from `tokens_per_expert` [num_moe_layers, E]. Returns the new bias(es).
-    """
-    from k2_workers.model.model import K2ForCausalLM
-
-    if isinstance(target, K2ForCausalLM):
-        routers = [moe.gate for moe in target.moe_blocks()]
-        biases = [r.e_score_correction_bias for r in routers if r.e_score_correction_bias is not None]
-        if not biases:
-            return torch.empty(0)
-        if tokens_per_expert.shape != (len(biases), biases[0].shape[0]):
-            expected = (len(biases), biases[0].shape[0])
-            raise ValueError(f"tokens_per_expert: expected shape {expected}, got {tuple(tokens_per_expert.shape)}")
-        for bias_E, load_E in zip(biases, tokens_per_expert, strict=True):
-            loss_free_bias_update(bias_E, load_E.to(bias_E.device), u)
-        return torch.stack(biases)
-    bias = target
-    if bias.shape != tokens_per_expert.shape:
-        raise ValueError(f"tokens_per_expert: shape {tuple(tokens_per_expert.shape)} != bias shape {tuple(bias.shape)}")
-    load = tokens_per_expert.to(torch.float32)
-    bias += u * torch.sign(load.mean(dim=-1, keepdim=True) - load).to(bias.dtype)
-    bias -= bias.mean(dim=-1, keepdim=True)
-    return bias

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from k2_workers.model import K2Config, K2ForCausalLM, loss_free_bias_update
+from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained, update_router_biases
 from k2_workers.optim import MuonClip
 from k2_workers.tokenizer import Tokenizer, load_tokenizer
 from k2_workers.train.checkpoint import CheckpointManager, latest_checkpoint
@@ -55,7 +55,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> K2ForCausalLM:
     """The same initial weights on every rank: seeded init (rank 0's weights are broadcast afterwards as well)."""
     torch.manual_seed(cfg.seed)
     if cfg.model_checkpoint is not None:
-        model = K2ForCausalLM.from_pretrained(cfg.model_checkpoint)
+        model = load_pretrained(cfg.model_checkpoint)
     elif cfg.model_hf_config is not None:
         model = K2ForCausalLM(K2Config.from_hf_config(cfg.model_hf_config))
     else:
@@ -174,7 +174,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         counts_LE = all_reduce_(self.model.expert_token_counts().detach().float().clone())
-        loss_free_bias_update(self.model, counts_LE, cfg.router_bias_update_rate)
+        update_router_biases(self.model, counts_LE, cfg.router_bias_update_rate)
 
         # one collective for the logged loss and the stop decision, so all ranks stop after the same step
         flags = torch.tensor([loss.item(), float(self.stop.requested)], dtype=torch.float64, device=device)
