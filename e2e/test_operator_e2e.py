@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster
-from tests.operator.harness import apply, env_of, get, has_condition, items, running_operator, wait_for
+from tests.operator.harness import env_of, running_operator
 from tests.operator.resources import example
+from tests.support.cluster import Cluster
+from tests.support.kube import apply, get, has_condition, items
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,25 +25,25 @@ def test_examples_end_to_end(e2e_cluster: Cluster, e2e_namespace: str, e2e_crds:
     with running_operator(cluster, namespace, tmp_path) as operator:
         training = example("k2training-debug.yaml")
         training["metadata"]["annotations"] = {"k2.ai/fake-run-duration": "600s"}  # kwok only; ignored elsewhere
-        apply(cluster, namespace, example("k2serving-debug.yaml"))
-        apply(cluster, namespace, training)
+        apply(cluster, example("k2serving-debug.yaml"), namespace=namespace)
+        apply(cluster, training, namespace=namespace)
         wait_for(
             "K2Serving Available",
-            lambda: has_condition(cluster, namespace, "k2serving/k2-debug-serve", "Available"),
+            lambda: has_condition(cluster, "k2serving/k2-debug-serve", "Available", namespace=namespace),
             300,
         )
-        assert get(cluster, namespace, "expertplacement/k2-debug-serve")["spec"]["generation"] >= 1
+        assert get(cluster, "expertplacement/k2-debug-serve", namespace=namespace)["spec"]["generation"] >= 1
         wait_for(
             "both groups ready",
             lambda: (
-                (get(cluster, namespace, "k2serving/k2-debug-serve") or {}).get("status", {}).get("readyRanks") == 4
+                get(cluster, "k2serving/k2-debug-serve", namespace=namespace).get("status", {}).get("readyRanks") == 4
             ),
             300,
         )
         workers = wait_for(
             "2 training pods",
             lambda: (
-                (p := items(cluster, namespace, "pods", "app.kubernetes.io/instance=k2-debug-train"))
+                (p := items(cluster, "pods", namespace=namespace, selector="app.kubernetes.io/instance=k2-debug-train"))
                 and len(p) == 2
                 and p
             ),
@@ -51,7 +53,10 @@ def test_examples_end_to_end(e2e_cluster: Cluster, e2e_namespace: str, e2e_crds:
             variables = env_of(pod["spec"]["containers"][0])
             assert variables["WORLD_SIZE"] == "2" and variables["MASTER_ADDR"].startswith("k2-debug-train-worker-")
         ranks = items(
-            cluster, namespace, "pods", "app.kubernetes.io/instance=k2-debug-serve,app.kubernetes.io/component=rank"
+            cluster,
+            "pods",
+            namespace=namespace,
+            selector="app.kubernetes.io/instance=k2-debug-serve,app.kubernetes.io/component=rank",
         )
         assert len(ranks) == 4
         assert all("nvidia.com/gpu" in p["spec"]["containers"][0]["resources"]["limits"] for p in [*ranks, *workers])
@@ -60,7 +65,9 @@ def test_examples_end_to_end(e2e_cluster: Cluster, e2e_namespace: str, e2e_crds:
         kinds = "statefulsets,deployments,services,configmaps,expertplacements,serviceaccounts,roles,rolebindings,pods"
         wait_for(
             "children gone",
-            lambda: not items(cluster, namespace, kinds, "app.kubernetes.io/instance=k2-debug-serve"),
+            lambda: (
+                not items(cluster, kinds, namespace=namespace, selector="app.kubernetes.io/instance=k2-debug-serve")
+            ),
             180,
         )
         cluster.kubectl("delete", "-n", namespace, "k2training/k2-debug-train", "--wait=true", "--timeout=120s")

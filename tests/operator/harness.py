@@ -1,11 +1,9 @@
-"""Runs `k2 operator run` as a subprocess against the local control plane, and small kubectl helpers."""
+"""Runs `k2 operator run` as a subprocess against the local control plane."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.kube import wait_for
-from tests.conftest import Cluster
+from tests.support.cluster import Cluster
+from tests.support.ports import free_port
+from tests.support.waits import wait_for
 
 RESYNC_SECONDS = 1.0
 SLOW_APPLY = """
@@ -33,13 +32,6 @@ if {delay} > 0:
     Kube.apply = slow_apply
 sys.exit(main({args!r}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Operator:
@@ -127,44 +119,6 @@ def running_operator(
         raise
     finally:
         operator.stop()
-
-
-def get(cluster: Cluster, namespace: str, *args: str) -> Any:
-    result = cluster.kubectl("get", "-n", namespace, *args, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def items(cluster: Cluster, namespace: str, kind: str, selector: str | None = None) -> list[dict[str, Any]]:
-    args = [kind] + ([f"--selector={selector}"] if selector else [])
-    found = get(cluster, namespace, *args)
-    return list(found["items"]) if found else []
-
-
-def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
-    for entry in (obj or {}).get("status", {}).get("conditions", []):
-        if entry.get("type") == type_:
-            return dict(entry)
-    return None
-
-
-def has_condition(
-    cluster: Cluster, namespace: str, ref: str, type_: str, status: str = "True"
-) -> dict[str, Any] | None:
-    obj = get(cluster, namespace, ref)
-    found = condition(obj, type_)
-    return obj if found is not None and found["status"] == status else None
-
-
-def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any] | str) -> None:
-    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-    cluster.kubectl("apply", "-n", namespace, "--server-side", "--field-manager=k2-tests", "-f", "-", input=text)
-
-
-def patch(cluster: Cluster, namespace: str, ref: str, body: dict[str, Any], subresource: str | None = None) -> None:
-    args = ["patch", "-n", namespace, ref, "--type=merge", "-p", json.dumps(body)]
-    if subresource:
-        args.append(f"--subresource={subresource}")
-    cluster.kubectl(*args)
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:

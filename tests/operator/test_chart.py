@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import TOOLS_BIN, Cluster
 from tests.operator import schemas
-from tests.operator.harness import apply, get, has_condition, items, running_operator, wait_for
+from tests.operator.harness import running_operator
 from tests.operator.resources import ROOT, example
+from tests.support.cluster import Cluster
+from tests.support.kube import apply, exists, has_condition, items
+from tests.support.paths import TOOLS_BIN
+from tests.support.waits import wait_for
 
 CHART = ROOT / "charts" / "k2-operator"
 
@@ -181,16 +184,24 @@ def test_operator_runs_with_only_the_charts_rbac(
         token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
         kubeconfig = kubeconfig_for_token(cluster, token, tmp_path / "sa.kubeconfig")
         with running_operator(cluster, namespace, tmp_path, env={"KUBECONFIG": str(kubeconfig)}) as operator:
-            apply(cluster, namespace, example("k2serving-debug.yaml"))
+            apply(cluster, example("k2serving-debug.yaml"), namespace=namespace)
             training = example("k2training-debug.yaml")
             training["metadata"]["annotations"] = {"k2.ai/fake-run-duration": "600s"}
-            apply(cluster, namespace, training)
+            apply(cluster, training, namespace=namespace)
             wait_for(
-                "Available", lambda: has_condition(cluster, namespace, "k2serving/k2-debug-serve", "Available"), 90
+                "Available",
+                lambda: has_condition(cluster, "k2serving/k2-debug-serve", "Available", namespace=namespace),
+                90,
             )
-            wait_for("Running", lambda: has_condition(cluster, namespace, "k2training/k2-debug-train", "Running"), 90)
-            assert get(cluster, namespace, "configmap/k2-debug-serve-active") is not None
-            workers = [r for r in items(cluster, namespace, "roles") if r["metadata"]["name"].startswith("k2-debug")]
+            wait_for(
+                "Running",
+                lambda: has_condition(cluster, "k2training/k2-debug-train", "Running", namespace=namespace),
+                90,
+            )
+            assert exists(cluster, "configmap/k2-debug-serve-active", namespace=namespace)
+            workers = [
+                r for r in items(cluster, "roles", namespace=namespace) if r["metadata"]["name"].startswith("k2-debug")
+            ]
             assert len(workers) == 2  # the workers' Roles, granted by the operator
             assert operator.errors() == [], operator.logs()
             assert "403" not in operator.logs()
