@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from k2_api import ExpertPlacement, Preset, placement_problems
+from k2_api.contract import PRESET_SHAPES
 from k2_operator.builders import placement as placement_builder
 from k2_operator.builders import serving as serving_builder
 from k2_operator.builders import training as training_builder
-from k2_operator.builders.model_shape import PRESET_SHAPES
 from tests.operator.resources import serving, stored, training
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -165,13 +165,4 @@ def test_initial_placement_is_valid_for_every_preset(preset: Preset) -> None:
     body = placement_builder.expert_placement(serving(model={"preset": preset.value}, ranksPerGroup=8))
     placement = ExpertPlacement.model_validate(stored(body))
     assert placement_problems(placement.spec) == []
-    assert placement.spec.num_experts == PRESET_SHAPES[preset].num_experts
-
-
-def test_preset_shapes_match_the_worker_configs() -> None:
-    config_module = pytest.importorskip("k2_workers.model.config")
-    for preset, shape in PRESET_SHAPES.items():
-        config = config_module.K2Config.from_preset(preset.value)
-        assert (config.num_hidden_layers, config.first_k_dense_replace) == (shape.num_layers, shape.first_dense)
-        assert (config.n_routed_experts, config.num_experts_per_tok) == (shape.num_experts, shape.top_k)
-        assert len(config.moe_layer_indices) == shape.num_moe_layers
+    assert placement.spec.num_experts == PRESET_SHAPES[preset].n_routed_experts

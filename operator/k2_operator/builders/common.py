@@ -12,16 +12,14 @@ import json
 from typing import Any
 
 from k2_api.common import Resource, Scheduling
+from k2_api.contract import Annotations, FieldManagers, Labels
 
-MANAGED_BY = "k2-operator"
+MANAGED_BY = FieldManagers.OPERATOR
 PART_OF = "k2"
-KIND_LABEL = "k2.ai/kind"
-"""Which K2 kind owns a child (K2Training, K2Serving, ExpertPlacement): the child watch maps events back with it."""
-TEMPLATE_HASH = "k2.ai/template-hash"
-PROPAGATED_PREFIX = "k2.ai/"
-"""Annotations with this prefix on a K2 resource are copied onto its worker pods (e.g. scheduler hints, test hooks)."""
 NON_ROOT_UID = 1000
-CONFIG_DIR = "/etc/k2"
+# Kept for the reconcilers that import them from here; new code imports k2_api.contract.
+KIND_LABEL = Labels.KIND
+TEMPLATE_HASH = Annotations.TEMPLATE_HASH
 
 Manifest = dict[str, Any]
 
@@ -35,7 +33,7 @@ def labels(resource: Resource, component: str, **extra: str) -> dict[str, str]:
         "app.kubernetes.io/instance": name,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        KIND_LABEL: type(resource).KIND,
+        Labels.KIND: type(resource).KIND,
     }
     return {**base, **extra}
 
@@ -70,7 +68,9 @@ def metadata(resource: Resource, name: str, component: str, **extra_labels: str)
 
 
 def propagated_annotations(resource: Resource) -> dict[str, str]:
-    return {k: v for k, v in sorted(resource.metadata.annotations.items()) if k.startswith(PROPAGATED_PREFIX)}
+    return {
+        k: v for k, v in sorted(resource.metadata.annotations.items()) if k.startswith(Annotations.PROPAGATED_PREFIX)
+    }
 
 
 def pod_security_context() -> dict[str, Any]:

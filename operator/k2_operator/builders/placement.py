@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 
 from k2_api import ExpertPlacement, ExpertPlacementSpec, K2Serving, LayerPlacement, round_robin
+from k2_api.contract import Files, moe_shape
 from k2_operator.builders.common import Manifest, metadata
-from k2_operator.builders.model_shape import moe_shape
 
 COMPONENT = "placement"
-ACTIVE_FILE = "placement.json"
 INITIAL_REASON = "initial: uniform load"
 
 
@@ -47,9 +46,9 @@ def desired_shape(serving: K2Serving) -> dict[str, int]:
     shape = moe_shape(serving.spec.model)
     return {
         "numLayers": shape.num_moe_layers,
-        "numExperts": shape.num_experts,
+        "numExperts": shape.n_routed_experts,
         "ranks": serving.spec.ranks_per_group,
-        "slotsPerRank": serving.spec.slots_per_rank(shape.num_experts),
+        "slotsPerRank": serving.spec.slots_per_rank(shape.n_routed_experts),
     }
 
 
@@ -87,7 +86,7 @@ def active_config_map(placement: ExpertPlacement) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(placement, active_config_name(name), COMPONENT),
-        "data": {ACTIVE_FILE: json.dumps(active_document(placement.spec), separators=(",", ":"))},
+        "data": {Files.PLACEMENT: json.dumps(active_document(placement.spec), separators=(",", ":"))},
     }
 
 
@@ -96,7 +95,7 @@ def active_generation(config_map: dict[str, Any] | None) -> int | None:
     if config_map is None:
         return None
     try:
-        generation = json.loads(config_map.get("data", {}).get(ACTIVE_FILE, ""))["generation"]
+        generation = json.loads(config_map.get("data", {}).get(Files.PLACEMENT, ""))["generation"]
     except (ValueError, KeyError, TypeError):
         return None
     return int(generation) if isinstance(generation, int) else None

@@ -17,9 +17,8 @@ from typing import Any
 import yaml
 
 from k2_api import K2Serving
+from k2_api.contract import Annotations, Env, Files, Labels, PortNames, Ports, TorchrunEnv, moe_shape
 from k2_operator.builders.common import (
-    CONFIG_DIR,
-    TEMPLATE_HASH,
     Manifest,
     container_security_context,
     content_hash,
@@ -32,19 +31,11 @@ from k2_operator.builders.common import (
     worker_rbac,
     writable_tmp,
 )
-from k2_operator.builders.model_shape import moe_shape
-from k2_operator.builders.placement import ACTIVE_FILE, active_config_name, placement_name
+from k2_operator.builders.placement import active_config_name, placement_name
 
 RANK_COMPONENT = "rank"
 FRONTEND_COMPONENT = "frontend"
-GROUP_LABEL = "k2.ai/group"
-APPLIED_GENERATION = "k2.ai/applied-placement-generation"
-"""Annotation each rank sets on its own Pod once it serves with that ExpertPlacement generation."""
-CONFIG_FILE = "serving.yaml"
-MODEL_FILE = "model.json"
-MASTER_PORT = 29500
-RANK_HTTP_PORT = 8001
-METRICS_PORT = 9400
+GROUP_LABEL = Labels.GROUP  # kept for the reconcilers that import it from here
 POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
 
 
@@ -91,9 +82,13 @@ def model_document(serving: K2Serving) -> dict[str, Any]:
     shape = moe_shape(serving.spec.model)
     return {
         **serving.spec.model.to_dict(),
-        **shape.to_dict(),
+        "numHiddenLayers": shape.num_hidden_layers,
+        "firstKDenseReplace": shape.first_k_dense_replace,
+        "numMoeLayers": shape.num_moe_layers,
+        "numExperts": shape.n_routed_experts,
+        "numExpertsPerToken": shape.num_experts_per_tok,
         "ranksPerGroup": serving.spec.ranks_per_group,
-        "slotsPerRank": serving.spec.slots_per_rank(shape.num_experts),
+        "slotsPerRank": serving.spec.slots_per_rank(shape.n_routed_experts),
     }
 
 
@@ -112,8 +107,8 @@ def model_config_map(serving: K2Serving) -> Manifest:
         "kind": "ConfigMap",
         "metadata": metadata(serving, model_config_name(serving), RANK_COMPONENT),
         "data": {
-            CONFIG_FILE: yaml.safe_dump(config_document(serving), sort_keys=False),
-            MODEL_FILE: json.dumps(model_document(serving), indent=2, sort_keys=True),
+            Files.SERVING_CONFIG: yaml.safe_dump(config_document(serving), sort_keys=False),
+            Files.MODEL: json.dumps(model_document(serving), indent=2, sort_keys=True),
         },
     }
 
@@ -122,14 +117,19 @@ def group_service(serving: K2Serving, group: int) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(serving, group_name(serving, group), RANK_COMPONENT, **{GROUP_LABEL: str(group)}),
+        "metadata": metadata(serving, group_name(serving, group), RANK_COMPONENT, **{Labels.GROUP: str(group)}),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": selector_labels(serving, RANK_COMPONENT, **{GROUP_LABEL: str(group)}),
+            "selector": selector_labels(serving, RANK_COMPONENT, **{Labels.GROUP: str(group)}),
             "ports": [
-                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
-                {"name": "http", "port": RANK_HTTP_PORT, "targetPort": RANK_HTTP_PORT, "protocol": "TCP"},
+                {
+                    "name": PortNames.RENDEZVOUS,
+                    "port": Ports.RENDEZVOUS,
+                    "targetPort": Ports.RENDEZVOUS,
+                    "protocol": "TCP",
+                },
+                {"name": PortNames.HTTP, "port": Ports.RANK_HTTP, "targetPort": Ports.RANK_HTTP, "protocol": "TCP"},
             ],
         },
     }
@@ -164,34 +164,34 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
             "worker",
             "serve",
             "--config",
-            f"{CONFIG_DIR}/{CONFIG_FILE}",
+            f"{Files.CONFIG_DIR}/{Files.SERVING_CONFIG}",
             "--placement",
-            f"{CONFIG_DIR}/placement/{ACTIVE_FILE}",
+            f"{Files.PLACEMENT_DIR}/{Files.PLACEMENT}",
         ],
         "env": [
-            {"name": "K2_SERVING_NAME", "value": serving.metadata.name},
-            {"name": "K2_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "K2_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "K2_GROUP", "value": str(group)},
-            {"name": "K2_PLACEMENT_NAME", "value": placement_name(serving)},
-            {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": POD_INDEX}}},
-            {"name": "WORLD_SIZE", "value": str(spec.ranks_per_group)},
-            {"name": "MASTER_ADDR", "value": first_rank},
-            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+            {"name": Env.SERVING_NAME, "value": serving.metadata.name},
+            {"name": Env.NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": Env.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": Env.GROUP, "value": str(group)},
+            {"name": Env.PLACEMENT_NAME, "value": placement_name(serving)},
+            {"name": TorchrunEnv.RANK, "valueFrom": {"fieldRef": {"fieldPath": POD_INDEX}}},
+            {"name": TorchrunEnv.WORLD_SIZE, "value": str(spec.ranks_per_group)},
+            {"name": TorchrunEnv.MASTER_ADDR, "value": first_rank},
+            {"name": TorchrunEnv.MASTER_PORT, "value": str(Ports.RENDEZVOUS)},
         ],
         "ports": [
-            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
-            {"name": "http", "containerPort": RANK_HTTP_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": PortNames.RENDEZVOUS, "containerPort": Ports.RENDEZVOUS, "protocol": "TCP"},
+            {"name": PortNames.HTTP, "containerPort": Ports.RANK_HTTP, "protocol": "TCP"},
+            {"name": PortNames.METRICS, "containerPort": Ports.METRICS, "protocol": "TCP"},
         ],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": PortNames.HTTP}, "periodSeconds": 5},
         "resources": resources(
             spec.resources.cpu, spec.resources.memory, spec.resources.gpu_resource_name, spec.gpus_per_rank
         ),
         "securityContext": container_security_context(),
         "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "placement", "mountPath": f"{CONFIG_DIR}/placement", "readOnly": True},
+            {"name": "config", "mountPath": Files.CONFIG_DIR, "readOnly": True},
+            {"name": "placement", "mountPath": Files.PLACEMENT_DIR, "readOnly": True},
             tmp_mount,
         ],
     }
@@ -199,7 +199,7 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
 
 def group_stateful_set(serving: K2Serving, group: int) -> Manifest:
     spec = serving.spec
-    group_label = {GROUP_LABEL: str(group)}
+    group_label = {Labels.GROUP: str(group)}
     tmp_volume, _ = writable_tmp()
     template_hash = rank_template_hash(serving)
     pod_labels = metadata(serving, "", RANK_COMPONENT, **group_label)["labels"]
@@ -216,7 +216,7 @@ def group_stateful_set(serving: K2Serving, group: int) -> Manifest:
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {**propagated_annotations(serving), TEMPLATE_HASH: template_hash},
+                    "annotations": {**propagated_annotations(serving), Annotations.TEMPLATE_HASH: template_hash},
                 },
                 "spec": {
                     "serviceAccountName": rank_account_name(serving),
@@ -240,7 +240,7 @@ def group_stateful_set(serving: K2Serving, group: int) -> Manifest:
 def frontend_deployment(serving: K2Serving) -> Manifest:
     spec = serving.spec
     groups = ",".join(
-        f"http://{group_name(serving, g)}-0.{group_name(serving, g)}.{serving.metadata.namespace}.svc:{RANK_HTTP_PORT}"
+        f"http://{group_name(serving, g)}-0.{group_name(serving, g)}.{serving.metadata.namespace}.svc:{Ports.RANK_HTTP}"
         for g in range(spec.groups)
     )
     tmp_volume, tmp_mount = writable_tmp()
@@ -263,9 +263,12 @@ def frontend_deployment(serving: K2Serving) -> Manifest:
                             "image": spec.image,
                             "imagePullPolicy": spec.image_pull_policy,
                             "command": ["k2", "worker", "serve", "--frontend", "--port", str(spec.frontend.port)],
-                            "env": [{"name": "K2_GROUP_ENDPOINTS", "value": groups}],
-                            "ports": [{"name": "http", "containerPort": spec.frontend.port, "protocol": "TCP"}],
-                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+                            "env": [{"name": Env.GROUP_ENDPOINTS, "value": groups}],
+                            "ports": [{"name": PortNames.HTTP, "containerPort": spec.frontend.port, "protocol": "TCP"}],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/healthz", "port": PortNames.HTTP},
+                                "periodSeconds": 5,
+                            },
                             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                             "securityContext": container_security_context(),
                             "volumeMounts": [tmp_mount],
@@ -286,7 +289,14 @@ def frontend_service(serving: K2Serving) -> Manifest:
         "spec": {
             "type": serving.spec.frontend.service_type,
             "selector": selector_labels(serving, FRONTEND_COMPONENT),
-            "ports": [{"name": "http", "port": serving.spec.frontend.port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {
+                    "name": PortNames.HTTP,
+                    "port": serving.spec.frontend.port,
+                    "targetPort": PortNames.HTTP,
+                    "protocol": "TCP",
+                }
+            ],
         },
     }
 

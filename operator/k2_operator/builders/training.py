@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from k2_api import K2Training
+from k2_api.contract import Annotations, Env, Files, Labels, PortNames, Ports, TorchrunEnv
 from k2_operator.builders.common import (
-    CONFIG_DIR,
     Manifest,
     container_security_context,
     content_hash,
@@ -30,10 +30,7 @@ from k2_operator.builders.common import (
 )
 
 COMPONENT = "trainer"
-ATTEMPT_LABEL = "k2.ai/attempt"
-CONFIG_FILE = "training.yaml"
-MASTER_PORT = 29500
-METRICS_PORT = 9400
+ATTEMPT_LABEL = Labels.ATTEMPT  # kept for the code that imports it from here
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
@@ -66,7 +63,14 @@ def headless_service(training: K2Training) -> Manifest:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # rendezvous happens before any worker is Ready
             "selector": selector_labels(training, COMPONENT),
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+            "ports": [
+                {
+                    "name": PortNames.RENDEZVOUS,
+                    "port": Ports.RENDEZVOUS,
+                    "targetPort": Ports.RENDEZVOUS,
+                    "protocol": "TCP",
+                }
+            ],
         },
     }
 
@@ -87,7 +91,7 @@ def config_map(training: K2Training) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(training, config_name(training), COMPONENT),
-        "data": {CONFIG_FILE: text},
+        "data": {Files.TRAINING_CONFIG: text},
     }
 
 
@@ -108,7 +112,7 @@ def _command(training: K2Training) -> list[str]:
     """The worker's own launcher: with nprocPerNode > 1 it starts the pod's ranks itself (RANK = NODE_RANK x N + i)
     and, unlike torchrun, exits 0 when SIGTERM made every rank checkpoint and stop (preemption is not a failure)."""
     spec = training.spec
-    command = ["k2", "worker", "train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    command = ["k2", "worker", "train", "--config", f"{Files.CONFIG_DIR}/{Files.TRAINING_CONFIG}"]
     if spec.nproc_per_node > 1:
         command += ["--nproc-per-node", str(spec.nproc_per_node)]
     return command
@@ -118,19 +122,19 @@ def _env(training: K2Training, attempt: int) -> list[dict[str, Any]]:
     spec = training.spec
     index = {"valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
     return [
-        {"name": "MASTER_ADDR", "value": master_addr(training, attempt)},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "WORLD_SIZE", "value": str(spec.world_size)},
-        {"name": "NNODES", "value": str(spec.num_nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(spec.nproc_per_node)},
-        {"name": "NODE_RANK", **index},
+        {"name": TorchrunEnv.MASTER_ADDR, "value": master_addr(training, attempt)},
+        {"name": TorchrunEnv.MASTER_PORT, "value": str(Ports.RENDEZVOUS)},
+        {"name": TorchrunEnv.WORLD_SIZE, "value": str(spec.world_size)},
+        {"name": TorchrunEnv.NNODES, "value": str(spec.num_nodes)},
+        {"name": TorchrunEnv.NPROC_PER_NODE, "value": str(spec.nproc_per_node)},
+        {"name": TorchrunEnv.NODE_RANK, **index},
         # One process per pod: its global rank is the node rank (torchrun overrides RANK/LOCAL_RANK otherwise).
-        {"name": "RANK", **index},
-        {"name": "LOCAL_RANK", "value": "0"},
-        {"name": "K2_TRAINING_NAME", "value": training.metadata.name},
-        {"name": "K2_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "K2_RESTART_ATTEMPT", "value": str(attempt)},
-        {"name": "K2_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": TorchrunEnv.RANK, **index},
+        {"name": TorchrunEnv.LOCAL_RANK, "value": "0"},
+        {"name": Env.TRAINING_NAME, "value": training.metadata.name},
+        {"name": Env.NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": Env.RESTART_ATTEMPT, "value": str(attempt)},
+        {"name": Env.METRICS_PORT, "value": str(Ports.METRICS)},
     ]
 
 
@@ -148,17 +152,17 @@ def _checkpoint_volume(training: K2Training) -> tuple[dict[str, Any], dict[str, 
 def job(training: K2Training, attempt: int) -> Manifest:
     """The gang of attempt `attempt` (0 for the first run, +1 per gang restart)."""
     spec = training.spec
-    attempt_label = {ATTEMPT_LABEL: str(attempt)}
+    attempt_label = {Labels.ATTEMPT: str(attempt)}
     tmp_volume, tmp_mount = writable_tmp()
     volumes = [{"name": "config", "configMap": {"name": config_name(training)}}, tmp_volume]
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, tmp_mount]
+    mounts = [{"name": "config", "mountPath": Files.CONFIG_DIR, "readOnly": True}, tmp_mount]
     checkpoint = _checkpoint_volume(training)
     if checkpoint is not None:
         volumes.append(checkpoint[0])
         mounts.append(checkpoint[1])
     annotations = {
         **propagated_annotations(training),
-        "k2.ai/config-hash": content_hash(config_document(training)),
+        Annotations.CONFIG_HASH: content_hash(config_document(training)),
     }
     container = {
         "name": COMPONENT,
@@ -167,8 +171,8 @@ def job(training: K2Training, attempt: int) -> Manifest:
         "command": _command(training),
         "env": _env(training, attempt),
         "ports": [
-            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": PortNames.RENDEZVOUS, "containerPort": Ports.RENDEZVOUS, "protocol": "TCP"},
+            {"name": PortNames.METRICS, "containerPort": Ports.METRICS, "protocol": "TCP"},
         ],
         "resources": resources(
             spec.resources.cpu, spec.resources.memory, spec.resources.gpu_resource_name, spec.gpus_per_node

@@ -1,6 +1,6 @@
 """Validation and status of an ExpertPlacement: Invalid, Applying, Applied, from the spec and the ranks' reports.
 
-How ranks report: each serving rank sets the annotation `k2.ai/applied-placement-generation: "<generation>"` on its
+How ranks report: each serving rank sets the annotation `Annotations.APPLIED_GENERATION` (k2_api.contract) on its
 own Pod once it serves with that generation (its Role allows `get`/`patch` on exactly the rank pods). The operator
 counts the running rank pods of the owning K2Serving that report the generation in force and writes appliedRanks,
 totalRanks and appliedGeneration (the generation every rank runs) through the status subresource.
@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from k2_api import ExpertPlacementSpec, PlacementConditionType, placement_problems
-from k2_operator.builders.serving import APPLIED_GENERATION
+from k2_api.contract import Annotations
 from k2_operator.conditions import Desired, merge, rfc3339
 
 P = PlacementConditionType
@@ -44,7 +44,7 @@ class PlacementPlan:
 
 
 def reported_generation(pod: dict[str, Any]) -> int | None:
-    value = pod.get("metadata", {}).get("annotations", {}).get(APPLIED_GENERATION)
+    value = pod.get("metadata", {}).get("annotations", {}).get(Annotations.APPLIED_GENERATION)
     return int(value) if value is not None and value.isdigit() else None
 
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from k2_api import K2Serving, ServingConditionType
+from k2_api.contract import Labels
 from k2_operator.builders.placement import placement_name
-from k2_operator.builders.serving import GROUP_LABEL, endpoint, rank_selector
+from k2_operator.builders.serving import endpoint, rank_selector
 from k2_operator.conditions import Desired, find, merge
 
 S = ServingConditionType
@@ -65,7 +66,7 @@ def groups_to_restart(groups: list[GroupState], max_unavailable: int) -> list[in
 
 
 def group_index(obj: dict[str, Any]) -> int | None:
-    value = obj.get("metadata", {}).get("labels", {}).get(GROUP_LABEL)
+    value = obj.get("metadata", {}).get("labels", {}).get(Labels.GROUP)
     return int(value) if value is not None and value.isdigit() else None
 
 

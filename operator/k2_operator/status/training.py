@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from k2_api import K2Training, TrainingConditionType
-from k2_operator.builders.training import ATTEMPT_LABEL, job_name
+from k2_api.contract import Labels
+from k2_operator.builders.training import job_name
 from k2_operator.conditions import Condition, Desired, find, is_true, merge, rfc3339
 
 T = TrainingConditionType
@@ -42,7 +43,7 @@ def _job_condition(job: dict[str, Any] | None, condition_type: str) -> Condition
 
 def job_attempt(job: dict[str, Any]) -> int:
     try:
-        return int(job["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "0"))
+        return int(job["metadata"].get("labels", {}).get(Labels.ATTEMPT, "0"))
     except ValueError:
         return 0
 
