@@ -26,7 +26,8 @@ from k2_eplb.kube import KubeClient
 from k2_eplb.metrics import count_moves, replica_counts
 from k2_eplb.planner import Reason
 from tests.eplb.load_exporter import FakeServing, skewed_load
-from tests.eplb.prometheus_server import Prometheus, free_port, running_prometheus
+from tests.eplb.prometheus_server import Prometheus, running_prometheus
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.integration]
 

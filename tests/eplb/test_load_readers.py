@@ -15,7 +15,8 @@ from k2_eplb.load import LoadReadError, counter_increase, load_matrix, measured_
 from k2_eplb.prometheus_reader import PrometheusLoadReader, selector
 from k2_eplb.scrape_reader import ScrapeLoadReader, parse_exposition
 from tests.eplb.load_exporter import FakeServing, skewed_load
-from tests.eplb.prometheus_server import Prometheus, free_port, running_prometheus
+from tests.eplb.prometheus_server import Prometheus, running_prometheus
+from tests.support.ports import free_port
 
 LABELS = {"serving": "k2"}
 

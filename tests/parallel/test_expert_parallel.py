@@ -7,8 +7,6 @@ over ranks, must equal the single-process gradients of the whole batch.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +15,7 @@ import torch.multiprocessing as mp
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.model.experts import RoutedExperts
 from k2_workers.parallel import ExpertParallelExperts, SlotTable, apply_expert_parallel
+from tests.support.ports import free_port
 
 WORLD = 2
 NUM_EXPERTS = 8
@@ -26,12 +25,6 @@ PLACEMENTS = {
     "replicated": [[0, 1, 2, 3, 4, 5], [6, 7, 0, 1, 2, 3]],
     "replicated_interleaved": [[5, 3, 0, 6, 1, 7], [2, 4, 3, 1, 0, 6]],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model() -> K2ForCausalLM:
@@ -91,7 +84,7 @@ def _worker(rank: int, port: int, table: list[list[int]]) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", sorted(PLACEMENTS))
 def test_expert_parallel_matches_single_process(layout: str) -> None:
-    mp.spawn(_worker, args=(_free_port(), PLACEMENTS[layout]), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), PLACEMENTS[layout]), nprocs=WORLD, join=True)
 
 
 def test_slot_table_rejects_a_placement_without_some_expert() -> None:

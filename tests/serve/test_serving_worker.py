@@ -16,7 +16,6 @@ import yaml
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.tokenizer import ByteTokenizer
 from tests.serve.worker_process import (
-    free_port,
     metrics_text,
     request,
     serve_processes,
@@ -24,6 +23,7 @@ from tests.serve.worker_process import (
     wait_until,
     write_placement,
 )
+from tests.support.ports import free_port
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "k2serving-debug.yaml"
 NUM_EXPERTS, NUM_MOE_LAYERS = 8, 3

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
+
 # The acceptance command runs the example users apply; tests/train/k2training-test.yaml is the fallback.
 EXAMPLE = Path(__file__).parents[2] / "examples" / "k2training-debug.yaml"
 MANIFEST = EXAMPLE if EXAMPLE.is_file() else Path(__file__).parent / "k2training-test.yaml"
 WORKER = [sys.executable, "-m", "k2_workers.train"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def base_env() -> dict[str, str]:

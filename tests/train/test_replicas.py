@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import spawn
 
-from .launch import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.distributed
 
