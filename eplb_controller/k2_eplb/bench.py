@@ -30,6 +30,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from k2_api.common import DType, Preset  # noqa: E402
+from k2_api.contract import PRESET_SHAPES  # noqa: E402
 from k2_eplb.baseline import greedy_rebalance  # noqa: E402
 from k2_eplb.metrics import (  # noqa: E402
     FloatArray,
@@ -41,7 +43,7 @@ from k2_eplb.metrics import (  # noqa: E402
 )
 from k2_eplb.solver import solve  # noqa: E402
 
-BYTES_PER_EXPERT = 44_040_192  # one FP8 K2 routed expert: 3 x 7168 x 2048 parameters
+BYTES_PER_EXPERT = PRESET_SHAPES[Preset.KIMI_K2].expert_bytes(DType.FP8)
 EXAMPLE_LOAD = [600, 560, 120, 120, 20, 10, 10, 10]
 DRIFT_SIGMA = 0.02
 SHOCK_SIGMA = 0.3

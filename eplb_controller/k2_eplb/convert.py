@@ -8,16 +8,13 @@ from typing import Any
 import numpy as np
 
 from k2_api import ExpertPlacement, ModelSpec
-from k2_api.common import Condition, ConditionStatus, DType, Preset
+from k2_api.common import Condition, ConditionStatus
+from k2_api.contract import moe_shape
 from k2_api.serving import Eplb
-from k2_eplb.planner import K2_FP8_EXPERT_BYTES, Decision, IntArray, PlacementState, Policy, expert_bytes
+from k2_eplb.planner import Decision, IntArray, PlacementState, Policy
 
 PLANNED = "Planned"
 """The controller's condition on ExpertPlacement status: True when its last pass wrote spec, else False and why."""
-
-_DTYPE_BYTES = {DType.FP8: 1.0, DType.BF16: 2.0, DType.FP32: 4.0}
-# (hidden_size, moe_intermediate_size) of the presets whose shape the controller knows without importing the workers.
-_PRESET_EXPERT_SHAPE = {Preset.KIMI_K2: (7168, 2048), Preset.DEEPSEEK_V3: (7168, 2048)}
 
 
 def policy_from_spec(eplb: Eplb, num_slots: int) -> Policy:
@@ -32,15 +29,8 @@ def policy_from_spec(eplb: Eplb, num_slots: int) -> Policy:
 
 
 def bytes_per_expert(model: ModelSpec) -> int:
-    """Bytes one expert copy moves: 3 x hidden x moe_intermediate x dtype size; the K2 FP8 size when unknown."""
-    shape = None
-    if model.config is not None and model.config.hidden_size and model.config.moe_intermediate_size:
-        shape = (model.config.hidden_size, model.config.moe_intermediate_size)
-    elif model.preset is not None:
-        shape = _PRESET_EXPERT_SHAPE.get(Preset(model.preset))
-    if shape is None:
-        return K2_FP8_EXPERT_BYTES
-    return expert_bytes(*shape, bytes_per_weight=_DTYPE_BYTES[DType(model.dtype)])
+    """Bytes one expert copy moves, for a preset or an inline config (`k2_api.contract.expert_bytes`)."""
+    return moe_shape(model).expert_bytes(model.dtype)
 
 
 def placement_array(placement: ExpertPlacement) -> IntArray:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float64]
+from k2_api.contract import MetricLabels
 
-EXPERT_TOKENS = "k2_expert_tokens_total"
-SLOT_TOKENS = "k2_slot_tokens_total"
+FloatArray = npt.NDArray[np.float64]
 
 RankKey = tuple[str, str]
 """(group, rank) labels of one serving rank."""
@@ -60,14 +59,15 @@ def counter_increase(values: Sequence[float]) -> float:
 def load_matrix(
     series: Iterable[tuple[Mapping[str, str], float]], num_layers: int, num_experts: int
 ) -> tuple[FloatArray, int]:
-    """Sum `(labels, value)` pairs into [L, E] by their `layer` and `expert` labels; returns (matrix, dropped count).
+    """Sum `(labels, value)` pairs into [L, E] by their layer and expert labels; returns (matrix, dropped count).
 
     Series whose labels are missing, not integers, or out of range are dropped and counted, never guessed.
     """
     load_LE = np.zeros((num_layers, num_experts), dtype=np.float64)
     dropped = 0
     for labels, value in series:
-        layer, expert = _index(labels.get("layer"), num_layers), _index(labels.get("expert"), num_experts)
+        layer = _index(labels.get(MetricLabels.LAYER), num_layers)
+        expert = _index(labels.get(MetricLabels.EXPERT), num_experts)
         if layer is None or expert is None or not np.isfinite(value) or value < 0:
             dropped += 1
             continue

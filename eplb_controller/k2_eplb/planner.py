@@ -23,18 +23,6 @@ from k2_eplb.solver import solve
 IntArray = npt.NDArray[np.int64]
 SolveFn = Callable[..., IntArray]
 
-K2_FP8_EXPERT_BYTES = 44_040_192
-"""One Kimi-K2 routed expert in FP8: 3 matrices of 7168 x 2048, one byte per weight (block scales not counted)."""
-
-
-def expert_bytes(hidden_size: int, moe_intermediate_size: int, bytes_per_weight: float = 1.0) -> int:
-    """Bytes copied to move one routed expert (gate, up and down projections); FP8 is one byte per weight."""
-    if hidden_size < 1 or moe_intermediate_size < 1:
-        raise ValueError(f"hidden_size, moe_intermediate_size: {hidden_size}, {moe_intermediate_size} must be >= 1")
-    if bytes_per_weight <= 0:
-        raise ValueError(f"bytes_per_weight: {bytes_per_weight} must be > 0")
-    return int(3 * hidden_size * moe_intermediate_size * bytes_per_weight)
-
 
 class Reason(enum.StrEnum):
     """Why the planner decided what it did; also the condition reason and the `reason` label of the skip counter."""
@@ -120,7 +108,7 @@ def plan(
     now: float,
     *,
     load_error: str | None = None,
-    bytes_per_expert: int = K2_FP8_EXPERT_BYTES,
+    bytes_per_expert: int,
     gpus_per_node: int | None = None,
     solver: SolveFn = solve,
 ) -> Decision:

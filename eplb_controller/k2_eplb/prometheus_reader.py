@@ -15,7 +15,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from k2_eplb.load import EXPERT_TOKENS, SLOT_TOKENS, LoadReadError, LoadSample, load_matrix, measured_balancedness
+from k2_api.contract import MetricLabels, Metrics
+from k2_eplb.load import LoadReadError, LoadSample, load_matrix, measured_balancedness
 
 Fetch = Callable[[str, float], bytes]
 """(url, timeout seconds) -> response body."""
@@ -60,17 +61,19 @@ class PrometheusLoadReader:
             raise ValueError(f"windowSeconds: {window_seconds} must be >= 1")
         sel = selector(labels)
         window = f"[{int(window_seconds)}s]"
-        load_rows = self.query(f"sum by (layer, expert) (increase({EXPERT_TOKENS}{sel}{window}))")
+        experts, slots = Metrics.EXPERT_TOKENS.name + sel, Metrics.SLOT_TOKENS.name + sel
+        group, rank, layer, expert = MetricLabels.GROUP, MetricLabels.RANK, MetricLabels.LAYER, MetricLabels.EXPERT
+        load_rows = self.query(f"sum by ({layer}, {expert}) (increase({experts}{window}))")
         load_LE, dropped = load_matrix(
             ((row["metric"], _value(row)) for row in load_rows), num_layers=num_layers, num_experts=num_experts
         )
-        ranks = self.query(f"count by (group, rank) ({EXPERT_TOKENS}{sel})")
-        samples = self.query(f"min(count_over_time({EXPERT_TOKENS}{sel}{window}))")
-        slot_rows = self.query(f"sum by (group, rank, layer) (increase({SLOT_TOKENS}{sel}{window}))")
+        ranks = self.query(f"count by ({group}, {rank}) ({experts})")
+        samples = self.query(f"min(count_over_time({experts}{window}))")
+        slot_rows = self.query(f"sum by ({group}, {rank}, {layer}) (increase({slots}{window}))")
         slot_tokens = {
-            (row["metric"].get("group", ""), row["metric"].get("rank", ""), int(row["metric"]["layer"])): _value(row)
+            (row["metric"].get(group, ""), row["metric"].get(rank, ""), int(row["metric"][layer])): _value(row)
             for row in slot_rows
-            if row["metric"].get("layer", "").isdigit()
+            if row["metric"].get(layer, "").isdigit()
         }
         return LoadSample(
             load_LE=load_LE,

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from k2_api.contract import MetricLabels, Metrics
 from k2_eplb.load import (
-    EXPERT_TOKENS,
-    SLOT_TOKENS,
     LoadSample,
     RankKey,
     counter_increase,
     load_matrix,
     measured_balancedness,
 )
+
+_TOKEN_COUNTERS = (Metrics.EXPERT_TOKENS.name, Metrics.SLOT_TOKENS.name)
 
 Fetch = Callable[[str, float], str]
 """(url, timeout seconds) -> exposition text."""
@@ -50,7 +51,7 @@ def parse_exposition(text: str, labels: Mapping[str, str]) -> dict[SeriesKey, fl
     values: dict[SeriesKey, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name not in (EXPERT_TOKENS, SLOT_TOKENS):
+            if sample.name not in _TOKEN_COUNTERS:
                 continue
             if any(sample.labels.get(name) != value for name, value in labels.items()):
                 continue
@@ -112,11 +113,13 @@ class ScrapeLoadReader:
             sample_counts.append(len(history))
             for (name, label_items), increase in _increases(history).items():
                 series_labels = dict(label_items)
-                ranks.add((series_labels.get("group", ""), series_labels.get("rank", "")))
-                if name == EXPERT_TOKENS:
+                group, rank = series_labels.get(MetricLabels.GROUP, ""), series_labels.get(MetricLabels.RANK, "")
+                ranks.add((group, rank))
+                layer = series_labels.get(MetricLabels.LAYER, "")
+                if name == Metrics.EXPERT_TOKENS.name:
                     expert_series.append((series_labels, increase))
-                elif series_labels.get("layer", "").isdigit():
-                    key = (series_labels.get("group", ""), series_labels.get("rank", ""), int(series_labels["layer"]))
+                elif layer.isdigit():
+                    key = (group, rank, int(layer))
                     slot_tokens[key] = slot_tokens.get(key, 0.0) + increase
         load_LE, dropped = load_matrix(expert_series, num_layers=num_layers, num_experts=num_experts)
         return LoadSample(

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.integration]
 NAME = "k2"
 LAYERS, EXPERTS, RANKS, SLOTS = 2, 8, 4, 3  # ceil(8 / 4) + 1 redundant slot per rank
 WINDOW = 6
-BYTES_PER_EXPERT = 3 * 64 * 32  # hidden 64, moe_intermediate 32, fp8
+BYTES_PER_EXPERT = 3 * 64 * 32 + 3 * 4  # hidden 64, moe_intermediate 32, fp8: weights + one block scale per matrix
 INITIAL = np.array([t.slots for t in round_robin(LAYERS, EXPERTS, RANKS, SLOTS)], dtype=np.int64)
 SKEWED = skewed_load(LAYERS, EXPERTS, hot={0: 12.0, 5: 5.0})
 DRIFTED = skewed_load(LAYERS, EXPERTS, hot={3: 12.0, 6: 6.0})

@@ -16,10 +16,12 @@ from k2_eplb import convert
 from k2_eplb.controller import Controller
 from k2_eplb.controller_metrics import ControllerMetrics
 from k2_eplb.kube import REBALANCED_AT, parse_rfc3339, rfc3339
-from k2_eplb.planner import K2_FP8_EXPERT_BYTES, Decision, Reason
+from k2_eplb.planner import Decision, Reason
 from k2_eplb.scrape_reader import ScrapeLoadReader
 
 LAYERS, EXPERTS, RANKS, SLOTS = 2, 8, 4, 3
+# One Kimi-K2 expert in fp8: 3 x 7168 x 2048 one-byte weights + 3 x 16 x 56 fp32 block scales.
+KIMI_K2_FP8_EXPERT_BYTES = 3 * 7168 * 2048 + 3 * 16 * 56 * 4
 NOW = 1_800_000_000.0
 
 
@@ -160,7 +162,7 @@ def test_first_pass_has_too_few_samples_then_it_rebalances() -> None:
     assert written.spec.generation == 2
     assert parse_rfc3339(written.metadata.annotations[REBALANCED_AT]) == NOW + 30
     assert written.status is not None
-    assert written.status.moved_bytes == decision.moved_experts * K2_FP8_EXPERT_BYTES
+    assert written.status.moved_bytes == decision.moved_experts * KIMI_K2_FP8_EXPERT_BYTES
     assert setup.kube.events == [("Normal", "Rebalanced")]
     # The budget is maxMovesFraction (default 0.1) of 12 slots, rounded up.
     assert 0 < decision.moved_experts <= 2
@@ -227,9 +229,12 @@ def test_a_serving_without_placement_is_skipped_quietly() -> None:
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
-        ({"preset": "kimi-k2", "dtype": "fp8"}, 44_040_192),
-        ({"preset": "deepseek-v3", "dtype": "bf16"}, 2 * 44_040_192),
-        ({"preset": "k2-debug"}, K2_FP8_EXPERT_BYTES),  # shape unknown to the controller
+        ({"preset": "kimi-k2", "dtype": "fp8"}, KIMI_K2_FP8_EXPERT_BYTES),
+        ({"preset": "deepseek-v3", "dtype": "bf16"}, 3 * 7168 * 2048 * 2),
+        # The shipped example (examples/k2serving-debug.yaml): 3 x 64 x 32 fp32 weights, not Kimi-K2's 44 MB.
+        ({"preset": "k2-debug", "dtype": "fp32"}, 24_576),
+        ({"preset": "k2-debug", "dtype": "fp8"}, 3 * 64 * 32 + 3 * 4),  # one partial 128 x 128 block per matrix
+        ({"config": {"num_hidden_layers": 3, "n_routed_experts": 8, "num_experts_per_tok": 2}}, 2 * 44_040_192),
         (
             {
                 "config": {
