@@ -99,6 +99,9 @@ class _CountingHandle:
         self._reads.append(name)
         return self._inner.get_tensor(name)
 
+    def __exit__(self, *exc_info: object) -> object:
+        return self._inner.__exit__(*exc_info)
+
 
 def test_subset_of_experts_reads_only_those(saved: tuple[K2ForCausalLM, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     model, directory = saved

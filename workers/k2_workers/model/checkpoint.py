@@ -12,7 +12,8 @@ import json
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -38,6 +39,27 @@ _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|
 ExpertSelection = Collection[int] | Mapping[int, Sequence[int]] | None
 
 
+class _TensorSlice(Protocol):
+    def get_shape(self) -> list[int]: ...
+
+
+class _TensorFile(Protocol):
+    """What this module uses of an open `safetensors.safe_open` (whose stubs are untyped)."""
+
+    def keys(self) -> list[str]: ...
+    def get_slice(self, name: str) -> _TensorSlice: ...
+    def get_tensor(self, name: str) -> Tensor: ...
+    def __enter__(self) -> _TensorFile: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None, /
+    ) -> object: ...
+
+
+def _open(path: Path) -> _TensorFile:
+    handle: _TensorFile = safe_open(str(path), framework="pt")
+    return handle
+
+
 class CheckpointError(ValueError):
     """A checkpoint lacks a tensor, or holds one of the wrong shape; the message names the tensor and the file."""
 
@@ -57,22 +79,22 @@ class CheckpointReader:
         if index_path.exists():
             self.weight_map: dict[str, str] = dict(json.loads(index_path.read_text())["weight_map"])
         elif single_path.exists():
-            with safe_open(str(single_path), framework="pt") as f:
+            with _open(single_path) as f:
                 self.weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
             raise CheckpointError(f"{self.dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-        self._handles: dict[str, tuple[Any, frozenset[str]]] = {}
+        self._handles: dict[str, tuple[_TensorFile, frozenset[str]]] = {}
 
-    def _handle(self, file_name: str) -> tuple[Any, frozenset[str]]:
+    def _handle(self, file_name: str) -> tuple[_TensorFile, frozenset[str]]:
         if file_name not in self._handles:
             path = self.dir / file_name
             if not path.exists():
                 raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} does not exist")
-            handle: Any = safe_open(str(path), framework="pt")
+            handle = _open(path)
             self._handles[file_name] = (handle, frozenset(handle.keys()))
         return self._handles[file_name]
 
-    def _locate(self, name: str) -> tuple[Any, str]:
+    def _locate(self, name: str) -> tuple[_TensorFile, str]:
         file_name = self.weight_map.get(name)
         if file_name is None:
             raise CheckpointError(f"tensor {name!r} is missing from checkpoint {self.dir} (not in its index)")
@@ -100,9 +122,7 @@ class CheckpointReader:
 
     def close(self) -> None:
         for handle, _ in self._handles.values():
-            exit_ = getattr(handle, "__exit__", None)
-            if exit_ is not None:
-                exit_(None, None, None)
+            handle.__exit__(None, None, None)
         self._handles.clear()
 
 
