@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
+
 EXAMPLES = {
     "K2Training": ROOT / "examples" / "k2training-debug.yaml",
     "K2Serving": ROOT / "examples" / "k2serving-debug.yaml",
