@@ -14,10 +14,10 @@ import yaml
 
 from tests.operator import schemas
 from tests.operator.harness import running_operator
-from tests.operator.resources import ROOT, example
+from tests.operator.resources import example
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, exists, has_condition, items
-from tests.support.paths import TOOLS_BIN
+from tests.support.paths import ROOT, TOOLS_BIN
 from tests.support.waits import wait_for
 
 CHART = ROOT / "charts" / "k2-operator"
