@@ -11,7 +11,7 @@ from k2_api import ExpertPlacement, K2Serving, K2Training, placement_problems
 from k2_api.docs import update_api_doc
 from k2_api.generate import MODELS, open_api_schema
 from k2_api.schema import walk
-from tests.api.manifests import ROOT
+from tests.support.paths import ROOT
 
 API_MD = ROOT / "docs" / "api.md"
 

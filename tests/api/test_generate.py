@@ -10,7 +10,7 @@ import yaml
 
 from k2_api import crds_cli, generate
 from k2_api.schema import walk
-from tests.api.manifests import ROOT
+from tests.support.paths import ROOT
 
 CRD_FILES = ("k2trainings.k2.ai.yaml", "k2servings.k2.ai.yaml", "expertplacements.k2.ai.yaml")
 # Keys Kubernetes forbids in a CRD schema (besides $ref): kubernetes/website custom-resource-definitions.md.
