@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.ports import free_port
+from tests.support.waits import wait_for
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 
@@ -51,13 +52,8 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-        """Poll `condition` every 0.25 s; fail the test if it does not hold within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.25)
-        pytest.fail(f"prometheus: {what} did not hold within {timeout:g}s")
+        """Poll `condition`; fail the test if it does not hold within `timeout` seconds."""
+        wait_for(f"prometheus: {what}", condition, timeout)
 
 
 CONFIG = """\
