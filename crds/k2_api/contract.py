@@ -121,6 +121,8 @@ class TorchrunEnv:
     NNODES: Final = "NNODES"
     NPROC_PER_NODE: Final = "NPROC_PER_NODE"
     NODE_RANK: Final = "NODE_RANK"
+    LOCAL_WORLD_SIZE: Final = "LOCAL_WORLD_SIZE"
+    """Set by the workers' own launcher for the ranks it starts, not by the operator."""
 
 
 class Files:

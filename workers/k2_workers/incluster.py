@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from k2_api.contract import Env
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -31,7 +33,7 @@ class InClusterClient:
         cls, env: Mapping[str, str] = os.environ, service_account_dir: Path = SERVICE_ACCOUNT_DIR
     ) -> InClusterClient | None:
         host = env.get("KUBERNETES_SERVICE_HOST")
-        namespace = env.get("K2_NAMESPACE")
+        namespace = env.get(Env.NAMESPACE)
         if namespace is None and (service_account_dir / "namespace").is_file():
             namespace = (service_account_dir / "namespace").read_text().strip()
         if not (host and namespace):

@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from k2_api.common import Preset
+from k2_api.contract import PRESET_SHAPES
+
 ROUTER_SCORING_FUNCS = ("sigmoid", "softmax")
 # noaux_tc: DeepSeek-V3 / K2 (bias-corrected choice, top-2-sum group score); greedy: plain top-k (Mixtral/Switch);
 # group_limited_greedy: DeepSeek-V2 (max group score, no bias).
@@ -35,15 +38,19 @@ def _kimi_k2_rope_scaling() -> dict[str, Any]:
     }
 
 
+# The MoE numbers of every preset are k2_api.contract's, which the operator and the EPLB controller read too.
+_KIMI_K2 = PRESET_SHAPES[Preset.KIMI_K2]
+
+
 @dataclass
 class K2Config:
     """Model hyper-parameters; the defaults are Kimi-K2-Instruct's (July 2025)."""
 
     vocab_size: int = 163840
-    hidden_size: int = 7168
+    hidden_size: int = _KIMI_K2.hidden_size
     intermediate_size: int = 18432
-    moe_intermediate_size: int = 2048
-    num_hidden_layers: int = 61
+    moe_intermediate_size: int = _KIMI_K2.moe_intermediate_size
+    num_hidden_layers: int = _KIMI_K2.num_hidden_layers
     num_attention_heads: int = 64
     num_key_value_heads: int = 64
     # MLA
@@ -53,10 +60,10 @@ class K2Config:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     # MoE
-    n_routed_experts: int = 384
+    n_routed_experts: int = _KIMI_K2.n_routed_experts
     n_shared_experts: int = 1
-    num_experts_per_tok: int = 8
-    first_k_dense_replace: int = 1
+    num_experts_per_tok: int = _KIMI_K2.num_experts_per_tok
+    first_k_dense_replace: int = _KIMI_K2.first_k_dense_replace
     moe_layer_freq: int = 1
     n_group: int = 1
     topk_group: int = 1
@@ -149,14 +156,18 @@ class K2Config:
 
 
 # --- presets -----------------------------------------------------------------------------------------------------
+def _moe(preset: Preset) -> dict[str, Any]:
+    """The preset's MoE fields, from the contract."""
+    return dataclasses.asdict(PRESET_SHAPES[preset])
+
+
 _PRESETS: dict[str, dict[str, Any]] = {
-    "kimi-k2": {},
-    "deepseek-v3": {
+    Preset.KIMI_K2.value: _moe(Preset.KIMI_K2),
+    Preset.DEEPSEEK_V3.value: {
+        **_moe(Preset.DEEPSEEK_V3),
         "vocab_size": 129280,
         "num_attention_heads": 128,
         "num_key_value_heads": 128,
-        "n_routed_experts": 256,
-        "first_k_dense_replace": 3,
         "n_group": 8,
         "topk_group": 4,
         "routed_scaling_factor": 2.5,
@@ -178,12 +189,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
     # Tiny but complete: dense first layer, 8 experts top-2 + 1 shared, MLA with both LoRA ranks, YaRN on.
     # vocab 258 = the byte tokenizer (256 bytes + BOS + EOS).
-    "k2-debug": {
+    Preset.K2_DEBUG.value: {
+        **_moe(Preset.K2_DEBUG),
         "vocab_size": 258,
-        "hidden_size": 64,
         "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 4,
         "q_lora_rank": 32,
@@ -191,8 +200,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "qk_nope_head_dim": 16,
         "qk_rope_head_dim": 8,
         "v_head_dim": 16,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
         "routed_scaling_factor": 2.827,
         "rope_scaling": {
             "type": "yarn",

@@ -9,10 +9,11 @@ import sys
 
 import yaml
 
+from k2_api.contract import Env, TorchrunEnv
 from k2_workers.train.config import RunConfig, load_manifest, resolve_config
 
 log = logging.getLogger("k2_workers.train")
-METRICS_PORT_ENV = "K2_METRICS_PORT"  # the default of --metrics-port
+METRICS_PORT_ENV = Env.METRICS_PORT  # the default of --metrics-port
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def without_nproc_flag(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get(TorchrunEnv.RANK, "0")
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
     )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from k2_api.contract import TorchrunEnv
+
 log = logging.getLogger(__name__)
 
 
@@ -38,9 +40,9 @@ class DistEnv:
 
 def read_env(env: Mapping[str, str]) -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the torchrun env; (0, 0, 1) without it."""
-    world_size = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
+    world_size = int(env.get(TorchrunEnv.WORLD_SIZE, "1"))
+    rank = int(env.get(TorchrunEnv.RANK, "0"))
+    local_rank = int(env.get(TorchrunEnv.LOCAL_RANK, "0"))
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
     return rank, local_rank, world_size

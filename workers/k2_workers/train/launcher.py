@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
+from k2_api.contract import TorchrunEnv
+
 log = logging.getLogger(__name__)
 
 GRACE_S = 60.0  # how long stopped children may take to checkpoint before they are killed
@@ -26,21 +28,20 @@ GRACE_S = 60.0  # how long stopped children may take to checkpoint before they a
 
 def child_env(env: Mapping[str, str], nproc: int, local_rank: int, port: int) -> dict[str, str]:
     """The torchrun-compatible env of local rank `local_rank` (pure)."""
-    node_rank = int(env.get("NODE_RANK", "0"))
-    world_size = int(env.get("WORLD_SIZE", str(nproc)))
+    node_rank = int(env.get(TorchrunEnv.NODE_RANK, "0"))
+    world_size = int(env.get(TorchrunEnv.WORLD_SIZE, str(nproc)))
     if world_size % nproc != 0 or node_rank * nproc >= world_size:
         raise ValueError(f"WORLD_SIZE={world_size} does not hold node {node_rank} of {nproc} ranks per node")
-    out = dict(env)
-    out.update(
-        MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
-        MASTER_PORT=env.get("MASTER_PORT", str(port)),
-        WORLD_SIZE=str(world_size),
-        NODE_RANK=str(node_rank),
-        RANK=str(node_rank * nproc + local_rank),
-        LOCAL_RANK=str(local_rank),
-        LOCAL_WORLD_SIZE=str(nproc),
-    )
-    return out
+    return {
+        **env,
+        TorchrunEnv.MASTER_ADDR: env.get(TorchrunEnv.MASTER_ADDR, "127.0.0.1"),
+        TorchrunEnv.MASTER_PORT: env.get(TorchrunEnv.MASTER_PORT, str(port)),
+        TorchrunEnv.WORLD_SIZE: str(world_size),
+        TorchrunEnv.NODE_RANK: str(node_rank),
+        TorchrunEnv.RANK: str(node_rank * nproc + local_rank),
+        TorchrunEnv.LOCAL_RANK: str(local_rank),
+        TorchrunEnv.LOCAL_WORLD_SIZE: str(nproc),
+    }
 
 
 def _free_port() -> int:

@@ -18,13 +18,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from k2_api import API_VERSION, K2Training
+from k2_api.contract import Env
 from k2_workers.incluster import SERVICE_ACCOUNT_DIR, InClusterClient
 
 log = logging.getLogger(__name__)
-
-GROUP_VERSION = "k2.ai/v1alpha1"
-PLURAL = "k2trainings"
-ENV_NAME = "K2_TRAINING_NAME"
 
 Sender = Callable[[dict[str, Any]], None]
 
@@ -54,7 +52,7 @@ def progress_record(
 
 
 def status_path(namespace: str, name: str) -> str:
-    return f"/apis/{GROUP_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+    return f"/apis/{API_VERSION}/namespaces/{namespace}/{K2Training.PLURAL}/{name}/status"
 
 
 def progress_sender(client: InClusterClient, name: str) -> Sender:
@@ -115,7 +113,7 @@ def reporter_from_env(
 ) -> StatusReporter | None:
     """A reporter when running in a cluster with the K2Training known, else None (quietly)."""
     client = InClusterClient.from_env(env, service_account_dir)
-    name = env.get(ENV_NAME)
+    name = env.get(Env.TRAINING_NAME)
     if client is None or not name:
         log.debug("not in a cluster or K2Training unknown: status reporting off")
         return None
