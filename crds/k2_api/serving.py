@@ -20,6 +20,7 @@ from k2_api.common import (
     conditions_field,
     subobject,
 )
+from k2_api.contract import Ports
 
 KIND = "K2Serving"
 PLURAL = "k2servings"
@@ -44,7 +45,7 @@ class Frontend(ApiModel):
     """The request router in front of the groups (a Deployment and a Service)."""
 
     replicas: int = Field(default=1, ge=0, le=64, description="Frontend pods.")
-    port: int = Field(default=8000, ge=1, le=65535, description="Port of the frontend Service (HTTP).")
+    port: int = Field(default=Ports.FRONTEND, ge=1, le=65535, description="Port of the frontend Service (HTTP).")
     service_type: ServiceType = Field(default=ServiceType.CLUSTER_IP, description="Type of the frontend Service.")
 
 
