@@ -4,8 +4,12 @@ Each pass, for every K2Serving with spec.eplb.enabled whose interval is due: rea
 .placementName, else the serving's own name), read the expert load over spec.eplb.windowSeconds (Prometheus when a URL
 is configured, else direct scrapes of the rank pods), plan, and, when the plan says so, write the new slot tables with
 spec.generation + 1. Every pass records its finding as the `Planned` condition on the ExpertPlacement status (True
-with reason Rebalanced, or False with the reason it wrote nothing) and in the controller's metrics; a rebalance, and a
-change to a warning reason (PartialMetrics, MetricsUnavailable), also post a Kubernetes Event on the ExpertPlacement.
+with reason Rebalanced or Reshaped, or False with the reason it wrote nothing) and in the controller's metrics; a
+written generation, and a change to a warning reason (PartialMetrics, MetricsUnavailable), also post a Kubernetes
+Event on the ExpertPlacement.
+
+The controller is the only writer of ExpertPlacement.spec once the operator has created it. A placement whose shape
+no longer fits its serving is re-solved before anything else, on every pass, whether EPLB is enabled or not.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from k2_api import ExpertPlacement, K2Serving
+from k2_api.kube import Kube, KubeError
 from k2_eplb import convert
+from k2_eplb import kube as api
 from k2_eplb.controller_metrics import ControllerMetrics
-from k2_eplb.kube import REBALANCED_AT, KubeApi, KubeClient, parse_rfc3339
 from k2_eplb.load import LoadReadError, LoadSample
-from k2_eplb.planner import Decision, Reason, plan
+from k2_eplb.planner import Decision, Reason, plan, reshape
 from k2_eplb.prometheus_reader import PrometheusLoadReader
 from k2_eplb.scrape_reader import ScrapeLoadReader
 
@@ -41,7 +45,8 @@ WARNING_REASONS = frozenset({Reason.PARTIAL_METRICS, Reason.METRICS_UNAVAILABLE}
 class Controller:
     """One controller instance; `reconcile(serving)` is one planning pass for one serving."""
 
-    kube: KubeApi
+    kube: Kube
+    """The adapter, with the field manager `k2-eplb` (`kube.connect()`)."""
     prometheus_url: str | None = None
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     endpoints: Callable[[K2Serving], Sequence[str]] | None = None
@@ -57,20 +62,19 @@ class Controller:
     _due: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def run_once(self, namespace: str | None = None, *, force: bool = False) -> dict[tuple[str, str], Decision]:
-        """Plan every enabled serving whose interval is due (all with `force`); errors are logged and counted."""
+        """Plan every enabled serving whose interval is due (all with `force`), and check the shape of the disabled
+        ones; errors are logged and counted."""
         decisions: dict[tuple[str, str], Decision] = {}
-        for serving in self.kube.list_servings(namespace):
+        for serving in api.list_servings(self.kube, namespace):
             key = (serving.metadata.namespace or "", serving.metadata.name or "")
             now = self.clock()
-            if not serving.spec.eplb.enabled:
-                self.metrics.skipped.labels(key[1], key[0], Reason.DISABLED.value).inc()
-                continue
-            if not force and now < self._due.get(key, 0.0):
-                continue
-            self._due[key] = now + serving.spec.eplb.interval_seconds
+            if serving.spec.eplb.enabled:
+                if not force and now < self._due.get(key, 0.0):
+                    continue
+                self._due[key] = now + serving.spec.eplb.interval_seconds
             try:
                 decision = self.reconcile(serving)
-            except (ApiException, OSError, ValueError) as error:
+            except (KubeError, OSError, ValueError) as error:
                 self.failures += 1
                 self.metrics.errors.labels(key[1], key[0]).inc()
                 log.error("eplb %s/%s: %s", key[0], key[1], error)
@@ -80,34 +84,41 @@ class Controller:
         return decisions
 
     def reconcile(self, serving: K2Serving) -> Decision | None:
-        """Read, plan and write for one serving; None when it has no ExpertPlacement yet."""
+        """Reshape, else read, plan and write, for one serving; None when it has no ExpertPlacement yet, or when EPLB
+        is disabled and the placement fits."""
         namespace, name = serving.metadata.namespace or "", serving.metadata.name or ""
         placement_name = (serving.status.placement_name if serving.status else None) or name
-        placement = self.kube.get_placement(namespace, placement_name)
+        placement = api.get_placement(self.kube, namespace, placement_name)
         if placement is None:
             log.info("eplb %s/%s: no ExpertPlacement %s yet", namespace, name, placement_name)
             return None
-        spec = placement.spec
-        eplb = serving.spec.eplb
-        sample, error = self._read_load(serving, placement)
-        last = parse_rfc3339(placement.metadata.annotations.get(REBALANCED_AT, ""))
         now = self.clock()
-        decision = plan(
-            convert.policy_from_spec(eplb, spec.ranks * spec.slots_per_rank),
+        desired = convert.desired_shape(serving)
+        decision = reshape(convert.placement_shape(placement), desired, placement.spec.generation)
+        if decision is None:
+            if not serving.spec.eplb.enabled:
+                self.metrics.skipped.labels(name, namespace, Reason.DISABLED.value).inc()
+                return None
+            decision = self._plan(serving, placement, now)
+        if decision.writes:
+            api.write_placement(self.kube, placement, convert.spec_of(decision, desired), now)
+        self._record(placement, decision, now)
+        self.metrics.observe(name, namespace, decision)
+        log.info("eplb %s/%s: %s: %s", namespace, name, decision.reason.value, decision.message)
+        return decision
+
+    def _plan(self, serving: K2Serving, placement: ExpertPlacement, now: float) -> Decision:
+        spec = placement.spec
+        sample, error = self._read_load(serving, placement)
+        last = api.parse_rfc3339(placement.metadata.annotations.get(api.REBALANCED_AT, ""))
+        return plan(
+            convert.policy_from_spec(serving.spec.eplb, spec.ranks * spec.slots_per_rank),
             convert.placement_state(placement, last),
             sample,
             now,
             load_error=error,
             bytes_per_expert=convert.bytes_per_expert(serving.spec.model),
         )
-        if decision.rebalance:
-            assert decision.placement_LGS is not None and decision.generation is not None
-            layers = convert.layers_from_array(decision.placement_LGS)
-            self.kube.write_placement(placement, layers, decision.generation, f"rebalance: {decision.message}", now)
-        self._record(placement, decision, now)
-        self.metrics.observe(name, namespace, decision)
-        log.info("eplb %s/%s: %s: %s", namespace, name, decision.reason.value, decision.message)
-        return decision
 
     def _read_load(self, serving: K2Serving, placement: ExpertPlacement) -> tuple[LoadSample | None, str | None]:
         spec = placement.spec
@@ -128,7 +139,7 @@ class Controller:
                     ranks_expected=ranks_expected,
                 )
                 return sample, None
-            endpoints = list((self.endpoints or self.kube.rank_endpoints)(serving))
+            endpoints = list(self.endpoints(serving) if self.endpoints else api.rank_endpoints(self.kube, serving))
             read = self.scrape_reader.read_twice if self.one_shot else self.scrape_reader.read
             sample = read(
                 {"serving": name},
@@ -149,11 +160,11 @@ class Controller:
         )
         status = convert.status_fields(decision, placement, now)
         if status != convert.observed_fields(placement):
-            self.kube.apply_status(placement, status)
-        if decision.rebalance:
-            self.kube.post_event(placement, "Normal", decision.reason.value, decision.message, now)
+            api.apply_status(self.kube, placement, status)
+        if decision.writes:
+            api.post_event(self.kube, placement, "Normal", decision.reason.value, decision.message)
         elif decision.reason in WARNING_REASONS and (previous is None or previous.reason != decision.reason.value):
-            self.kube.post_event(placement, "Warning", decision.reason.value, decision.message, now)
+            api.post_event(self.kube, placement, "Warning", decision.reason.value, decision.message)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -185,7 +196,7 @@ def main(argv: Sequence[str]) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address, registry=metrics.registry)
     controller = Controller(
-        KubeClient.connect(args.kubeconfig),
+        api.connect(args.kubeconfig),
         prometheus_url=args.prometheus_url,
         metrics=metrics,
         namespace_label=args.namespace_label or None,
@@ -194,7 +205,7 @@ def main(argv: Sequence[str]) -> int:
     if args.once:
         try:
             controller.run_once(args.namespace, force=True)
-        except ApiException as error:
+        except KubeError as error:
             log.error("eplb: %s", error)
             return 1
         return 1 if controller.failures else 0
@@ -208,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
     while not stop.is_set():
         try:
             controller.run_once(args.namespace)
-        except ApiException as error:  # listing failed: try again next pass
+        except KubeError as error:  # listing failed: try again next pass
             log.error("eplb: %s", error)
         stop.wait(args.interval)
     return 0

@@ -49,7 +49,7 @@ class ControllerMetrics:
             self.staleness.labels(*labels).set(decision.staleness)
         if decision.predicted_balancedness is not None:
             self.predicted.labels(*labels).set(decision.predicted_balancedness)
-        if decision.rebalance:
+        if decision.writes:  # a rebalance or a reshape
             self.rebalances.labels(*labels).inc()
             self.moved_experts.labels(*labels).inc(decision.moved_experts)
             self.moved_bytes.labels(*labels).inc(decision.moved_bytes)

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from k2_api import ExpertPlacement, ModelSpec
+from k2_api import ExpertPlacement, K2Serving, ModelSpec
 from k2_api.common import Condition, ConditionStatus
 from k2_api.contract import moe_shape
 from k2_api.serving import Eplb
-from k2_eplb.planner import Decision, IntArray, PlacementState, Policy
+from k2_eplb.planner import Decision, IntArray, PlacementState, Policy, Reason, Shape
 
 PLANNED = "Planned"
 """The controller's condition on ExpertPlacement status: True when its last pass wrote spec, else False and why."""
@@ -31,6 +31,32 @@ def policy_from_spec(eplb: Eplb, num_slots: int) -> Policy:
 def bytes_per_expert(model: ModelSpec) -> int:
     """Bytes one expert copy moves, for a preset or an inline config (`k2_api.contract.expert_bytes`)."""
     return moe_shape(model).expert_bytes(model.dtype)
+
+
+def desired_shape(serving: K2Serving) -> Shape:
+    """The shape the serving's ranks expect: its model's MoE layers and experts, its ranks and slots per rank."""
+    shape = moe_shape(serving.spec.model)
+    slots = serving.spec.slots_per_rank(shape.n_routed_experts)
+    return Shape(shape.num_moe_layers, shape.n_routed_experts, serving.spec.ranks_per_group, slots)
+
+
+def placement_shape(placement: ExpertPlacement) -> Shape:
+    spec = placement.spec
+    return Shape(spec.num_layers, spec.num_experts, spec.ranks, spec.slots_per_rank)
+
+
+def spec_of(decision: Decision, shape: Shape) -> dict[str, Any]:
+    """The whole ExpertPlacement.spec (wire form) of a decision that writes a generation."""
+    assert decision.writes and decision.placement_LGS is not None and decision.generation is not None
+    return {
+        "numLayers": shape.num_layers,
+        "numExperts": shape.num_experts,
+        "ranks": shape.ranks,
+        "slotsPerRank": shape.slots_per_rank,
+        "layers": layers_from_array(decision.placement_LGS),
+        "generation": decision.generation,
+        "reason": f"{'reshape' if decision.reason is Reason.RESHAPED else 'rebalance'}: {decision.message}",
+    }
 
 
 def placement_array(placement: ExpertPlacement) -> IntArray:
@@ -56,7 +82,7 @@ def placement_state(placement: ExpertPlacement, last_rebalance_time: float | Non
 
 def planned_condition(decision: Decision, previous: Condition | None, now: float, generation: int | None) -> Condition:
     """The Planned condition for `decision`; lastTransitionTime moves only when the status flips."""
-    status = ConditionStatus.TRUE if decision.rebalance else ConditionStatus.FALSE
+    status = ConditionStatus.TRUE if decision.writes else ConditionStatus.FALSE
     transition = dt.datetime.fromtimestamp(int(now), tz=dt.UTC)
     if previous is not None and previous.status == status and previous.last_transition_time is not None:
         transition = previous.last_transition_time
@@ -76,10 +102,10 @@ def status_fields(decision: Decision, placement: ExpertPlacement, now: float) ->
     previous = next((c for c in observed.conditions if c.type == PLANNED), None) if observed else None
     fields: dict[str, Any] = {
         "predictedBalancedness": decision.predicted_balancedness
-        if decision.rebalance
+        if decision.writes
         else (observed.predicted_balancedness if observed else None),
-        "movedExperts": decision.moved_experts if decision.rebalance else (observed.moved_experts if observed else 0),
-        "movedBytes": decision.moved_bytes if decision.rebalance else (observed.moved_bytes if observed else 0),
+        "movedExperts": decision.moved_experts if decision.writes else (observed.moved_experts if observed else 0),
+        "movedBytes": decision.moved_bytes if decision.writes else (observed.moved_bytes if observed else 0),
         "measuredBalancedness": decision.measured_balancedness
         if decision.measured_balancedness is not None
         else (observed.measured_balancedness if observed else None),

@@ -4,6 +4,10 @@ It decides, in this order: EPLB disabled; the previous generation still applying
 partial, too few samples, no tokens); otherwise it solves from the current placement within the move budget and
 rebalances only when the predicted gain reaches the minimum improvement. No I/O: the controller reads and writes.
 
+Before all of that, `reshape`: a placement whose shape no longer fits its serving (the serving's ranks, slots or
+model changed) gets a fresh solve on uniform load at once, past every gate, even with EPLB disabled, because the
+ranks cannot run a placement of the wrong shape.
+
 Shapes: L MoE layers, E logical experts, G ranks (GPUs) of one expert-parallel group, S slots per rank.
 """
 
@@ -37,6 +41,7 @@ class Reason(enum.StrEnum):
     NO_LOAD = "NoLoad"
     INVALID_PLACEMENT = "InvalidPlacement"
     BELOW_MIN_IMPROVEMENT = "BelowMinImprovement"
+    RESHAPED = "Reshaped"
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,40 @@ class Decision:
     @property
     def rebalance(self) -> bool:
         return self.reason is Reason.REBALANCED
+
+    @property
+    def writes(self) -> bool:
+        """A new generation to write: a rebalance or a reshape."""
+        return self.reason in (Reason.REBALANCED, Reason.RESHAPED)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a placement's slot tables must fit: MoE layers, logical experts, ranks of one group, slots per rank."""
+
+    num_layers: int
+    num_experts: int
+    ranks: int
+    slots_per_rank: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.num_layers} layers x {self.num_experts} experts on {self.ranks} ranks x {self.slots_per_rank} slots"
+        )
+
+
+def reshape(current: Shape, desired: Shape, generation: int, *, solver: SolveFn = solve) -> Decision | None:
+    """A fresh placement (uniform load) as generation + 1 when `current` does not fit `desired`; None when it does."""
+    if current == desired:
+        return None
+    uniform_LE = np.ones((desired.num_layers, desired.num_experts))
+    new_LGS = np.asarray(solver(uniform_LE, desired.ranks, desired.slots_per_rank), dtype=np.int64)
+    return Decision(
+        Reason.RESHAPED,
+        f"generation {generation + 1}: reshaped from {current} to {desired}",
+        placement_LGS=new_LGS,
+        generation=generation + 1,
+    )
 
 
 def mean_balancedness(load_LE: npt.NDArray[np.float64], placement_LGS: IntArray) -> float:

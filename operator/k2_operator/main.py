@@ -1,7 +1,8 @@
 """`k2 operator run`: start kopf with the K2Training, K2Serving and ExpertPlacement handlers.
 
 All namespaces by default (`--namespace` to restrict, repeatable); Prometheus metrics and /healthz on
-`--metrics-port`; `--standalone` skips kopf peering (no leader election between several operators).
+`--metrics-port`; `--standalone` skips kopf peering (no leader election between several operators). `main(argv,
+kube=...)` runs on a given adapter instead of connecting (the seam tests use to inject faults).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 import kopf
 
+from k2_api.kube import Kube
 from k2_operator import metrics
 from k2_operator.builders.common import KIND_LABEL, MANAGED_BY
-from k2_operator.kube import Kube
+from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, resync_forever
 
 log = logging.getLogger("k2_operator")
@@ -50,7 +52,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     selectors["apps", "v1", "deployments"] = f"{managed},{KIND_LABEL}=K2Serving"
     selectors["", "v1", "pods"] = f"{managed},{KIND_LABEL}=K2Serving,app.kubernetes.io/component=rank"
     if RUNTIME.kube is None:
-        RUNTIME.kube = Kube.connect()
+        RUNTIME.kube = AsyncKube.connect()
     memo["resync"] = asyncio.create_task(resync_forever(), name="k2-resync")
 
 
@@ -61,7 +63,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], kube: Kube | None = None) -> int:
+    """Runs the operator until SIGTERM; `kube` replaces the adapter it would connect (its field manager should be
+    `k2-operator`)."""
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -71,6 +75,8 @@ def main(argv: list[str]) -> int:
     # Importing the handler modules registers their kopf handlers and reconciles.
     from k2_operator import placement, serving, training  # noqa: F401
 
+    if kube is not None:
+        RUNTIME.kube = AsyncKube(kube)
     RUNTIME.namespaces = list(args.namespace)
     RUNTIME.resync_seconds = args.resync_seconds
     if args.metrics_port:

@@ -10,14 +10,14 @@ from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
 from k2_operator.builders.common import KIND_LABEL
 from k2_operator.builders.placement import active_config_map, active_config_name, active_generation
 from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT
-from k2_operator.kube import Kube
+from k2_operator.kube import AsyncKube
 from k2_operator.runtime import controller_owner, now, register, trigger, write_status
 from k2_operator.status.placement import CONDITION_TYPES, plan
 
 KIND = ExpertPlacement.KIND
 
 
-async def rank_pods(kube: Kube, namespace: str, serving_name: str | None) -> tuple[list[dict[str, Any]], int]:
+async def rank_pods(kube: AsyncKube, namespace: str, serving_name: str | None) -> tuple[list[dict[str, Any]], int]:
     """(rank pods of the current groups, ranks that must apply the placement) of the owning K2Serving."""
     if serving_name is None:
         return [], 0
@@ -38,7 +38,7 @@ async def rank_pods(kube: Kube, namespace: str, serving_name: str | None) -> tup
 
 
 @register(KIND)
-async def reconcile(kube: Kube, namespace: str, name: str) -> None:
+async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     body = await kube.get(KIND, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return

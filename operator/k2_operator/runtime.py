@@ -18,21 +18,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
+from k2_api.kube import NotFound, ObjectRef
 from k2_operator import metrics
 from k2_operator.conditions import changed, normalized, transitions
-from k2_operator.kube import Kube, ObjectRef
+from k2_operator.kube import AsyncKube
 
 log = logging.getLogger("k2_operator")
 
-Reconcile = Callable[[Kube, str, str], Awaitable[None]]
+Reconcile = Callable[[AsyncKube, str, str], Awaitable[None]]
 WARNING_WHEN_TRUE = {"Failed", "Restarting", "Degraded", "Invalid"}
 
 
 @dataclass
 class Runtime:
-    kube: Kube | None = None
+    kube: AsyncKube | None = None
     namespaces: list[str] = field(default_factory=list)
     """Empty: every namespace."""
     resync_seconds: float = 30.0
@@ -40,7 +39,7 @@ class Runtime:
     running: set[tuple[str, str, str]] = field(default_factory=set)
     pending: set[tuple[str, str, str]] = field(default_factory=set)
 
-    def client(self) -> Kube:
+    def client(self) -> AsyncKube:
         assert self.kube is not None, "the operator's startup handler connects first"
         return self.kube
 
@@ -113,7 +112,7 @@ def controller_owner(obj: dict[str, Any], kind: str) -> str | None:
 
 
 async def write_status(
-    kube: Kube, body: dict[str, Any], status: dict[str, Any], condition_types: tuple[str, ...]
+    kube: AsyncKube, body: dict[str, Any], status: dict[str, Any], condition_types: tuple[str, ...]
 ) -> bool:
     """Applies `status` when it differs from the observed one, then posts one Event per condition transition."""
     observed = body.get("status")
@@ -122,11 +121,9 @@ async def write_status(
     meta = body["metadata"]
     kind = body["kind"]
     try:
-        await kube.apply_status(body["apiVersion"], kind, meta["namespace"], meta["name"], normalized(status))
-    except ApiException as error:
-        if error.status == 404:  # deleted while this reconcile ran: nothing left to report on
-            return False
-        raise
+        await kube.apply_status(kind, meta["namespace"], meta["name"], normalized(status))
+    except NotFound:  # deleted while this reconcile ran: nothing left to report on
+        return False
     metrics.STATUS_WRITES.labels(kind).inc()
     ref = ObjectRef(body["apiVersion"], kind, meta["namespace"], meta["name"], meta.get("uid"))
     for condition in transitions((observed or {}).get("conditions", []), status.get("conditions", [])):

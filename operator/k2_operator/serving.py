@@ -6,13 +6,12 @@ import logging
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
 from k2_operator.builders.common import KIND_LABEL
-from k2_operator.builders.placement import desired_shape, expert_placement, placement_name
+from k2_operator.builders.placement import expert_placement, placement_name
 from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT, children, frontend_name
-from k2_operator.kube import Kube
+from k2_operator.kube import AsyncKube
 from k2_operator.runtime import controller_owner, now, owned_by, register, trigger, write_status
 from k2_operator.status.serving import (
     CONDITION_TYPES,
@@ -28,9 +27,10 @@ REVISION_LABEL = "controller-revision-hash"
 log = logging.getLogger("k2_operator.serving")
 
 
-async def ensure_placement(kube: Kube, serving: K2Serving) -> dict[str, Any] | None:
-    """Creates the ExpertPlacement once; afterwards its spec belongs to the EPLB controller, except that a placement
-    whose shape no longer fits the serving (ranks, slots, experts, layers) is replaced by a fresh initial one."""
+async def ensure_placement(kube: AsyncKube, serving: K2Serving) -> dict[str, Any] | None:
+    """Creates the ExpertPlacement once, with its initial spec. After that the EPLB controller is the only writer of
+    its spec, re-shaping included: a placement that no longer fits the serving (layers, experts, ranks, slots) gets
+    a fresh solve from the controller, even with balancing disabled (docs/eplb.md, "One writer of spec")."""
     namespace, name = serving.metadata.namespace, placement_name(serving)
     assert namespace is not None
     current = await kube.get(ExpertPlacement.KIND, namespace, name)
@@ -43,24 +43,11 @@ async def ensure_placement(kube: Kube, serving: K2Serving) -> dict[str, Any] | N
             serving.metadata.name,
             name,
         )
-        return current
-    shape = desired_shape(serving)
-    if any(current["spec"].get(key) != value for key, value in shape.items()):
-        generation = int(current["spec"].get("generation", 1)) + 1
-        spec = expert_placement(serving, generation)["spec"]
-        spec["reason"] = "reshaped: the serving's ranks, slots or model changed"
-        try:
-            await kube.replace_spec(ExpertPlacement.KIND, namespace, name, spec, current["metadata"]["resourceVersion"])
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            log.info("%s/%s: ExpertPlacement changed meanwhile; re-shaping on the next pass", namespace, name)
-        return await kube.get(ExpertPlacement.KIND, namespace, name)
     return current
 
 
 async def restart_groups(
-    kube: Kube, serving: K2Serving, groups: list[int], stateful_sets: dict[int, dict[str, Any]]
+    kube: AsyncKube, serving: K2Serving, groups: list[int], stateful_sets: dict[int, dict[str, Any]]
 ) -> None:
     """Deletes the outdated pods of `groups`; their StatefulSets recreate them from the new template (OnDelete)."""
     namespace, name = serving.metadata.namespace, serving.metadata.name
@@ -80,7 +67,7 @@ async def restart_groups(
 
 
 @register(KIND)
-async def reconcile(kube: Kube, namespace: str, name: str) -> None:
+async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     body = await kube.get(KIND, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return

@@ -10,7 +10,7 @@ import kopf
 from k2_api import GROUP, VERSION, K2Training
 from k2_operator.builders.common import KIND_LABEL, TEMPLATE_HASH, content_hash
 from k2_operator.builders.training import children
-from k2_operator.kube import Kube
+from k2_operator.kube import AsyncKube
 from k2_operator.runtime import now, owned_by, register, trigger, write_status
 from k2_operator.status.training import CONDITION_TYPES, plan
 
@@ -26,7 +26,7 @@ def _with_template_hash(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @register(KIND)
-async def reconcile(kube: Kube, namespace: str, name: str) -> None:
+async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     body = await kube.get(KIND, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return

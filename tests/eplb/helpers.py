@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -17,3 +19,12 @@ def assert_valid_placement(
         assert set(placement[layer].ravel().tolist()) == set(range(num_experts)), f"layer {layer} misses an expert"
     ordered = np.sort(placement, axis=2)
     assert not (ordered[:, :, 1:] == ordered[:, :, :-1]).any(), "a GPU holds two replicas of one expert"
+
+
+def field_managers(obj: dict[str, Any], top: str = "spec") -> set[str]:
+    """Managers in `metadata.managedFields` that own any field under `top` (`spec`, `status`, `metadata`)."""
+    return {
+        entry["manager"]
+        for entry in obj["metadata"].get("managedFields", [])
+        if f"f:{top}" in entry.get("fieldsV1", {})
+    }

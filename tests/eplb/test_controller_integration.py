@@ -20,9 +20,9 @@ import pytest
 
 from k2_api import round_robin
 from k2_eplb import controller as controller_module
+from k2_eplb import kube as api
 from k2_eplb.controller import Controller
 from k2_eplb.controller_metrics import ControllerMetrics
-from k2_eplb.kube import KubeClient
 from k2_eplb.metrics import count_moves, replica_counts
 from k2_eplb.planner import Reason
 from tests.eplb.load_exporter import FakeServing, skewed_load
@@ -102,7 +102,7 @@ class Env:
         self.cluster, self.namespace, self.fake, self.prometheus = cluster, namespace, fake, prometheus
         self.now = float(int(time.time()))  # whole seconds, as the rebalanced-at annotation stores them
         self.metrics = ControllerMetrics()
-        self.kube = KubeClient.connect(cluster.kubeconfig)
+        self.kube = api.connect(cluster.kubeconfig)
 
     def create(self, **eplb: Any) -> None:
         url = self.prometheus.url if self.prometheus else None
@@ -114,7 +114,7 @@ class Env:
         return Controller(self.kube, metrics=self.metrics, clock=lambda: self.now, **kwargs)
 
     def reconcile(self, controller: Controller) -> Any:
-        (serving,) = self.kube.list_servings(self.namespace)
+        (serving,) = api.list_servings(self.kube, self.namespace)
         return controller.reconcile(serving)
 
     def placement(self) -> dict[str, Any]:
@@ -372,7 +372,7 @@ def test_rank_endpoints_come_from_running_pods_selected_by_the_serving(
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}}
         pod["spec"] = {"containers": [container]}
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-    kube = KubeClient.connect(cluster.kubeconfig)
+    kube = api.connect(cluster.kubeconfig)
 
     def pod_ip() -> str | None:
         out = cluster.kubectl("get", "pod", "rank-0", "-n", namespace, "-o", "json").stdout
@@ -383,5 +383,5 @@ def test_rank_endpoints_come_from_running_pods_selected_by_the_serving(
     while (ip := pod_ip()) is None:
         assert time.monotonic() < deadline, "rank-0 did not get Running with a pod IP within 60s"
         time.sleep(0.5)
-    (serving,) = kube.list_servings(namespace)
-    assert kube.rank_endpoints(serving) == [f"http://{ip}:9400/metrics"]
+    (serving,) = api.list_servings(kube, namespace)
+    assert api.rank_endpoints(kube, serving) == [f"http://{ip}:9400/metrics"]

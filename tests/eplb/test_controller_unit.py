@@ -1,4 +1,4 @@
-"""The controller loop and its API conversions without a cluster: a fake KubeApi and fake scrape pages."""
+"""The controller loop and its API conversions without a cluster: the adapter's fake API server, fake scrape pages."""
 
 from __future__ import annotations
 
@@ -7,97 +7,60 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kubernetes.client.exceptions import ApiException
 
-from k2_api import ExpertPlacement, K2Serving, ModelSpec, round_robin
+from k2_api import API_VERSION, ExpertPlacement, K2Serving, ModelSpec, round_robin
 from k2_api.common import Condition, ConditionStatus
+from k2_api.kube import Conflict, Object, Unavailable
+from k2_api.kube.fake import FakeCluster
 from k2_api.serving import Eplb
 from k2_eplb import convert
 from k2_eplb.controller import Controller
 from k2_eplb.controller_metrics import ControllerMetrics
-from k2_eplb.kube import REBALANCED_AT, parse_rfc3339, rfc3339
+from k2_eplb.kube import FIELD_MANAGER, REBALANCED_AT, parse_rfc3339
 from k2_eplb.planner import Decision, Reason
 from k2_eplb.scrape_reader import ScrapeLoadReader
+from tests.eplb.helpers import assert_valid_placement, field_managers
 
 LAYERS, EXPERTS, RANKS, SLOTS = 2, 8, 4, 3
 # One Kimi-K2 expert in fp8: 3 x 7168 x 2048 one-byte weights + 3 x 16 x 56 fp32 block scales.
 KIMI_K2_FP8_EXPERT_BYTES = 3 * 7168 * 2048 + 3 * 16 * 56 * 4
 NOW = 1_800_000_000.0
+# Kimi-K2's expert size (the inline config's defaults) with LAYERS MoE layers of EXPERTS experts.
+MODEL = {
+    "config": {"num_hidden_layers": LAYERS + 1, "first_k_dense_replace": 1, "n_routed_experts": EXPERTS},
+    "dtype": "fp8",
+}
 
 
-def serving(name: str = "k2", enabled: bool = True) -> K2Serving:
-    return K2Serving.model_validate(
-        {
-            "metadata": {"name": name, "namespace": "ns"},
-            "spec": {
-                "model": {"preset": "kimi-k2", "dtype": "fp8"},
-                "image": "img",
-                "ranksPerGroup": RANKS,
-                "eplb": {"enabled": enabled, "intervalSeconds": 30, "windowSeconds": 60, "cooldownSeconds": 120},
-            },
-        }
-    )
+def serving(name: str = "k2", enabled: bool = True, ranks: int = RANKS) -> Object:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": K2Serving.KIND,
+        "metadata": {"name": name, "namespace": "ns"},
+        "spec": {
+            "model": {**MODEL, "config": {**MODEL["config"], "num_experts_per_tok": 2}},
+            "image": "img",
+            "ranksPerGroup": ranks,
+            "eplb": {"enabled": enabled, "intervalSeconds": 30, "windowSeconds": 60, "cooldownSeconds": 120},
+        },
+    }
 
 
-def placement(name: str = "k2", generation: int = 1, applied: int | None = 1) -> ExpertPlacement:
-    return ExpertPlacement.model_validate(
-        {
-            "metadata": {"name": name, "namespace": "ns", "resourceVersion": "7", "generation": 4},
-            "spec": {
-                "numLayers": LAYERS,
-                "numExperts": EXPERTS,
-                "ranks": RANKS,
-                "slotsPerRank": SLOTS,
-                "generation": generation,
-                "layers": [t.to_dict() for t in round_robin(LAYERS, EXPERTS, RANKS, SLOTS)],
-            },
-            "status": {"appliedGeneration": applied},
-        }
-    )
-
-
-class FakeKube:
-    """Records every write; placements are updated the way the API server would."""
-
-    def __init__(self, servings: list[K2Serving], placements: list[ExpertPlacement]):
-        self.servings = servings
-        self.placements = {p.metadata.name: p for p in placements}
-        self.writes: list[tuple[str, int]] = []
-        self.statuses: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str]] = []
-        self.fail_get: set[str] = set()
-
-    def list_servings(self, namespace: str | None) -> list[K2Serving]:
-        return self.servings
-
-    def get_placement(self, namespace: str, name: str) -> ExpertPlacement | None:
-        if name in self.fail_get:
-            raise ApiException(status=500, reason="boom")
-        return self.placements.get(name)
-
-    def write_placement(
-        self, placement: ExpertPlacement, layers: list[dict[str, Any]], generation: int, reason: str, at: float
-    ) -> None:
-        body = placement.model_dump(mode="json", by_alias=True)
-        body["spec"].update(layers=layers, generation=generation, reason=reason)
-        body["metadata"]["annotations"] = {REBALANCED_AT: rfc3339(at)}
-        assert placement.metadata.name is not None
-        self.placements[placement.metadata.name] = ExpertPlacement.model_validate(body)
-        self.writes.append((placement.metadata.name, generation))
-
-    def apply_status(self, placement: ExpertPlacement, status: dict[str, Any]) -> None:
-        assert placement.metadata.name is not None
-        current = self.placements[placement.metadata.name]
-        body = current.model_dump(mode="json", by_alias=True, exclude_none=True)
-        body.setdefault("status", {}).update(status)
-        self.placements[placement.metadata.name] = ExpertPlacement.model_validate(body)
-        self.statuses.append(status)
-
-    def post_event(self, placement: ExpertPlacement, event_type: str, reason: str, message: str, at: float) -> None:
-        self.events.append((event_type, reason))
-
-    def rank_endpoints(self, serving: K2Serving) -> list[str]:
-        raise AssertionError("tests inject the endpoints")
+def placement(name: str = "k2", generation: int = 1, applied: int | None = 1) -> Object:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": ExpertPlacement.KIND,
+        "metadata": {"name": name, "namespace": "ns", "resourceVersion": "7", "generation": 4},
+        "spec": {
+            "numLayers": LAYERS,
+            "numExperts": EXPERTS,
+            "ranks": RANKS,
+            "slotsPerRank": SLOTS,
+            "generation": generation,
+            "layers": [t.to_dict() for t in round_robin(LAYERS, EXPERTS, RANKS, SLOTS)],
+        },
+        "status": {"appliedGeneration": applied},
+    }
 
 
 def page(rank: int, load: np.ndarray) -> str:
@@ -134,8 +97,16 @@ def skewed() -> np.ndarray:
 
 
 class Setup:
-    def __init__(self, servings: list[K2Serving], placements: list[ExpertPlacement]):
-        self.kube = FakeKube(servings, placements)
+    """A fake API server holding the servings and placements (status as the operator reports it), and a controller."""
+
+    def __init__(self, servings: list[Object], placements: list[Object]):
+        self.cluster = FakeCluster()
+        user = self.cluster.client("k2-tests")
+        for obj in servings + placements:
+            user.create(obj)
+            if "status" in obj:
+                user.apply_status(obj["kind"], "ns", obj["metadata"]["name"], obj["status"])
+        self.kube = self.cluster.client(FIELD_MANAGER)
         self.pages = Pages()
         self.now = NOW
         self.controller = Controller(
@@ -150,6 +121,21 @@ class Setup:
         self.pages.tick(skewed() if load is None else load)
         return self.controller.run_once(**kwargs)
 
+    def placement(self, name: str = "k2") -> ExpertPlacement:
+        body = self.kube.get(ExpertPlacement.KIND, "ns", name)
+        assert body is not None
+        return ExpertPlacement.model_validate(body)
+
+    def spec_writes(self) -> list[str]:
+        """Names of the placements the controller wrote spec to."""
+        return [c.name for c in self.cluster.writes("apply", ExpertPlacement.KIND) if c.manager == FIELD_MANAGER]
+
+    def status_writes(self) -> int:
+        return len([c for c in self.cluster.writes("apply_status") if c.manager == FIELD_MANAGER])
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(e["type"], e["reason"]) for e in self.kube.list("Event", "ns")]
+
 
 def test_first_pass_has_too_few_samples_then_it_rebalances() -> None:
     setup = Setup([serving()], [placement()])
@@ -157,13 +143,13 @@ def test_first_pass_has_too_few_samples_then_it_rebalances() -> None:
     setup.now += 30
     decision = setup.pass_()[("ns", "k2")]
     assert decision.reason is Reason.REBALANCED
-    assert setup.kube.writes == [("k2", 2)]
-    written = setup.kube.placements["k2"]
+    assert setup.spec_writes() == ["k2"]
+    written = setup.placement()
     assert written.spec.generation == 2
     assert parse_rfc3339(written.metadata.annotations[REBALANCED_AT]) == NOW + 30
     assert written.status is not None
     assert written.status.moved_bytes == decision.moved_experts * KIMI_K2_FP8_EXPERT_BYTES
-    assert setup.kube.events == [("Normal", "Rebalanced")]
+    assert setup.events() == [("Normal", "Rebalanced")]
     # The budget is maxMovesFraction (default 0.1) of 12 slots, rounded up.
     assert 0 < decision.moved_experts <= 2
 
@@ -182,7 +168,7 @@ def test_interval_gates_passes_unless_forced() -> None:
 def test_disabled_servings_are_not_touched() -> None:
     setup = Setup([serving(enabled=False)], [placement()])
     assert setup.pass_() == {}
-    assert setup.kube.statuses == [] and setup.kube.writes == []
+    assert setup.status_writes() == 0 and setup.spec_writes() == []
     assert setup.controller.metrics.value("k2_eplb_skipped_total", serving="k2", namespace="ns", reason="Disabled") == 1
 
 
@@ -191,8 +177,8 @@ def test_status_is_written_only_when_it_changes() -> None:
     for _ in range(3):
         setup.now += 30
         assert setup.pass_()[("ns", "k2")].reason is Reason.APPLY_PENDING
-    assert len(setup.kube.statuses) == 1
-    assert setup.kube.writes == []
+    assert setup.status_writes() == 1
+    assert setup.spec_writes() == []
 
 
 def test_a_warning_event_only_when_partial_metrics_start() -> None:
@@ -201,8 +187,8 @@ def test_a_warning_event_only_when_partial_metrics_start() -> None:
     for _ in range(3):
         setup.now += 30
         assert setup.pass_()[("ns", "k2")].reason is Reason.PARTIAL_METRICS
-    assert setup.kube.events == [("Warning", "PartialMetrics")]
-    status = setup.kube.placements["k2"].status
+    assert setup.events() == [("Warning", "PartialMetrics")]
+    status = setup.placement().status
     assert status is not None
     (planned,) = status.conditions
     assert (planned.status, planned.message) == ("False", "partial metrics: 3/4 ranks reporting")
@@ -210,7 +196,7 @@ def test_a_warning_event_only_when_partial_metrics_start() -> None:
 
 def test_an_api_error_is_counted_and_other_servings_still_planned() -> None:
     setup = Setup([serving("bad"), serving("k2")], [placement("bad"), placement("k2")])
-    setup.kube.fail_get = {"bad"}
+    setup.cluster.fail("get", ExpertPlacement.KIND, Unavailable("503: etcd is away", 503))  # the first: "bad"
     decisions = setup.pass_()
     assert list(decisions) == [("ns", "k2")]
     assert setup.controller.failures == 1
@@ -221,6 +207,49 @@ def test_a_serving_without_placement_is_skipped_quietly() -> None:
     setup = Setup([serving()], [])
     assert setup.pass_() == {}
     assert setup.controller.failures == 0
+
+
+def test_a_placement_that_no_longer_fits_is_reshaped_past_every_gate() -> None:
+    """Generation 2 is still applying, and EPLB is disabled: the new shape is written all the same."""
+    setup = Setup([serving(enabled=False, ranks=2)], [placement(generation=2, applied=1)])
+    decision = setup.pass_()[("ns", "k2")]
+    assert decision.reason is Reason.RESHAPED
+    written = setup.placement()
+    spec = written.spec
+    assert (spec.num_layers, spec.num_experts, spec.ranks, spec.slots_per_rank) == (LAYERS, EXPERTS, 2, 5)
+    assert spec.generation == 3 and spec.reason is not None and spec.reason.startswith("reshape: generation 3")
+    assert_valid_placement(convert.placement_array(written), LAYERS, EXPERTS, (2, 5))
+    assert written.status is not None
+    (planned,) = [c for c in written.status.conditions if c.type == convert.PLANNED]
+    assert (planned.status, planned.reason) == ("True", "Reshaped")
+    assert setup.events() == [("Normal", "Reshaped")]
+    # The controller applied the whole spec: the creator ("k2-tests") owns none of it any more.
+    body = setup.kube.get(ExpertPlacement.KIND, "ns", "k2")
+    assert body is not None and field_managers(body) == {FIELD_MANAGER}
+    # Once it fits, a disabled serving is left alone again.
+    setup.now += 30
+    assert setup.pass_() == {}
+    assert setup.spec_writes() == ["k2"]
+
+
+def test_a_rebalance_leaves_one_manager_on_spec() -> None:
+    setup = Setup([serving()], [placement()])
+    setup.pass_()
+    setup.now += 30
+    assert setup.pass_()[("ns", "k2")].reason is Reason.REBALANCED
+    body = setup.kube.get(ExpertPlacement.KIND, "ns", "k2")
+    assert body is not None and field_managers(body) == {FIELD_MANAGER}
+    assert field_managers(body, "status") == {"k2-tests", FIELD_MANAGER}  # appliedGeneration stays the reporter's
+
+
+def test_a_concurrent_change_fails_the_write_and_is_counted() -> None:
+    setup = Setup([serving(ranks=2)], [placement()])
+    setup.cluster.fail("apply", ExpertPlacement.KIND, Conflict("409: the object has been modified", 409))
+    assert setup.pass_() == {}
+    assert setup.controller.failures == 1
+    assert setup.placement().spec.generation == 1
+    setup.now += 30  # the next due pass succeeds
+    assert setup.pass_()[("ns", "k2")].reason is Reason.RESHAPED
 
 
 # Conversions -------------------------------------------------------------------------------------------------------
@@ -267,7 +296,7 @@ def test_policy_takes_the_smaller_move_budget() -> None:
 
 
 def test_placement_round_trips_through_the_array_form() -> None:
-    xp = placement()
+    xp = ExpertPlacement.model_validate(placement())
     array = convert.placement_array(xp)
     assert array.shape == (LAYERS, RANKS, SLOTS)
     assert convert.layers_from_array(array) == [t.to_dict() for t in xp.spec.layers]
@@ -285,7 +314,7 @@ def test_planned_condition_keeps_its_transition_time_while_the_status_holds() ->
 
 
 def test_status_fields_keep_the_last_prediction_on_a_skip() -> None:
-    xp = placement()
+    xp = ExpertPlacement.model_validate(placement())
     assert xp.status is not None
     xp.status.predicted_balancedness, xp.status.moved_experts, xp.status.moved_bytes = 0.9, 5, 500
     fields = convert.status_fields(Decision(Reason.COOLDOWN, "cooldown: 5s left"), xp, NOW)

@@ -13,25 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.cluster import Cluster
+from tests.support.paths import ROOT
 from tests.support.ports import free_port
 from tests.support.waits import wait_for
 
 RESYNC_SECONDS = 1.0
-SLOW_APPLY = """
-import asyncio, sys
-from k2_operator.kube import Kube
-from k2_api.cli import main
-
-original = Kube.apply
-
-async def slow_apply(self, manifest):
-    await asyncio.sleep({delay})
-    return await original(self, manifest)
-
-if {delay} > 0:
-    Kube.apply = slow_apply
-sys.exit(main({args!r}))
-"""
 
 
 class Operator:
@@ -56,13 +42,12 @@ class Operator:
         self.port = free_port()
         self.starts += 1
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        args = ["operator", "run", "--namespace", self.namespace, "--standalone"]
+        args = ["--namespace", self.namespace, "--standalone"]
         args += ["--metrics-port", str(self.port), "--metrics-address", "127.0.0.1"]
         args += ["--resync-seconds", str(self.resync_s)]
-        script = SLOW_APPLY.format(delay=apply_delay_s, args=args)
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, env=self.env
-        )
+        # The operator on the real adapter, wrapped by tests.support.slow_kube when apply_delay_s > 0.
+        argv = [sys.executable, "-m", "tests.support.slow_operator", "--apply-delay", str(apply_delay_s), "--", *args]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         wait_for("the operator's /healthz", self.healthy, timeout_s=30)
 
     def healthy(self) -> bool:

@@ -1,4 +1,4 @@
-"""Unit tests of the operator's plumbing: CLI, API paths, metrics endpoint, coalescing of triggers."""
+"""Unit tests of the operator's plumbing: CLI, metrics endpoint, coalescing of triggers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import urllib.request
 
 from k2_operator import metrics
-from k2_operator.kube import path
 from k2_operator.main import parse_args
 from k2_operator.runtime import RUNTIME, trigger
 
@@ -16,15 +15,6 @@ def test_cli_defaults_to_all_namespaces() -> None:
     assert args.namespace == [] and args.metrics_port == 8080 and not args.standalone
     args = parse_args(["--namespace", "a", "-n", "b", "--standalone", "--metrics-port", "0"])
     assert args.namespace == ["a", "b"] and args.standalone and args.metrics_port == 0
-
-
-def test_api_paths() -> None:
-    assert path("Job", "ns", "j") == "/apis/batch/v1/namespaces/ns/jobs/j"
-    assert path("ConfigMap", "ns") == "/api/v1/namespaces/ns/configmaps"
-    assert path("K2Serving", None) == "/apis/k2.ai/v1alpha1/k2servings"
-    assert (
-        path("ExpertPlacement", "ns", "x", "status") == "/apis/k2.ai/v1alpha1/namespaces/ns/expertplacements/x/status"
-    )
 
 
 def test_metrics_and_healthz_are_served() -> None:
