@@ -43,7 +43,8 @@ from k2_eplb.metrics import (  # noqa: E402
 )
 from k2_eplb.solver import solve  # noqa: E402
 
-BYTES_PER_EXPERT = PRESET_SHAPES[Preset.KIMI_K2].expert_bytes(DType.FP8)
+KIMI_K2 = PRESET_SHAPES[Preset.KIMI_K2]
+BYTES_PER_EXPERT = KIMI_K2.expert_bytes(DType.FP8)
 EXAMPLE_LOAD = [600, 560, 120, 120, 20, 10, 10, 10]
 DRIFT_SIGMA = 0.02
 SHOCK_SIGMA = 0.3
@@ -61,7 +62,7 @@ class Scale:
     drift_steps: int
 
 
-FULL = Scale(60, 384, ((128, 4), (256, 3)), drift_steps=6)
+FULL = Scale(KIMI_K2.num_moe_layers, KIMI_K2.n_routed_experts, ((128, 4), (256, 3)), drift_steps=6)
 QUICK = Scale(4, 48, ((16, 4), (24, 3)), drift_steps=2)
 
 
