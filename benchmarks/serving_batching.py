@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from k2_workers.model import K2Config, K2ForCausalLM
-from k2_workers.serve.engine import GenerateParams, GroupEngine
-from k2_workers.serve.expert_weights import ResidentExpertWeights
+from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.placement import ActivePlacement
+from k2_workers.serve.request import GenerateParams
+from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
 
 

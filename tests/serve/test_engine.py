@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.model import K2Config, K2ForCausalLM, generate
 from k2_workers.serve import engine as engine_module
-from k2_workers.serve.engine import Completion, GenerateParams, GroupEngine
-from k2_workers.serve.expert_weights import ResidentExpertWeights
+from k2_workers.serve.engine import Completion, GroupEngine
 from k2_workers.serve.placement import ActivePlacement
+from k2_workers.serve.request import GenerateParams
+from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
 
 PROMPTS = ["a", "the expert placement", "K2", "rank to rank moves"]
@@ -65,7 +66,7 @@ def test_concurrent_callers_share_a_batch_and_each_gets_its_own_completion(engin
     results = _concurrently(engine, asks)
     for (prompt, params), result in zip(asks, results, strict=True):
         assert isinstance(result, Completion), result
-        alone = reference.generate(torch.tensor([prompt]), params.max_new_tokens)[0, len(prompt) :].tolist()
+        alone = generate(reference, torch.tensor([prompt]), params.max_new_tokens)[0, len(prompt) :].tolist()
         expected = alone[: alone.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in alone else alone
         assert result.tokens == expected
         assert result.batch_size == len(PROMPTS) and result.placement_generation == 0
@@ -98,7 +99,7 @@ def test_stop_finishes_the_queued_requests_first(engine: GroupEngine) -> None:
     caller = threading.Thread(target=lambda: results.extend(_concurrently(engine, asks)))
     caller.start()
     deadline = time.monotonic() + 60
-    while len(engine._queue) < len(asks) and time.monotonic() < deadline:  # all queued, the batch wait not over
+    while engine.scheduler.queued < len(asks) and time.monotonic() < deadline:  # all queued, the batch wait not over
         time.sleep(0.01)
     engine.stop()
     caller.join(timeout=120)

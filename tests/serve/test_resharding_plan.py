@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2_workers.parallel import SlotTable
-from k2_workers.serve.expert_moves import ExpertMove, plan_expert_moves
+from k2_workers.serve.resharding import ExpertMove, plan_expert_moves
 
 
 @st.composite

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.model import K2Config, K2ForCausalLM, generate
 from k2_workers.tokenizer import ByteTokenizer
 from tests.serve.worker_process import (
     metrics_text,
@@ -45,7 +45,7 @@ def reference_completion(max_new_tokens: int, text: str = PROMPT) -> list[int]:
     model = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
     prompt = torch.tensor([ByteTokenizer().encode(text)])
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens)
+        out = generate(model, prompt, max_new_tokens)
     return out[0, prompt.shape[1] :].tolist()
 
 

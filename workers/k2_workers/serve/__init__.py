@@ -1,1 +1,19 @@
-"""The serving worker: a K2 expert-parallel group rank that applies ExpertPlacement generations live."""
+"""The serving worker: a K2 expert-parallel group rank that applies ExpertPlacement generations live, and the
+frontend that routes requests across the groups.
+
+Modules, by role:
+- `cli`: `k2 worker serve` flags; dispatches to a rank or the frontend (no torch).
+- `frontend`: routes generate requests across the groups, skipping dead ones (no torch).
+- `request`: a generate request's parameters and body parsing (no torch).
+- `endpoints`: the stdlib HTTP server both run (no torch).
+- `rank`: a rank's process: model, process group, HTTP, /metrics, the placement poll loop.
+- `rank_routes`: a rank's HTTP routes over its engine.
+- `engine`: one rank of a group decoding in lockstep; composes the four below.
+- `scheduler`: the request queue, the decoding thread and batch formation.
+- `wire`: what rank 0 broadcasts to the other ranks (batches, placements, stop) and its encoding.
+- `resharding`: applying a new placement (plan the moves, exchange experts rank to rank, read the rest).
+- `load`: per-expert and per-slot token counts, handed to `metrics`.
+- `metrics`: the Prometheus collector and /metrics server.
+- `placement`: the placement file as the operator mounts it.
+- `report`: the applied-generation annotation on the rank's own pod.
+"""

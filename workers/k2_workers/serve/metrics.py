@@ -1,4 +1,4 @@
-"""Prometheus metrics a serving rank exports for the EPLB controller.
+"""Prometheus metrics a serving rank exports for the EPLB controller (names, labels and help: `k2_api.contract`).
 
 - `k2_expert_tokens_total{serving,group,rank,layer,expert}`: tokens this rank routed to logical expert `expert`.
 - `k2_slot_tokens_total{serving,group,rank,layer,slot}`: tokens the expert in slot `slot` of this rank processed.
@@ -7,7 +7,8 @@
 
 `layer` is the MoE layer's index in `ExpertPlacement.spec.layers` (0-based, dense layers are not counted); `group` is
 the expert-parallel group and `rank` the rank inside it. Counts are kept as numpy arrays and turned into samples only
-when scraped, so recording a forward pass costs one array addition, not one call per label set.
+when scraped, so recording a forward pass costs one array addition, not one call per label set. What is counted
+when: `k2_workers.serve.load`.
 
 Shapes: L MoE layers, E logical experts, S slots on this rank.
 """
@@ -25,10 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-EXPERT_TOKENS = "k2_expert_tokens_total"
-SLOT_TOKENS = "k2_slot_tokens_total"
-WEIGHT_BYTES = "k2_expert_weight_bytes_total"
-WEIGHT_SOURCES = ("peer", "storage")
+from k2_api.contract import MetricLabels, Metrics, MetricSpec, WeightSources
 
 
 class ExpertLoadCollector(Collector):
@@ -37,11 +35,11 @@ class ExpertLoadCollector(Collector):
     def __init__(self, serving: str, group: str | int, rank: int, num_layers: int, num_experts: int, num_slots: int):
         if num_layers < 1 or num_experts < 1 or num_slots < 1:
             raise ValueError(f"shape: layers {num_layers}, experts {num_experts}, slots {num_slots} must all be >= 1")
-        self.labels = {"serving": serving, "group": str(group), "rank": str(rank)}
+        self.labels = {MetricLabels.SERVING: serving, MetricLabels.GROUP: str(group), MetricLabels.RANK: str(rank)}
         self._lock = threading.Lock()
         self._expert_tokens_LE = np.zeros((num_layers, num_experts), dtype=np.float64)
         self._slot_tokens_LS = np.zeros((num_layers, num_slots), dtype=np.float64)
-        self._weight_bytes = dict.fromkeys(WEIGHT_SOURCES, 0)
+        self._weight_bytes = dict.fromkeys(WeightSources.ALL, 0)
 
     def add(self, expert_tokens_LE: npt.ArrayLike, slot_tokens_LS: npt.ArrayLike | None = None) -> None:
         """Add one forward pass (or any batch of them): tokens per logical expert and, optionally, per local slot."""
@@ -61,9 +59,9 @@ class ExpertLoadCollector(Collector):
                 self._slot_tokens_LS += slot
 
     def add_weight_bytes(self, source: str, nbytes: int) -> None:
-        """Count expert-weight bytes taken in from `source` ("peer" or "storage")."""
+        """Count expert-weight bytes taken in from `source` (one of `WeightSources.ALL`)."""
         if source not in self._weight_bytes or nbytes < 0:
-            raise ValueError(f"weight bytes: source {source!r} must be one of {WEIGHT_SOURCES}, bytes >= 0")
+            raise ValueError(f"weight bytes: source {source!r} must be one of {WeightSources.ALL}, bytes >= 0")
         with self._lock:
             self._weight_bytes[source] += nbytes
 
@@ -72,24 +70,19 @@ class ExpertLoadCollector(Collector):
             expert = self._expert_tokens_LE.copy()
             slot = self._slot_tokens_LS.copy()
             weight_bytes = dict(self._weight_bytes)
-        names = list(self.labels)
         values = list(self.labels.values())
-        yield _counter(EXPERT_TOKENS, "Tokens routed to a logical expert.", [*names, "layer", "expert"], values, expert)
-        yield _counter(SLOT_TOKENS, "Tokens processed by an expert slot.", [*names, "layer", "slot"], values, slot)
-        family = CounterMetricFamily(
-            WEIGHT_BYTES.removesuffix("_total"),
-            "Bytes of expert weights taken in to apply placements, by source (peer rank or storage).",
-            labels=[*names, "source"],
-        )
+        yield _counter(Metrics.EXPERT_TOKENS, values, expert)
+        yield _counter(Metrics.SLOT_TOKENS, values, slot)
+        spec = Metrics.EXPERT_WEIGHT_BYTES
+        family = CounterMetricFamily(spec.family, spec.help, labels=list(spec.labels))
         for source, nbytes in weight_bytes.items():
             family.add_metric([*values, source], float(nbytes))
         yield family
 
 
-def _counter(
-    name: str, doc: str, label_names: list[str], fixed: list[str], counts: npt.NDArray[np.float64]
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=label_names)
+def _counter(spec: MetricSpec, fixed: list[str], counts: npt.NDArray[np.float64]) -> CounterMetricFamily:
+    """One sample per (layer, index) of `counts`, labelled `fixed` plus those two."""
+    family = CounterMetricFamily(spec.family, spec.help, labels=list(spec.labels))
     for (layer, index), value in np.ndenumerate(counts):
         family.add_metric([*fixed, str(layer), str(index)], float(value))
     return family

@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from k2_api import ExpertPlacementSpec, placement_problems
 from k2_workers.parallel import SlotTable
 
@@ -29,14 +27,6 @@ class ActivePlacement:
     @property
     def slots_per_rank(self) -> int:
         return self.tables[0].slots_per_rank
-
-    def as_tensor(self) -> torch.Tensor:
-        """[layers, ranks, slots] int64, for broadcasting to the other ranks of the group."""
-        return torch.stack([t.table_RS for t in self.tables])
-
-    @classmethod
-    def from_tensor(cls, generation: int, tables_LRS: torch.Tensor, num_experts: int) -> ActivePlacement:
-        return cls(generation, tuple(SlotTable(t.clone(), num_experts) for t in tables_LRS))
 
     @classmethod
     def round_robin(cls, num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int) -> ActivePlacement:

@@ -11,11 +11,10 @@ import logging
 import os
 from collections.abc import Mapping
 
+from k2_api.contract import Annotations, Env
 from k2_workers.incluster import InClusterClient
 
 log = logging.getLogger(__name__)
-
-APPLIED_GENERATION_ANNOTATION = "k2.ai/applied-placement-generation"
 
 
 class AppliedGenerationReporter:
@@ -25,7 +24,7 @@ class AppliedGenerationReporter:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AppliedGenerationReporter:
-        return cls(InClusterClient.from_env(env), env.get("K2_POD_NAME"))
+        return cls(InClusterClient.from_env(env), env.get(Env.POD_NAME))
 
     @property
     def enabled(self) -> bool:
@@ -34,7 +33,7 @@ class AppliedGenerationReporter:
     def report(self, generation: int) -> None:
         if self._client is None:
             return
-        body = {"metadata": {"annotations": {APPLIED_GENERATION_ANNOTATION: str(generation)}}}
+        body = {"metadata": {"annotations": {Annotations.APPLIED_GENERATION: str(generation)}}}
         try:
             self._client.merge_patch(self._path, body)
         except Exception as error:  # the API server may be briefly unavailable

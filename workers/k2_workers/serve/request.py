@@ -1,17 +1,29 @@
-"""Parsing of the generate request body: pure, and every error names the field."""
+"""The parameters of a generate request, and the parsing of its HTTP body: pure, no torch, every error names the
+field."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from k2_workers.serve.engine import GenerateParams
-
 MAX_PROMPT_CHARS = 16_384
+DEFAULT_MAX_NEW_TOKENS = 16
+FIELDS = frozenset({"prompt", "max_new_tokens", "temperature", "seed", "top_k"})
 
 
 class RequestError(ValueError):
     """A bad request; the HTTP layer answers 400 with this message."""
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """How one request decodes: greedy when `temperature` is 0, else sampled with its own generator seeded by
+    `seed`, from the `top_k` most likely tokens when set."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -28,7 +40,7 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
         raise RequestError(f"body: not valid JSON ({error})") from None
     if not isinstance(document, dict):
         raise RequestError("body: expected a JSON object")
-    unknown = set(document) - {"prompt", "max_new_tokens", "temperature", "seed", "top_k"}
+    unknown = set(document) - FIELDS
     if unknown:
         raise RequestError(f"body: unknown fields {sorted(unknown)}")
     prompt = document.get("prompt")
@@ -36,7 +48,7 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
         raise RequestError("prompt: required, a non-empty string")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
-    max_new = _integer(document, "max_new_tokens", 16, 1, max_new_tokens_limit)
+    max_new = _integer(document, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1, max_new_tokens_limit)
     temperature = document.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
         raise RequestError("temperature: a number in [0, 10]")

@@ -1,4 +1,4 @@
-"""Send and receive expert weights between the ranks of a serving group (the I/O half of `expert_moves`).
+"""Send and receive expert weights between the ranks of a serving group (the I/O half of `plan`).
 
 One message per move: the expert's gate, up and down projections packed into one flat buffer. All sends and
 receives of a layer are posted together (`batch_isend_irecv`), in the order of the planned moves, which every rank
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from k2_workers.serve.expert_moves import ExpertMove
+from k2_workers.serve.resharding.plan import ExpertMove
 
 ExpertTriple = tuple[Tensor, Tensor, Tensor]  # gate [I, D], up [I, D], down [D, I] of one expert
 

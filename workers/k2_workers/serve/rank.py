@@ -1,0 +1,141 @@
+"""A serving rank's process: build the model, join the group, serve HTTP and /metrics, and apply placements.
+
+A rank reads the K2Serving manifest the operator mounts (`--config`) and the placement in force (`--placement`, the
+`<placement>-active` ConfigMap's file), which rank 0 re-reads every `--placement-poll-seconds` and applies live.
+The group comes from the torchrun-style env the operator sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) plus
+K2_GROUP, K2_SERVING_NAME, K2_NAMESPACE and K2_POD_NAME. Rank 0 serves generation; every rank serves /healthz and
+/metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from prometheus_client import CollectorRegistry
+
+from k2_api import K2Serving
+from k2_api.contract import Env, Ports, TorchrunEnv
+from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
+from k2_workers.serve.endpoints import serve_routes
+from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
+from k2_workers.serve.placement import ActivePlacement, read_placement
+from k2_workers.serve.rank_routes import rank_routes
+from k2_workers.serve.report import AppliedGenerationReporter
+from k2_workers.serve.resharding import CheckpointExpertWeights, ExpertWeights, ResidentExpertWeights
+from k2_workers.tokenizer import load_tokenizer
+from k2_workers.train.config import local_path
+
+log = logging.getLogger("k2_workers.serve")
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+DEFAULT_SERVING_NAME = "local"  # outside a cluster, for the metrics' `serving` label
+DEFAULT_GROUP = "0"
+
+
+def build_model(serving: K2Serving, checkpoint: str | None, seed: int) -> tuple[K2ForCausalLM, ExpertWeights]:
+    """The model with every non-expert weight, and where expert weights come from when a placement needs them."""
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if checkpoint is not None:
+        model = load_pretrained(checkpoint, experts=[], dtype=dtype)  # experts arrive with a placement
+        return model, CheckpointExpertWeights(checkpoint, model, dtype)
+    spec = serving.spec.model
+    config = (
+        K2Config.from_hf_config(spec.config.model_dump()) if spec.config else K2Config.from_preset(str(spec.preset))
+    )
+    torch.manual_seed(seed)
+    model = K2ForCausalLM(config).to(dtype)
+    return model, ResidentExpertWeights(model)
+
+
+def init_group(rank: int, world_size: int, env: Mapping[str, str] = os.environ) -> None:
+    """Join the group's default process group (nccl on GPU, gloo on CPU; env:// rendezvous)."""
+    seconds = float(env.get(Env.COLLECTIVE_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=seconds)
+    if world_size == 1:  # a one-rank group still runs the all-to-all path, over an in-process store
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timeout)
+    else:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
+
+
+def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
+    """Serve as this pod's rank until `stop` is set (rank 0) or rank 0 stops the group (the others)."""
+    serving = K2Serving.model_validate(yaml.safe_load(args.config.read_text()))
+    spec = serving.spec
+    env = os.environ
+    rank = int(env.get(TorchrunEnv.RANK, "0"))
+    world_size = int(env.get(TorchrunEnv.WORLD_SIZE, str(spec.ranks_per_group)))
+    checkpoint = args.checkpoint or (
+        local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri") if spec.model.checkpoint_uri else None
+    )
+    model, weights = build_model(serving, checkpoint, args.seed)
+    config = model.config
+    num_layers = len(config.moe_layer_indices)
+    slots_per_rank = math.ceil(config.n_routed_experts / world_size) + spec.redundant_slots_per_rank
+    init_group(rank, world_size)
+
+    registry = CollectorRegistry()
+    group = env.get(Env.GROUP, DEFAULT_GROUP)
+    name = serving.metadata.name or env.get(Env.SERVING_NAME, DEFAULT_SERVING_NAME)
+    collector = ExpertLoadCollector(name, group, rank, num_layers, config.n_routed_experts, slots_per_rank)
+    registry.register(collector)
+    metrics = serve_metrics(registry, args.metrics_port, args.host) if args.metrics_port >= 0 else None
+    reporter = AppliedGenerationReporter.from_env()
+    engine = GroupEngine(
+        model,
+        load_tokenizer(checkpoint),
+        weights,
+        rank,
+        world_size,
+        collector,
+        reporter.report,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+    )
+    server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or Ports.RANK_HTTP)
+    log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)
+    try:
+        if rank == 0:
+            initial = ActivePlacement.round_robin(num_layers, config.n_routed_experts, world_size, slots_per_rank)
+            engine.apply_placement(current_placement(args.placement, engine) or initial)
+            while not stop.wait(args.placement_poll_seconds):
+                placement = current_placement(args.placement, engine)
+                if placement is not None and placement.generation != engine.generation:
+                    engine.apply_placement(placement)
+            engine.stop()
+        else:
+            engine.follow()
+    finally:
+        server.shutdown()
+        if metrics is not None:
+            metrics.close()
+        dist.destroy_process_group()
+    return 0
+
+
+def current_placement(path: Path | None, engine: GroupEngine) -> ActivePlacement | None:
+    """The placement file's content, or None when absent or invalid: the one in force stays, and the reason is
+    logged once and shown by /v1/placement."""
+    if path is None or not path.exists():
+        return None
+    try:
+        placement = read_placement(path)
+    except ValueError as error:
+        if str(error) != engine.placement_error:
+            log.warning("ignoring the placement file: %s", error)
+        engine.placement_error = str(error)
+        return None
+    engine.placement_error = None
+    return placement

@@ -1,0 +1,116 @@
+"""Static batching of requests: a queue, one decoding thread, a short batch wait and a maximum batch size.
+
+Callers `submit` a job and wait. The decoding thread takes up to `max_batch_size` queued jobs as one batch, after
+waiting `batch_wait_s` for jobs already on their way (callers that come back together then share a batch instead of
+splitting into one and the rest; one thread also keeps the CPU kernels on one OpenMP team instead of one per HTTP
+thread), runs the batch function on them and hands each caller its result. A batch runs to its end: a job that
+arrives meanwhile waits for the next batch. Nothing here knows what a job is (no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_WAIT_S = 0.002
+
+J = TypeVar("J")  # a job
+R = TypeVar("R")  # its result
+
+
+@dataclass
+class _Pending(Generic[J, R]):
+    job: J
+    done: threading.Event = field(default_factory=threading.Event)
+    result: R | None = None
+    error: BaseException | None = None
+
+
+class BatchScheduler(Generic[J, R]):
+    """Runs `run_batch(jobs) -> results` (one result per job, in order) on batches of submitted jobs."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[J]], list[R]],
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        if batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s: must be >= 0, got {batch_wait_s}")
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self._run_batch = run_batch
+        self._queue: list[_Pending[J, R]] = []
+        self._queue_changed = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a batch (not those being run)."""
+        with self._queue_changed:
+            return len(self._queue)
+
+    def submit(self, job: J) -> R:
+        """The result of `job`, once a batch has run it. Thread-safe. A failed batch raises a RuntimeError from
+        its error in each of its callers (a server-side failure, whatever its type: a ValueError would read as a
+        bad request)."""
+        pending: _Pending[J, R] = _Pending(job)
+        with self._queue_changed:
+            if self._stopping:
+                raise RuntimeError("the server is stopping: no new requests")
+            self._queue.append(pending)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+                self._thread.start()
+            self._queue_changed.notify()
+        pending.done.wait()
+        if pending.error is not None:
+            raise RuntimeError(f"decoding failed: {pending.error}") from pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def stop(self) -> None:
+        """Refuse new jobs, finish the queued ones, then return."""
+        with self._queue_changed:
+            self._stopping = True
+            self._queue_changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        """The decoding thread: batches until `stop`, then drains the queue."""
+        while True:
+            with self._queue_changed:
+                self._queue_changed.wait_for(lambda: bool(self._queue) or self._stopping)
+                if not self._queue:
+                    return
+            time.sleep(self.batch_wait_s)  # jobs on their way (clients coming back together) join this batch
+            with self._queue_changed:
+                batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending[J, R]]) -> None:
+        try:
+            results = self._run_batch([p.job for p in batch])
+            assert len(results) == len(batch), f"{len(results)} results for {len(batch)} jobs"
+        except BaseException as error:  # every caller must wake up, whatever happened
+            for pending in batch:
+                pending.error = error
+                pending.done.set()
+            if not isinstance(error, Exception):
+                raise
+            log.exception("a batch of %d requests failed", len(batch))
+            return
+        for pending, result in zip(batch, results, strict=True):
+            pending.result = result
+            pending.done.set()

@@ -1,0 +1,131 @@
+"""What rank 0 of a serving group broadcasts to the other ranks, and how they read it.
+
+Every message starts with a header of `HEADER_LEN` int64: the op, then
+- `GENERATE`: the batch size B and the total prompt tokens N, followed by B rows of `PARAMS_LEN` int64 (prompt
+  length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off) and the N prompt ids, concatenated;
+- `APPLY_PLACEMENT`: the generation and the table shape [layers, ranks, slots], followed by the slot tables;
+- `STOP`: nothing; the followers return.
+
+Rank 0 decodes the batch from its wire form too (`send_batch` returns it), so every rank runs exactly the same
+parameters (a temperature rounded to micro-units included). A one-rank group sends nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from k2_workers.parallel import SlotTable
+from k2_workers.serve.placement import ActivePlacement
+from k2_workers.serve.request import GenerateParams
+
+HEADER_LEN = 5
+PARAMS_LEN = 5
+TEMPERATURE_SCALE = 1_000_000  # temperatures travel as integers in micro-units
+
+
+class Op(enum.IntEnum):
+    STOP = 0
+    GENERATE = 1
+    APPLY_PLACEMENT = 2
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Requests decoded together: `prompts[i]` (1-D int64 token ids) with `params[i]`."""
+
+    prompts: list[Tensor]
+    params: list[GenerateParams]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Rank 0 is shutting down."""
+
+
+Message = Batch | ActivePlacement | Stop
+
+
+def params_row(params: GenerateParams, prompt_len: int) -> list[int]:
+    temperature = round(params.temperature * TEMPERATURE_SCALE)
+    return [prompt_len, params.max_new_tokens, temperature, params.seed, params.top_k or 0]
+
+
+def params_from_row(row: Sequence[int]) -> tuple[int, GenerateParams]:
+    """(prompt length, parameters) of one row."""
+    prompt_len, max_new_tokens, temperature, seed, top_k = row
+    return prompt_len, GenerateParams(max_new_tokens, temperature / TEMPERATURE_SCALE, seed, top_k or None)
+
+
+def decode_batch(rows_BP: Tensor, prompts_N: Tensor) -> Batch:
+    """The batch of [B, PARAMS_LEN] parameter rows and the flat prompt ids."""
+    decoded = [params_from_row(row) for row in rows_BP.tolist()]
+    prompts = list(torch.split(prompts_N, [length for length, _ in decoded]))
+    return Batch(prompts, [params for _, params in decoded])
+
+
+def placement_tables(placement: ActivePlacement) -> Tensor:
+    """[layers, ranks, slots] int64."""
+    return torch.stack([t.table_RS for t in placement.tables])
+
+
+def placement_from_tables(generation: int, tables_LRS: Tensor, num_experts: int) -> ActivePlacement:
+    return ActivePlacement(generation, tuple(SlotTable(t.clone(), num_experts) for t in tables_LRS))
+
+
+class RankWire:
+    """Broadcasts from rank 0 over the default process group: rank 0 calls `send_*`, the other ranks `receive`."""
+
+    def __init__(self, world_size: int, num_experts: int) -> None:
+        self.world_size = world_size
+        self.num_experts = num_experts
+
+    def send_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerateParams]) -> Batch:
+        """Send a batch to the followers; return it as they read it."""
+        rows = torch.tensor([params_row(p, len(ids)) for ids, p in zip(prompts, params, strict=True)], dtype=torch.long)
+        flat = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long)
+        self._send_header(Op.GENERATE, len(prompts), [flat.numel()])
+        self._broadcast(rows)
+        self._broadcast(flat)
+        return decode_batch(rows, flat)
+
+    def send_placement(self, placement: ActivePlacement) -> None:
+        tables = placement_tables(placement)
+        self._send_header(Op.APPLY_PLACEMENT, placement.generation, list(tables.shape))
+        self._broadcast(tables)
+
+    def send_stop(self) -> None:
+        self._send_header(Op.STOP, 0, [])
+
+    def receive(self) -> Message:
+        """The next message from rank 0 (blocks; on a follower)."""
+        header = torch.zeros(HEADER_LEN, dtype=torch.long)
+        dist.broadcast(header, src=0)
+        op, arg, *rest = header.tolist()
+        if op == Op.STOP:
+            return Stop()
+        if op == Op.APPLY_PLACEMENT:
+            tables = torch.zeros(rest[:3], dtype=torch.long)
+            dist.broadcast(tables, src=0)
+            return placement_from_tables(arg, tables, self.num_experts)
+        assert op == Op.GENERATE, f"unknown op {op} from rank 0"
+        rows = torch.zeros(arg, PARAMS_LEN, dtype=torch.long)
+        dist.broadcast(rows, src=0)
+        flat = torch.zeros(rest[0], dtype=torch.long)
+        dist.broadcast(flat, src=0)
+        return decode_batch(rows, flat)
+
+    def _send_header(self, op: Op, arg: int, rest: list[int]) -> None:
+        if self.world_size > 1:
+            header = torch.zeros(HEADER_LEN, dtype=torch.long)
+            header[: 2 + len(rest)] = torch.tensor([int(op), arg, *rest])
+            dist.broadcast(header, src=0)
+
+    def _broadcast(self, tensor: Tensor) -> None:
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=0)
