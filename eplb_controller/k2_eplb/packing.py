@@ -73,6 +73,8 @@ def _repair_duplicates(load_E: FloatArray, placement_GS: IntArray) -> None:
     earlier = np.tril(np.ones((num_slots, num_slots), dtype=bool), k=-1)
     for gpu, slot in np.argwhere((same & earlier).any(axis=2)):  # a slot repeating an earlier slot of its GPU
         expert = placement_GS[gpu, slot]
+        if np.count_nonzero(placement_GS[gpu] == expert) < 2:  # an earlier swap already moved this slot's copy away
+            continue
         on_gpu = np.zeros(load_E.shape[0], dtype=bool)
         on_gpu[placement_GS[gpu]] = True
         delta_GS = shares_GS[gpu, slot] - shares_GS

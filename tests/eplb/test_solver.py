@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from k2_api import round_robin
 from k2_eplb.baseline import greedy_rebalance
 from k2_eplb.metrics import (
     balancedness,
@@ -14,6 +15,7 @@ from k2_eplb.metrics import (
     moves_per_layer,
     replica_counts,
 )
+from k2_eplb.packing import repair_duplicates
 from k2_eplb.solver import solve
 from tests.eplb.helpers import assert_valid_placement
 
@@ -140,3 +142,16 @@ def test_rejects_bad_input_naming_the_argument(kwargs: dict[str, object], name: 
     args: dict[str, object] = {"load": VALID, "num_gpus": 3, "slots_per_gpu": 2} | kwargs
     with pytest.raises(ValueError, match=f"^{name}:"):
         solve(**args)  # type: ignore[arg-type]
+
+
+def test_repair_skips_a_duplicate_an_earlier_swap_already_removed() -> None:
+    # Found by hypothesis: layer 1 of the published greedy has 8 twice on GPU 0 and 5 twice on GPU 1; swapping one 8
+    # for one 5 repairs both GPUs, and the second (now stale) duplicate entry must not look for another swap.
+    load_LE = np.random.default_rng(11).lognormal(0, 1.5, (2, 11))
+    published = greedy_rebalance(load_LE, 2, 7)
+    repaired = repair_duplicates(load_LE, published)
+    assert_valid_placement(repaired, 2, 11, (2, 7))
+    for layer in range(2):  # swaps keep every replica count
+        assert np.array_equal(np.sort(repaired[layer].ravel()), np.sort(published[layer].ravel()))
+    current = np.array([layer.slots for layer in round_robin(2, 11, 2, 7)])
+    assert_valid_placement(solve(load_LE, 2, 7, current=current), 2, 11, (2, 7))
