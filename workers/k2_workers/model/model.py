@@ -1,5 +1,8 @@
 """`K2ForCausalLM`: the Kimi-K2 / DeepSeek-V3 decoder (MLA attention, dense then MoE feed-forward blocks).
 
+Only the modelling lives here; checkpoints (`checkpoint.load_pretrained`, `save_pretrained`) and decoding
+(`generate.generate`, `generate_batch`) are functions that take the model.
+
 Module and parameter names mirror the Hugging Face checkpoint names (see CONTRIBUTING.md), so the state-dict
 adapter only stacks and unstacks the routed experts.
 
@@ -10,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,23 +181,3 @@ class K2ForCausalLM(nn.Module):
                 for slot, e in reversed(list(enumerate(experts.expert_ids))):
                     table[e] = slot
                 experts.slot_of_expert = table
-
-    # --- checkpoints and generation (thin wrappers) --------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, **kwargs: Any) -> K2ForCausalLM:
-        """Load a Hugging Face safetensors checkpoint; see `k2_workers.model.checkpoint.load_pretrained`."""
-        from k2_workers.model.checkpoint import load_pretrained
-
-        return load_pretrained(checkpoint_dir, **kwargs)
-
-    def save_pretrained(self, checkpoint_dir: str | Path, **kwargs: Any) -> None:
-        """Write config.json and sharded safetensors; see `k2_workers.model.checkpoint.save_pretrained`."""
-        from k2_workers.model.checkpoint import save_pretrained
-
-        save_pretrained(self, checkpoint_dir, **kwargs)
-
-    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
-        """Greedy or sampled decoding with the MLA cache; see `k2_workers.model.generate.generate`."""
-        from k2_workers.model.generate import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
