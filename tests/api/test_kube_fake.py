@@ -102,3 +102,13 @@ def test_names_and_kinds_are_checked() -> None:
         kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}})
     with pytest.raises(ValueError, match="kind: 'Widget'"):
         kube.get("Widget", "ns", "w")
+
+
+def test_list_map_elements_keep_their_order_through_every_write() -> None:
+    fake = FakeCluster()
+    layers = [{"layer": index, "slots": [[index]]} for index in range(12)]
+    body = {"apiVersion": "k2.ai/v1alpha1", "kind": "ExpertPlacement", "metadata": {"name": "x", "namespace": "ns"}}
+    created = fake.client("a").create(body | {"spec": {"layers": layers}})
+    assert created is not None and [e["layer"] for e in created["spec"]["layers"]] == list(range(12))
+    applied = fake.client("b").apply(body | {"spec": {"layers": layers[::-1][:3]}})
+    assert [e["layer"] for e in applied["spec"]["layers"]] == list(range(12))

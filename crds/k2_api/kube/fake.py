@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -143,7 +144,9 @@ class FakeCluster:
         return {"apiVersion": stored.api_version, "kind": stored.kind, "metadata": meta, **body}
 
     def _user_fields(self, manifest: Mapping[str, Any], part: str) -> dict[Path, Any]:
-        """Flat user fields of `manifest` for a write of the object (`main`) or of its status subresource."""
+        """Flat user fields of `manifest` for a write of the object (`main`) or of its status subresource, as they
+        arrive over the wire (JSON: enums as their values, tuples as lists)."""
+        manifest = json.loads(json.dumps(manifest))
         if part == "status":
             return fields.flatten({"status": manifest.get("status", {})})
         body = {key: value for key, value in manifest.items() if key not in ("apiVersion", "kind")}
@@ -153,7 +156,7 @@ class FakeCluster:
             del body["metadata"]
         if resource(manifest["kind"]).status_subresource:
             body.pop("status", None)
-        return {p: v for p, v in fields.flatten(copy.deepcopy(body)).items() if p != ("metadata",)}
+        return {p: v for p, v in fields.flatten(body).items() if p != ("metadata",)}
 
     def _store(self, stored: _Stored, before: Object | None) -> Object:
         """Bumps resourceVersion (and generation) when the write changed the object; returns it."""
@@ -214,8 +217,9 @@ class FakeCluster:
             paths &= set(new) | {p for p in stored.flat if _part(p) != part}
             paths -= changed
         stored.owners.setdefault(owner, set()).update(changed)
-        for path in changed:
-            fields.set_leaf(stored.flat, path, copy.deepcopy(new[path]))
+        for path, value in new.items():  # in order: list-map elements keep theirs
+            if path in changed:
+                fields.set_leaf(stored.flat, path, copy.deepcopy(value))
 
     def _delete(self, stored: _Stored) -> None:
         del self._objects[self._key(stored.kind, stored.namespace, stored.name)]

@@ -1,0 +1,63 @@
+"""The K2Training reconcile against the fake API server: the gang and its children, status written once and only
+on change, whole-gang restarts, and a training deleted while its reconcile ran."""
+
+from __future__ import annotations
+
+from k2_api import K2Training
+from k2_api.kube import NotFound
+from k2_operator.training import reconcile
+from tests.operator.fake_env import Env, condition, controller_owner_uid
+
+FILE = "k2training-debug.yaml"
+NAME = "k2-debug-train"
+
+
+def test_create_makes_the_owned_gang_and_writes_status_once() -> None:
+    env = Env()
+    training = env.create_example(FILE)
+    env.run(reconcile, NAME)
+    assert env.names("Job") == [f"{NAME}-worker-0"]
+    children = [o for kind in ("Job", "ConfigMap", "Service") for o in env.user.list(kind, "ns1")]
+    assert children and all(controller_owner_uid(c) == training["metadata"]["uid"] for c in children)
+    job = env.get("Job", f"{NAME}-worker-0")
+    assert job["spec"]["parallelism"] == 2 and job["metadata"]["managedFields"][0]["manager"] == "k2-operator"
+    status = env.get(K2Training.KIND, NAME)["status"]
+    assert status["observedGeneration"] == 1 and status["restarts"] == 0
+    assert condition(env.get(K2Training.KIND, NAME), "Created")["status"] == "True"
+    assert env.status_writes(K2Training.KIND) == 1
+    # Nothing changed: a second pass writes no status and posts no event.
+    events = env.events()
+    env.run(reconcile, NAME)
+    assert env.status_writes(K2Training.KIND) == 1 and env.events() == events
+
+
+def test_a_failed_gang_is_restarted_whole_until_max_restarts() -> None:
+    env = Env()
+    env.create_example(FILE)  # failurePolicy.maxRestarts: 2
+    env.run(reconcile, NAME)
+    for attempt in range(3):
+        failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod failed"}
+        env.set_status("Job", f"{NAME}-worker-{attempt}", {"conditions": [failed]})
+        env.run(reconcile, NAME)
+        env.run(reconcile, NAME)  # the old Job is gone; the new one is created on this or the previous pass
+        body = env.get(K2Training.KIND, NAME)
+        if attempt < 2:
+            assert env.names("Job") == [f"{NAME}-worker-{attempt + 1}"]
+            assert body["status"]["restarts"] == attempt + 1
+            assert condition(body, "Restarting")["status"] == "True"
+        else:
+            assert env.names("Job") == []  # a failed training stops its gang
+            assert condition(body, "Failed")["reason"] == "MaxRestartsExceeded"
+    assert ("Warning", "Restarting") in env.events() and ("Warning", "Failed") in env.events()
+
+
+def test_a_training_deleted_during_its_reconcile_is_left_alone() -> None:
+    env = Env()
+    env.create_example(FILE)
+    env.cluster.fail("apply_status", K2Training.KIND, NotFound("404: gone", 404))
+    env.run(reconcile, NAME)  # no exception: nothing left to report on
+    assert env.events() == []
+    env.user.delete(K2Training.KIND, "ns1", NAME)
+    writes = len(env.cluster.calls)
+    env.run(reconcile, NAME)
+    assert len(env.cluster.calls) == writes  # a missing training: no writes at all
