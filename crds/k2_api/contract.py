@@ -87,6 +87,13 @@ class PortNames:
     METRICS: Final = "metrics"
 
 
+class HttpPaths:
+    """HTTP paths of the serving processes that another component calls."""
+
+    HEALTHZ: Final = "/healthz"
+    """Readiness of a serving rank (200 once a placement is applied) and of the frontend: the pods' readinessProbe."""
+
+
 # --- what the operator hands the workers ----------------------------------------------------------------------------
 
 

@@ -85,7 +85,7 @@ def test_single_rank_serves_applies_placements_live_and_exports_load(tmp_path: P
         assert body["tokens"] == expected
         assert body["placementGeneration"] == 1
 
-        bad = [
+        bad: list[tuple[dict[str, Any] | bytes, str]] = [
             (b"{not json", "body"),
             ({"max_new_tokens": 3}, "prompt"),
             ({"prompt": "x", "max_new_tokens": -1}, "max_new_tokens"),

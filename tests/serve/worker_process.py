@@ -27,7 +27,8 @@ def request(url: str, body: dict[str, Any] | bytes | None = None, timeout: float
 
 def metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
+        text: str = response.read().decode()
+        return text
 
 
 def wait_healthy(url: str, process: subprocess.Popen[str], timeout_s: float = 120) -> dict[str, Any]:

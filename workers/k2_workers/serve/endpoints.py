@@ -18,6 +18,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+GENERATE_PATH = "/v1/generate"  # rank 0 and the frontend
+PLACEMENT_PATH = "/v1/placement"  # rank 0
 
 Route = Callable[[bytes], tuple[int, dict[str, Any]]]  # body -> (status, JSON document)
 

@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-from k2_workers.serve.endpoints import HttpError, Route, serve_routes
+from k2_api.contract import HttpPaths
+from k2_workers.serve.endpoints import GENERATE_PATH, HttpError, Route, serve_routes
 
 log = logging.getLogger(__name__)
-
-GENERATE_PATH = "/v1/generate"
 
 
 class GroupRouter:
@@ -64,7 +63,7 @@ def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
     def generate(body: bytes) -> tuple[int, dict[str, Any]]:
         return router.forward(GENERATE_PATH, body)
 
-    return {("GET", "/healthz"): healthz, ("POST", GENERATE_PATH): generate}
+    return {("GET", HttpPaths.HEALTHZ): healthz, ("POST", GENERATE_PATH): generate}
 
 
 def run_frontend(endpoints: Sequence[str], host: str, port: int, stop: threading.Event) -> int:

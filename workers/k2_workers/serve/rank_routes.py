@@ -8,7 +8,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
-from k2_workers.serve.endpoints import HttpError, Route
+from k2_api.contract import HttpPaths
+from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.request import parse_generate
 
@@ -45,7 +46,7 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
             "batchSize": completion.batch_size,
         }
 
-    routes: dict[tuple[str, str], Route] = {("GET", "/healthz"): healthz}
+    routes: dict[tuple[str, str], Route] = {("GET", HttpPaths.HEALTHZ): healthz}
     if engine.rank == 0:
-        routes |= {("GET", "/v1/placement"): placement, ("POST", "/v1/generate"): generate}
+        routes |= {("GET", PLACEMENT_PATH): placement, ("POST", GENERATE_PATH): generate}
     return routes
