@@ -10,7 +10,8 @@ Three layers, each cached under `~/.cache/k2-image/layers/KEY` where KEY hashes 
 
 The OCI archive goes to `~/.cache/k2-image/worker-dev.oci.tar`; with `--import SOCKET` it is imported into that
 containerd's `k8s.io` namespace as `docker.io/k2-operator/worker:dev`. Nothing changed: every layer and the archive
-are cache hits, and the import is skipped when containerd already has the same manifest.
+are cache hits, and the import is skipped when containerd already has the same manifest. The cache keeps only the
+layers of the latest build (a dependency layer is about 9 GB on disk: its files and its blob).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +152,17 @@ def sources_digest(files: list[Path]) -> str:
     return tree_digest((p.relative_to(ROOT).as_posix(), p.stat().st_mode & 0o111, file_sha256(p)) for p in files)
 
 
+def _offline_build_flags() -> list[str]:
+    """Build the wheel with this interpreter's setuptools when it is new enough (no download), else isolated."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    minimum = next((int(m[1]) for r in requires if (m := re.fullmatch(r"setuptools>=(\d+)", r))), 0)
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return ["--no-build-isolation", "--no-index"] if major >= minimum else []
+
+
 def make_project(rootfs: Path, scratch: Path, lowers: tuple[Path, ...], files: list[Path]) -> None:
     """Build the project's wheel on the host from a copy of its sources, and pip-install it into the venv."""
     source = scratch / "src"
@@ -156,7 +171,7 @@ def make_project(rootfs: Path, scratch: Path, lowers: tuple[Path, ...], files: l
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     wheels = scratch / "wheels"
-    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *_offline_build_flags()]
     subprocess.run([*pip_wheel, "--wheel-dir", str(wheels), str(source)], check=True)
     command = f"{PROJECT_PIP} {BUILD_DIR}/wheels/*.whl"
     chroot.run(
@@ -270,6 +285,8 @@ def main(argv: list[str]) -> int:
         steps = plan(cache, args.mirror)
         layers = build(cache, steps)
         archive = write_image(args.cache, layers, args.tag)
+        if pruned := cache.keep_only({step.key for step in steps}):
+            print(f"removed {len(pruned)} layers of earlier builds from {cache.root}")
     compressed = sum(layer.size for layer, _ in layers)
     unpacked = sum(cache.uncompressed_size(step.key) for step in steps)
     print(f"image {args.tag}: {archive} ({compressed / 1e9:.2f} GB compressed, {unpacked / 1e9:.2f} GB unpacked)")

@@ -132,6 +132,13 @@ class LayerCache:
             for partial in self.root.glob("*.partial"):
                 remove_tree(partial)
 
+    def keep_only(self, keys: set[str]) -> list[str]:
+        """Remove every built layer but `keys` (call with the cache's lock held); returns the removed keys."""
+        removed = sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name not in keys)
+        for key in removed:
+            remove_tree(self.root / key)
+        return removed
+
     def uncompressed_size(self, key: str) -> int:
         size: int = json.loads((self.root / key / "layer.json").read_text())["uncompressed_size"]
         return size
