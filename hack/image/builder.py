@@ -17,8 +17,6 @@ layers of the latest build (a dependency layer is about 9 GB on disk: its files 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import os
@@ -280,15 +278,15 @@ def main(argv: list[str]) -> int:
     ensure_host_tools()
     args.cache.mkdir(parents=True, exist_ok=True)
     cache = LayerCache(args.cache)
-    with _exclusive(args.cache / "lock"):
+    with cache.locked(shared=False):
         cache.drop_partials()
         steps = plan(cache, args.mirror)
         layers = build(cache, steps)
         archive = write_image(args.cache, layers, args.tag)
         if pruned := cache.keep_only({step.key for step in steps}):
             print(f"removed {len(pruned)} layers of earlier builds from {cache.root}")
+        unpacked = sum(cache.uncompressed_size(step.key) for step in steps)
     compressed = sum(layer.size for layer, _ in layers)
-    unpacked = sum(cache.uncompressed_size(step.key) for step in steps)
     print(f"image {args.tag}: {archive} ({compressed / 1e9:.2f} GB compressed, {unpacked / 1e9:.2f} GB unpacked)")
     if args.out:
         _place(archive.resolve(), args.out)
@@ -298,14 +296,6 @@ def main(argv: list[str]) -> int:
         print("not imported: no containerd socket given (make image CONTAINERD_SOCKET=PATH, or --import PATH)")
     print(f"done in {time.monotonic() - start:.1f} s")
     return 0
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """One build at a time per cache (a second one waits)."""
-    with lock.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _place(archive: Path, out: Path) -> None:

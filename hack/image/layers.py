@@ -7,6 +7,8 @@ in `layers/KEY.partial/` and is renamed into place only when complete, so an int
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -113,6 +115,14 @@ class LayerCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root / "layers"
+
+    @contextlib.contextmanager
+    def locked(self, shared: bool) -> Iterator[None]:
+        """Builds hold the cache exclusively (a second build waits); readers of built layers hold it shared."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root.parent / "lock").open("w") as f:
+            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
 
     def rootfs(self, key: str) -> Path:
         return self.root / key / "rootfs"

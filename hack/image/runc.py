@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .layers import LayerCache
 from .spec import ENV, UID, WORKDIR
 
 _CAPABILITIES: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache", type=Path, default=builder.default_cache())
     parser.add_argument("args", nargs="+")
     options = parser.parse_args(argv)
-    done = run(builder.cached_lowers(options.cache), options.args, options.uid)
+    with LayerCache(options.cache).locked(shared=True):
+        done = run(builder.cached_lowers(options.cache), options.args, options.uid)
     sys.stdout.write(done.stdout)
     sys.stderr.write(done.stderr)
     return done.returncode

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,16 @@ def test_project_layer_key_covers_every_package_and_skips_caches() -> None:
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
 
+def test_cache_keeps_only_the_latest_builds_layers(tmp_path: Path) -> None:
+    cache = layers.LayerCache(tmp_path)
+    for name in ("current", "old", "half.partial"):
+        (cache.root / name / "rootfs").mkdir(parents=True)
+    cache.drop_partials()
+    assert sorted(p.name for p in cache.root.iterdir()) == ["current", "old"]
+    assert cache.keep_only({"current"}) == ["old"]
+    assert [p.name for p in cache.root.iterdir()] == ["current"]
+
+
 def _layer(n: int) -> spec.Layer:
     return spec.Layer(f"sha256:{n:064x}", 100 + n, f"sha256:{n + 10:064x}", f"step {n}")
 
@@ -266,12 +277,14 @@ def _needs_root_and_runc() -> None:
 
 
 @pytest.fixture(scope="module")
-def built_image() -> list[Path]:
-    """The image's layer directories (topmost first), built now or found in the cache."""
+def built_image() -> Iterator[list[Path]]:
+    """The image's layer directories (topmost first), built now or found in the cache, kept while the tests run."""
     _needs_root_and_runc()
     subprocess.run([sys.executable, str(ROOT / "hack" / "image"), "build"], check=True, cwd=ROOT, timeout=3600)
-    lowers: list[Path] = builder.cached_lowers(builder.default_cache())
-    return lowers
+    cache = builder.default_cache()
+    with layers.LayerCache(cache).locked(shared=True):  # a concurrent build waits instead of pruning these
+        lowers: list[Path] = builder.cached_lowers(cache)
+        yield lowers
 
 
 def _run(lowers: list[Path], uid: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -291,6 +304,11 @@ def test_image_runs_k2_and_torch_as_non_root_on_a_read_only_root(built_image: li
         imported = _run(built_image, uid, "python", "-c", probe)
         assert imported.returncode == 0, imported.stderr
         assert imported.stdout.split()[0] == str(uid)
+
+    # The operator and the EPLB controller run from the same image without loading torch.
+    controllers = "import sys, k2_operator.main, k2_eplb.controller; print('torch' in sys.modules)"
+    light = _run(built_image, spec.UID, "python", "-c", controllers)
+    assert (light.returncode, light.stdout.strip()) == (0, "False"), light.stderr
 
     written = _run(built_image, spec.UID, "python", "-c", "open('/opt/k2/x', 'w')")
     assert written.returncode != 0
