@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from k2_api import K2Serving
-from k2_api.contract import Annotations, Env, Files, Labels, PortNames, Ports, TorchrunEnv, moe_shape
+from k2_api.contract import Annotations, Env, Files, HttpPaths, Labels, PortNames, Ports, TorchrunEnv, moe_shape
 from k2_operator.builders.common import (
     Manifest,
     container_security_context,
@@ -184,7 +184,7 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
             {"name": PortNames.HTTP, "containerPort": Ports.RANK_HTTP, "protocol": "TCP"},
             {"name": PortNames.METRICS, "containerPort": Ports.METRICS, "protocol": "TCP"},
         ],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": PortNames.HTTP}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": HttpPaths.HEALTHZ, "port": PortNames.HTTP}, "periodSeconds": 5},
         "resources": resources(
             spec.resources.cpu, spec.resources.memory, spec.resources.gpu_resource_name, spec.gpus_per_rank
         ),
@@ -266,7 +266,7 @@ def frontend_deployment(serving: K2Serving) -> Manifest:
                             "env": [{"name": Env.GROUP_ENDPOINTS, "value": groups}],
                             "ports": [{"name": PortNames.HTTP, "containerPort": spec.frontend.port, "protocol": "TCP"}],
                             "readinessProbe": {
-                                "httpGet": {"path": "/healthz", "port": PortNames.HTTP},
+                                "httpGet": {"path": HttpPaths.HEALTHZ, "port": PortNames.HTTP},
                                 "periodSeconds": 5,
                             },
                             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
