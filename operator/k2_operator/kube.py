@@ -9,6 +9,7 @@ users' own labels are left alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ class AsyncKube:
     async def apply_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> Object:
         return await asyncio.to_thread(self.sync.apply_status, kind, namespace, name, status)
 
-    async def create(self, manifest: Object) -> Object | None:
-        return await asyncio.to_thread(self.sync.create, manifest)
+    async def create(self, manifest: Object, *, field_manager: str | None = None) -> Object | None:
+        return await asyncio.to_thread(functools.partial(self.sync.create, manifest, field_manager=field_manager))
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         return await asyncio.to_thread(self.sync.delete, kind, namespace, name)

@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
+from k2_api.contract import FieldManagers
 from k2_operator.builders.common import KIND_LABEL
 from k2_operator.builders.placement import expert_placement, placement_name
 from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT, children, frontend_name
@@ -28,14 +29,17 @@ log = logging.getLogger("k2_operator.serving")
 
 
 async def ensure_placement(kube: AsyncKube, serving: K2Serving) -> dict[str, Any] | None:
-    """Creates the ExpertPlacement once, with its initial spec. After that the EPLB controller is the only writer of
-    its spec, re-shaping included: a placement that no longer fits the serving (layers, experts, ranks, slots) gets
-    a fresh solve from the controller, even with balancing disabled (docs/eplb.md, "One writer of spec")."""
+    """Creates the ExpertPlacement once, with its initial spec (the EPLB solver's answer on uniform load), and never
+    writes it again. Its spec belongs to the EPLB controller, re-shaping included: a placement that no longer fits
+    the serving (layers, experts, ranks, slots) gets a fresh solve from the controller, even with balancing disabled.
+    The operator creates it on the controller's behalf, under the controller's field manager, so that `k2-eplb` is
+    the one manager of spec from the first write on (docs/eplb.md, "One writer of spec")."""
     namespace, name = serving.metadata.namespace, placement_name(serving)
     assert namespace is not None
     current = await kube.get(ExpertPlacement.KIND, namespace, name)
     if current is None:
-        return await kube.create(expert_placement(serving)) or await kube.get(ExpertPlacement.KIND, namespace, name)
+        created = await kube.create(expert_placement(serving), field_manager=FieldManagers.EPLB)
+        return created or await kube.get(ExpertPlacement.KIND, namespace, name)
     if not owned_by(current, serving.metadata.uid):
         log.warning(
             "%s/%s: ExpertPlacement %s exists but is not owned by this K2Serving",

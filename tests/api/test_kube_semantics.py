@@ -82,7 +82,16 @@ def rv(obj: Object | None) -> str:
     return version
 
 
-def test_create_once_then_a_forced_apply_of_the_whole_spec_leaves_one_manager(backend: Backend) -> None:
+def spec_fields(obj: Object, manager: str) -> set[str]:
+    """The top-level spec fields `manager` owns, by managedFields (`numLayers`, `generation`, ...)."""
+    owned: set[str] = set()
+    for entry in obj["metadata"]["managedFields"]:
+        if entry["manager"] == manager:
+            owned |= {key[2:] for key in entry.get("fieldsV1", {}).get("f:spec", {}) if key.startswith("f:")}
+    return owned
+
+
+def test_create_once_then_a_forced_apply_takes_the_fields_it_changes(backend: Backend) -> None:
     ns = backend.namespace
     created = backend.operator.create(placement(ns))
     assert created is not None and created["metadata"]["generation"] == 1
@@ -94,15 +103,28 @@ def test_create_once_then_a_forced_apply_of_the_whole_spec_leaves_one_manager(ba
     del manifest["metadata"]["labels"]
     written = backend.eplb.apply(manifest)
     assert written["metadata"]["generation"] == 2 and written["spec"]["layers"][0]["slots"] == [[0, 2], [1, 3]]
-    assert field_managers(written) == {FieldManagers.EPLB}
-    assert FieldManagers.OPERATOR in field_managers(written, "metadata")  # the labels it set at creation stay its own
-    assert written["metadata"]["labels"] == {"app": "k2"}
+    # Force takes what it changes; what it sets to the same value is shared with the creator.
+    assert {"generation", "reason", "layers", "numLayers"} <= spec_fields(written, FieldManagers.EPLB)
+    assert "generation" not in spec_fields(written, FieldManagers.OPERATOR)
+    assert "numLayers" in spec_fields(written, FieldManagers.OPERATOR)
+    assert written["metadata"]["labels"] == {"app": "k2"}  # the creator's labels stay
 
     with pytest.raises(Conflict):  # the resourceVersion it was read at is stale now
         backend.eplb.apply(manifest)
     manifest["metadata"]["resourceVersion"] = rv(written)
     again = backend.eplb.apply(manifest)  # the same content: a no-op
     assert rv(again) == rv(written) and again["metadata"]["generation"] == 2
+
+
+def test_an_object_created_on_behalf_of_a_manager_is_that_managers_alone(backend: Backend) -> None:
+    ns = backend.namespace
+    created = backend.operator.create(placement(ns), field_manager=FieldManagers.EPLB)
+    assert created is not None and field_managers(created, "metadata") == {FieldManagers.EPLB}
+    manifest = placement(ns, resourceVersion=rv(created))
+    manifest["spec"] = spec(2, [[1, 0], [3, 2]])
+    written = backend.eplb.apply(manifest)
+    assert field_managers(written) == {FieldManagers.EPLB}
+    assert spec_fields(written, FieldManagers.EPLB) == set(spec(2, []))
 
 
 def test_merge_patch_is_guarded_by_resource_version(backend: Backend) -> None:
@@ -128,10 +150,10 @@ def test_status_is_its_own_subresource_and_conditions_merge_per_manager(backend:
     backend.operator.apply_status(
         ExpertPlacement.KIND, ns, "x", {"appliedGeneration": 1, "conditions": [condition("Applied", "AllRanks")]}
     )
-    status = {"movedExperts": 3, "conditions": [condition("Planned", "Rebalanced")]}
+    status = {"predictedBalancedness": 0.9, "conditions": [condition("Planned", "Rebalanced")]}
     both = backend.eplb.apply_status(ExpertPlacement.KIND, ns, "x", status)
     assert {c["type"] for c in both["status"]["conditions"]} == {"Applied", "Planned"}
-    assert both["status"]["appliedGeneration"] == 1 and both["status"]["movedExperts"] == 3
+    assert both["status"]["appliedGeneration"] == 1 and both["status"]["predictedBalancedness"] == 0.9
     assert both["metadata"]["generation"] == 1  # status writes leave the generation alone
     assert field_managers(both, "status") == {FieldManagers.OPERATOR, FieldManagers.EPLB}
 
@@ -139,7 +161,7 @@ def test_status_is_its_own_subresource_and_conditions_merge_per_manager(backend:
     dropped = backend.eplb.apply_status(
         ExpertPlacement.KIND, ns, "x", {"conditions": [condition("Planned", "Cooldown")]}
     )
-    assert "movedExperts" not in dropped["status"] and dropped["status"]["appliedGeneration"] == 1
+    assert "predictedBalancedness" not in dropped["status"] and dropped["status"]["appliedGeneration"] == 1
     assert [c["reason"] for c in dropped["status"]["conditions"]] == ["AllRanks", "Cooldown"]
 
     # Writes of the object ignore status.
@@ -176,16 +198,14 @@ def test_absence(backend: Backend) -> None:
 def test_list_by_label_selector(backend: Backend) -> None:
     ns = backend.namespace
     for name, labels in [("a", {"app": "k2", "tier": "rank"}), ("b", {"app": "k2"}), ("c", {"app": "other"})]:
-        backend.operator.apply(
-            config_map(ns, {}, labels) | {"metadata": {"name": name, "namespace": ns, "labels": labels}}
-        )
+        backend.operator.apply(config_map(ns, {}, labels, name))
 
     def names(selector: Any) -> list[str]:
         return sorted(o["metadata"]["name"] for o in backend.operator.list("ConfigMap", ns, selector))
 
     assert names({"app": "k2"}) == ["a", "b"]
     assert names("app=k2,tier") == ["a"]
-    assert names("app!=k2") == ["c"]
+    assert names("app,app!=k2") == ["c"]  # (a namespace has ConfigMaps of its own, unlabelled)
     assert names("app=k2,!tier") == ["b"]
     assert all(o["kind"] == "ConfigMap" for o in backend.operator.list("ConfigMap", ns, {"app": "k2"}))
 

@@ -103,7 +103,8 @@ class Setup:
         self.cluster = FakeCluster()
         user = self.cluster.client("k2-tests")
         for obj in servings + placements:
-            user.create(obj)
+            # As the operator does: a placement is created under the controller's field manager.
+            user.create(obj, field_manager=FIELD_MANAGER if obj["kind"] == ExpertPlacement.KIND else None)
             if "status" in obj:
                 user.apply_status(obj["kind"], "ns", obj["metadata"]["name"], obj["status"])
         self.kube = self.cluster.client(FIELD_MANAGER)
@@ -223,7 +224,7 @@ def test_a_placement_that_no_longer_fits_is_reshaped_past_every_gate() -> None:
     (planned,) = [c for c in written.status.conditions if c.type == convert.PLANNED]
     assert (planned.status, planned.reason) == ("True", "Reshaped")
     assert setup.events() == [("Normal", "Reshaped")]
-    # The controller applied the whole spec: the creator ("k2-tests") owns none of it any more.
+    # Created on the controller's behalf and rewritten whole by it: one manager owns spec.
     body = setup.kube.get(ExpertPlacement.KIND, "ns", "k2")
     assert body is not None and field_managers(body) == {FIELD_MANAGER}
     # Once it fits, a disabled serving is left alone again.

@@ -34,8 +34,8 @@ class SlowApplyKube:
     def apply_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> Object:
         return self.kube.apply_status(kind, namespace, name, status)
 
-    def create(self, manifest: Object) -> Object | None:
-        return self.kube.create(manifest)
+    def create(self, manifest: Object, *, field_manager: str | None = None) -> Object | None:
+        return self.kube.create(manifest, field_manager=field_manager)
 
     def merge_patch(
         self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], resource_version: str

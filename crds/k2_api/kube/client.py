@@ -166,10 +166,11 @@ class KubeClient:
         path = res.path(namespace, name, "status")
         return self._call(Request("PATCH", path, self._write_query(force=True), body, APPLY_PATCH))
 
-    def create(self, manifest: Object) -> Object | None:
+    def create(self, manifest: Object, *, field_manager: str | None = None) -> Object | None:
         path = resource(manifest["kind"]).path(manifest["metadata"].get("namespace"))
+        query = (("fieldManager", field_manager or self._field_manager),)
         try:
-            return self._call(Request("POST", path, self._write_query(), manifest))
+            return self._call(Request("POST", path, query, manifest))
         except errors.AlreadyExists:
             return None
 

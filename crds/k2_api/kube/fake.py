@@ -2,8 +2,9 @@
 field manager), with the semantics of `KubeClient` against a real API server, as far as the control plane uses them:
 
 - server-side apply merges per field manager: fields a manager applied before and leaves out now are removed unless
-  another manager holds them, and force takes a field from its previous owner; `metadata.managedFields` lists each
-  manager (operation Apply or Update, and `subresource: status`) with its fields, as the API server does;
+  another manager holds them; force takes a field whose value it changes from its previous owners and shares one it
+  sets to the same value; `metadata.managedFields` lists each manager (operation Apply or Update, and
+  `subresource: status`) with its fields, as the API server does;
 - list-maps (`conditions` by type, `spec.layers` by layer) merge per element; other lists are atomic;
 - kinds with a status subresource keep status apart: writes of the object ignore status, `apply_status` writes only
   status; `metadata.generation` counts changes outside metadata and status;
@@ -195,14 +196,16 @@ class FakeCluster:
         return stored
 
     def _apply(self, stored: _Stored, owner: Owner, applied: dict[Path, Any]) -> None:
-        """Server-side apply with force of `applied` (flat) by `owner`."""
+        """Server-side apply with force of `applied` (flat) by `owner`: fields it changes are taken from their other
+        owners, fields it sets to their current value are shared with them."""
         held_by_others = set().union(*(paths for o, paths in stored.owners.items() if o != owner))
         for path in stored.owners.get(owner, set()) - applied.keys():
             if path not in held_by_others:
                 fields.remove(stored.flat, path)
+        changed = {path for path, value in applied.items() if stored.flat.get(path) != value}
         for other, paths in stored.owners.items():
             if other != owner:
-                paths.difference_update(applied)
+                paths.difference_update(changed)
         stored.owners[owner] = set(applied)
         for path, value in applied.items():
             fields.set_leaf(stored.flat, path, copy.deepcopy(value))
@@ -267,10 +270,9 @@ class FakeKube:
     def field_manager(self) -> str:
         return self._field_manager
 
-    def _update(self, stored: _Stored, manifest: Mapping[str, Any]) -> None:
-        self.cluster._update(
-            stored, (self._field_manager, "Update", None), self.cluster._user_fields(manifest, "main"), "main"
-        )
+    def _update(self, stored: _Stored, manifest: Mapping[str, Any], manager: str | None = None) -> None:
+        owner = (manager or self._field_manager, "Update", None)
+        self.cluster._update(stored, owner, self.cluster._user_fields(manifest, "main"), "main")
 
     def _record(self, verb: str, kind: str, namespace: str | None, name: str) -> None:
         self.cluster.calls.append(Call(verb, kind, namespace, name, self._field_manager))
@@ -317,7 +319,7 @@ class FakeKube:
             cluster._apply(stored, (self._field_manager, "Apply", "status"), applied)
             return cluster._store(stored, before)
 
-    def create(self, manifest: Object) -> Object | None:
+    def create(self, manifest: Object, *, field_manager: str | None = None) -> Object | None:
         cluster, kind, meta = self.cluster, manifest["kind"], manifest.get("metadata") or {}
         with cluster._lock:
             cluster._check("create", kind)
@@ -325,7 +327,7 @@ class FakeKube:
             if cluster._lookup(kind, meta.get("namespace"), meta.get("name", "")) is not None:
                 return None
             stored = cluster._new(manifest)
-            self._update(stored, manifest)
+            self._update(stored, manifest, field_manager)
             return cluster._store(stored, None)
 
     def merge_patch(

@@ -58,17 +58,19 @@ class Kube(Protocol):
         ...
 
     def apply(self, manifest: Object) -> Object:
-        """Server-side apply with force: creates the object when absent, takes ownership of every field in
-        `manifest`, and removes the fields this manager set before and left out now (unless another manager holds
-        them). A `metadata.resourceVersion` in `manifest` is a precondition (Conflict when stale)."""
+        """Server-side apply with force: creates the object when absent, owns every field in `manifest` (a field
+        another manager set to a different value becomes this manager's alone; one set to the same value is shared),
+        and removes the fields this manager set before and leaves out now, unless another manager holds them.
+        A `metadata.resourceVersion` in `manifest` is a precondition (Conflict when stale)."""
         ...
 
     def apply_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> Object:
         """Server-side apply (force) of the status subresource: this manager's status fields, nothing else."""
         ...
 
-    def create(self, manifest: Object) -> Object | None:
-        """Creates the object; None when one of that name exists (a create-once child)."""
+    def create(self, manifest: Object, *, field_manager: str | None = None) -> Object | None:
+        """Creates the object; None when one of that name exists (a create-once child). `field_manager` records the
+        fields under another component's manager: an object created on its behalf, whose fields are its own."""
         ...
 
     def merge_patch(
