@@ -199,8 +199,9 @@ def plan(cache: LayerCache, mirror: str | None) -> list[Step]:
         None, {"suite": SUITE, "variant": VARIANT, "packages": packages, "setup": BASE_SETUP, "mirror": mirror}
     )
     reqs = requirements((ROOT / "pyproject.toml").read_text(), list(EXTRAS))
-    inputs = {target: file_sha256(ROOT / source) for target, source in sorted(DEPS_INPUTS.items())}
-    deps_key = layer_key(base_key, {"command": DEPS_INSTALL, "requirements": reqs, "inputs": inputs})
+    # pyproject.toml reaches the layer only through `reqs`: editing its other tables rebuilds nothing.
+    script = file_sha256(ROOT / DEPS_INPUTS[f"{BUILD_DIR}/requirements.py"])
+    deps_key = layer_key(base_key, {"command": DEPS_INSTALL, "requirements": reqs, "script": script})
     files = list(project_files())
     project_key = layer_key(deps_key, {"command": PROJECT_PIP, "sources": sources_digest(files)})
     below_project = (cache.rootfs(deps_key), cache.rootfs(base_key))
