@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -33,7 +34,8 @@ def test_get_raises_on_a_missing_object_unless_told_it_may_be_missing(cluster: C
 def test_apply_and_patch_return_what_the_server_stored(cluster: Cluster, namespace: str) -> None:
     stored = apply(cluster, _config_map("one", k="v"), namespace=namespace)
     assert stored["metadata"]["namespace"] == namespace and stored["metadata"]["uid"]
-    assert [f["manager"] for f in stored["metadata"]["managedFields"]] == ["k2-tests"]
+    shown = cluster.kubectl("get", "configmap/one", "-n", namespace, "--show-managed-fields", "-o", "json").stdout
+    assert [f["manager"] for f in json.loads(shown)["metadata"]["managedFields"]] == ["k2-tests"]
     patched = patch(cluster, "configmap/one", {"data": {"k": "w"}}, namespace=namespace)
     assert patched["data"] == {"k": "w"}
     assert get(cluster, "configmap", "one", namespace=namespace, missing_ok=True)["data"] == {"k": "w"}
@@ -42,8 +44,8 @@ def test_apply_and_patch_return_what_the_server_stored(cluster: Cluster, namespa
 
 @pytest.mark.integration
 def test_apply_takes_yaml_text_with_several_documents(cluster: Cluster, namespace: str) -> None:
-    stored = apply(cluster, yaml.safe_dump_all([_config_map("x"), _config_map("y")]), namespace=namespace)
-    assert [o["metadata"]["name"] for o in stored["items"]] == ["x", "y"]
+    stored = apply(cluster, yaml.safe_dump_all([_config_map("first"), _config_map("second")]), namespace=namespace)
+    assert [o["metadata"]["name"] for o in stored["items"]] == ["first", "second"]
 
 
 @pytest.mark.integration
