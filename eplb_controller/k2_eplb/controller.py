@@ -89,16 +89,18 @@ class Controller:
         namespace, name = serving.metadata.namespace or "", serving.metadata.name or ""
         placement_name = (serving.status.placement_name if serving.status else None) or name
         placement = api.get_placement(self.kube, namespace, placement_name)
+        desired = convert.desired_shape(serving)
+        decision = None
+        if placement is not None:
+            decision = reshape(convert.placement_shape(placement), desired, placement.spec.generation)
+        if decision is None and not serving.spec.eplb.enabled:
+            self.metrics.skipped.labels(name, namespace, Reason.DISABLED.value).inc()
+            return None
         if placement is None:
             log.info("eplb %s/%s: no ExpertPlacement %s yet", namespace, name, placement_name)
             return None
         now = self.clock()
-        desired = convert.desired_shape(serving)
-        decision = reshape(convert.placement_shape(placement), desired, placement.spec.generation)
         if decision is None:
-            if not serving.spec.eplb.enabled:
-                self.metrics.skipped.labels(name, namespace, Reason.DISABLED.value).inc()
-                return None
             decision = self._plan(serving, placement, now)
         if decision.writes:
             api.write_placement(self.kube, placement, convert.spec_of(decision, desired), now)

@@ -6,6 +6,7 @@ would, feeds a load through the fake ranks, and runs one planning pass at a time
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -18,13 +19,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from k2_api import round_robin
+from k2_api import ExpertPlacement, round_robin
+from k2_api.contract import FieldManagers
+from k2_api.kube.client import connect
 from k2_eplb import controller as controller_module
 from k2_eplb import kube as api
 from k2_eplb.controller import Controller
 from k2_eplb.controller_metrics import ControllerMetrics
 from k2_eplb.metrics import count_moves, replica_counts
 from k2_eplb.planner import Reason
+from k2_operator.kube import AsyncKube
+from k2_operator.serving import reconcile as serving_reconcile
+from tests.eplb.helpers import field_managers
 from tests.eplb.load_exporter import FakeServing, skewed_load
 from tests.eplb.prometheus_server import Prometheus, running_prometheus
 from tests.support.ports import free_port
@@ -385,3 +391,64 @@ def test_rank_endpoints_come_from_running_pods_selected_by_the_serving(
         time.sleep(0.5)
     (serving,) = api.list_servings(kube, namespace)
     assert api.rank_endpoints(kube, serving) == [f"http://{ip}:9400/metrics"]
+
+
+def test_one_field_manager_owns_the_placement_spec_through_reshape_and_rebalance(
+    cluster: Any, k2_crds: list[str], namespace: str
+) -> None:
+    """The operator creates the ExpertPlacement (on the controller's behalf), the controller reshapes it after the
+    serving's ranks change and rebalances it under load; the operator's passes in between leave spec alone. After
+    each write, `metadata.managedFields` names one manager of spec: k2-eplb. Operator and controller run in-process
+    on the real adapter, against the real API server."""
+    env = Env(
+        cluster,
+        namespace,
+        FakeServing(NAME, num_layers=LAYERS, num_experts=EXPERTS, num_ranks=2, slots=5, tokens_per_s=4000),
+        prometheus=None,
+    )
+    operator = AsyncKube(connect(cluster.kubeconfig, field_manager=FieldManagers.OPERATOR))
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(serving_manifest(namespace, prometheus_url=None)))
+
+    def operator_pass() -> None:
+        asyncio.run(serving_reconcile(operator, namespace, NAME))
+
+    def spec_managers() -> set[str]:
+        body = env.kube.get(ExpertPlacement.KIND, namespace, NAME)  # kubectl get hides managedFields
+        assert body is not None
+        return field_managers(body)
+
+    operator_pass()
+    assert env.placement()["spec"]["ranks"] == RANKS and spec_managers() == {FieldManagers.EPLB}
+
+    # The serving's ranks change: the operator leaves spec as it is, the controller reshapes it.
+    patch = json.dumps({"spec": {"ranksPerGroup": 2}})
+    cluster.kubectl("patch", "k2serving", NAME, "-n", namespace, "--type=merge", "-p", patch)
+    operator_pass()
+    assert env.placement()["spec"]["generation"] == 1
+    controller = env.controller(endpoints=lambda serving: env.fake.urls)
+    decision = env.reconcile(controller)
+    assert decision.reason is Reason.RESHAPED
+    spec = env.placement()["spec"]
+    assert (spec["ranks"], spec["slotsPerRank"], spec["generation"]) == (2, 5, 2)
+    assert spec["reason"].startswith("reshape: generation 2")
+    assert spec_managers() == {FieldManagers.EPLB}
+    operator_pass()
+    assert env.placement()["spec"]["generation"] == 2 and spec_managers() == {FieldManagers.EPLB}
+
+    # The ranks apply generation 2 and report a skewed load: the controller rebalances.
+    env.mark_applied(2)
+    env.now += 10_000  # past the cooldown that the reshape started
+    try:
+        env.fake.set_placement(env.slots())
+        env.fake.set_profile(SKEWED)
+        env.fake.advance(1.0)
+        assert env.reconcile(controller).reason is Reason.TOO_FEW_SAMPLES
+        env.fake.advance(WINDOW)
+        decision = env.reconcile(controller)
+    finally:
+        env.fake.stop()
+    assert decision.reason is Reason.REBALANCED, decision.message
+    assert env.placement()["spec"]["generation"] == 3
+    assert spec_managers() == {FieldManagers.EPLB}
+    operator_pass()
+    assert env.placement()["spec"]["generation"] == 3 and spec_managers() == {FieldManagers.EPLB}
