@@ -1,4 +1,4 @@
-"""The adapter's exceptions: callers handle these, never the `kubernetes` client's `ApiException`."""
+"""The adapter's exceptions: callers handle these, never the official client's own exception type."""
 
 from __future__ import annotations
 
