@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -14,11 +15,14 @@ import torch.distributed as dist
 
 from k2_workers.model import K2Config, K2ForCausalLM, generate
 from k2_workers.serve import engine as engine_module
+from k2_workers.serve.endpoints import serve_routes
 from k2_workers.serve.engine import Completion, GroupEngine
 from k2_workers.serve.placement import ActivePlacement
+from k2_workers.serve.rank_routes import rank_routes
 from k2_workers.serve.request import GenerateParams
 from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
+from tests.serve.worker_process import request
 
 PROMPTS = ["a", "the expert placement", "K2", "rank to rank moves"]
 
@@ -28,19 +32,36 @@ def _model() -> K2ForCausalLM:
     return K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
 
 
+EngineFactory = Callable[..., GroupEngine]
+
+
 @pytest.fixture
-def engine() -> Iterator[GroupEngine]:
+def make_engine() -> Iterator[EngineFactory]:
+    """Builds one-rank engines (keyword arguments go to GroupEngine) with a placement applied; stops them after."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
-    try:
+    engines: list[GroupEngine] = []
+
+    def build(**kwargs: Any) -> GroupEngine:
         model = _model()
         # a generous wait: callers started together land in one batch however slowly the threads start
-        engine = GroupEngine(model, ByteTokenizer(), ResidentExpertWeights(model), 0, 1, batch_wait_s=0.5)
+        kwargs.setdefault("batch_wait_s", 0.5)
+        engine = GroupEngine(model, ByteTokenizer(), ResidentExpertWeights(model), 0, 1, **kwargs)
         num_experts = model.config.n_routed_experts
         engine.apply_placement(ActivePlacement.round_robin(len(list(model.moe_blocks())), num_experts, 1, num_experts))
-        yield engine
-        engine.stop()
+        engines.append(engine)
+        return engine
+
+    try:
+        yield build
+        for engine in engines:
+            engine.stop()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def engine(make_engine: EngineFactory) -> GroupEngine:
+    return make_engine()
 
 
 def _concurrently(engine: GroupEngine, asks: list[tuple[list[int], GenerateParams]]) -> list[Completion | Exception]:
@@ -106,3 +127,41 @@ def test_stop_finishes_the_queued_requests_first(engine: GroupEngine) -> None:
     assert len(results) == len(asks) and all(isinstance(r, Completion) for r in results), results
     with pytest.raises(RuntimeError, match="stopping"):
         engine.generate(*asks[0])
+
+
+def test_a_prompt_past_the_models_positions_is_refused_in_tokens_with_a_400(engine: GroupEngine) -> None:
+    # 600 emoji are 600 characters but 2,400 byte tokens: more than k2-debug's 2,048 positions.
+    server = serve_routes(rank_routes(engine, 64), "127.0.0.1", 0)
+    try:
+        status, body = request(f"http://127.0.0.1:{server.server_port}/v1/generate", {"prompt": "\U0001f600" * 600})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 400
+    assert body["error"] == "prompt: 2400 tokens + max_new_tokens 16 pass the model's max_position_embeddings 2048"
+    assert engine.scheduler.queued == 0
+
+
+def test_a_prompt_longer_than_max_prompt_tokens_is_refused(make_engine: EngineFactory) -> None:
+    engine = make_engine(max_prompt_tokens=100)
+    with pytest.raises(ValueError, match="prompt: 101 tokens, more than --max-prompt-tokens 100"):
+        engine.generate([7] * 101, GenerateParams(max_new_tokens=2))
+    assert len(engine.generate([7] * 100, GenerateParams(max_new_tokens=2)).tokens) == 2
+
+
+def test_prefill_runs_in_chunks_and_gives_the_same_completion(make_engine: EngineFactory) -> None:
+    engine = make_engine(prefill_chunk_tokens=16)
+    queries: list[int] = []  # query tokens of each attention forward
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda _m, args, _o: queries.append(args[0].shape[1]))
+        for layer in engine.model.model.layers
+    ]
+    prompt = ByteTokenizer().encode("the expert placement moves experts rank to rank " * 2)  # 96 tokens
+    try:
+        completion = engine.generate(prompt, GenerateParams(max_new_tokens=4))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(queries) == 16 and len(prompt) == 96
+    alone = generate(_model(), torch.tensor([prompt]), 4)[0, len(prompt) :].tolist()
+    assert completion.tokens == alone

@@ -89,10 +89,17 @@ Sampler = Callable[[Tensor], Tensor]  # one row's logits [1, V] -> its next toke
 
 @torch.no_grad()
 def generate_batch(
-    model: K2ForCausalLM, prompts: Sequence[Tensor], max_new_tokens: int, samplers: Sequence[Sampler] | None = None
+    model: K2ForCausalLM,
+    prompts: Sequence[Tensor],
+    max_new_tokens: int,
+    samplers: Sequence[Sampler] | None = None,
+    *,
+    prefill_chunk: int | None = None,
 ) -> list[Tensor]:
     """Exactly `max_new_tokens` new ids for each 1-D prompt, decoded as one batch; `samplers[i]` picks row i's
-    tokens (default: greedy), so each request keeps its own temperature and random generator."""
+    tokens (default: greedy), so each request keeps its own temperature and random generator. With
+    `prefill_chunk`, a prompt is prefilled `prefill_chunk` tokens per forward (each chunk attends to the cached
+    ones), so prefill attention holds at most heads x chunk x prompt logits per layer, whatever the prompt."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
@@ -100,11 +107,15 @@ def generate_batch(
     samplers = samplers or [sample_next] * len(prompts)
     if len(samplers) != len(prompts):
         raise ValueError(f"samplers: {len(samplers)} for {len(prompts)} prompts")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
     dtype, device = model.lm_head.weight.dtype, prompts[0].device
     caches, last_logits = [], []
     for prompt in prompts:
         cache = MLACache(model.config, 1, prompt.numel(), device=device, dtype=dtype)
-        last_logits.append(model(prompt[None], cache=cache).logits[:, -1])
+        for chunk in prompt.split(prefill_chunk or prompt.numel()):
+            logits_1SV = model(chunk[None], cache=cache).logits
+        last_logits.append(logits_1SV[:, -1])
         caches.append(cache)
     cache = MLACache.join(caches, max(p.numel() for p in prompts) + max_new_tokens)
     logits_BV = torch.cat(last_logits)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from k2_api.contract import Env, Ports
 from k2_workers.serve.frontend import run_frontend
+from k2_workers.serve.request import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS
 from k2_workers.serve.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE
 
 DEFAULT_HOST = "0.0.0.0"
@@ -50,12 +51,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_BATCH_WAIT_S * 1000,
         help="how long a batch waits for requests already on their way before it starts",
     )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_TOKENS,
+        help="the longest prompt a request may send, in tokens (also bounded by the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK_TOKENS,
+        help="prompt tokens prefilled per forward: bounds prefill memory",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help=f"comma-separated group URLs (default: env {Env.GROUP_ENDPOINTS})")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
+    for flag in ("max_prompt_tokens", "prefill_chunk_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if args.batch_wait_ms < 0:
         parser.error(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
     return args

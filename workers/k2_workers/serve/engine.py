@@ -29,7 +29,12 @@ from k2_workers.model.generate import Sampler
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
 from k2_workers.serve.placement import ActivePlacement
-from k2_workers.serve.request import GenerateParams
+from k2_workers.serve.request import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+    GenerateParams,
+    check_prompt_length,
+)
 from k2_workers.serve.resharding import ExpertWeights, Resharder
 from k2_workers.serve.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, BatchScheduler
 from k2_workers.serve.wire import Batch, RankWire, Stop
@@ -73,11 +78,17 @@ class GroupEngine:
         on_applied: Callable[[int], None] | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens: must be >= 1, got {prefill_chunk_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rank = rank
         self.world_size = world_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.scheduler: BatchScheduler[_Job, Completion] = BatchScheduler(self._run_batch, max_batch_size, batch_wait_s)
         self._wire = RankWire(world_size, model.config.n_routed_experts)
         self._load = LoadCounter(model, rank, collector)
@@ -107,6 +118,8 @@ class GroupEngine:
             raise RuntimeError("no placement applied yet")
         if not prompt_ids:  # refused here, before any other rank sees it
             raise ValueError("prompt: must encode to at least one token")
+        positions = self.model.config.max_position_embeddings
+        check_prompt_length(len(prompt_ids), params.max_new_tokens, self.max_prompt_tokens, positions)
         return self.scheduler.submit(_Job(prompt_ids, params))
 
     def stop(self) -> None:
@@ -152,6 +165,9 @@ class GroupEngine:
     def _decode(self, batch: Batch) -> list[list[int]]:
         """The batch's completions, each `max_new_tokens` of the batch long."""
         max_new_tokens = max(p.max_new_tokens for p in batch.params)
-        completions = generate_batch(self.model, batch.prompts, max_new_tokens, [sampler(p) for p in batch.params])
+        samplers = [sampler(p) for p in batch.params]
+        completions = generate_batch(
+            self.model, batch.prompts, max_new_tokens, samplers, prefill_chunk=self.prefill_chunk_tokens
+        )
         self._load.flush()
         return [c.tolist() for c in completions]

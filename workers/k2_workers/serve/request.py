@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-MAX_PROMPT_CHARS = 16_384
 DEFAULT_MAX_NEW_TOKENS = 16
+DEFAULT_MAX_PROMPT_TOKENS = 8192
+DEFAULT_PREFILL_CHUNK_TOKENS = 512  # prompt tokens per prefill forward: bounds prefill attention and logits memory
 FIELDS = frozenset({"prompt", "max_new_tokens", "temperature", "seed", "top_k"})
 
 
@@ -46,8 +47,6 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
     prompt = document.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: required, a non-empty string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
     max_new = _integer(document, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1, max_new_tokens_limit)
     temperature = document.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
@@ -55,6 +54,18 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
     seed = _integer(document, "seed", 0, 0, 2**31 - 1)
     top_k = _integer(document, "top_k", 0, 0, 1_000_000)
     return GenerateRequest(prompt, GenerateParams(max_new, float(temperature), seed, top_k or None))
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, max_prompt_tokens: int, max_positions: int) -> None:
+    """Refuse a prompt longer than `max_prompt_tokens` tokens (`--max-prompt-tokens`), or one that with its
+    `max_new_tokens` would pass the model's `max_position_embeddings`; counted in tokens, after encoding."""
+    if prompt_tokens > max_prompt_tokens:
+        raise RequestError(f"prompt: {prompt_tokens} tokens, more than --max-prompt-tokens {max_prompt_tokens}")
+    if prompt_tokens + max_new_tokens > max_positions:
+        raise RequestError(
+            f"prompt: {prompt_tokens} tokens + max_new_tokens {max_new_tokens} pass the model's"
+            f" max_position_embeddings {max_positions}"
+        )
 
 
 def _integer(document: dict[str, object], field: str, default: int, low: int, high: int) -> int:
