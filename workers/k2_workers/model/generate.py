@@ -113,7 +113,7 @@ def generate_batch(
     caches, last_logits = [], []
     for prompt in prompts:
         cache = MLACache(model.config, 1, prompt.numel(), device=device, dtype=dtype)
-        for chunk in prompt.split(prefill_chunk or prompt.numel()):
+        for chunk in torch.split(prompt, prefill_chunk or prompt.numel()):
             logits_1SV = model(chunk[None], cache=cache).logits
         last_logits.append(logits_1SV[:, -1])
         caches.append(cache)
