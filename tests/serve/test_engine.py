@@ -22,7 +22,8 @@ from k2_workers.serve.rank_routes import rank_routes
 from k2_workers.serve.request import GenerateParams
 from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
-from tests.serve.worker_process import request
+from tests.serve.worker_process import request, request_with_headers
+from tests.support.waits import wait_for
 
 PROMPTS = ["a", "the expert placement", "K2", "rank to rank moves"]
 
@@ -165,3 +166,29 @@ def test_prefill_runs_in_chunks_and_gives_the_same_completion(make_engine: Engin
     assert max(queries) == 16 and len(prompt) == 96
     alone = generate(_model(), torch.tensor([prompt]), 4)[0, len(prompt) :].tolist()
     assert completion.tokens == alone
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_a_late_request_504(make_engine: EngineFactory) -> None:
+    engine = make_engine(max_queue=1, request_timeout_s=2.0, batch_wait_s=0.0)
+    server = serve_routes(rank_routes(engine, 64), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_port}/v1/generate"
+    answers: list[tuple[int, dict[str, Any]]] = []
+    try:
+        with engine._group_lock:  # the group is busy (a placement being applied): batches wait
+            first = threading.Thread(target=lambda: answers.append(request(url, {"prompt": "a"})))
+            first.start()
+            wait_for("the first request taken into a batch", lambda: engine.scheduler.in_batch == 1)
+            second = threading.Thread(target=lambda: answers.append(request(url, {"prompt": "b"})))
+            second.start()
+            wait_for("a second request queued", lambda: engine.scheduler.queued == 1)
+            status, body, headers = request_with_headers(url, {"prompt": "c"})
+            assert status == 429 and "queue is full" in body["error"] and headers["Retry-After"] == "1"
+            second.join(timeout=60)
+            first.join(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    by_status = sorted(status for status, _ in answers)
+    assert by_status == [504, 504], answers
+    assert engine.scheduler.queued == 0
+    assert len(engine.generate([7, 8], GenerateParams(max_new_tokens=2)).tokens) == 2  # the engine still serves

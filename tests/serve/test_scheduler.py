@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from k2_workers.serve.scheduler import BatchScheduler
+from k2_workers.serve.scheduler import BatchScheduler, DeadlineExceeded, QueueFull
 from tests.support.waits import wait_for
 
 
@@ -94,7 +94,44 @@ def test_stop_finishes_the_queued_jobs_then_refuses_new_ones() -> None:
         scheduler.submit(4)
 
 
-@pytest.mark.parametrize(("size", "wait", "field"), [(0, 0.0, "max_batch_size"), (1, -1.0, "batch_wait_s")])
-def test_bad_settings_name_the_field(size: int, wait: float, field: str) -> None:
+@pytest.mark.parametrize(
+    ("size", "wait", "queue", "field"),
+    [(0, 0.0, 1, "max_batch_size"), (1, -1.0, 1, "batch_wait_s"), (1, 0.0, 0, "max_queue")],
+)
+def test_bad_settings_name_the_field(size: int, wait: float, queue: int, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        BatchScheduler(Recorder(), max_batch_size=size, batch_wait_s=wait)
+        BatchScheduler(Recorder(), max_batch_size=size, batch_wait_s=wait, max_queue=queue)
+
+
+def test_a_job_beyond_max_queue_is_refused_while_the_queued_ones_still_run() -> None:
+    run = Recorder()
+    scheduler: BatchScheduler[int, int] = BatchScheduler(run, max_batch_size=1, batch_wait_s=0, max_queue=2)
+    run.release.clear()
+    threads, results = submit_all(scheduler, [1])
+    wait_for("the first batch to start", lambda: run.batches)
+    more, queued = submit_all(scheduler, [2, 3])
+    wait_for("two queued jobs", lambda: scheduler.queued == 2)
+    with pytest.raises(QueueFull, match="2 requests wait already"):
+        scheduler.submit(4)
+    run.release.set()
+    for thread in threads + more:
+        thread.join(timeout=60)
+    assert {**results, **queued} == {1: 2, 2: 4, 3: 6}
+    assert [job for batch in run.batches for job in batch] == [1, 2, 3]
+    scheduler.stop()
+
+
+def test_a_job_past_its_deadline_leaves_the_queue_and_never_runs() -> None:
+    run = Recorder()
+    scheduler: BatchScheduler[int, int] = BatchScheduler(run, max_batch_size=1, batch_wait_s=0)
+    run.release.clear()
+    threads, results = submit_all(scheduler, [1])
+    wait_for("the first batch to start", lambda: run.batches)
+    with pytest.raises(DeadlineExceeded, match="passed in the queue"):
+        scheduler.submit(2, timeout_s=0.2)
+    assert scheduler.queued == 0
+    run.release.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {1: 2} and run.batches == [[1]]
+    scheduler.stop()

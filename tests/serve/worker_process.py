@@ -25,6 +25,16 @@ def request(url: str, body: dict[str, Any] | bytes | None = None, timeout: float
         return error.code, json.loads(error.read() or b"{}")
 
 
+def request_with_headers(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST `body`: the status, the JSON answer and the headers."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
 def metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text: str = response.read().decode()

@@ -22,7 +22,12 @@ from pathlib import Path
 from k2_api.contract import Env, Ports
 from k2_workers.serve.frontend import run_frontend
 from k2_workers.serve.request import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS
-from k2_workers.serve.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE
+from k2_workers.serve.scheduler import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+)
 
 DEFAULT_HOST = "0.0.0.0"
 
@@ -63,13 +68,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_PREFILL_CHUNK_TOKENS,
         help="prompt tokens prefilled per forward: bounds prefill memory",
     )
+    parser.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="most requests waiting for a batch; more get 429"
+    )
+    parser.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="a request not answered within this gets 504 (and leaves the queue); 0: no deadline",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help=f"comma-separated group URLs (default: env {Env.GROUP_ENDPOINTS})")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
-    for flag in ("max_prompt_tokens", "prefill_chunk_tokens"):
+    if args.request_timeout_s < 0:
+        parser.error(f"--request-timeout-s: must be >= 0, got {args.request_timeout_s}")
+    for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if args.batch_wait_ms < 0:

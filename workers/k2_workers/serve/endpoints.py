@@ -25,9 +25,12 @@ Route = Callable[[bytes], tuple[int, dict[str, Any]]]  # body -> (status, JSON d
 
 
 class HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    """An answer other than 200: `status`, `{"error": message}` and extra `headers` (e.g. Retry-After)."""
+
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> ThreadingHTTPServer:
@@ -43,6 +46,7 @@ def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> 
             self._dispatch("POST")
 
         def _dispatch(self, method: str) -> None:
+            headers: dict[str, str] = {}
             try:
                 route = routes.get((method, self.path.split("?", 1)[0]))
                 if route is None:
@@ -52,7 +56,7 @@ def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> 
                     raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body: larger than {MAX_BODY_BYTES} bytes")
                 status, document = route(self.rfile.read(length) if length else b"")
             except HttpError as error:
-                status, document = error.status, {"error": str(error)}
+                status, document, headers = error.status, {"error": str(error)}, error.headers
             except ValueError as error:
                 status, document = HTTPStatus.BAD_REQUEST, {"error": str(error)}
             except Exception as error:
@@ -62,6 +66,8 @@ def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> 
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(payload)
 

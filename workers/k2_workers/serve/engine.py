@@ -36,7 +36,12 @@ from k2_workers.serve.request import (
     check_prompt_length,
 )
 from k2_workers.serve.resharding import ExpertWeights, Resharder
-from k2_workers.serve.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, BatchScheduler
+from k2_workers.serve.scheduler import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+    BatchScheduler,
+)
 from k2_workers.serve.wire import Batch, RankWire, Stop
 from k2_workers.tokenizer import Tokenizer
 
@@ -80,6 +85,8 @@ class GroupEngine:
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        request_timeout_s: float | None = None,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens: must be >= 1, got {prefill_chunk_tokens}")
@@ -89,7 +96,10 @@ class GroupEngine:
         self.world_size = world_size
         self.max_prompt_tokens = max_prompt_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.scheduler: BatchScheduler[_Job, Completion] = BatchScheduler(self._run_batch, max_batch_size, batch_wait_s)
+        self.request_timeout_s = request_timeout_s
+        self.scheduler: BatchScheduler[_Job, Completion] = BatchScheduler(
+            self._run_batch, max_batch_size, batch_wait_s, max_queue
+        )
         self._wire = RankWire(world_size, model.config.n_routed_experts)
         self._load = LoadCounter(model, rank, collector)
         self._resharder = Resharder(model, weights, rank, world_size, self._load.add_weight_bytes)
@@ -113,14 +123,15 @@ class GroupEngine:
 
     def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
         """The completion of one prompt. Thread-safe: callers wait while the decoding thread runs their request in
-        a batch with the others queued at the time; a failed batch raises a RuntimeError in each of its callers."""
+        a batch with the others queued at the time; a failed batch raises a RuntimeError in each of its callers,
+        a full queue `QueueFull`, and a request not done within `request_timeout_s` `DeadlineExceeded`."""
         if self.placement is None:
             raise RuntimeError("no placement applied yet")
         if not prompt_ids:  # refused here, before any other rank sees it
             raise ValueError("prompt: must encode to at least one token")
         positions = self.model.config.max_position_embeddings
         check_prompt_length(len(prompt_ids), params.max_new_tokens, self.max_prompt_tokens, positions)
-        return self.scheduler.submit(_Job(prompt_ids, params))
+        return self.scheduler.submit(_Job(prompt_ids, params), self.request_timeout_s)
 
     def stop(self) -> None:
         """Finish the queued requests, then release the other ranks."""

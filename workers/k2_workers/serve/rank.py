@@ -105,6 +105,8 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         batch_wait_s=args.batch_wait_ms / 1000,
         max_prompt_tokens=args.max_prompt_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout_s or None,
     )
     server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or Ports.RANK_HTTP)
     log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)

@@ -1,6 +1,8 @@
 """The HTTP routes of a serving rank, as functions of its engine (no sockets here).
 
-Every rank: `GET /healthz` (the readiness probe). Rank 0 also: `POST /v1/generate` and `GET /v1/placement`.
+Every rank: `GET /healthz` (the readiness probe). Rank 0 also: `POST /v1/generate` and `GET /v1/placement`. A
+generate request meeting a full queue gets 429 with `Retry-After`, one past its deadline 504, one arriving while
+the rank stops 503.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from k2_api.contract import HttpPaths
 from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.request import parse_generate
+from k2_workers.serve.scheduler import DeadlineExceeded, QueueFull, Stopping
+
+RETRY_AFTER_S = 1  # what a 429 (queue full) asks the client to wait
 
 
 def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[str, str], Route]:
@@ -37,7 +42,14 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
         if engine.generation is None:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no placement applied yet")
         prompt_ids = engine.tokenizer.encode(request.prompt)
-        completion = engine.generate(prompt_ids, request.params)
+        try:
+            completion = engine.generate(prompt_ids, request.params)
+        except QueueFull as error:
+            raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except DeadlineExceeded as error:
+            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
+        except Stopping as error:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
         return HTTPStatus.OK, {
             "text": engine.tokenizer.decode(completion.tokens),
             "tokens": completion.tokens,

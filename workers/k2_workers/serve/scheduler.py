@@ -4,7 +4,10 @@ Callers `submit` a job and wait. The decoding thread takes up to `max_batch_size
 waiting `batch_wait_s` for jobs already on their way (callers that come back together then share a batch instead of
 splitting into one and the rest; one thread also keeps the CPU kernels on one OpenMP team instead of one per HTTP
 thread), runs the batch function on them and hands each caller its result. A batch runs to its end: a job that
-arrives meanwhile waits for the next batch. Nothing here knows what a job is (no torch).
+arrives meanwhile waits for the next batch. The queue is bounded (`max_queue`: a job beyond it is refused with
+`QueueFull`), and a caller may give a deadline: a job still queued when it passes is dropped from the queue
+(`DeadlineExceeded`); one already in a batch runs to the batch's end (the group decodes in lockstep), and its
+caller is answered at the deadline. Nothing here knows what a job is (no torch).
 """
 
 from __future__ import annotations
@@ -20,12 +23,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_S = 0.002
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+
+class QueueFull(RuntimeError):
+    """The queue holds `max_queue` jobs already: try again later."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The job's deadline passed before its result was ready."""
+
+
+class Stopping(RuntimeError):
+    """The scheduler is stopping and takes no new jobs."""
+
 
 J = TypeVar("J")  # a job
 R = TypeVar("R")  # its result
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a job leaves the queue by `remove`
 class _Pending(Generic[J, R]):
     job: J
     done: threading.Event = field(default_factory=threading.Event)
@@ -41,17 +59,22 @@ class BatchScheduler(Generic[J, R]):
         run_batch: Callable[[list[J]], list[R]],
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue: must be >= 1, got {max_queue}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
         if batch_wait_s < 0:
             raise ValueError(f"batch_wait_s: must be >= 0, got {batch_wait_s}")
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue
         self._run_batch = run_batch
         self._queue: list[_Pending[J, R]] = []
         self._queue_changed = threading.Condition()
         self._stopping = False
+        self._running = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -60,20 +83,35 @@ class BatchScheduler(Generic[J, R]):
         with self._queue_changed:
             return len(self._queue)
 
-    def submit(self, job: J) -> R:
+    @property
+    def in_batch(self) -> int:
+        """Jobs of the batch being run."""
+        with self._queue_changed:
+            return self._running
+
+    def submit(self, job: J, timeout_s: float | None = None) -> R:
         """The result of `job`, once a batch has run it. Thread-safe. A failed batch raises a RuntimeError from
         its error in each of its callers (a server-side failure, whatever its type: a ValueError would read as a
-        bad request)."""
+        bad request). Raises `QueueFull` when `max_queue` jobs wait already, `DeadlineExceeded` after
+        `timeout_s` (the job leaves the queue if no batch took it yet)."""
         pending: _Pending[J, R] = _Pending(job)
         with self._queue_changed:
             if self._stopping:
-                raise RuntimeError("the server is stopping: no new requests")
+                raise Stopping("the server is stopping: no new requests")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full: {self.max_queue} requests wait already")
             self._queue.append(pending)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
                 self._thread.start()
             self._queue_changed.notify()
-        pending.done.wait()
+        if not pending.done.wait(timeout_s):
+            with self._queue_changed:
+                queued = pending in self._queue
+                if queued:
+                    self._queue.remove(pending)
+            where = "in the queue" if queued else "while its batch ran"
+            raise DeadlineExceeded(f"the request's deadline of {timeout_s} s passed {where}")
         if pending.error is not None:
             raise RuntimeError(f"decoding failed: {pending.error}") from pending.error
         assert pending.result is not None
@@ -97,7 +135,10 @@ class BatchScheduler(Generic[J, R]):
             time.sleep(self.batch_wait_s)  # jobs on their way (clients coming back together) join this batch
             with self._queue_changed:
                 batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
+                self._running = len(batch)
             self._run(batch)
+            with self._queue_changed:
+                self._running = 0
 
     def _run(self, batch: list[_Pending[J, R]]) -> None:
         try:
