@@ -7,10 +7,9 @@ from k2_workers.train.checkpoint import (
     COMPLETE_MARKER,
     CheckpointManager,
     complete_checkpoints,
-    join_tensors,
     latest_checkpoint,
-    split_tensors,
 )
+from k2_workers.train.checkpoint_codec import join_tensors, split_tensors
 
 
 def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

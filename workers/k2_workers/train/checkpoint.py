@@ -1,45 +1,54 @@
-"""Atomic, sharded checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, sharded checkpoints in safetensors and JSON: nothing in a checkpoint is pickled, so nothing runs code.
 
-A checkpoint is the directory `step-N/` under the checkpoint root. All ranks write it with DCP into `step-N.tmp/`;
+A checkpoint is the directory `step-N/` under the checkpoint root. All ranks write their files into `step-N.tmp/`;
 after a barrier rank 0 writes the marker `COMPLETE` (last) and renames the directory to `step-N/`. Only directories
 named `step-N` that hold the marker count, so a half-written checkpoint is never resumed. Rank 0 keeps the newest
 `keep_last` checkpoints and deletes older ones and stale `.tmp` directories.
 
-Contents (one DCP state dict): `model.*` (the model's state dict, router biases included), `optim.*` (the optimizer's
-tensors, flattened generically so any optimizer's `state_dict()` round-trips), `optim_skeleton` (the optimizer state
-dict's structure with tensors replaced by their keys), and `extra.rank{r}` for every rank (the scheduler, the data
-position, the RNG states and the step: small Python objects).
+Files of `step-N/`:
+- `tensors.safetensors` (rank 0): the model's state dict (`model.<name>`, router biases included) and the optimizer's
+  tensors (`optim.<path>`), except expert shards;
+- `tensors.<tag>.safetensors` (the lowest rank of each shard tag): the expert shards and their optimizer state;
+- `optimizer.json` (rank 0): the optimizer state dict's structure, tensors replaced by their keys (checkpoint_codec);
+- `extra.rank<r>.json` (every rank): the step and the extras (scheduler, data position, RNG states): JSON values;
+- `files.rank<r>.json` (every rank): size and SHA-256 of the files that rank wrote;
+- `COMPLETE` (rank 0, last): JSON with the step, the world size and every file's size and SHA-256.
+Loading checks each file it reads against `COMPLETE` and raises `CheckpointError` naming the file otherwise.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
-import warnings
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from safetensors.torch import load_file, save_file
+
+from k2_workers.train import checkpoint_codec as codec
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
+FORMAT = "k2-checkpoint-v2"
+TENSORS_FILE = "tensors.safetensors"
+OPTIMIZER_FILE = "optimizer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
-_TENSOR_REF = "__tensor__:"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is incomplete or corrupt: a file is missing, has the wrong size or hash, or does not parse."""
 
 
 def _is_dist() -> bool:
@@ -50,13 +59,17 @@ def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if _is_dist() else 1
+
+
 def _barrier() -> None:
     if _is_dist():
         dist.barrier()
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under root, oldest first."""
+    """(step, path) of every complete-looking checkpoint under root (named `step-N`, with the marker), oldest first."""
     base = Path(root)
     if not base.is_dir():
         return []
@@ -73,45 +86,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """Replace every tensor in a nested dict/list/tuple by a reference string; return (skeleton, {key: tensor})."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, torch.Tensor):
-            tensors[path] = node
-            return _TENSOR_REF + path
-        if isinstance(node, dict):
-            return {k: walk(v, f"{path}/{k!r}") for k, v in node.items()}
-        if isinstance(node, list | tuple):
-            items = [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
-            return items if isinstance(node, list) else tuple(items)
-        return node
-
-    return walk(obj, prefix), tensors
+def shard_file(tag: str | None) -> str:
+    return TENSORS_FILE if tag is None else f"tensors.{tag}.safetensors"
 
 
-def tensor_refs(skeleton: Any) -> list[str]:
-    """The tensor keys a skeleton of `split_tensors` refers to."""
-    if isinstance(skeleton, str) and skeleton.startswith(_TENSOR_REF):
-        return [skeleton.removeprefix(_TENSOR_REF)]
-    if isinstance(skeleton, dict):
-        return [ref for v in skeleton.values() for ref in tensor_refs(v)]
-    if isinstance(skeleton, list | tuple):
-        return [ref for v in skeleton for ref in tensor_refs(v)]
-    return []
+def extra_file(rank: int) -> str:
+    return f"extra.rank{rank}.json"
 
 
-def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of `split_tensors`."""
-    if isinstance(skeleton, str) and skeleton.startswith(_TENSOR_REF):
-        return tensors[skeleton.removeprefix(_TENSOR_REF)]
-    if isinstance(skeleton, dict):
-        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, list | tuple):
-        items = [join_tensors(v, tensors) for v in skeleton]
-        return items if isinstance(skeleton, list) else tuple(items)
-    return skeleton
+def _files_file(rank: int) -> str:
+    return f"files.rank{rank}.json"
 
 
 @dataclass
@@ -142,33 +126,43 @@ class CheckpointManager:
         sharded: Collection[str] = (),
     ) -> Path:
         """Collective: every rank calls it. Returns the final directory. `sharded` names the parameters that differ
-        between ranks (expert shards): they and their optimizer state are stored under `name@shard_tag`, so that
-        ranks holding the same shard write it once and ranks holding different shards do not collide.
-        `before_rename` is a test hook."""
+        between ranks (expert shards): they and their optimizer state go to the file of `shard_tag`, written once by
+        the lowest rank holding that tag. `extra` must be JSON values (TypeError otherwise, before anything is
+        written). `before_rename` is a test hook."""
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         rank = _rank()
+        extra_json = codec.dumps({"step": step, **extra}, "checkpoint extra")
+        skeleton, optim_tensors = codec.split_tensors(optimizer.state_dict())
+        skeleton_json = codec.dumps(skeleton, "optimizer state")
+        tag = _Tagger(model, optimizer, shard_tag, sharded)
+        replicated, shards = tag.split({"model": model.state_dict(), "optim": optim_tensors})
+        writes_shards = shard_tag is not None and _lowest_rank_with(shard_tag) == rank
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         _barrier()
-        skeleton, optim_tensors = split_tensors(optimizer.state_dict())
-        tag = _Tagger(model, optimizer, shard_tag, sharded)
-        state: dict[str, Any] = {
-            "model": tag.model_keys(model.state_dict()),
-            "optim": tag.optim_keys(optim_tensors),
-            "optim_skeleton": pickle.dumps(skeleton),
-            f"extra.rank{rank}": pickle.dumps({"step": step, **extra}),
-        }
-        with _single_process_quiet():
-            dcp_save(state, checkpoint_id=str(tmp), no_dist=not _is_dist())
+        files: dict[str, str | dict[str, torch.Tensor]] = {extra_file(rank): extra_json}
+        if rank == 0:
+            files[TENSORS_FILE] = replicated
+            files[OPTIMIZER_FILE] = skeleton_json
+        if writes_shards:
+            files[shard_file(shard_tag)] = shards
+        _write_files(tmp, rank, files)
         _barrier()
         if rank == 0:
             if before_rename is not None:
                 before_rename(tmp)
-            marker = {"step": step, "world_size": dist.get_world_size() if _is_dist() else 1, "time": time.time()}
-            _write_durably(tmp / COMPLETE_MARKER, json.dumps(marker) + "\n")
+            marker = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": _world_size(),
+                "time": time.time(),
+                "files": _collect_file_lists(tmp, _world_size()),
+            }
+            _write_durably(tmp / COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
             if final.exists():  # a complete checkpoint of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -193,39 +187,68 @@ class CheckpointManager:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         shard_tag: str | None = None,
-        sharded: Collection[str] = (),
     ) -> TrainState:
         """Collective. Restores model and optimizer in place and returns this rank's extras (rank 0's when this
-        rank did not exist in the saved run, i.e. the world grew)."""
-        reader = FileSystemReader(str(path))
-        metadata = reader.read_metadata()
-        keys = metadata.state_dict_metadata
-        rank = _rank()
-        extra_key = f"extra.rank{rank}" if f"extra.rank{rank}" in keys else "extra.rank0"
-        small: dict[str, Any] = {"optim_skeleton": b"", extra_key: b""}
-        with _single_process_quiet():
-            dcp_load(small, checkpoint_id=str(path), no_dist=not _is_dist())
+        rank did not exist in the saved run, i.e. the world grew). CheckpointError when a file this rank reads is
+        missing, altered or unreadable (the model is then unchanged); ValueError when the checkpoint is intact but
+        does not fit the model (another configuration or parallelism)."""
+        loaded = read_checkpoint(path, _rank(), shard_tag)
+        apply_checkpoint(loaded, model, optimizer)
+        return loaded.state
 
-        tag = _Tagger(model, optimizer, shard_tag, sharded)
-        skeleton = pickle.loads(small["optim_skeleton"])
-        wanted = dict.fromkeys(tensor_refs(skeleton))  # the (untagged) tensor paths of the optimizer state
-        optim_template: dict[str, torch.Tensor] = {}
-        for key in tag.optim_keys(wanted):
-            meta = keys.get(f"optim.{key}")
-            if not isinstance(meta, TensorStorageMetadata):
-                raise ValueError(f"checkpoint {path}: no optimizer tensor {key!r} (saved with another parallelism?)")
-            optim_template[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        state: dict[str, Any] = {"model": tag.model_keys(model.state_dict()), "optim": optim_template}
-        with _single_process_quiet():
-            dcp_load(state, checkpoint_id=str(path), no_dist=not _is_dist())
-        model.load_state_dict(tag.untag(state["model"]))
-        optimizer.load_state_dict(join_tensors(skeleton, tag.untag(state["optim"])))
-        extra = pickle.loads(small[extra_key])
-        return TrainState(step=int(extra.pop("step")), extra=extra)
+
+@dataclass
+class LoadedCheckpoint:
+    """What one rank read from a checkpoint, checked against its marker, not yet applied."""
+
+    path: Path
+    state: TrainState
+    skeleton: Any
+    tensors: dict[str, torch.Tensor]
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The parsed `COMPLETE` marker; CheckpointError when it is missing, not JSON or of another format."""
+    try:
+        marker = json.loads((path / COMPLETE_MARKER).read_bytes())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable {COMPLETE_MARKER} marker: {error}") from error
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
+        raise CheckpointError(f"{path}: {COMPLETE_MARKER} is not a {FORMAT} marker")
+    return marker
+
+
+def read_checkpoint(path: Path, rank: int, shard_tag: str | None) -> LoadedCheckpoint:
+    """Reads and checks the files `rank` needs; CheckpointError naming the first bad one. Never runs code from the
+    volume: JSON and safetensors only."""
+    listed: dict[str, Any] = read_marker(path)["files"]
+    extra_name = extra_file(rank) if extra_file(rank) in listed else extra_file(0)
+    skeleton = codec.from_json(_read_json(path, OPTIMIZER_FILE, listed))
+    extra = codec.from_json(_read_json(path, extra_name, listed))
+    if not isinstance(extra, dict) or not isinstance(extra.get("step"), int):
+        raise CheckpointError(f"{path / extra_name}: no step")
+    tensors = _read_tensors(path, TENSORS_FILE, listed)
+    if shard_tag is not None:
+        if shard_file(shard_tag) not in listed:
+            raise ValueError(f"checkpoint {path}: no expert shards {shard_tag!r} (saved with another parallelism?)")
+        tensors |= _read_tensors(path, shard_file(shard_tag), listed)
+    return LoadedCheckpoint(path, TrainState(step=extra.pop("step"), extra=extra), skeleton, tensors)
+
+
+def apply_checkpoint(loaded: LoadedCheckpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Copies what `read_checkpoint` returned into the model and optimizer; ValueError (missing optimizer state) or
+    torch's RuntimeError (missing or misshapen weights) when it does not fit them."""
+    model_state = {k.removeprefix("model."): v for k, v in loaded.tensors.items() if k.startswith("model.")}
+    optim_state = {k.removeprefix("optim."): v for k, v in loaded.tensors.items() if k.startswith("optim.")}
+    missing = [ref for ref in codec.tensor_refs(loaded.skeleton) if ref not in optim_state]
+    if missing:
+        raise ValueError(f"checkpoint {loaded.path}: no optimizer tensor {missing[0]!r} (saved with another model?)")
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(codec.join_tensors(loaded.skeleton, optim_state))
 
 
 class _Tagger:
-    """Renames the state of sharded parameters to `key@tag` (model keys and the optimizer's per-parameter state)."""
+    """Which state belongs to sharded parameters: the model's `sharded` names and their optimizer state."""
 
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tag: str | None, sharded: Collection[str]
@@ -237,25 +260,103 @@ class _Tagger:
         # Optimizer.state_dict numbers parameters in param_groups order; split_tensors paths start with the number
         self.optim_prefixes = tuple(f"/'state'/{i}/" for i, p in enumerate(params) if id(p) in sharded_ids)
 
-    def model_keys(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {(f"{k}@{self.tag}" if k in self.model_sharded else k): v for k, v in state.items()}
+    def split(
+        self, state: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({"model.k" | "optim.k": tensor} of replicated state, the same of sharded state)."""
+        replicated: dict[str, torch.Tensor] = {}
+        shards: dict[str, torch.Tensor] = {}
+        for kind, tensors in state.items():
+            for key, tensor in tensors.items():
+                if kind == "model":
+                    is_shard = key in self.model_sharded
+                else:
+                    is_shard = bool(self.optim_prefixes) and key.startswith(self.optim_prefixes)
+                (shards if is_shard else replicated)[f"{kind}.{key}"] = tensor
+        return replicated, shards
 
-    def optim_keys(self, tensors: dict[str, Any]) -> dict[str, Any]:
-        if not self.optim_prefixes:
-            return dict(tensors)
-        return {(f"{k}@{self.tag}" if k.startswith(self.optim_prefixes) else k): v for k, v in tensors.items()}
 
-    def untag(self, state: dict[str, Any]) -> dict[str, Any]:
-        suffix = f"@{self.tag}"
-        return {k.removesuffix(suffix) if self.tag else k: v for k, v in state.items()}
+def _lowest_rank_with(tag: str) -> int:
+    """Collective: the lowest rank whose shard tag is `tag` (ranks with the same tag hold identical shards)."""
+    if not _is_dist():
+        return 0
+    tags: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(tags, tag)  # in-memory between the gang's ranks, never read from the volume
+    return tags.index(tag)
 
 
-@contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
-    """DCP warns that it assumes a single process when there is no process group: that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _write_files(directory: Path, rank: int, files: Mapping[str, str | dict[str, torch.Tensor]]) -> None:
+    """Writes this rank's files durably, then `files.rank<r>.json` with their sizes and hashes."""
+    listed: dict[str, dict[str, Any]] = {}
+    for name, content in files.items():
+        path = directory / name
+        if isinstance(content, str):
+            _write_durably(path, content)
+        else:
+            save_file(_standalone(content), str(path))
+            _fsync_file(path)
+        listed[name] = _describe(path)
+    _write_durably(directory / _files_file(rank), json.dumps(listed, indent=1) + "\n")
+
+
+def _standalone(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors that each own their whole storage (safetensors refuses views and tensors sharing memory)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _collect_file_lists(directory: Path, world_size: int) -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    for rank in range(world_size):
+        files |= json.loads((directory / _files_file(rank)).read_text())
+    return files
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _checked(path: Path, name: str, listed: Mapping[str, Any]) -> Path:
+    """`path/name` after checking it against the marker's entry; CheckpointError otherwise."""
+    file = path / name
+    if name not in listed:
+        raise CheckpointError(f"{file}: not listed in {COMPLETE_MARKER}")
+    expected = listed[name]
+    try:
+        actual = _describe(file)
+    except OSError as error:
+        raise CheckpointError(f"{file}: {error.strerror or error}") from error
+    if actual["bytes"] != expected.get("bytes"):
+        raise CheckpointError(f"{file}: {actual['bytes']} bytes, {COMPLETE_MARKER} says {expected.get('bytes')}")
+    if actual["sha256"] != expected.get("sha256"):
+        raise CheckpointError(f"{file}: SHA-256 differs from {COMPLETE_MARKER}'s")
+    return file
+
+
+def _read_json(path: Path, name: str, listed: Mapping[str, Any]) -> Any:
+    file = _checked(path, name, listed)
+    try:
+        return json.loads(file.read_bytes())
+    except ValueError as error:
+        raise CheckpointError(f"{file}: not JSON ({error})") from error
+
+
+def _read_tensors(path: Path, name: str, listed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    file = _checked(path, name, listed)
+    try:
+        return load_file(str(file))
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{file}: not a safetensors file ({error})") from error
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -265,9 +366,13 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_file(path)

@@ -68,17 +68,20 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> K2ForCausalLM:
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The RNG states as JSON values (checkpoint extras are JSON)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state().tolist(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _broadcast_path(path: Path | None, env: DistEnv) -> Path | None:
@@ -124,7 +127,7 @@ class Trainer:
         if path is None:
             log.info("no complete checkpoint under %s: starting from step 0", self.checkpoints.root)
             return
-        state = self.checkpoints.load(path, self.model, self.optimizer, self.plan.shard_tag, self.sharded)
+        state = self.checkpoints.load(path, self.model, self.optimizer, self.plan.shard_tag)
         self.step = state.step
         self.loader.load_state_dict(state.extra["data"])
         set_rng_state(state.extra["rng"])
