@@ -7,13 +7,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from http import HTTPStatus
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from k2_workers.serve.endpoints import HttpError, Route, serve_routes
+from k2_workers.serve.endpoints import BoundedHTTPServer, HttpError, Route, serve_routes
 from k2_workers.serve.frontend import GroupRouter
 from tests.serve.worker_process import request
 from tests.support.ports import free_port
@@ -27,7 +26,7 @@ class StubGroup:
         self.status = status
         self.calls = 0
         routes: dict[tuple[str, str], Route] = {("POST", "/v1/generate"): self._generate}
-        self.server: ThreadingHTTPServer = serve_routes(routes, "127.0.0.1", 0)
+        self.server: BoundedHTTPServer = serve_routes(routes, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
     def _generate(self, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from k2_api.contract import Env, Ports
+from k2_workers.serve.endpoints import HttpLimits
 from k2_workers.serve.frontend import run_frontend
 from k2_workers.serve.request import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS
 from k2_workers.serve.scheduler import (
@@ -77,6 +78,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_REQUEST_TIMEOUT_S,
         help="a request not answered within this gets 504 (and leaves the queue); 0: no deadline",
     )
+    parser.add_argument(
+        "--http-timeout-s",
+        type=float,
+        default=HttpLimits.socket_timeout_s,
+        help="a client silent this long while sending a request, or between requests, is disconnected",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=HttpLimits.max_connections, help="HTTP connections served at once"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help=f"comma-separated group URLs (default: env {Env.GROUP_ENDPOINTS})")
@@ -85,12 +95,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
     if args.request_timeout_s < 0:
         parser.error(f"--request-timeout-s: must be >= 0, got {args.request_timeout_s}")
-    for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue"):
+    if args.http_timeout_s <= 0:
+        parser.error(f"--http-timeout-s: must be > 0, got {args.http_timeout_s}")
+    for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue", "max_connections"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if args.batch_wait_ms < 0:
         parser.error(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
     return args
+
+
+def http_limits(args: argparse.Namespace) -> HttpLimits:
+    return HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
 
 
 def main(argv: list[str]) -> int:
@@ -101,7 +117,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.frontend:
         endpoints = (args.endpoints or os.environ.get(Env.GROUP_ENDPOINTS, "")).split(",")
-        return run_frontend(endpoints, args.host, args.port or Ports.FRONTEND, stop)
+        return run_frontend(endpoints, args.host, args.port or Ports.FRONTEND, stop, http_limits(args))
     if args.config is None:
         print("k2 worker serve: --config is required (the K2Serving manifest)", file=sys.stderr)
         return 2

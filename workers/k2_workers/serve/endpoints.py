@@ -3,14 +3,22 @@
 Rank 0 of a group: `POST /v1/generate`, `GET /v1/placement`, `GET /healthz`. Other ranks: `GET /healthz` only (the
 readiness probe). A bad request gets 400 with `{"error": ...}`, an unready rank 503, an unexpected failure 500; the
 server itself never stops on a bad request.
+
+The edge is bounded (`HttpLimits`): a body larger than `max_body_bytes` gets 413, and a missing-body length that is
+not a non-negative integer (or a chunked body) 400; either way the connection is closed, so an unread body is never
+read as the next request. A client that sends nothing for `socket_timeout_s` is disconnected (slowloris), and at
+most `max_connections` connections are served at once: one more gets 503 and is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,6 +31,16 @@ PLACEMENT_PATH = "/v1/placement"  # rank 0
 
 Route = Callable[[bytes], tuple[int, dict[str, Any]]]  # body -> (status, JSON document)
 
+LINGER_S = 1.0  # how long a closing connection discards what the client still sends
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_body_bytes: int = MAX_BODY_BYTES
+    socket_timeout_s: float = 30.0  # longest silence from a client, while it sends a request or between requests
+    max_connections: int = 256  # connections (and so handler threads) at once
+
 
 class HttpError(Exception):
     """An answer other than 200: `status`, `{"error": message}` and extra `headers` (e.g. Retry-After)."""
@@ -33,11 +51,70 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
-def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> ThreadingHTTPServer:
+def body_length(content_length: str | None, transfer_encoding: str | None, limit: int) -> int:
+    """The body's length from its headers; HttpError for a chunked, malformed, negative or too large one."""
+    if transfer_encoding is not None:
+        raise HttpError(HTTPStatus.LENGTH_REQUIRED, "body: send Content-Length, not Transfer-Encoding")
+    if content_length is None:
+        return 0
+    text = content_length.strip()
+    if not text.isdigit():  # rejects "-1", "+5", "1e3", "": int() would take some of them
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"Content-Length: not a non-negative integer: {content_length!r}")
+    length = int(text)
+    if length > limit:
+        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body: larger than {limit} bytes")
+    return length
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them; counts the requests in progress for `drain`."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._in_progress = 0
+        self._idle = threading.Condition()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def begin_request(self) -> None:
+        with self._idle:
+            self._in_progress += 1
+
+    def end_request(self) -> None:
+        with self._idle:
+            self._in_progress -= 1
+            self._idle.notify_all()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is in progress (after `shutdown`, which stops taking new connections)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_progress == 0, timeout_s)
+
+
+def serve_routes(
+    routes: dict[tuple[str, str], Route], host: str, port: int, limits: HttpLimits = HttpLimits()
+) -> BoundedHTTPServer:
     """Start serving `{(method, path): route}` from a daemon thread; `server.shutdown()` stops it."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = limits.socket_timeout_s  # applied to the socket by StreamRequestHandler.setup
+        server: BoundedHTTPServer
 
         def do_GET(self) -> None:
             self._dispatch("GET")
@@ -46,17 +123,32 @@ def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> 
             self._dispatch("POST")
 
         def _dispatch(self, method: str) -> None:
+            self.server.begin_request()
+            try:
+                self._answer(method)
+            finally:
+                self.server.end_request()
+
+        def _answer(self, method: str) -> None:
             headers: dict[str, str] = {}
             try:
                 route = routes.get((method, self.path.split("?", 1)[0]))
+                length = body_length(
+                    self.headers.get("Content-Length"), self.headers.get("Transfer-Encoding"), limits.max_body_bytes
+                )
+                body = self.rfile.read(length) if length else b""
+                if len(body) < length:
+                    raise HttpError(HTTPStatus.BAD_REQUEST, "body: shorter than its Content-Length")
                 if route is None:
                     raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method} {self.path}")
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body: larger than {MAX_BODY_BYTES} bytes")
-                status, document = route(self.rfile.read(length) if length else b"")
+                status, document = route(body)
+            except (TimeoutError, ConnectionError):  # the client went silent or away mid-body
+                self.close_connection = True
+                return
             except HttpError as error:
                 status, document, headers = error.status, {"error": str(error)}, error.headers
+                if status in (HTTPStatus.BAD_REQUEST, HTTPStatus.LENGTH_REQUIRED, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+                    self.close_connection = True  # the body may be unread: it must not be taken for a request
             except ValueError as error:
                 status, document = HTTPStatus.BAD_REQUEST, {"error": str(error)}
             except Exception as error:
@@ -68,13 +160,29 @@ def serve_routes(routes: dict[tuple[str, str], Route], host: str, port: int) -> 
             self.send_header("Content-Length", str(len(payload)))
             for name, value in headers.items():
                 self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(payload)
+            if self.close_connection:
+                self._linger()
+
+        def _linger(self) -> None:
+            """Half-close, then discard what the client still sends for a moment: closing with unread bytes would
+            reset the connection, and the client could lose the answer."""
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(LINGER_S)
+                received = 0
+                while received <= limits.max_body_bytes and (chunk := self.connection.recv(1 << 16)):
+                    received += len(chunk)
+            except OSError:
+                pass
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = BoundedHTTPServer((host, port), Handler, limits.max_connections)
     threading.Thread(target=server.serve_forever, name=f"http-{port}", daemon=True).start()
     return server

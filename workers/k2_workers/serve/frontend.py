@@ -19,7 +19,7 @@ from http import HTTPStatus
 from typing import Any
 
 from k2_api.contract import HttpPaths
-from k2_workers.serve.endpoints import GENERATE_PATH, HttpError, Route, serve_routes
+from k2_workers.serve.endpoints import GENERATE_PATH, HttpError, HttpLimits, Route, serve_routes
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,12 @@ def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
     return {("GET", HttpPaths.HEALTHZ): healthz, ("POST", GENERATE_PATH): generate}
 
 
-def run_frontend(endpoints: Sequence[str], host: str, port: int, stop: threading.Event) -> int:
+def run_frontend(
+    endpoints: Sequence[str], host: str, port: int, stop: threading.Event, limits: HttpLimits = HttpLimits()
+) -> int:
     """Serve the frontend on host:port until `stop` is set."""
     router = GroupRouter([e for e in endpoints if e.strip()])
-    server = serve_routes(frontend_routes(router), host, port)
+    server = serve_routes(frontend_routes(router), host, port, limits)
     log.info("frontend on %s:%d routing across %d groups", host, server.server_port, len(router.endpoints))
     stop.wait()
     server.shutdown()

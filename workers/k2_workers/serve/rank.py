@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from k2_api import K2Serving
 from k2_api.contract import Env, Ports, TorchrunEnv
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
-from k2_workers.serve.endpoints import serve_routes
+from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
 from k2_workers.serve.placement import ActivePlacement, read_placement
@@ -108,7 +108,8 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s or None,
     )
-    server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or Ports.RANK_HTTP)
+    limits = HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
+    server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or Ports.RANK_HTTP, limits)
     log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)
     try:
         if rank == 0:
