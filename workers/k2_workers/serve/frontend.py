@@ -67,11 +67,11 @@ def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
 
 
 def run_frontend(
-    endpoints: Sequence[str], host: str, port: int, stop: threading.Event, limits: HttpLimits = HttpLimits()
+    endpoints: Sequence[str], host: str, port: int, stop: threading.Event, limits: HttpLimits | None = None
 ) -> int:
     """Serve the frontend on host:port until `stop` is set."""
     router = GroupRouter([e for e in endpoints if e.strip()])
-    server = serve_routes(frontend_routes(router), host, port, limits)
+    server = serve_routes(frontend_routes(router), host, port, limits or HttpLimits())
     log.info("frontend on %s:%d routing across %d groups", host, server.server_port, len(router.endpoints))
     stop.wait()
     server.shutdown()
