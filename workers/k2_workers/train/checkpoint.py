@@ -14,6 +14,12 @@ Files of `step-N/`:
 - `files.rank<r>.json` (every rank): size and SHA-256 of the files that rank wrote;
 - `COMPLETE` (rank 0, last): JSON with the step, the world size and every file's size and SHA-256.
 Loading checks each file it reads against `COMPLETE` and raises `CheckpointError` naming the file otherwise.
+
+Resuming (`restore`) tries the complete-looking checkpoints newest first. One that any rank cannot read is skipped
+(every rank agrees on the verdict), moved aside to `step-N.corrupt-<unix time>` so that it is neither resumed nor
+counted for `keep_last` again, and reported: `Resume.skipped` and `Resume.status()`, the record the status reporter
+and the operator turn into an Event. A checkpoint that reads fine but does not fit the model raises: that is a
+configuration error, and the older checkpoints would not fit either.
 """
 
 from __future__ import annotations
@@ -106,6 +112,44 @@ class TrainState:
     extra: dict[str, Any]  # scheduler, data position, RNG states, ...
 
 
+@dataclass(frozen=True)
+class SkippedCheckpoint:
+    """A checkpoint that looked complete but could not be read, and why (one line per rank that failed)."""
+
+    step: int
+    path: str
+    reason: str
+
+
+FALLBACK_REASON = "CheckpointFallback"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The outcome of `CheckpointManager.restore`."""
+
+    path: Path | None  # the checkpoint resumed from; None: start from step 0
+    state: TrainState | None
+    skipped: tuple[SkippedCheckpoint, ...] = ()  # newer checkpoints that could not be read, newest first
+
+    def status(self) -> dict[str, Any] | None:
+        """None when nothing was skipped; else the fallback as a camelCase record (for status and an Event)."""
+        if not self.skipped:
+            return None
+        return {
+            "reason": FALLBACK_REASON,
+            "resumedFrom": str(self.path) if self.path is not None else None,
+            "resumedStep": self.state.step if self.state is not None else None,
+            "skipped": [{"step": s.step, "path": s.path, "reason": s.reason} for s in self.skipped],
+        }
+
+    def message(self) -> str:
+        """One line for logs and Events."""
+        skipped = "; ".join(f"{s.path} ({s.reason})" for s in self.skipped)
+        target = f"step {self.state.step} ({self.path})" if self.state is not None else "step 0: none was usable"
+        return f"checkpoint fallback: skipped {skipped}; resuming from {target}"
+
+
 class CheckpointManager:
     """Saves and restores (model, optimizer, per-rank extras) atomically under `root`."""
 
@@ -180,6 +224,42 @@ class CheckpointManager:
             match = _TMP_DIR.match(child.name)
             if match and int(match.group(1)) <= current_step:
                 shutil.rmtree(child, ignore_errors=True)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shard_tag: str | None = None) -> Resume:
+        """Collective. Restores the newest checkpoint that every rank can read, skipping (and moving aside) the
+        unreadable ones; a Resume without a path when there is none."""
+        rank = _rank()
+        candidates = _broadcast(
+            [(s, str(p)) for s, p in reversed(complete_checkpoints(self.root))] if rank == 0 else None
+        )
+        skipped: list[SkippedCheckpoint] = []
+        for step, name in candidates:
+            path = Path(name)
+            try:
+                loaded, error = read_checkpoint(path, rank, shard_tag), None
+            except CheckpointError as failure:
+                loaded, error = None, str(failure)
+            errors = _gather_errors(error)
+            if loaded is None or any(errors):
+                reason = "; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+                skipped.append(SkippedCheckpoint(step, name, reason))
+                if rank == 0:
+                    self._set_aside(path)
+                continue
+            apply_checkpoint(loaded, model, optimizer)
+            resume = Resume(path, loaded.state, tuple(skipped))
+            break
+        else:
+            resume = Resume(None, None, tuple(skipped))
+        if skipped and rank == 0:
+            log.warning("%s", resume.message())
+        return resume
+
+    def _set_aside(self, path: Path) -> None:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, aside)
+        _fsync_dir(self.root)
+        log.warning("moved the unusable checkpoint %s to %s", path, aside.name)
 
     def load(
         self,
@@ -274,6 +354,26 @@ class _Tagger:
                     is_shard = bool(self.optim_prefixes) and key.startswith(self.optim_prefixes)
                 (shards if is_shard else replicated)[f"{kind}.{key}"] = tensor
         return replicated, shards
+
+
+def _broadcast(candidates: list[tuple[int, str]] | None) -> list[tuple[int, str]]:
+    """Collective: rank 0's list of candidates, so every rank tries the same checkpoints in the same order."""
+    if not _is_dist():
+        assert candidates is not None
+        return candidates
+    box = [candidates]
+    dist.broadcast_object_list(box, src=0)  # in-memory between the gang's ranks, never read from the volume
+    assert box[0] is not None
+    return box[0]
+
+
+def _gather_errors(error: str | None) -> list[str | None]:
+    """Collective: every rank's error reading a checkpoint (None where it read fine)."""
+    if not _is_dist():
+        return [error]
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
 
 
 def _lowest_rank_with(tag: str) -> int:

@@ -17,7 +17,6 @@ import random
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained, update_router_biases
 from k2_workers.optim import MuonClip
 from k2_workers.tokenizer import Tokenizer, load_tokenizer
-from k2_workers.train.checkpoint import CheckpointManager, latest_checkpoint
+from k2_workers.train.checkpoint import CheckpointManager
 from k2_workers.train.config import RunConfig
 from k2_workers.train.data import DataLoader, SampleOrder, load_dataset
 from k2_workers.train.distributed import (
@@ -84,15 +83,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _broadcast_path(path: Path | None, env: DistEnv) -> Path | None:
-    """Rank 0 decides which checkpoint every rank resumes from."""
-    if not env.distributed:
-        return path
-    box: list[str | None] = [str(path) if path is not None else None]
-    dist.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] is not None else None
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopFlag, out: TextIO) -> None:
         self.cfg, self.env, self.stop, self.out = cfg, env, stop, out
@@ -118,23 +108,25 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
+        self.checkpoint_fallback: dict[str, Any] | None = None  # Resume.status() of the last resume, for status
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def resume(self) -> None:
         if self.checkpoints is None:
             return
-        path = _broadcast_path(latest_checkpoint(self.checkpoints.root) if self.env.is_main else None, self.env)
-        if path is None:
-            log.info("no complete checkpoint under %s: starting from step 0", self.checkpoints.root)
+        resumed = self.checkpoints.restore(self.model, self.optimizer, self.plan.shard_tag)
+        self.checkpoint_fallback = resumed.status()
+        if resumed.state is None or resumed.path is None:
+            log.info("no usable checkpoint under %s: starting from step 0", self.checkpoints.root)
             return
-        state = self.checkpoints.load(path, self.model, self.optimizer, self.plan.shard_tag)
+        state = resumed.state
         self.step = state.step
         self.loader.load_state_dict(state.extra["data"])
         set_rng_state(state.extra["rng"])
         if state.extra["scheduler"]["schedule"] != asdict(self.schedule):
             log.warning("the WSD schedule differs from the checkpoint's; continuing with the new one")
-        self.last_checkpoint, self.last_checkpoint_step = str(path), self.step
-        log.info("resumed from %s (step %d)", path, self.step)
+        self.last_checkpoint, self.last_checkpoint_step = str(resumed.path), self.step
+        log.info("resumed from %s (step %d)", resumed.path, self.step)
 
     def save(self) -> None:
         check_replicas_identical(self.model, exclude=self.sharded)
