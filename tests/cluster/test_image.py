@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "hack") not in sys.path:
     sys.path.insert(0, str(ROOT / "hack"))
 
-from image import builder, chroot, layers, oci, runc, spec  # noqa: E402
+from image import builder, chroot, containerd, layers, oci, runc, spec  # noqa: E402
 from image.requirements import requirements  # noqa: E402
 
 # --- the Dockerfile, parsed ---
@@ -204,6 +204,28 @@ def test_archive_documents_reference_each_other_by_digest() -> None:
     assert [d["digest"] for d in manifest_doc["layers"]] == [_layer(1).digest, _layer(2).digest]
     again = oci.documents([_layer(1), _layer(2)], "1970-01-01T00:00:00Z", spec.TAG)
     assert again == (config, manifest, index), "the same layers give the same manifest (a warm build imports nothing)"
+
+
+def test_import_leaves_out_only_the_layer_blobs_containerd_holds(tmp_path: Path) -> None:
+    blobs = []
+    for n, data in enumerate((b"base layer", b"project layer")):
+        blob = tmp_path / f"layer{n}"
+        blob.write_bytes(data)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs.append((spec.Layer(digest, len(data), digest, f"step {n}"), blob))
+    archive = tmp_path / "image.oci.tar"
+    manifest_digest = oci.write_archive(archive, blobs, "1970-01-01T00:00:00Z", spec.TAG)
+    present = {blobs[0][0].digest, manifest_digest, "sha256:" + "0" * 64}
+
+    left_out = containerd.thin_copy(archive, tmp_path / "thin.oci.tar", present)
+
+    assert left_out == [blobs[0][0].digest]
+    with tarfile.open(tmp_path / "thin.oci.tar") as thin:
+        names = set(thin.getnames())
+    assert f"blobs/sha256/{blobs[1][0].digest.split(':')[1]}" in names
+    assert f"blobs/sha256/{blobs[0][0].digest.split(':')[1]}" not in names
+    assert {"index.json", "oci-layout", f"blobs/sha256/{manifest_digest.split(':')[1]}"} <= names
+    assert containerd.archive_manifest_digest(tmp_path / "thin.oci.tar") == manifest_digest
 
 
 def test_build_mounts_only_under_tmp_and_stack_lowers_topmost_first(tmp_path: Path) -> None:
