@@ -3,7 +3,9 @@
 A checkpoint is the directory `step-N/` under the checkpoint root. All ranks write their files into `step-N.tmp/`;
 after a barrier rank 0 writes the marker `COMPLETE` (last) and renames the directory to `step-N/`. Only directories
 named `step-N` that hold the marker count, so a half-written checkpoint is never resumed. Rank 0 keeps the newest
-`keep_last` checkpoints and deletes older ones and stale `.tmp` directories.
+`keep_last` checkpoints. Deleting is atomic: a directory is first renamed to `.deleting-<name>-<unique>` (which never
+counts), then removed, so a crash can leave garbage but never a `step-N` with files missing; a start (`restore`)
+removes the garbage of earlier attempts (`.deleting-*` and `step-N.tmp`).
 
 Files of `step-N/`:
 - `tensors.safetensors` (rank 0): the model's state dict (`model.<name>`, router biases included) and the optimizer's
@@ -31,6 +33,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,7 @@ TENSORS_FILE = "tensors.safetensors"
 OPTIMIZER_FILE = "optimizer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
+_DELETING_PREFIX = ".deleting-"
 
 
 class CheckpointError(Exception):
@@ -185,7 +189,7 @@ class CheckpointManager:
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
-                shutil.rmtree(tmp)
+                _delete(tmp)
             tmp.mkdir(parents=True)
         _barrier()
         files: dict[str, str | dict[str, torch.Tensor]] = {extra_file(rank): extra_json}
@@ -207,10 +211,11 @@ class CheckpointManager:
                 "files": _collect_file_lists(tmp, _world_size()),
             }
             _write_durably(tmp / COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
-            if final.exists():  # a complete checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
+            previous = _move_aside(final) if final.exists() else None  # the same step from an earlier attempt
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
             self._prune(step)
         _barrier()
         log.info("checkpoint written: %s", final)
@@ -219,16 +224,36 @@ class CheckpointManager:
     def _prune(self, current_step: int) -> None:
         for step, path in complete_checkpoints(self.root)[: -self.keep_last]:
             log.info("deleting old checkpoint step %d", step)
-            shutil.rmtree(path, ignore_errors=True)
+            _delete(path)
         for child in self.root.iterdir():
             match = _TMP_DIR.match(child.name)
             if match and int(match.group(1)) <= current_step:
+                _delete(child)
+
+    def clean(self) -> list[str]:
+        """Removes what interrupted saves and deletions left (`.deleting-*`, `step-N.tmp`); returns their names.
+        Only when no rank is saving: `restore` calls it on rank 0 before any checkpoint is written."""
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(_DELETING_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)
+            elif _TMP_DIR.match(child.name):
+                _delete(child)
+            else:
+                continue
+            removed.append(child.name)
+        if removed:
+            log.info("removed leftovers of an interrupted run under %s: %s", self.root, ", ".join(removed))
+        return removed
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shard_tag: str | None = None) -> Resume:
         """Collective. Restores the newest checkpoint that every rank can read, skipping (and moving aside) the
         unreadable ones; a Resume without a path when there is none."""
         rank = _rank()
+        if rank == 0:
+            self.clean()
         candidates = _broadcast(
             [(s, str(p)) for s, p in reversed(complete_checkpoints(self.root))] if rank == 0 else None
         )
@@ -457,6 +482,19 @@ def _read_tensors(path: Path, name: str, listed: Mapping[str, Any]) -> dict[str,
         return load_file(str(file))
     except (safetensors.SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{file}: not a safetensors file ({error})") from error
+
+
+def _move_aside(path: Path) -> Path:
+    """Renames `path` to a `.deleting-` name beside it (atomic: the checkpoint stops counting at once)."""
+    aside = path.with_name(f"{_DELETING_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    return aside
+
+
+def _delete(path: Path) -> None:
+    """Rename, then remove: a crash in between leaves a `.deleting-` directory, never a half-deleted checkpoint."""
+    shutil.rmtree(_move_aside(path), ignore_errors=True)
 
 
 def _write_durably(path: Path, text: str) -> None:
