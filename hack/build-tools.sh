@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the pinned control-plane and chart tools into .tools/bin/ from the Go module proxy.
+# Builds the pinned control-plane, real-node and chart tools into .tools/bin/ (CNI plugins: .tools/cni/bin/) from the
+# Go module proxy.
 # Idempotent: a tool whose stamp file names the pinned version is not rebuilt.
 # Go's module and build caches live in the user's cache directories (go env GOMODCACHE/GOCACHE), never in the repo.
 set -euo pipefail
@@ -15,6 +16,9 @@ ETCD_VERSION=v3.6.16         # keep in step with hack/tools/etcd/go.mod
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
 KUBECONFORM_VERSION=v0.7.0
+CNI_PLUGINS_VERSION=v1.6.2   # the real node's pod network: bridge, host-local, loopback, portmap
+COREDNS_VERSION=v1.15.0      # the real node's cluster DNS
+CRICTL_VERSION=v1.34.0       # CRI client: cluster-down removes the real node's pod sandboxes with it
 
 fresh() {  # fresh NAME VERSION: true when NAME was already built at VERSION
   [[ -x "$BIN/$1" && "$(cat "$STAMPS/$1" 2>/dev/null)" == "$2" ]]
@@ -29,7 +33,7 @@ build_kubernetes() {
     ld="$ld -X k8s.io/component-base/version.$kv -X k8s.io/client-go/pkg/version.$kv"
   done
   local cmds=() c
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     fresh "$c" "$KUBERNETES_VERSION" || cmds+=("k8s.io/kubernetes/cmd/$c")
   done
   [[ ${#cmds[@]} -eq 0 ]] && return
@@ -52,8 +56,23 @@ install_tool() {  # install_tool NAME PACKAGE VERSION [LDFLAGS]
   stamp "$1" "$3"
 }
 
+build_cni_plugins() {  # into .tools/cni/bin, the directory containerd's CRI plugin looks in
+  local cni="$PWD/.tools/cni/bin" p
+  [[ -x "$cni/portmap" && "$(cat "$STAMPS/cni-plugins" 2>/dev/null)" == "$CNI_PLUGINS_VERSION" ]] && return
+  echo "installing CNI plugins $CNI_PLUGINS_VERSION"
+  mkdir -p "$cni"
+  for p in main/bridge ipam/host-local main/loopback meta/portmap; do
+    GOBIN="$cni" go install -trimpath -ldflags "-s -w" \
+      "github.com/containernetworking/plugins/plugins/$p@$CNI_PLUGINS_VERSION"
+  done
+  stamp cni-plugins "$CNI_PLUGINS_VERSION"
+}
+
 build_etcd
 install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 install_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
 build_kubernetes
+build_cni_plugins
+install_tool coredns github.com/coredns/coredns "$COREDNS_VERSION"
+install_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION"

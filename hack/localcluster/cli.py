@@ -1,4 +1,4 @@
-"""`local_cluster.py up|down|status [--dir DIR] [--nodes N]`."""
+"""`local_cluster.py up|down|status [--dir DIR] [--nodes N] [--real-node]`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from .layout import DEFAULT_DIR, Layout
 from .nodes import NUM_NODES
 
 
-def _print_up(layout: Layout, num_nodes: int) -> None:
+def _print_up(layout: Layout, num_nodes: int, real_node: bool) -> None:
     started = time.monotonic()
     already = is_healthy(layout.root)
-    state = up(layout.root, num_nodes)
+    state = up(layout.root, num_nodes, real_node=real_node)
     verb = "already up" if already else f"up in {time.monotonic() - started:.1f}s"
     print(f"local cluster {verb}: {state.server}")
     print(f"  nodes:      {describe_nodes(layout, state)}")
@@ -31,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default: .cluster)")
     parser.add_argument("--nodes", type=int, default=NUM_NODES, help=f"number of fake GPU nodes (default: {NUM_NODES})")
+    parser.add_argument(
+        "--real-node", action="store_true", help="also run a kubelet + containerd node on this machine (needs root)"
+    )
     args = parser.parse_args(argv)
     layout = Layout(args.dir.resolve())
     try:
         if args.command == "up":
-            _print_up(layout, args.nodes)
+            _print_up(layout, args.nodes, args.real_node)
         elif args.command == "down":
             down(layout.root)
             print("local cluster down: no process left")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import api, processes
+from . import api, processes, realnode
 from .controlplane import COMPONENTS, command_lines, free_ports, health_urls
 from .errors import ClusterError
 from .layout import DEFAULT_DIR, TOOLS_BIN, Layout, State
@@ -25,8 +25,19 @@ from .pki import kubeconfig_for, make_pki
 
 
 def owner(layout: Layout) -> processes.Owner:
-    """Recognises this cluster's component processes."""
-    return processes.Owner(layout.root, COMPONENTS)
+    """Recognises this cluster's component processes (the real node's and containerd's shims included)."""
+    return processes.Owner(layout.root, (*COMPONENTS, *realnode.REAL_NODE_COMPONENTS, realnode.SHIM))
+
+
+def components(state: State) -> tuple[str, ...]:
+    """The components that `state`'s cluster runs, in start order."""
+    return (*COMPONENTS, *realnode.REAL_NODE_COMPONENTS) if state.real_node else COMPONENTS
+
+
+def leftovers(layout: Layout) -> list[str]:
+    """What the cluster in `layout` left on this machine: processes, and the real node's mounts, cgroups, network."""
+    processes_left = [f"process {pid}: {' '.join(processes.cmdline(pid))}" for pid in leftover_pids(layout)]
+    return processes_left + realnode.host_leftovers(layout)
 
 
 def leftover_pids(layout: Layout) -> list[int]:
@@ -53,7 +64,7 @@ def is_healthy(root: Path = DEFAULT_DIR) -> bool:
     state = State.load(layout)
     if state is None or not state.ready or not layout.kubeconfig.is_file():
         return False
-    if any(not owner(layout).owns(state.pids.get(name, -1)) for name in COMPONENTS):
+    if any(not owner(layout).owns(state.pids.get(name, -1)) for name in components(state)):
         return False
     return api.apiserver_ready(layout, state)
 
@@ -84,25 +95,27 @@ def _check_owned(layout: Layout) -> None:
         raise ClusterError(f"{layout.root} is not empty and holds no state.json: refusing to use it")
 
 
-def _spawn(component: str, argv: list[str], layout: Layout, state: State) -> subprocess.Popen[bytes]:
-    process = processes.spawn(argv, layout.log(component), cwd=layout.root)
+def _spawn(
+    component: str, argv: list[str], layout: Layout, state: State, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    process = processes.spawn(argv, layout.log(component), cwd=layout.root, env=env)
     state.pids[component] = process.pid
     state.save(layout)
     return process
 
 
-def _start(layout: Layout, num_nodes: int, tools: Path) -> State:
+def _start(layout: Layout, num_nodes: int, tools: Path, real_node: bool) -> State:
     _check_owned(layout)
     if layout.root.exists():
         shutil.rmtree(layout.root)
     layout.logs.mkdir(parents=True)
     make_pki(layout.pki)
     ports = free_ports()
-    state = State(ports=asdict(ports))
+    state = State(ports=asdict(ports), real_node=real_node)
     state.save(layout)
     layout.kubeconfig.write_text(yaml.safe_dump(kubeconfig_for(state.server, layout.pki, "admin"), sort_keys=False))
     layout.kubeconfig.chmod(0o600)
-    argv = command_lines(layout, ports, tools)
+    argv = command_lines(layout, ports, tools, real_node=real_node)
 
     def wait(what: str, check: Callable[[], bool], component: str, process: subprocess.Popen[bytes]) -> None:
         processes.wait_for(what, check, component, layout.log(component), process)
@@ -127,13 +140,19 @@ def _start(layout: Layout, num_nodes: int, tools: Path) -> State:
         "kube-controller-manager",
         started["kube-controller-manager"],
     )
+    if real_node:
+        realnode.start(layout, state, tools, lambda name, argv, env: _spawn(name, argv, layout, state, env))
     state.ready = True
     state.save(layout)
     return state
 
 
-def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS_BIN) -> State:
-    """Starts a cluster in `root`, or keeps the healthy one already there. On failure everything started is stopped."""
+def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS_BIN, real_node: bool = False) -> State:
+    """Starts a cluster in `root`, or keeps the healthy one already there. On failure everything started is stopped.
+
+    With `real_node` the cluster also runs a kubelet node on this machine (needs root, containerd and runc); a
+    healthy cluster without one is then started afresh.
+    """
     if not 1 <= num_nodes <= MAX_NODES:
         raise ValueError(f"num_nodes must be between 1 and {MAX_NODES}, got {num_nodes}")
     layout = Layout(root.resolve())
@@ -141,21 +160,24 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
         if is_healthy(layout.root):
             state = State.load(layout)
             assert state is not None
-            return state
+            if state.real_node or not real_node:
+                return state
         if State.load(layout) is not None:
             print(f"local cluster: {layout.root} holds a stopped or broken cluster; starting afresh", file=sys.stderr)
-        _stop(layout, remove=True)
+        _stop(layout, remove=True, tools=tools)
         try:
-            return _start(layout, num_nodes, tools)
+            return _start(layout, num_nodes, tools, real_node)
         except BaseException:
             with contextlib.suppress(ClusterError):
-                _stop(layout, remove=False)  # keep the logs the error message points to
+                _stop(layout, remove=False, tools=tools)  # keep the logs the error message points to
             raise
 
 
-def _stop(layout: Layout, remove: bool) -> None:
+def _stop(layout: Layout, remove: bool, tools: Path = TOOLS_BIN) -> None:
     state = State.load(layout)
     ours = owner(layout)
+    if layout.node.exists():  # this cluster had a real node (even if state.json was lost)
+        realnode.stop(layout, state, tools)
     if state is not None:
         for name in reversed(COMPONENTS):
             if name in state.pids:
@@ -165,6 +187,10 @@ def _stop(layout: Layout, remove: bool) -> None:
     left = ours.live_pids()
     if left:
         raise ClusterError(f"processes still running after stop: {left}")
+    if layout.node.exists():
+        host_left = realnode.host_leftovers(layout)
+        if host_left:
+            raise ClusterError("the real node left these behind:\n  " + "\n  ".join(host_left))
     if state is not None and layout.state.exists():
         state.pids, state.ready = {}, False
         state.save(layout)

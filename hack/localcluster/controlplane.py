@@ -32,21 +32,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_set(count: int) -> list[int]:
+    """`count` distinct free loopback ports, sorted."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(_free_port())
+    return sorted(ports)
+
+
 def free_ports() -> Ports:
     """Distinct free loopback ports, one per field of `Ports`."""
-    ports: set[int] = set()
-    while len(ports) < len(Ports.__dataclass_fields__):
-        ports.add(_free_port())
-    return Ports(*sorted(ports))
+    return Ports(*free_port_set(len(Ports.__dataclass_fields__)))
 
 
-def command_lines(layout: Layout, ports: Ports, tools: Path) -> dict[str, list[str]]:
-    """The argv of every component, in start order."""
+def command_lines(layout: Layout, ports: Ports, tools: Path, real_node: bool = False) -> dict[str, list[str]]:
+    """The argv of every component, in start order. With `real_node` the apiserver reaches kubelets by InternalIP
+    and checks their serving certificates (the kwok nodes' fake addresses are unreachable routes then)."""
     pki, kubeconfig = layout.pki, str(layout.kubeconfig)
     etcd_url = f"http://127.0.0.1:{ports.etcd_client}"
     peer_url = f"http://127.0.0.1:{ports.etcd_peer}"
     client_auth = [f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}"]
     client_auth += [f"--authorization-kubeconfig={kubeconfig}"]
+    # The real node's InternalIP is the bridge address (its Hostname resolves nowhere), its serving cert our CA's.
+    kubelet_flags = ["--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki}/ca.crt"]
+    kubelet_flags = kubelet_flags if real_node else []
     return {
         "etcd": [
             str(tools / "etcd"),
@@ -90,6 +99,9 @@ def command_lines(layout: Layout, ports: Ports, tools: Path) -> dict[str, list[s
             "--allow-privileged=true",
             # The advertise address is loopback: never publish it as the endpoint of Service `kubernetes`.
             "--endpoint-reconciler-type=none",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            *kubelet_flags,
             "--profiling=false",
             "--event-ttl=1h",
         ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / ".cluster"
@@ -33,6 +34,11 @@ class Layout:
     def state(self) -> Path:
         return self.root / "state.json"
 
+    @property
+    def node(self) -> Path:
+        """The real node's files: containerd, kubelet, kube-proxy, CoreDNS, CNI."""
+        return self.root / "node"
+
     def log(self, component: str) -> Path:
         return self.logs / f"{component}.log"
 
@@ -44,6 +50,8 @@ class State:
     ports: dict[str, int]
     pids: dict[str, int] = field(default_factory=dict)
     ready: bool = False
+    real_node: bool = False
+    host: dict[str, Any] = field(default_factory=dict)  # what the real node changed on the host, to restore
 
     @property
     def server(self) -> str:
@@ -60,4 +68,10 @@ class State:
             data = json.loads(layout.state.read_text())
         except (OSError, ValueError):
             return None
-        return cls(ports=data["ports"], pids=data.get("pids", {}), ready=bool(data.get("ready")))
+        return cls(
+            ports=data["ports"],
+            pids=data.get("pids", {}),
+            ready=bool(data.get("ready")),
+            real_node=bool(data.get("real_node")),
+            host=data.get("host", {}),
+        )

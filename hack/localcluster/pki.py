@@ -62,6 +62,8 @@ def make_pki(pki: Path) -> None:
     make_ca(pki, "front-proxy-ca", "/CN=k2-local-front-proxy-ca")
     signed_cert(pki, "apiserver", "/CN=kube-apiserver", server_auth(APISERVER_SANS))
     signed_cert(pki, "admin", "/O=system:masters/CN=k2-admin", CLIENT_AUTH)
+    # The apiserver's identity towards kubelets (logs, exec, port-forward).
+    signed_cert(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", CLIENT_AUTH)
     # The aggregation layer's client identity; its CA also lets the controllers read the request-header settings.
     signed_cert(pki, "front-proxy-client", "/CN=front-proxy-client", CLIENT_AUTH, ca="front-proxy-ca")
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=pki)

@@ -70,13 +70,19 @@ def stop_group(pid: int, owner: Owner, grace_s: float) -> None:
     reap(pid)
 
 
-def spawn(argv: list[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Starts `argv` in a new session (its own process group), stdout and stderr appended to `log`."""
     if not Path(argv[0]).is_file():
         raise ClusterError(f"{argv[0]} is missing: run `make tools` first")
     with log.open("ab") as out:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
         )
 
 

@@ -1,11 +1,14 @@
 //go:build tools
 
-// Package tools pins the Kubernetes control-plane commands that `make tools` builds.
+// Package tools pins the Kubernetes commands that `make tools` builds: the control plane, kubectl, and the real
+// node's kubelet and kube-proxy.
 package tools
 
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
