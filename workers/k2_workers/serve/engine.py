@@ -8,6 +8,11 @@ reach their experts through all-to-all (k2_workers.parallel). A placement is app
 requests that arrive meanwhile wait in the queue instead of failing. Greedy output does not depend on the
 placement.
 
+A multi-rank group is in lockstep or broken: when a collective fails on a rank (a peer died, timed out, or a step
+raised), that rank marks the group broken for good (`broken`; its /healthz turns 503) and its process must exit, so
+that the group's pods restart together (`k2_workers.serve.rank`). While the group is idle, rank 0 sends a heartbeat
+now and then, so the followers' wait for the next message never reaches the collective timeout.
+
 Every rank decodes exactly the batch's largest `max_new_tokens` steps (each completion is cut to its own length and
 after EOS on rank 0) so that all ranks make the same number of all-to-all calls even if floating-point noise made
 their samples differ. Each request samples with its own seeded generator, so a completion does not depend on what
@@ -16,10 +21,12 @@ else shared its batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +35,7 @@ from k2_workers.model import K2ForCausalLM, generate_batch, sample_next
 from k2_workers.model.generate import Sampler
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
-from k2_workers.serve.placement import ActivePlacement
+from k2_workers.serve.placement import ActivePlacement, GroupShape, check_shape
 from k2_workers.serve.request import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_PREFILL_CHUNK_TOKENS,
@@ -42,10 +49,14 @@ from k2_workers.serve.scheduler import (
     DEFAULT_MAX_QUEUE,
     BatchScheduler,
 )
-from k2_workers.serve.wire import Batch, RankWire, Stop
+from k2_workers.serve.wire import Batch, Heartbeat, RankWire, Stop
 from k2_workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class GroupBroken(RuntimeError):
+    """The group lost its lockstep earlier (a collective failed): nothing runs on it any more."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class GroupEngine:
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         max_queue: int = DEFAULT_MAX_QUEUE,
         request_timeout_s: float | None = None,
+        shape: GroupShape | None = None,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens: must be >= 1, got {prefill_chunk_tokens}")
@@ -105,6 +117,9 @@ class GroupEngine:
         self._resharder = Resharder(model, weights, rank, world_size, self._load.add_weight_bytes)
         self._on_applied = on_applied
         self._group_lock = threading.Lock()  # one group operation at a time: a batch or a placement change
+        self._last_group_op = time.monotonic()
+        self.shape = shape  # what a placement must fit, when known
+        self.broken: str | None = None  # why the group lost its lockstep, once it has
         self.placement: ActivePlacement | None = None
         self.placement_error: str | None = None  # why the newest placement file is not applied, if it is not
 
@@ -112,14 +127,41 @@ class GroupEngine:
     def generation(self) -> int | None:
         return None if self.placement is None else self.placement.generation
 
+    @property
+    def unready(self) -> str | None:
+        """Why this rank cannot serve now (None when it can): no placement yet, a broken group, or stopping."""
+        if self.broken is not None:
+            return f"the group is broken: {self.broken}"
+        if self.placement is None:
+            return "no placement applied yet"
+        if self.scheduler.stopping:
+            return "the rank is stopping"
+        return None
+
     # --- rank 0 --------------------------------------------------------------------------------------------------
     def apply_placement(self, placement: ActivePlacement) -> None:
-        """Make `placement` the one in force on every rank of the group."""
-        with self._group_lock:
+        """Make `placement` the one in force on every rank of the group; a ValueError, before any other rank sees
+        it, when it does not fit the group's shape."""
+        if self.shape is not None:
+            check_shape(placement, self.shape)
+        with self._group_lock, self._collective():
             if self.placement is not None and placement.generation == self.placement.generation:
                 return
             self._wire.send_placement(placement)
             self._apply(placement)
+
+    def heartbeat(self, idle_s: float) -> None:
+        """Tell the followers that rank 0 is alive, when no group operation ran for `idle_s` (and none runs)."""
+        if self.world_size == 1 or self.broken is not None or not self._group_lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._last_group_op >= idle_s:
+                with self._collective():
+                    self._wire.send_heartbeat()
+        except Exception:  # the group is marked broken; rank 0's loop sees it and exits
+            pass
+        finally:
+            self._group_lock.release()
 
     def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
         """The completion of one prompt. Thread-safe: callers wait while the decoding thread runs their request in
@@ -134,14 +176,16 @@ class GroupEngine:
         return self.scheduler.submit(_Job(prompt_ids, params), self.request_timeout_s)
 
     def stop(self) -> None:
-        """Finish the queued requests, then release the other ranks."""
+        """Finish the queued requests, then release the other ranks (unless the group is broken)."""
         self.scheduler.stop()
         with self._group_lock:
-            self._wire.send_stop()
+            if self.broken is None:
+                with self._collective():
+                    self._wire.send_stop()
 
     def _run_batch(self, jobs: list[_Job]) -> list[Completion]:
         """Decode `jobs` on every rank (the scheduler's batch function)."""
-        with self._group_lock:
+        with self._group_lock, self._collective():
             batch = self._wire.send_batch([j.prompt_ids for j in jobs], [j.params for j in jobs])
             completions = self._decode(batch)
             assert self.placement is not None
@@ -156,14 +200,35 @@ class GroupEngine:
 
     # --- ranks > 0 -----------------------------------------------------------------------------------------------
     def follow(self) -> None:
-        """Run what rank 0 sends until it says stop."""
-        while not isinstance(message := self._wire.receive(), Stop):
-            if isinstance(message, Batch):
-                self._decode(message)
-            else:
-                self._apply(message)
+        """Run what rank 0 sends until it says stop. Raises when a collective or a step fails (rank 0 or a peer
+        gone, or an error here): the group is then broken and this process must exit."""
+        while True:
+            with self._collective():
+                message = self._wire.receive()
+                if isinstance(message, Stop):
+                    return
+                if isinstance(message, Batch):
+                    self._decode(message)
+                elif not isinstance(message, Heartbeat):
+                    self._apply(message)
 
     # --- every rank ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
+        """A group operation (the group lock held on rank 0): refused once the group is broken; in a multi-rank
+        group any failure inside breaks it, since the ranks may no longer agree on the next collective."""
+        if self.broken is not None:
+            raise GroupBroken(f"the group is broken: {self.broken}")
+        try:
+            yield
+        except Exception as error:
+            if self.world_size > 1:
+                self.broken = f"{type(error).__name__}: {error}"
+                log.error("rank %d: the group is broken: %s", self.rank, self.broken)
+            raise
+        finally:
+            self._last_group_op = time.monotonic()
+
     def _apply(self, placement: ActivePlacement) -> None:
         self._resharder.apply(self.placement, placement)
         self.placement = placement

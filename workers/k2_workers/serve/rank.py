@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
 from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
-from k2_workers.serve.placement import ActivePlacement, read_placement
+from k2_workers.serve.placement import ActivePlacement, GroupShape, read_placement
 from k2_workers.serve.rank_routes import rank_routes
 from k2_workers.serve.report import AppliedGenerationReporter
 from k2_workers.serve.resharding import CheckpointExpertWeights, ExpertWeights, ResidentExpertWeights
@@ -39,6 +40,9 @@ from k2_workers.train.config import local_path
 log = logging.getLogger("k2_workers.serve")
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+HEARTBEATS_PER_TIMEOUT = 4  # an idle rank 0 sends a heartbeat every collective timeout / 4
+DRAIN_TIMEOUT_S = 30.0  # how long a stopping rank 0 waits for the answers in flight to be written
+EXIT_GROUP_BROKEN = 3  # the exit status of a rank whose group lost its lockstep: its pods must restart together
 DEFAULT_SERVING_NAME = "local"  # outside a cluster, for the metrics' `serving` label
 DEFAULT_GROUP = "0"
 
@@ -58,10 +62,13 @@ def build_model(serving: K2Serving, checkpoint: str | None, seed: int) -> tuple[
     return model, ResidentExpertWeights(model)
 
 
+def collective_timeout_s(env: Mapping[str, str] = os.environ) -> float:
+    return float(env.get(Env.COLLECTIVE_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S))
+
+
 def init_group(rank: int, world_size: int, env: Mapping[str, str] = os.environ) -> None:
     """Join the group's default process group (nccl on GPU, gloo on CPU; env:// rendezvous)."""
-    seconds = float(env.get(Env.COLLECTIVE_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S))
-    timeout = datetime.timedelta(seconds=seconds)
+    timeout = datetime.timedelta(seconds=collective_timeout_s(env))
     if world_size == 1:  # a one-rank group still runs the all-to-all path, over an in-process store
         store = dist.HashStore()  # type: ignore[attr-defined]
         dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timeout)
@@ -71,7 +78,9 @@ def init_group(rank: int, world_size: int, env: Mapping[str, str] = os.environ) 
 
 
 def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
-    """Serve as this pod's rank until `stop` is set (rank 0) or rank 0 stops the group (the others)."""
+    """Serve as this pod's rank until `stop` is set (rank 0) or rank 0 stops the group (the others). Returns 0,
+    or EXIT_GROUP_BROKEN when the group lost its lockstep (a rank died or failed): every rank of the group then
+    exits, and the operator restarts the group's pods together."""
     serving = K2Serving.model_validate(yaml.safe_load(args.config.read_text()))
     spec = serving.spec
     env = os.environ
@@ -84,6 +93,7 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     config = model.config
     num_layers = len(config.moe_layer_indices)
     slots_per_rank = math.ceil(config.n_routed_experts / world_size) + spec.redundant_slots_per_rank
+    shape = GroupShape(num_layers, config.n_routed_experts, world_size, slots_per_rank)
     init_group(rank, world_size)
 
     registry = CollectorRegistry()
@@ -107,6 +117,7 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s or None,
+        shape=shape,
     )
     limits = HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
     server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or Ports.RANK_HTTP, limits)
@@ -114,29 +125,50 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         if rank == 0:
             initial = ActivePlacement.round_robin(num_layers, config.n_routed_experts, world_size, slots_per_rank)
-            engine.apply_placement(current_placement(args.placement, engine) or initial)
-            while not stop.wait(args.placement_poll_seconds):
-                placement = current_placement(args.placement, engine)
-                if placement is not None and placement.generation != engine.generation:
-                    engine.apply_placement(placement)
-            engine.stop()
+            lead(engine, args.placement, initial, args.placement_poll_seconds, stop)
+            engine.stop()  # /healthz and new requests: 503; the queued requests finish, then the followers stop
+            server.drain(DRAIN_TIMEOUT_S)  # the answers in flight are written before the process exits
         else:
             engine.follow()
+    except Exception:
+        if engine.broken is None:
+            raise
     finally:
         server.shutdown()
         if metrics is not None:
             metrics.close()
-        dist.destroy_process_group()
+        if engine.broken is None:  # a broken group's collectives may hang: the process exits instead
+            dist.destroy_process_group()
+    if engine.broken is not None:
+        log.error("rank %d exits with %d: the group is broken (%s)", rank, EXIT_GROUP_BROKEN, engine.broken)
+        return EXIT_GROUP_BROKEN
     return 0
 
 
+def lead(
+    engine: GroupEngine, path: Path | None, initial: ActivePlacement, poll_s: float, stop: threading.Event
+) -> None:
+    """Rank 0's loop until `stop` or a broken group: apply each new placement file, send heartbeats while idle."""
+    heartbeat_s = collective_timeout_s() / HEARTBEATS_PER_TIMEOUT
+    engine.apply_placement(current_placement(path, engine) or initial)
+    next_poll = time.monotonic() + poll_s
+    while engine.broken is None and not stop.wait(min(poll_s, heartbeat_s, max(0.0, next_poll - time.monotonic()))):
+        engine.heartbeat(heartbeat_s)
+        if time.monotonic() < next_poll:
+            continue
+        next_poll = time.monotonic() + poll_s
+        placement = current_placement(path, engine)
+        if placement is not None and placement.generation != engine.generation:
+            engine.apply_placement(placement)
+
+
 def current_placement(path: Path | None, engine: GroupEngine) -> ActivePlacement | None:
-    """The placement file's content, or None when absent or invalid: the one in force stays, and the reason is
-    logged once and shown by /v1/placement."""
+    """The placement file's content, or None when absent, invalid or not fitting the group: the one in force
+    stays, and the reason is logged once and shown by /v1/placement."""
     if path is None or not path.exists():
         return None
     try:
-        placement = read_placement(path)
+        placement = read_placement(path, engine.shape)
     except ValueError as error:
         if str(error) != engine.placement_error:
             log.warning("ignoring the placement file: %s", error)

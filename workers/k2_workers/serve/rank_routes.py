@@ -1,8 +1,8 @@
 """The HTTP routes of a serving rank, as functions of its engine (no sockets here).
 
 Every rank: `GET /healthz` (the readiness probe). Rank 0 also: `POST /v1/generate` and `GET /v1/placement`. A
-generate request meeting a full queue gets 429 with `Retry-After`, one past its deadline 504, one arriving while
-the rank stops 503.
+generate request meeting a full queue gets 429 with `Retry-After`, one past its deadline 504; while the rank cannot
+serve (no placement yet, a broken group, stopping) /healthz and generate answer 503.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from k2_api.contract import HttpPaths
 from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route
-from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.engine import GroupBroken, GroupEngine
 from k2_workers.serve.request import parse_generate
 from k2_workers.serve.scheduler import DeadlineExceeded, QueueFull, Stopping
 
@@ -21,8 +21,8 @@ RETRY_AFTER_S = 1  # what a 429 (queue full) asks the client to wait
 
 def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[str, str], Route]:
     def healthz(_: bytes) -> tuple[int, dict[str, Any]]:
-        if engine.generation is None:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no placement applied yet")
+        if (reason := engine.unready) is not None:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, reason)
         return HTTPStatus.OK, {"status": "ok", "rank": engine.rank, "placementGeneration": engine.generation}
 
     def placement(_: bytes) -> tuple[int, dict[str, Any]]:
@@ -39,8 +39,8 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
 
     def generate(body: bytes) -> tuple[int, dict[str, Any]]:
         request = parse_generate(body, max_new_tokens_limit)
-        if engine.generation is None:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no placement applied yet")
+        if (reason := engine.unready) is not None:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, reason)
         prompt_ids = engine.tokenizer.encode(request.prompt)
         try:
             completion = engine.generate(prompt_ids, request.params)
@@ -50,6 +50,10 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
             raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
         except Stopping as error:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
+        except RuntimeError as error:
+            if isinstance(error.__cause__, GroupBroken):  # queued on a group that broke: it never ran
+                raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__)) from None
+            raise
         return HTTPStatus.OK, {
             "text": engine.tokenizer.decode(completion.tokens),
             "tokens": completion.tokens,

@@ -84,6 +84,10 @@ class BatchScheduler(Generic[J, R]):
             return len(self._queue)
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def in_batch(self) -> int:
         """Jobs of the batch being run."""
         with self._queue_changed:

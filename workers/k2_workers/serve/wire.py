@@ -5,6 +5,8 @@ Every message starts with a header of `HEADER_LEN` int64: the op, then
   length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off) and the N prompt ids, concatenated;
 - `APPLY_PLACEMENT`: the generation and the table shape [layers, ranks, slots], followed by the slot tables;
 - `STOP`: nothing; the followers return.
+- `HEARTBEAT`: nothing; rank 0 sends it while the group is idle, so the followers' wait for the next message never
+  reaches the collective timeout.
 
 Rank 0 decodes the batch from its wire form too (`send_batch` returns it), so every rank runs exactly the same
 parameters (a temperature rounded to micro-units included). A one-rank group sends nothing.
@@ -33,6 +35,7 @@ class Op(enum.IntEnum):
     STOP = 0
     GENERATE = 1
     APPLY_PLACEMENT = 2
+    HEARTBEAT = 3
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,12 @@ class Stop:
     """Rank 0 is shutting down."""
 
 
-Message = Batch | ActivePlacement | Stop
+@dataclass(frozen=True)
+class Heartbeat:
+    """Rank 0 is alive; nothing to run."""
+
+
+Message = Batch | ActivePlacement | Stop | Heartbeat
 
 
 def params_row(params: GenerateParams, prompt_len: int) -> list[int]:
@@ -102,6 +110,9 @@ class RankWire:
     def send_stop(self) -> None:
         self._send_header(Op.STOP, 0, [])
 
+    def send_heartbeat(self) -> None:
+        self._send_header(Op.HEARTBEAT, 0, [])
+
     def receive(self) -> Message:
         """The next message from rank 0 (blocks; on a follower)."""
         header = torch.zeros(HEADER_LEN, dtype=torch.long)
@@ -109,6 +120,8 @@ class RankWire:
         op, arg, *rest = header.tolist()
         if op == Op.STOP:
             return Stop()
+        if op == Op.HEARTBEAT:
+            return Heartbeat()
         if op == Op.APPLY_PLACEMENT:
             tables = torch.zeros(rest[:3], dtype=torch.long)
             dist.broadcast(tables, src=0)
