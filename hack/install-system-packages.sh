@@ -4,6 +4,7 @@
 #
 #   containerd, runc   the real node's container runtime (hack/localcluster/containerd.py)
 #   iptables, nftables kube-proxy's Service rules and the pod firewall, and removing them (localcluster/network.py)
+#   busybox-static     the real node tests' toolbox image (a shell, nslookup, wget, nc)
 #   debootstrap        the worker image's root filesystem (make image)
 #   prometheus         the Prometheus-backed tests
 #
@@ -11,7 +12,7 @@
 set -euo pipefail
 
 packages=("$@")
-[[ ${#packages[@]} -gt 0 ]] || packages=(containerd runc iptables nftables debootstrap prometheus)
+[[ ${#packages[@]} -gt 0 ]] || packages=(containerd runc iptables nftables busybox-static debootstrap prometheus)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 """CoreDNS as the cluster DNS: a host process answering on the bridge address, cluster names only.
 
-It has no `forward` plugin: a name outside cluster.local is refused, so no query ever leaves this machine.
+It serves only the cluster's zones and has no `forward` plugin: any other name is refused, so no query ever leaves
+this machine.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from .network import GATEWAY
 
 
 def corefile(kubeconfig: Path, health_port: int, ready_port: int) -> str:
-    return f""".:53 {{
+    return f"""cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {{
     bind {GATEWAY}
     errors
     health 127.0.0.1:{health_port}

@@ -17,22 +17,50 @@ from .errors import ClusterError
 
 PAUSE_SOURCE = Path(__file__).resolve().parent / "pause.c"
 PAUSE_IMAGE = "docker.io/k2-operator/pause:local"
+# A shell and network tools for the real node's tests (nslookup, wget, nc): the host's static busybox.
+TOOLBOX_IMAGE = "docker.io/k2-operator/toolbox:local"
+BUSYBOX = Path("/bin/busybox")  # Debian package busybox-static
+TOOLBOX_APPLETS = (
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "mkdir",
+    "sleep",
+    "nslookup",
+    "wget",
+    "nc",
+    "httpd",
+    "ip",
+    "id",
+    "kill",
+    "ps",
+)
 
 
-def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
-    """A deterministic tar of `files` (path -> (content, mode)), owned by root, mtime 0."""
+def _tar(files: dict[str, tuple[bytes, int]], links: dict[str, str] | None = None) -> bytes:
+    """A deterministic tar of `files` (path -> (content, mode); a path ending in / is a directory) and symlinks
+    (path -> target), owned by root, mtime 0."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, (content, mode) in sorted(files.items()):
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(name.rstrip("/"))
             info.size, info.mode, info.mtime = len(content), mode, 0
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
             tar.addfile(info, io.BytesIO(content))
+        for name, target in sorted((links or {}).items()):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 0
+            tar.addfile(info)
     return out.getvalue()
 
 
-def docker_archive(tag: str, files: dict[str, tuple[bytes, int]], entrypoint: list[str]) -> bytes:
-    """A docker-archive image tar: one layer holding `files`, a config naming `entrypoint`, and `tag`."""
-    layer = _tar(files)
+def docker_archive(
+    tag: str, files: dict[str, tuple[bytes, int]], entrypoint: list[str], links: dict[str, str] | None = None
+) -> bytes:
+    """A docker-archive image tar: one layer holding `files` and `links`, a config naming `entrypoint`, and `tag`."""
+    layer = _tar(files, links)
     diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
     config = {
         "architecture": "amd64",
@@ -65,4 +93,15 @@ def build_pause(out_dir: Path) -> Path:
         raise ClusterError(f"building the pause binary failed:\n{result.stderr}")
     archive = out_dir / "pause-image.tar"
     archive.write_bytes(docker_archive(PAUSE_IMAGE, {"pause": (binary.read_bytes(), 0o755)}, ["/pause"]))
+    return archive
+
+
+def build_toolbox(out_dir: Path) -> Path | None:
+    """The toolbox image archive (busybox and links to its applets), or None without a static busybox here."""
+    if not BUSYBOX.is_file():
+        return None
+    links = {f"bin/{applet}": "busybox" for applet in TOOLBOX_APPLETS}
+    files = {"bin/busybox": (BUSYBOX.read_bytes(), 0o755), "tmp/": (b"", 0o1777)}
+    archive = out_dir / "toolbox-image.tar"
+    archive.write_bytes(docker_archive(TOOLBOX_IMAGE, files, ["/bin/sh"], links))
     return archive

@@ -18,7 +18,7 @@ import yaml
 
 from . import api, dns, host, images, kubelet, kubeproxy, network, processes
 from .cni import conflist
-from .containerd import Containerd, config_toml, crictl, environment, has_image, import_image
+from .containerd import Containerd, config_toml, crictl, environment, import_image
 from .containerd import argv as containerd_argv
 from .controlplane import free_port_set
 from .errors import ClusterError
@@ -100,8 +100,11 @@ def _containerd_answers(files: NodeFiles, crictl_bin: Path) -> bool:
 
 
 def _import_images(layout: Layout, files: NodeFiles) -> None:
-    if not has_image(files.containerd, images.PAUSE_IMAGE):
-        import_image(files.containerd, images.build_pause(files.home))
+    # Both are small (a few MB): importing them again is quick, and replaces an older build under the same tag.
+    import_image(files.containerd, images.build_pause(files.home))
+    toolbox = images.build_toolbox(files.home)
+    if toolbox is not None:
+        import_image(files.containerd, toolbox)
     if WORKER_ARCHIVE.is_file() and WORKER_IMPORT.is_file():
         log = layout.log("image-import")
         with log.open("ab") as out:
