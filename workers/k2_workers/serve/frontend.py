@@ -1,13 +1,19 @@
 """The frontend: one HTTP endpoint that routes generate requests across the serving groups.
 
-Round-robin over the groups' rank-0 URLs, moving on to the next group when one is unreachable or answers 5xx, so a
-group that is down or rolling does not fail requests while another group serves; 503 only when no group can serve.
+Round-robin over the groups' rank-0 URLs. A request moves on to the next group only when its group did not take
+it, so no two groups ever run it: the connection was refused (or failed before the request was sent), the group
+answered 503 (not ready, stopping, broken before it ran) or 429 (its queue is full), or the group closed the
+connection without an answer (it died: its work is lost and cannot finish). Anything else is the answer: a 4xx
+(every group would say the same), a 500 or 504 of a group that ran the request, or our 504 when a group that took
+the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere would double
+the work). 503 (or 429 when every group's queue is full) only when no group took it.
 The frontend only proxies HTTP: this module and everything it imports stay free of torch, so the frontend process
 starts fast and small (`benchmarks/frontend_start.py`).
 """
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import logging
@@ -20,14 +26,19 @@ from typing import Any
 
 from k2_api.contract import HttpPaths
 from k2_workers.serve.endpoints import GENERATE_PATH, HttpError, HttpLimits, Route, serve_routes
+from k2_workers.serve.scheduler import DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
+DEFAULT_UPSTREAM_TIMEOUT_S = DEFAULT_REQUEST_TIMEOUT_S + 30  # past the rank's own deadline, which answers 504 first
+NOT_TAKEN = frozenset({HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS})  # the group did not run it
+
 
 class GroupRouter:
-    """Forwards a request to one group after another, starting at the next in round-robin order."""
+    """Forwards a request to one group after another, starting at the next in round-robin order, while the groups
+    tried did not take it."""
 
-    def __init__(self, endpoints: Sequence[str], timeout_s: float = 120.0) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S) -> None:
         if not endpoints:
             raise ValueError("endpoints: the frontend needs at least one group endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
@@ -36,10 +47,10 @@ class GroupRouter:
         self._timeout_s = timeout_s
 
     def forward(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """The first answer below 500 from a group, with `"group"` added when it succeeded."""
+        """The answer of the first group that takes the request, with `"group"` added when it succeeded."""
         with self._lock:
             start = next(self._next)
-        failures = []
+        failures, statuses = [], []
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
             request = urllib.request.Request(endpoint + path, data=body, method="POST")
@@ -48,12 +59,21 @@ class GroupRouter:
                 with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
                     return response.status, {**json.loads(response.read()), "group": endpoint}
             except urllib.error.HTTPError as error:
-                if error.code < 500:  # the request itself is bad: every group would say the same
+                if error.code not in NOT_TAKEN:
                     return error.code, json.loads(error.read() or b"{}")
                 failures.append(f"{endpoint}: HTTP {error.code}")
-            except (urllib.error.URLError, OSError) as error:
-                failures.append(f"{endpoint}: {error}")
-        raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no group could serve the request: " + "; ".join(failures))
+                statuses.append(error.code)
+            except urllib.error.URLError as error:  # raised before the request was sent: refused, unresolvable
+                failures.append(f"{endpoint}: {error.reason}")
+            except TimeoutError as error:  # taken, and still running there: never run it twice
+                raise HttpError(
+                    HTTPStatus.GATEWAY_TIMEOUT, f"{endpoint}: no answer within {self._timeout_s}s"
+                ) from error
+            except (http.client.RemoteDisconnected, ConnectionError) as error:  # the group died with it
+                failures.append(f"{endpoint}: closed without an answer ({error})")
+        status = HTTPStatus.TOO_MANY_REQUESTS if statuses and set(statuses) == {429} else HTTPStatus.SERVICE_UNAVAILABLE
+        headers = {"Retry-After": "1"} if status == HTTPStatus.TOO_MANY_REQUESTS else {}
+        raise HttpError(status, "no group could serve the request: " + "; ".join(failures), headers)
 
 
 def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
