@@ -115,6 +115,8 @@ class Env:
     """Seconds a serving rank's collectives may block (default 120); not set by the operator."""
     LISTEN_HOST: Final = "K2_LISTEN_HOST"
     """Address a serving process listens on (default 0.0.0.0); not set by the operator."""
+    TERMINATION_LOG: Final = "K2_TERMINATION_LOG"
+    """Where a training worker writes why it stopped (the pod's terminationMessagePath); unset: nowhere."""
 
 
 class TorchrunEnv:
@@ -147,6 +149,23 @@ class Files:
     """The resolved model of a serving (spec.model, its MoE shape and slot layout), in CONFIG_DIR."""
     PLACEMENT: Final = "placement.json"
     """The placement in force, in PLACEMENT_DIR."""
+    TERMINATION_LOG: Final = "/dev/termination-log"
+    """A training container's terminationMessagePath: the kubelet copies it into the pod's terminated state."""
+    TERMINATION_MESSAGE_MAX_BYTES: Final = 4096
+    """The kubelet keeps at most this much of a termination message."""
+
+
+class ExitCodes:
+    """Exit codes of `k2 worker train` that the operator (through the Job's podFailurePolicy) tells apart."""
+
+    SUCCEEDED: Final = 0
+    """spec.steps reached (or --stop-after, a local experiment)."""
+    CRASHED: Final = 1
+    """An exception: the termination message names it. Counts against failurePolicy.maxRestarts."""
+    INVALID_CONFIG: Final = 2
+    """The manifest or the flags were rejected before training started."""
+    PREEMPTED: Final = 75
+    """SIGTERM: the step finished and a checkpoint was written (EX_TEMPFAIL). The gang restarts, uncounted."""
 
 
 # --- metrics the ranks export and the EPLB controller reads --------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from k2_api.contract import ExitCodes
 from k2_workers.train.checkpoint import complete_checkpoints
 from k2_workers.train.config import load_manifest, resolve_config
 from k2_workers.train.loop import build_schedule
@@ -70,7 +71,7 @@ def _stop(procs: list[subprocess.Popen[str]], timeout_s: float) -> list[int | No
     return codes
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> None:
+def test_sigterm_finishes_the_step_checkpoints_and_exits_preempted(tmp_path: Path) -> None:
     checkpoints = tmp_path / "ckpt"
     # --checkpoint-every 0: the manifest's periodic checkpoints (every 5 steps) would race the signal
     args = ["--steps", "100000", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "0"]
@@ -81,7 +82,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> No
             p.send_signal(signal.SIGTERM)
     finally:
         codes = _stop(procs, 120)
-    assert codes == [0, 0], (tmp_path / "rank0.err").read_text()[-4000:]
+    assert codes == [ExitCodes.PREEMPTED] * 2, (tmp_path / "rank0.err").read_text()[-4000:]  # not completion
     last_step = step_lines((tmp_path / "rank0.out").read_text())[-1]["step"]
     assert [s for s, _ in complete_checkpoints(checkpoints)] == [last_step]
     assert not list(checkpoints.glob("*.tmp"))

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from k2_api.contract import Env, ExitCodes
 from k2_workers.train.checkpoint import complete_checkpoints
 from k2_workers.train.cli import without_nproc_flag
-from k2_workers.train.launcher import child_env
+from k2_workers.train.launcher import child_env, pod_exit_code
 
 from .launch import MANIFEST, base_env
 
@@ -38,11 +39,22 @@ def test_the_nproc_flag_is_dropped_for_the_ranks() -> None:
     assert without_nproc_flag(["--nproc-per-node", "2", "--steps", "3", "--nproc-per-node=4"]) == ["--steps", "3"]
 
 
+def test_the_pod_exit_code_tells_preemption_from_completion_and_crashes() -> None:
+    P, S = ExitCodes.PREEMPTED, ExitCodes.SUCCEEDED
+    assert pod_exit_code([S, S]) == S
+    assert pod_exit_code([P, S]) == P  # one rank preempted, none crashed: the pod was preempted
+    assert pod_exit_code([P, P]) == P
+    assert pod_exit_code([P, None]) is None and pod_exit_code([S, None]) is None  # wait for the others
+    assert pod_exit_code([None, 1]) == 1  # a crash decides at once
+    assert pod_exit_code([P, 1]) == 1 and pod_exit_code([-9, P]) == 137  # killed by SIGKILL
+
+
 def _start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "k2_workers.train", "--nproc-per-node", "2", "--config", str(MANIFEST), *args]
     out = open(tmp_path / "out", "w")  # noqa: SIM115 (closed with the process)
     err = open(tmp_path / "err", "w")  # noqa: SIM115
-    return subprocess.Popen(command, env=base_env(), stdout=out, stderr=err, text=True)
+    env = base_env() | {Env.TERMINATION_LOG: str(tmp_path / "termination-log")}
+    return subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
 
 
 def _wait_for_step(tmp_path: Path, proc: subprocess.Popen[str], step: int) -> None:
@@ -61,16 +73,18 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.distributed
-def test_sigterm_to_the_launcher_checkpoints_and_exits_0(tmp_path: Path) -> None:
+def test_sigterm_to_the_launcher_checkpoints_and_exits_preempted(tmp_path: Path) -> None:
     proc = _start(tmp_path, "--steps", "100000", "--checkpoint-dir", str(tmp_path / "ckpt"))
     try:
         _wait_for_step(tmp_path, proc, 2)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, (tmp_path / "err").read_text()[-3000:]
+        assert proc.wait(timeout=120) == ExitCodes.PREEMPTED, (tmp_path / "err").read_text()[-3000:]
     finally:
         proc.kill()
     last = json.loads((tmp_path / "out").read_text().splitlines()[-1])["step"]
-    assert [s for s, _ in complete_checkpoints(tmp_path / "ckpt")][-1] == last
+    step, path = complete_checkpoints(tmp_path / "ckpt")[-1]
+    assert step == last
+    assert (tmp_path / "termination-log").read_text() == f"preempted at step {last}, checkpoint {path}"
 
 
 @pytest.mark.distributed
@@ -81,6 +95,8 @@ def test_a_failed_rank_fails_the_launcher(tmp_path: Path) -> None:
         ranks = _children(proc.pid)
         assert len(ranks) == 2
         subprocess.run(["kill", "-KILL", str(ranks[1])], check=True)
-        assert proc.wait(timeout=90) != 0
+        assert proc.wait(timeout=90) == 137  # the killed rank's code, as a shell reports it
     finally:
         proc.kill()
+    message = (tmp_path / "termination-log").read_text()
+    assert message.startswith("local rank 1: killed by SIGKILL; local rank 0: "), message  # the cause first

@@ -9,8 +9,9 @@ import sys
 
 import yaml
 
-from k2_api.contract import Env, TorchrunEnv
+from k2_api.contract import Env, ExitCodes, TorchrunEnv
 from k2_workers.train.config import RunConfig, load_manifest, resolve_config
+from k2_workers.train.termination import crash_message, write_termination_message
 
 log = logging.getLogger("k2_workers.train")
 METRICS_PORT_ENV = Env.METRICS_PORT  # the default of --metrics-port
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (OSError, ValueError, yaml.YAMLError) as error:
         log.error("invalid configuration: %s", error)
-        return 2
+        write_termination_message(f"invalid configuration: {crash_message(error)}")
+        return ExitCodes.INVALID_CONFIG
     if args.nproc_per_node > 1:
         from k2_workers.train.launcher import launch
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return train(cfg)
-    except Exception:
+    except Exception as error:
         log.exception("training failed")
-        return 1
+        write_termination_message(f"rank {rank} failed: {crash_message(error)}")
+        return ExitCodes.CRASHED

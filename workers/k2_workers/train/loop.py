@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from k2_api.contract import ExitCodes
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained, update_router_biases
 from k2_workers.optim import MuonClip
 from k2_workers.tokenizer import Tokenizer, load_tokenizer
@@ -42,6 +43,7 @@ from k2_workers.train.parallel import clip_gradients_, expert_parameter_names, m
 from k2_workers.train.schedule import WSDSchedule, wsd_for_run
 from k2_workers.train.signals import StopFlag
 from k2_workers.train.status import StatusReporter, progress_record, reporter_from_env
+from k2_workers.train.termination import preempted_message, write_termination_message
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +215,13 @@ class Trainer:
                     self.last_checkpoint_step,
                 )
                 self.status.report(progress, force=self.last_checkpoint_step == self.step)
-            if stop:
-                log.warning("stopped at step %d on request; checkpoint %s", self.step, self.last_checkpoint)
-                break
-        return 0
+            if stop and self.step < last:
+                # Preemption is not completion: the pod exits PREEMPTED and the gang restarts from this checkpoint.
+                message = preempted_message(self.step, self.last_checkpoint)
+                log.warning("%s", message)
+                write_termination_message(message)
+                return ExitCodes.PREEMPTED
+        return ExitCodes.SUCCEEDED
 
     def close(self) -> None:
         if self.status is not None:
@@ -226,7 +231,7 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
-    """Runs (or resumes) a training run; returns the exit code. Collective failures raise."""
+    """Runs (or resumes) a training run; returns ExitCodes.SUCCEEDED or, after SIGTERM, PREEMPTED. Failures raise."""
     stop = StopFlag()
     stop.install()
     try:

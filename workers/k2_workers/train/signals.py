@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM (and SIGINT) only set a flag; the loop finishes its step, checkpoints and exits 0."""
+"""Preemption: SIGTERM (and SIGINT) only set a flag; the loop finishes its step, checkpoints and exits
+`ExitCodes.PREEMPTED` (never 0: only reaching spec.steps is completion)."""
 
 from __future__ import annotations
 
