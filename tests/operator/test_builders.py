@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from k2_api import ExpertPlacement, Preset, placement_problems
-from k2_api.contract import PRESET_SHAPES
+from k2_api.contract import PRESET_SHAPES, Env, ExitCodes, Files
 from k2_operator.builders import placement as placement_builder
 from k2_operator.builders import serving as serving_builder
 from k2_operator.builders import training as training_builder
@@ -38,7 +38,22 @@ def test_training_children_golden() -> None:
 
 
 def test_training_restart_attempt_golden() -> None:
-    check_golden("k2training-debug-attempt-2", [training_builder.job(training(), attempt=2)])
+    check_golden("k2training-debug-attempt-2", [training_builder.job(training(), attempt=2, preemptions=1)])
+
+
+def test_preemption_fails_the_job_by_pod_failure_policy_and_the_worker_explains_itself() -> None:
+    spec = training_builder.job(training(), attempt=0)["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
+    exit_rule, disruption_rule = spec["podFailurePolicy"]["rules"]
+    assert exit_rule["action"] == disruption_rule["action"] == "FailJob"
+    assert exit_rule["onExitCodes"] == {"containerName": container["name"], "operator": "In", "values": [75]}
+    assert exit_rule["onExitCodes"]["values"] == [ExitCodes.PREEMPTED]
+    assert disruption_rule["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert env(container)[Env.TERMINATION_LOG] == container["terminationMessagePath"] == Files.TERMINATION_LOG
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert spec["backoffLimit"] == 0  # every other failure: BackoffLimitExceeded, a counted restart
 
 
 def test_serving_children_golden() -> None:

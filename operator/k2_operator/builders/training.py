@@ -2,9 +2,13 @@
 
 The gang is an Indexed Job with completions = parallelism = numNodes and backoffLimit 0: the first failed worker
 fails the Job, whose controller then stops the others; the operator restarts the whole gang by creating the Job of
-the next attempt (`<name>-worker-<attempt>`), which resumes from the last checkpoint. `spec.suspend` maps onto the
-Job's own suspend (pods deleted, Job and status kept). Pod hostnames are `<job>-<index>` under the headless
-Service, so rank 0 is reachable at `<job>-0.<name>-workers.<namespace>.svc` before it is Ready.
+the next attempt (`<name>-worker-<attempt>`), which resumes from the last checkpoint. Preemption is told apart by
+the Job's podFailurePolicy: a worker that exits `ExitCodes.PREEMPTED` (SIGTERM answered with a checkpoint) or a pod
+with the `DisruptionTarget` condition (eviction, node drain, scheduler preemption) fails the Job with reason
+`PodFailurePolicy` (`PREEMPTED_REASON`), which the operator restarts without counting it against maxRestarts;
+every other failure ends in `BackoffLimitExceeded`. `spec.suspend` maps onto the Job's own suspend (pods deleted,
+Job and status kept). Pod hostnames are `<job>-<index>` under the headless Service, so rank 0 is reachable at
+`<job>-0.<name>-workers.<namespace>.svc` before it is Ready.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import yaml
 
 from k2_api import K2Training
-from k2_api.contract import Annotations, Env, Files, Labels, PortNames, Ports, TorchrunEnv
+from k2_api.contract import Annotations, Env, ExitCodes, Files, Labels, PortNames, Ports, TorchrunEnv
 from k2_operator.builders.common import (
     Manifest,
     container_security_context,
@@ -32,6 +36,10 @@ from k2_operator.builders.common import (
 COMPONENT = "trainer"
 ATTEMPT_LABEL = Labels.ATTEMPT  # kept for the code that imports it from here
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+PREEMPTED_REASON = "PodFailurePolicy"
+"""The Job's Failed reason when a podFailurePolicy rule matched: all our FailJob rules are preemptions."""
+PREEMPTIONS_ANNOTATION = "k2.ai/preemptions"
+"""On each Job: the preemptions before its attempt (attempt = restarts + preemptions), so status can be rebuilt."""
 
 
 def service_name(training: K2Training) -> str:
@@ -110,7 +118,7 @@ def rbac(training: K2Training) -> list[Manifest]:
 
 def _command(training: K2Training) -> list[str]:
     """The worker's own launcher: with nprocPerNode > 1 it starts the pod's ranks itself (RANK = NODE_RANK x N + i)
-    and, unlike torchrun, exits 0 when SIGTERM made every rank checkpoint and stop (preemption is not a failure)."""
+    and, unlike torchrun, exits ExitCodes.PREEMPTED when SIGTERM made its ranks checkpoint and stop."""
     spec = training.spec
     command = ["k2", "worker", "train", "--config", f"{Files.CONFIG_DIR}/{Files.TRAINING_CONFIG}"]
     if spec.nproc_per_node > 1:
@@ -135,7 +143,23 @@ def _env(training: K2Training, attempt: int) -> list[dict[str, Any]]:
         {"name": Env.NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": Env.RESTART_ATTEMPT, "value": str(attempt)},
         {"name": Env.METRICS_PORT, "value": str(Ports.METRICS)},
+        {"name": Env.TERMINATION_LOG, "value": Files.TERMINATION_LOG},
     ]
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Preemption (the worker's exit code, or a disruption the cluster announced) fails the Job with reason
+    PodFailurePolicy instead of counting as a failure: the operator restarts the whole gang, uncounted. A single
+    replaced pod (action Ignore) could not rejoin the running gang's process group."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": COMPONENT, "operator": "In", "values": [ExitCodes.PREEMPTED]},
+            },
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
 
 
 def _checkpoint_volume(training: K2Training) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -149,8 +173,10 @@ def _checkpoint_volume(training: K2Training) -> tuple[dict[str, Any], dict[str, 
     return {"name": "checkpoints", **source}, {"name": "checkpoints", "mountPath": ckpt.mount_path}
 
 
-def job(training: K2Training, attempt: int) -> Manifest:
-    """The gang of attempt `attempt` (0 for the first run, +1 per gang restart)."""
+def job(training: K2Training, attempt: int, preemptions: int = 0) -> Manifest:
+    """The gang of attempt `attempt` (0 for the first run, +1 per gang restart or preemption, `preemptions` of
+    which were preemptions)."""
+    assert 0 <= preemptions <= attempt
     spec = training.spec
     attempt_label = {Labels.ATTEMPT: str(attempt)}
     tmp_volume, tmp_mount = writable_tmp()
@@ -179,9 +205,12 @@ def job(training: K2Training, attempt: int) -> Manifest:
         ),
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
+        # The worker writes why it stopped here; a crash before it could falls back to the log's tail.
+        "terminationMessagePath": Files.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
+        "restartPolicy": "Never",  # podFailurePolicy requires it; the operator restarts whole gangs
         "subdomain": service_name(training),
         "serviceAccountName": worker_account_name(training),
         "securityContext": pod_security_context(),
@@ -189,15 +218,18 @@ def job(training: K2Training, attempt: int) -> Manifest:
         "containers": [container],
         "volumes": volumes,
     }
+    job_metadata = metadata(training, job_name(training, attempt), COMPONENT, **attempt_label)
+    job_metadata["annotations"] = {PREEMPTIONS_ANNOTATION: str(preemptions)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata(training, job_name(training, attempt), COMPONENT, **attempt_label),
+        "metadata": job_metadata,
         "spec": {
             "completionMode": "Indexed",
             "completions": spec.num_nodes,
             "parallelism": spec.num_nodes,
             "backoffLimit": 0,  # one failed worker fails the gang; the operator restarts it as a whole
+            "podFailurePolicy": pod_failure_policy(),
             "suspend": spec.suspend,
             "template": {
                 "metadata": {
@@ -210,6 +242,6 @@ def job(training: K2Training, attempt: int) -> Manifest:
     }
 
 
-def children(training: K2Training, attempt: int) -> list[Manifest]:
+def children(training: K2Training, attempt: int, preemptions: int = 0) -> list[Manifest]:
     """Everything a running K2Training needs, in apply order."""
-    return [config_map(training), headless_service(training), *rbac(training), job(training, attempt)]
+    return [config_map(training), headless_service(training), *rbac(training), job(training, attempt, preemptions)]
