@@ -72,11 +72,11 @@ class _Job:
     params: GenerateParams
 
 
-def sampler(params: GenerateParams) -> Sampler:
-    """Greedy, or sampling with the request's own generator (seeded by `seed`)."""
+def sampler(params: GenerateParams, device: torch.device | str = "cpu") -> Sampler:
+    """Greedy, or sampling with the request's own generator (seeded by `seed`) on the logits' `device`."""
     if params.temperature == 0:
         return sample_next
-    generator = torch.Generator().manual_seed(params.seed)
+    generator = torch.Generator(device=device).manual_seed(params.seed)
     return functools.partial(sample_next, temperature=params.temperature, top_k=params.top_k, generator=generator)
 
 
@@ -112,7 +112,8 @@ class GroupEngine:
         self.scheduler: BatchScheduler[_Job, Completion] = BatchScheduler(
             self._run_batch, max_batch_size, batch_wait_s, max_queue
         )
-        self._wire = RankWire(world_size, model.config.n_routed_experts)
+        self.device = model.lm_head.weight.device
+        self._wire = RankWire(world_size, model.config.n_routed_experts, self.device)
         self._load = LoadCounter(model, rank, collector)
         self._resharder = Resharder(model, weights, rank, world_size, self._load.add_weight_bytes)
         self._on_applied = on_applied
@@ -241,7 +242,7 @@ class GroupEngine:
     def _decode(self, batch: Batch) -> list[list[int]]:
         """The batch's completions, each `max_new_tokens` of the batch long."""
         max_new_tokens = max(p.max_new_tokens for p in batch.params)
-        samplers = [sampler(p) for p in batch.params]
+        samplers = [sampler(p, self.device) for p in batch.params]
         completions = generate_batch(
             self.model, batch.prompts, max_new_tokens, samplers, prefill_chunk=self.prefill_chunk_tokens
         )

@@ -54,9 +54,9 @@ class LoadCounter:
     def _hook(self, index: int) -> Callable[[MoE, object, object], None]:
         def hook(module: MoE, args: object, output: object) -> None:
             if self.rank == 0:  # rank 0 routes the group's tokens; the others route the same tokens again
-                self._expert_tokens_LE[index] += module.last_tokens_per_expert_E.numpy()
+                self._expert_tokens_LE[index] += module.last_tokens_per_expert_E.cpu().numpy()
             experts = module.experts
             if self._slot_tokens_LS is not None and isinstance(experts, ExpertParallelExperts):
-                self._slot_tokens_LS[index] += experts.last_tokens_per_slot_S.numpy()
+                self._slot_tokens_LS[index] += experts.last_tokens_per_slot_S.cpu().numpy()
 
         return hook

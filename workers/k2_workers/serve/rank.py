@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from k2_api import K2Serving
 from k2_api.contract import Env, Ports, TorchrunEnv
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
+from k2_workers.serve.device import group_backend, serving_device, serving_dtype
 from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
@@ -47,18 +48,21 @@ DEFAULT_SERVING_NAME = "local"  # outside a cluster, for the metrics' `serving` 
 DEFAULT_GROUP = "0"
 
 
-def build_model(serving: K2Serving, checkpoint: str | None, seed: int) -> tuple[K2ForCausalLM, ExpertWeights]:
-    """The model with every non-expert weight, and where expert weights come from when a placement needs them."""
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+def build_model(
+    serving: K2Serving, checkpoint: str | None, seed: int, device: torch.device
+) -> tuple[K2ForCausalLM, ExpertWeights]:
+    """The model on `device` with every non-expert weight, and where expert weights come from when a placement
+    needs them."""
+    dtype = serving_dtype(device)
     if checkpoint is not None:
-        model = load_pretrained(checkpoint, experts=[], dtype=dtype)  # experts arrive with a placement
+        model = load_pretrained(checkpoint, experts=[], dtype=dtype).to(device)  # experts arrive with a placement
         return model, CheckpointExpertWeights(checkpoint, model, dtype)
     spec = serving.spec.model
     config = (
         K2Config.from_hf_config(spec.config.model_dump()) if spec.config else K2Config.from_preset(str(spec.preset))
     )
     torch.manual_seed(seed)
-    model = K2ForCausalLM(config).to(dtype)
+    model = K2ForCausalLM(config).to(dtype).to(device)  # initialised on the CPU: the same weights on any device
     return model, ResidentExpertWeights(model)
 
 
@@ -66,14 +70,13 @@ def collective_timeout_s(env: Mapping[str, str] = os.environ) -> float:
     return float(env.get(Env.COLLECTIVE_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S))
 
 
-def init_group(rank: int, world_size: int, env: Mapping[str, str] = os.environ) -> None:
-    """Join the group's default process group (nccl on GPU, gloo on CPU; env:// rendezvous)."""
+def init_group(rank: int, world_size: int, backend: str, env: Mapping[str, str] = os.environ) -> None:
+    """Join the group's default process group over `backend` (env:// rendezvous)."""
     timeout = datetime.timedelta(seconds=collective_timeout_s(env))
     if world_size == 1:  # a one-rank group still runs the all-to-all path, over an in-process store
         store = dist.HashStore()  # type: ignore[attr-defined]
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     else:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
 
 
@@ -89,12 +92,16 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     checkpoint = args.checkpoint or (
         local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri") if spec.model.checkpoint_uri else None
     )
-    model, weights = build_model(serving, checkpoint, args.seed)
+    backend = group_backend(torch.cuda.is_available())
+    device = serving_device(backend, int(env.get(TorchrunEnv.LOCAL_RANK, "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, weights = build_model(serving, checkpoint, args.seed, device)
     config = model.config
     num_layers = len(config.moe_layer_indices)
     slots_per_rank = math.ceil(config.n_routed_experts / world_size) + spec.redundant_slots_per_rank
     shape = GroupShape(num_layers, config.n_routed_experts, world_size, slots_per_rank)
-    init_group(rank, world_size)
+    init_group(rank, world_size, backend)
 
     registry = CollectorRegistry()
     group = env.get(Env.GROUP, DEFAULT_GROUP)

@@ -9,7 +9,8 @@ Every message starts with a header of `HEADER_LEN` int64: the op, then
   reaches the collective timeout.
 
 Rank 0 decodes the batch from its wire form too (`send_batch` returns it), so every rank runs exactly the same
-parameters (a temperature rounded to micro-units included). A one-rank group sends nothing.
+parameters (a temperature rounded to micro-units included). A one-rank group sends nothing. Every tensor is made on
+the wire's `device` (the GPU under nccl, which takes no CPU tensors); slot tables come back to the CPU.
 """
 
 from __future__ import annotations
@@ -83,27 +84,29 @@ def placement_tables(placement: ActivePlacement) -> Tensor:
 
 
 def placement_from_tables(generation: int, tables_LRS: Tensor, num_experts: int) -> ActivePlacement:
-    return ActivePlacement(generation, tuple(SlotTable(t.clone(), num_experts) for t in tables_LRS))
+    return ActivePlacement(generation, tuple(SlotTable(t.cpu().clone(), num_experts) for t in tables_LRS.cpu()))
 
 
 class RankWire:
     """Broadcasts from rank 0 over the default process group: rank 0 calls `send_*`, the other ranks `receive`."""
 
-    def __init__(self, world_size: int, num_experts: int) -> None:
+    def __init__(self, world_size: int, num_experts: int, device: torch.device | str = "cpu") -> None:
         self.world_size = world_size
         self.num_experts = num_experts
+        self.device = torch.device(device)
 
     def send_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerateParams]) -> Batch:
         """Send a batch to the followers; return it as they read it."""
-        rows = torch.tensor([params_row(p, len(ids)) for ids, p in zip(prompts, params, strict=True)], dtype=torch.long)
-        flat = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long)
+        rows_list = [params_row(p, len(ids)) for ids, p in zip(prompts, params, strict=True)]
+        rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
+        flat = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
         self._send_header(Op.GENERATE, len(prompts), [flat.numel()])
         self._broadcast(rows)
         self._broadcast(flat)
         return decode_batch(rows, flat)
 
     def send_placement(self, placement: ActivePlacement) -> None:
-        tables = placement_tables(placement)
+        tables = placement_tables(placement).to(self.device)
         self._send_header(Op.APPLY_PLACEMENT, placement.generation, list(tables.shape))
         self._broadcast(tables)
 
@@ -115,7 +118,7 @@ class RankWire:
 
     def receive(self) -> Message:
         """The next message from rank 0 (blocks; on a follower)."""
-        header = torch.zeros(HEADER_LEN, dtype=torch.long)
+        header = self._zeros(HEADER_LEN)
         dist.broadcast(header, src=0)
         op, arg, *rest = header.tolist()
         if op == Op.STOP:
@@ -123,21 +126,24 @@ class RankWire:
         if op == Op.HEARTBEAT:
             return Heartbeat()
         if op == Op.APPLY_PLACEMENT:
-            tables = torch.zeros(rest[:3], dtype=torch.long)
+            tables = self._zeros(*rest[:3])
             dist.broadcast(tables, src=0)
             return placement_from_tables(arg, tables, self.num_experts)
         assert op == Op.GENERATE, f"unknown op {op} from rank 0"
-        rows = torch.zeros(arg, PARAMS_LEN, dtype=torch.long)
+        rows = self._zeros(arg, PARAMS_LEN)
         dist.broadcast(rows, src=0)
-        flat = torch.zeros(rest[0], dtype=torch.long)
+        flat = self._zeros(rest[0])
         dist.broadcast(flat, src=0)
         return decode_batch(rows, flat)
 
     def _send_header(self, op: Op, arg: int, rest: list[int]) -> None:
         if self.world_size > 1:
-            header = torch.zeros(HEADER_LEN, dtype=torch.long)
-            header[: 2 + len(rest)] = torch.tensor([int(op), arg, *rest])
+            values = [int(op), arg, *rest]
+            header = torch.tensor(values + [0] * (HEADER_LEN - len(values)), dtype=torch.long, device=self.device)
             dist.broadcast(header, src=0)
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.long, device=self.device)
 
     def _broadcast(self, tensor: Tensor) -> None:
         if self.world_size > 1:

@@ -58,7 +58,7 @@ class Resharder:
         wanted = new.table_RS[self.rank].tolist()
         config = self.model.config
         inter, hidden = config.moe_intermediate_size, config.hidden_size
-        dtype = self.model.lm_head.weight.dtype
+        dtype, device = self.model.lm_head.weight.dtype, self.model.lm_head.weight.device
         sources: dict[int, ExpertTriple] = {}
         if isinstance(experts, ExpertParallelExperts) and old is not None:
             gate, up, down = (experts.gate_proj.detach(), experts.up_proj.detach(), experts.down_proj.detach())
@@ -70,7 +70,7 @@ class Resharder:
             sources.update(received)
         missing = [e for e in dict.fromkeys(wanted) if e not in sources]
         if missing:
-            stacked = [w.to(dtype) for w in self._weights.experts(index, missing)]
+            stacked = [w.to(device=device, dtype=dtype) for w in self._weights.experts(index, missing)]
             loaded = {e: (stacked[0][i], stacked[1][i], stacked[2][i]) for i, e in enumerate(missing)}
             self._count(WeightSources.STORAGE, loaded.values())
             sources.update(loaded)

@@ -37,8 +37,8 @@ class ResidentExpertWeights:
             self._layers.append((experts.gate_proj.detach(), experts.up_proj.detach(), experts.down_proj.detach()))
 
     def experts(self, moe_layer: int, expert_ids: Sequence[int]) -> ExpertTensors:
-        index = torch.tensor(list(expert_ids), dtype=torch.long)
         gate, up, down = self._layers[moe_layer]
+        index = torch.tensor(list(expert_ids), dtype=torch.long, device=gate.device)
         return gate[index], up[index], down[index]
 
 
