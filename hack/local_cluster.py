@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from localcluster.api import api_request, apiserver_ready
 from localcluster.cli import main
-from localcluster.cluster import describe_nodes, down, is_healthy, leftover_pids, owner, up
+from localcluster.cluster import describe_nodes, down, is_healthy, leftover_pids, leftovers, owner, up
 from localcluster.controlplane import COMPONENTS, SA_ISSUER, STAGES_FILE, Ports, command_lines, free_ports
 from localcluster.errors import ClusterError
 from localcluster.layout import DEFAULT_DIR, ROOT, TOOLS_BIN, Layout, State
@@ -79,6 +79,7 @@ __all__ = [
     "is_healthy",
     "kubeconfig_document",
     "leftover_pids",
+    "leftovers",
     "main",
     "make_pki",
     "owner",

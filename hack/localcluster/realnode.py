@@ -7,6 +7,8 @@ network). One real node per machine: its bridge, routes and firewall chains have
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import Any
 import yaml
 
 from . import api, dns, host, images, kubelet, kubeproxy, network, processes
-from .cni import conflist
+from .cni import PLUGINS, conflist
 from .containerd import Containerd, config_toml, crictl, environment, import_image
 from .containerd import argv as containerd_argv
 from .controlplane import free_port_set
@@ -62,6 +64,18 @@ class NodeFiles:
     @property
     def coredns(self) -> Path:
         return self.home / "coredns"
+
+
+def missing_prerequisites(tools: Path) -> list[str]:
+    """What this machine lacks to run the real node (empty when it can): root, Debian packages, built tools."""
+    missing = [] if os.geteuid() == 0 else ["root (the node makes network namespaces, mounts and cgroups)"]
+    commands = {"containerd": "containerd", "containerd-shim-runc-v2": "containerd", "ctr": "containerd"}
+    commands |= {"runc": "runc", "iptables-restore": "iptables", "nft": "nftables", "ip": "iproute2", "gcc": "gcc"}
+    missing += [f"{c} (Debian package {p})" for c, p in commands.items() if shutil.which(c) is None]
+    built = [tools / name for name in ("kubelet", "kube-proxy", "coredns", "crictl")]
+    built += [CNI_BIN / name for name in PLUGINS]
+    missing += [f"{path} (make tools)" for path in built if not path.is_file()]
+    return missing
 
 
 def _write_yaml(path: Path, document: object) -> None:
@@ -145,6 +159,9 @@ def _gpus_allocatable(layout: Layout, state: State) -> bool:
 
 def start(layout: Layout, state: State, tools: Path, spawn: Spawn) -> None:
     """Brings up the real node against the running control plane and waits until it is Ready with its GPUs."""
+    missing = missing_prerequisites(tools)
+    if missing:
+        raise ClusterError("the real node needs: " + "; ".join(missing) + " (hack/install-system-packages.sh)")
     files = NodeFiles(layout.node)
     state.ports.update(dict(zip(PORT_NAMES, free_port_set(len(PORT_NAMES)), strict=True)))
     state.host = {"ip_forward": network.IP_FORWARD.read_text(), "nft_tables": sorted(network.nft_tables())}

@@ -1,0 +1,172 @@
+"""The real node: a kubelet with containerd runs pods for real, on a pod network that stays on this machine.
+
+The tests start their own cluster with a real node (about 25 s) and talk to it only through 127.0.0.1 (the API
+server, kubectl exec and port-forward). The pods talk to each other over the cluster's bridge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.real_node import real_node_cluster, skip_unless_a_real_node_can_run, toolbox_pod
+from tests.support.cluster import Cluster
+from tests.support.kube import apply, get
+from tests.support.paths import TOOLS_BIN
+from tests.support.ports import free_port
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.integration
+
+REAL_POD_CIDR = ipaddress.ip_network("10.245.0.0/24")
+GATEWAY = "10.245.0.1"
+NS = "default"
+
+
+@pytest.fixture(scope="module")
+def real() -> Iterator[Cluster]:
+    skip_unless_a_real_node_can_run()
+    with real_node_cluster() as (cluster, _):
+        web = toolbox_pod(
+            "web",
+            "mkdir -p /tmp/www && echo hello-from-web > /tmp/www/index.html && echo serving && "
+            "exec httpd -f -p 8080 -h /tmp/www",
+            labels={"app": "web"},
+        )
+        apply(cluster, web, namespace=NS)
+        apply(cluster, toolbox_pod("client", "exec sleep 3600"), namespace=NS)
+        for name, cluster_ip in (("web", None), ("web-headless", "None")):
+            service: dict[str, Any] = {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}
+            if cluster_ip:
+                service["clusterIP"] = cluster_ip
+            apply(
+                cluster,
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": service},
+                namespace=NS,
+            )
+        cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "pod/web", "pod/client", "--timeout=120s")
+        yield cluster
+
+
+def _in_client(cluster: Cluster, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("exec", "-n", NS, "client", "--", "sh", "-c", command, check=check)
+
+
+def _http_get(host_port: str) -> str:
+    """An HTTP/1.0 GET from the client pod with busybox nc (its wget needs glibc's resolver plugins)."""
+    host, port = host_port.rsplit(":", 1)
+    return f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {port}"
+
+
+def test_the_real_node_is_ready_on_containerd_with_8_gpus(real: Cluster) -> None:
+    node = get(real, "node/real-node-0")
+    assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert {"type": "InternalIP", "address": GATEWAY} in node["status"]["addresses"]
+    assert node["metadata"]["labels"]["type"] == "real"
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+
+
+def test_a_gpu_pod_runs_on_the_real_node_with_a_pod_address(real: Cluster) -> None:
+    pod = toolbox_pod("gpu-one", "echo started; exec sleep 3600")
+    pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    apply(real, pod, namespace=NS)
+    real.kubectl("wait", "-n", NS, "--for=condition=Ready", "pod/gpu-one", "--timeout=60s")
+    stored = get(real, "pod/gpu-one", namespace=NS)
+    assert stored["spec"]["nodeName"] == "real-node-0"
+    assert ipaddress.ip_address(stored["status"]["podIP"]) in REAL_POD_CIDR
+    assert stored["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
+    logs = wait_for("the pod's log", lambda: real.kubectl("logs", "-n", NS, "gpu-one").stdout)
+    assert logs == "started\n"
+
+
+def test_pods_resolve_services_through_coredns_and_nothing_else(real: Cluster) -> None:
+    cluster_ip = get(real, "service/web", namespace=NS)["spec"]["clusterIP"]
+    web_ip = get(real, "pod/web", namespace=NS)["status"]["podIP"]
+    assert f"nameserver {GATEWAY}" in _in_client(real, "cat /etc/resolv.conf").stdout
+    assert f"Address: {cluster_ip}" in _in_client(real, "nslookup web.default.svc.cluster.local").stdout
+    headless = wait_for(
+        "the headless Service's A record",
+        lambda: _in_client(real, "nslookup web-headless.default.svc.cluster.local", check=False).stdout.count(web_ip),
+    )
+    assert headless == 1
+    outside = _in_client(real, "nslookup example.com", check=False)
+    assert "REFUSED" in outside.stdout + outside.stderr, "CoreDNS answers only for the cluster's zones"
+
+
+def test_pods_reach_each_other_by_pod_ip_cluster_ip_and_dns_name(real: Cluster) -> None:
+    web_ip = get(real, "pod/web", namespace=NS)["status"]["podIP"]
+    cluster_ip = get(real, "service/web", namespace=NS)["spec"]["clusterIP"]
+    for target in (f"{web_ip}:8080", f"{cluster_ip}:80", "web:80", "web-headless.default.svc.cluster.local:8080"):
+        reply = wait_for(f"web through {target}", lambda t=target: _in_client(real, _http_get(t), check=False).stdout)
+        assert reply.startswith("HTTP/1.") and reply.endswith("hello-from-web\n"), target
+
+
+def test_the_kubernetes_service_address_reaches_the_api_server(real: Cluster) -> None:
+    # 10.96.0.1:443 is rewritten to the API server on the host's loopback; it answers plain HTTP with a TLS error.
+    reply = _in_client(real, "printf 'GET /api HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.96.0.1 443").stdout
+    assert reply.startswith("HTTP/1.0 400 Bad Request")
+    assert "HTTPS server" in reply
+
+
+def test_pods_have_no_route_beyond_the_cluster(real: Cluster) -> None:
+    routes = _in_client(real, "ip route").stdout.splitlines()
+    assert not any(r.startswith("default") for r in routes), routes
+    assert sorted(r.split()[0] for r in routes) == ["10.245.0.0/24", "10.96.0.0/16"]
+    # A documentation address (TEST-NET-3): with no route the kernel refuses before a packet is sent.
+    dial = _in_client(real, "nc -w 2 203.0.113.1 80 </dev/null; echo exit=$?", check=False)
+    assert "Network is unreachable" in dial.stdout + dial.stderr
+
+
+def test_port_forward_reaches_a_pod_from_loopback(real: Cluster) -> None:
+    port = free_port()
+    forward = subprocess.Popen(
+        [
+            str(TOOLS_BIN / "kubectl"),
+            f"--kubeconfig={real.kubeconfig}",
+            "port-forward",
+            "-n",
+            NS,
+            "pod/web",
+            f"{port}:8080",
+        ],
+        env=real.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert forward.stdout is not None
+        assert "Forwarding from 127.0.0.1" in forward.stdout.readline()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+        assert reply.endswith(b"hello-from-web\n")
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+
+
+def test_the_web_pods_log_is_read_through_the_api(real: Cluster) -> None:
+    assert real.kubectl("logs", "-n", NS, "web").stdout == "serving\n"
+
+
+def test_a_killed_container_is_restarted_by_the_kubelet(real: Cluster) -> None:
+    # The shell is PID 1 (which ignores signals it has no handler for); killing its child ends the container.
+    apply(real, toolbox_pod("restarts", "sleep 3600 & echo $! > /tmp/child; wait; exit 3"), namespace=NS)
+    real.kubectl("wait", "-n", NS, "--for=condition=Ready", "pod/restarts", "--timeout=60s")
+    real.kubectl("exec", "-n", NS, "restarts", "--", "sh", "-c", "kill -9 $(cat /tmp/child)")
+
+    def restarted() -> dict[str, Any] | None:
+        status = get(real, "pod/restarts", namespace=NS)["status"]["containerStatuses"][0]
+        return status if status["restartCount"] >= 1 and status.get("ready") else None
+
+    status = wait_for("the kubelet to restart the container", restarted)
+    assert status["lastState"]["terminated"]["exitCode"] == 3
