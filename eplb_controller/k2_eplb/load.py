@@ -6,6 +6,7 @@ Shapes: L MoE layers, E logical experts. Ranks are identified by their (group, r
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,29 @@ RankKey = tuple[str, str]
 
 
 class LoadReadError(RuntimeError):
-    """The load could not be read at all (Prometheus unreachable, a malformed answer)."""
+    """The load could not be read at all (Prometheus unreachable, a malformed answer); the message says why."""
+
+
+def token_count(value: object, what: str) -> float:
+    """`value` (a number or its text, as Prometheus sends it) as a token count: finite and >= 0, else LoadReadError
+    naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise LoadReadError(f"{what}: value {value!r} is not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise LoadReadError(f"{what}: value {value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise LoadReadError(f"{what}: value {value!r} is not a finite, non-negative count")
+    return number
+
+
+def label_index(labels: Mapping[str, str], name: str, what: str) -> int:
+    """The integer label `name` of a series, else LoadReadError naming `what` (a series without it is unusable)."""
+    text = labels.get(name)
+    if not isinstance(text, str) or not text.isdigit():
+        raise LoadReadError(f"{what}: label {name}={text!r} is not a non-negative integer")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -61,31 +84,34 @@ def load_matrix(
 ) -> tuple[FloatArray, int]:
     """Sum `(labels, value)` pairs into [L, E] by their layer and expert labels; returns (matrix, dropped count).
 
-    Series whose labels are missing, not integers, or out of range are dropped and counted, never guessed.
+    A series without integer layer and expert labels, or with a value that is not a finite count, makes the whole
+    load unusable (LoadReadError). A series of a layer or expert the placement does not have (for example just after a
+    reshape) is dropped and counted, never guessed.
     """
     load_LE = np.zeros((num_layers, num_experts), dtype=np.float64)
     dropped = 0
     for labels, value in series:
-        layer = _index(labels.get(MetricLabels.LAYER), num_layers)
-        expert = _index(labels.get(MetricLabels.EXPERT), num_experts)
-        if layer is None or expert is None or not np.isfinite(value) or value < 0:
+        what = f"series {dict(labels)}"
+        layer = label_index(labels, MetricLabels.LAYER, what)
+        expert = label_index(labels, MetricLabels.EXPERT, what)
+        tokens = token_count(value, what)
+        if layer >= num_layers or expert >= num_experts:
             dropped += 1
             continue
-        load_LE[layer, expert] += value
+        load_LE[layer, expert] += tokens
+    if not np.isfinite(load_LE).all():
+        raise LoadReadError("the load overflows a float64")
     return load_LE, dropped
 
 
 def measured_balancedness(rank_layer_tokens: Mapping[tuple[str, str, int], float]) -> float | None:
-    """Mean over (group, layer) of mean rank load / max rank load; keys are (group, rank, layer)."""
+    """Mean over (group, layer) of mean rank load / max rank load; keys are (group, rank, layer).
+
+    A count that is not finite and non-negative is a LoadReadError (a sum of huge counts can overflow).
+    """
     per_group_layer: dict[tuple[str, int], list[float]] = {}
-    for (group, _rank, layer), tokens in rank_layer_tokens.items():
+    for (group, rank, layer), tokens in rank_layer_tokens.items():
+        token_count(tokens, f"slot tokens of group {group!r} rank {rank!r} layer {layer}")
         per_group_layer.setdefault((group, layer), []).append(tokens)
-    values = [float(np.mean(loads) / max(loads)) for loads in per_group_layer.values() if max(loads) > 0]
+    values = [float(np.mean(np.array(loads) / max(loads))) for loads in per_group_layer.values() if max(loads) > 0]
     return float(np.mean(values)) if values else None
-
-
-def _index(text: str | None, size: int) -> int | None:
-    if text is None or not text.isdigit():
-        return None
-    value = int(text)
-    return value if value < size else None

@@ -9,14 +9,12 @@ series stale at once, so a rank that went down stops counting within one scrape 
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from k2_api.contract import MetricLabels, Metrics
-from k2_eplb.load import LoadReadError, LoadSample, load_matrix, measured_balancedness
+from k2_eplb.load import LoadReadError, LoadSample, label_index, load_matrix, measured_balancedness, token_count
 
 Fetch = Callable[[str, float], bytes]
 """(url, timeout seconds) -> response body."""
@@ -63,44 +61,78 @@ class PrometheusLoadReader:
         window = f"[{int(window_seconds)}s]"
         experts, slots = Metrics.EXPERT_TOKENS.name + sel, Metrics.SLOT_TOKENS.name + sel
         group, rank, layer, expert = MetricLabels.GROUP, MetricLabels.RANK, MetricLabels.LAYER, MetricLabels.EXPERT
-        load_rows = self.query(f"sum by ({layer}, {expert}) (increase({experts}{window}))")
-        load_LE, dropped = load_matrix(
-            ((row["metric"], _value(row)) for row in load_rows), num_layers=num_layers, num_experts=num_experts
-        )
-        ranks = self.query(f"count by ({group}, {rank}) ({experts})")
-        samples = self.query(f"min(count_over_time({experts}{window}))")
-        slot_rows = self.query(f"sum by ({group}, {rank}, {layer}) (increase({slots}{window}))")
-        slot_tokens = {
-            (row["metric"].get(group, ""), row["metric"].get(rank, ""), int(row["metric"][layer])): _value(row)
-            for row in slot_rows
-            if row["metric"].get(layer, "").isdigit()
-        }
+        load_rows = self.query(f"sum by ({layer}, {expert}) (increase({experts}{window}))", "load")
+        try:
+            load_LE, dropped = load_matrix(load_rows, num_layers=num_layers, num_experts=num_experts)
+        except LoadReadError as error:
+            raise LoadReadError(f"prometheus {self.url}: load query: {error}") from None
+        ranks = self.query(f"count by ({group}, {rank}) ({experts})", "ranks")
+        samples = self.query(f"min(count_over_time({experts}{window}))", "samples")
+        slot_rows = self.query(f"sum by ({group}, {rank}, {layer}) (increase({slots}{window}))", "slots")
+        try:
+            slot_tokens = {
+                (labels.get(group, ""), labels.get(rank, ""), label_index(labels, layer, f"series {labels}")): value
+                for labels, value in slot_rows
+            }
+            balancedness = measured_balancedness(slot_tokens)
+        except LoadReadError as error:
+            raise LoadReadError(f"prometheus {self.url}: slots query: {error}") from None
         return LoadSample(
             load_LE=load_LE,
             ranks_seen=len(ranks),
             ranks_expected=ranks_expected,
-            num_samples=int(_value(samples[0])) if samples else 0,
+            num_samples=int(samples[0][1]) if samples else 0,
             window_seconds=window_seconds,
             source="prometheus",
-            measured_balancedness=measured_balancedness(slot_tokens),
+            measured_balancedness=balancedness,
             dropped_series=dropped,
         )
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """Run an instant query; returns the result vector."""
+    def query(self, promql: str, name: str = "query") -> list[tuple[dict[str, str], float]]:
+        """Run an instant query; returns the (labels, value) rows of its result vector, every value a finite count.
+
+        Anything else (no answer, not JSON, another shape, NaN, infinities, negative values) is a LoadReadError
+        naming the query `name` and the problem.
+        """
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
         try:
-            answer = json.loads(self._fetch(url, self.timeout))
-        except (OSError, urllib.error.URLError, ValueError) as error:
-            raise LoadReadError(f"prometheus {self.url}: {error}") from error
-        if answer.get("status") != "success":
-            raise LoadReadError(f"prometheus {self.url}: {answer.get('errorType')}: {answer.get('error')}")
-        data = answer["data"]
-        if data.get("resultType") != "vector":
-            raise LoadReadError(f"prometheus {self.url}: expected a vector, got {data.get('resultType')}")
-        result: list[dict[str, Any]] = data["result"]
-        return result
+            body = self._fetch(url, self.timeout)
+        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+            raise LoadReadError(f"prometheus {self.url}: {name} query: {error}") from error
+        try:
+            return parse_vector(body)
+        except LoadReadError as error:
+            raise LoadReadError(f"prometheus {self.url}: {name} query: {error}") from None
 
 
-def _value(row: Mapping[str, Any]) -> float:
-    return float(row["value"][1])
+def parse_vector(body: bytes) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) rows of an instant-query answer whose result is a vector of finite, non-negative values."""
+    try:
+        answer = json.loads(body)
+    except ValueError as error:  # UnicodeDecodeError included
+        raise LoadReadError(f"answer is not JSON ({error}): {body[:80]!r}") from None
+    if not isinstance(answer, dict):
+        raise LoadReadError(f"answer is not a JSON object: {body[:80]!r}")
+    if answer.get("status") != "success":
+        raise LoadReadError(f"status {answer.get('status')!r}: {answer.get('errorType')}: {answer.get('error')}")
+    data = answer.get("data")
+    if not isinstance(data, dict):
+        raise LoadReadError(f"answer has no data object: {body[:80]!r}")
+    if data.get("resultType") != "vector":
+        raise LoadReadError(f"expected a vector, got {data.get('resultType')!r}")
+    result = data.get("result")
+    if not isinstance(result, list):
+        raise LoadReadError(f"data.result is not a list: {result!r:.80}")
+    return [_row(index, row) for index, row in enumerate(result)]
+
+
+def _row(index: int, row: object) -> tuple[dict[str, str], float]:
+    what = f"row {index}"
+    if not isinstance(row, dict):
+        raise LoadReadError(f"{what}: not an object: {row!r:.80}")
+    labels, value = row.get("metric"), row.get("value")
+    if not isinstance(labels, dict) or not all(isinstance(text, str) for text in labels.values()):
+        raise LoadReadError(f"{what}: metric is not an object of string labels: {labels!r:.80}")
+    if not isinstance(value, list) or len(value) != 2:
+        raise LoadReadError(f"{what}: value is not a [time, value] pair: {value!r:.80}")
+    return labels, token_count(value[1], f"{what} {labels}")

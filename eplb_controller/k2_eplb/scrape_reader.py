@@ -18,11 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from k2_api.contract import MetricLabels, Metrics
 from k2_eplb.load import (
+    LoadReadError,
     LoadSample,
     RankKey,
     counter_increase,
+    label_index,
     load_matrix,
     measured_balancedness,
+    token_count,
 )
 
 _TOKEN_COUNTERS = (Metrics.EXPERT_TOKENS.name, Metrics.SLOT_TOKENS.name)
@@ -47,15 +50,26 @@ class Scrape:
 
 
 def parse_exposition(text: str, labels: Mapping[str, str]) -> dict[SeriesKey, float]:
-    """The k2 token counters in `text` whose labels include `labels`."""
+    """The k2 token counters in `text` whose labels include `labels`.
+
+    A page that does not parse, or a counter of ours without integer layer and expert (slot) labels or whose value
+    is not a finite count, is a LoadReadError: one such page makes the serving's load unusable.
+    """
+    try:
+        samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    except (ValueError, IndexError, KeyError, TypeError) as error:  # what the text parser raises on bad input
+        raise LoadReadError(f"cannot parse the page: {type(error).__name__}: {error}") from None
     values: dict[SeriesKey, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name not in _TOKEN_COUNTERS:
-                continue
-            if any(sample.labels.get(name) != value for name, value in labels.items()):
-                continue
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    for sample in samples:
+        if sample.name not in _TOKEN_COUNTERS:
+            continue
+        if any(sample.labels.get(name) != value for name, value in labels.items()):
+            continue
+        what = f"{sample.name}{sample.labels}"
+        index = MetricLabels.EXPERT if sample.name == Metrics.EXPERT_TOKENS.name else MetricLabels.SLOT
+        label_index(sample.labels, MetricLabels.LAYER, what)
+        label_index(sample.labels, index, what)
+        values[(sample.name, tuple(sorted(sample.labels.items())))] = token_count(sample.value, what)
     return values
 
 
@@ -100,10 +114,16 @@ class ScrapeLoadReader:
         notes: list[str] = []
         for endpoint in endpoints:
             try:
-                values = parse_exposition(self._fetch(endpoint, self.timeout), labels)
-            except (OSError, ValueError) as error:
+                text = self._fetch(endpoint, self.timeout)
+            except OSError as error:  # down or refusing: the rank counts as not reporting
                 notes.append(f"{endpoint}: {error}")
                 continue
+            except ValueError as error:  # it answered, but not text (UnicodeDecodeError)
+                raise LoadReadError(f"{endpoint}: {error}") from None
+            try:
+                values = parse_exposition(text, labels)
+            except LoadReadError as error:
+                raise LoadReadError(f"{endpoint}: {error}") from None
             if not values:
                 notes.append(f"{endpoint}: no k2 token counters for {dict(labels)}")
                 continue
@@ -122,6 +142,7 @@ class ScrapeLoadReader:
                     key = (group, rank, int(layer))
                     slot_tokens[key] = slot_tokens.get(key, 0.0) + increase
         load_LE, dropped = load_matrix(expert_series, num_layers=num_layers, num_experts=num_experts)
+        balancedness = measured_balancedness(slot_tokens)
         return LoadSample(
             load_LE=load_LE,
             ranks_seen=len(ranks),
@@ -129,7 +150,7 @@ class ScrapeLoadReader:
             num_samples=min(sample_counts, default=0),
             window_seconds=window_seconds,
             source="scrape",
-            measured_balancedness=measured_balancedness(slot_tokens),
+            measured_balancedness=balancedness,
             dropped_series=dropped,
             notes=tuple(notes),
         )

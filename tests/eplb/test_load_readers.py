@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,19 +46,38 @@ def test_counter_increase_of_one_sample_is_zero() -> None:
     assert counter_increase([]) == 0.0
 
 
-def test_load_matrix_sums_groups_and_drops_bad_series() -> None:
+def test_load_matrix_sums_groups_and_drops_series_out_of_range() -> None:
     series = [
         ({"layer": "0", "expert": "1"}, 3.0),
         ({"layer": "0", "expert": "1"}, 4.0),  # another group
         ({"layer": "1", "expert": "2"}, 5.0),
-        ({"layer": "2", "expert": "0"}, 1.0),  # layer out of range
-        ({"layer": "x", "expert": "0"}, 1.0),
-        ({"expert": "0"}, 1.0),
-        ({"layer": "0", "expert": "0"}, float("nan")),
+        ({"layer": "2", "expert": "0"}, 1.0),  # layer out of range (e.g. just after a reshape)
+        ({"layer": "0", "expert": "3"}, 1.0),  # expert out of range
     ]
     load, dropped = load_matrix(series, num_layers=2, num_experts=3)
     np.testing.assert_array_equal(load, [[0.0, 7.0, 0.0], [0.0, 0.0, 5.0]])
-    assert dropped == 4
+    assert dropped == 2
+
+
+@pytest.mark.parametrize(
+    ("labels", "value", "problem"),
+    [
+        ({"layer": "x", "expert": "0"}, 1.0, "label layer='x'"),
+        ({"expert": "0"}, 1.0, "label layer=None"),
+        ({"layer": "0", "expert": "-1"}, 1.0, "label expert='-1'"),
+        ({"layer": "0", "expert": "0"}, float("nan"), "value nan"),
+        ({"layer": "0", "expert": "0"}, float("inf"), "value inf"),
+        ({"layer": "0", "expert": "0"}, -2.0, "value -2.0"),
+    ],
+)
+def test_load_matrix_refuses_a_malformed_series(labels: dict[str, str], value: float, problem: str) -> None:
+    with pytest.raises(LoadReadError, match=re.escape(problem)):
+        load_matrix([({"layer": "0", "expert": "1"}, 3.0), (labels, value)], num_layers=2, num_experts=3)
+
+
+def test_load_matrix_refuses_an_overflowing_sum() -> None:
+    with pytest.raises(LoadReadError, match="overflows"):
+        load_matrix([({"layer": "0", "expert": "0"}, 1.7e308)] * 2, num_layers=1, num_experts=1)
 
 
 def test_measured_balancedness_is_mean_over_group_and_layer_of_mean_over_max() -> None:
