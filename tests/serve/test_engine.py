@@ -192,3 +192,21 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_late_request_504(make_e
     assert by_status == [504, 504], answers
     assert engine.scheduler.queued == 0
     assert len(engine.generate([7, 8], GenerateParams(max_new_tokens=2)).tokens) == 2  # the engine still serves
+
+
+def test_a_broken_group_is_not_ready_and_refuses_requests_with_503(engine: GroupEngine) -> None:
+    # A seam: a broken group needs a failed collective between ranks (test_group_faults.py kills real ranks, whose
+    # processes then exit); here the engine is marked broken as its collective wrapper would mark it.
+    routes = rank_routes(engine, 64)
+    assert routes[("GET", "/healthz")](b"")[0] == 200
+    engine.broken = "RuntimeError: Connection closed by peer"
+    server = serve_routes(routes, "127.0.0.1", 0)
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        health, generated = request(base + "/healthz"), request(base + "/v1/generate", {"prompt": "a"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert health == (503, {"error": "the group is broken: RuntimeError: Connection closed by peer"})
+    assert generated[0] == 503 and "broken" in generated[1]["error"]
+    engine.broken = None  # the fixture stops the engine
