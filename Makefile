@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv tools cluster-up cluster-down crds chart-crds lint test test-unit clean
+.PHONY: venv tools image cluster-up cluster-down crds chart-crds lint test test-unit clean
 
 # The virtualenv is rebuilt only when pyproject.toml changes; pip downloads come from the user's pip cache.
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,12 @@ venv: $(VENV)/.installed
 
 tools:
 	hack/build-tools.sh
+
+# The worker image (docs/development.md, "The worker image"): needs root; layers cached in ~/.cache/k2-image.
+# CONTAINERD_SOCKET=PATH also imports it into that containerd's k8s.io namespace.
+CONTAINERD_SOCKET ?=
+image: venv
+	$(BIN)/python hack/image build $(if $(CONTAINERD_SOCKET),--import $(CONTAINERD_SOCKET))
 
 cluster-up: venv tools
 	$(BIN)/python hack/local_cluster.py up
