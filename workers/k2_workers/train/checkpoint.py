@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,6 +46,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from k2_workers.train import checkpoint_codec as codec
+from k2_workers.train.distributed import checkpoint_group
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,11 @@ OPTIMIZER_FILE = "optimizer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
 _DELETING_PREFIX = ".deleting-"
+# Checkpoint collectives run on their own gloo group, whose timeout follows the checkpoint's size (collective_timeout_s)
+TIMEOUT_ENV = "K2_CHECKPOINT_TIMEOUT_S"
+MIN_THROUGHPUT_ENV = "K2_CHECKPOINT_MIN_MBPS"
+BASE_TIMEOUT_S = 300.0
+DEFAULT_MIN_THROUGHPUT_MBPS = 25.0
 
 
 class CheckpointError(Exception):
@@ -73,9 +80,44 @@ def _world_size() -> int:
     return dist.get_world_size() if _is_dist() else 1
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None) -> None:
     if _is_dist():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def collective_timeout_s(state_bytes: int, env: Mapping[str, str] = os.environ) -> float:
+    """How long a rank waits for the others in a checkpoint's collectives: `K2_CHECKPOINT_TIMEOUT_S` when set, else
+    `BASE_TIMEOUT_S` plus the time to write `state_bytes` and read them back (hashing) at the slowest storage
+    throughput assumed, `K2_CHECKPOINT_MIN_MBPS` (MB/s). ValueError naming the variable when a setting is bad."""
+    fixed = _positive(env, TIMEOUT_ENV)
+    if fixed is not None:
+        return fixed
+    throughput = _positive(env, MIN_THROUGHPUT_ENV) or DEFAULT_MIN_THROUGHPUT_MBPS
+    return BASE_TIMEOUT_S + 2 * state_bytes / (throughput * 1e6)
+
+
+def _positive(env: Mapping[str, str], name: str) -> float | None:
+    if not env.get(name):
+        return None
+    try:
+        value = float(env[name])
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {env[name]!r}")
+    return value
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's model and optimizer state, what its checkpoint holds; before the first step (on resume)
+    the optimizer's state is estimated as two float32 tensors per parameter (Adam's moments)."""
+    model_bytes: int = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    if tensors:
+        optim_bytes: int = sum(t.numel() * t.element_size() for t in tensors)
+    else:
+        optim_bytes = 8 * sum(p.numel() for p in model.parameters())
+    return model_bytes + optim_bytes
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -162,6 +204,17 @@ class CheckpointManager:
             raise ValueError("checkpoint keepLast must be >= 1")
         self.root = Path(root)
         self.keep_last = keep_last
+        self._group: dist.ProcessGroup | None = None
+        self._group_made = False
+
+    def _collectives(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dist.ProcessGroup | None:
+        """Collective on first use: the group for this manager's waits, with a timeout sized for its state."""
+        if not self._group_made:
+            timeout_s = collective_timeout_s(state_bytes(model, optimizer))
+            self._group, self._group_made = checkpoint_group(timeout_s), True
+            if _rank() == 0 and _is_dist():
+                log.info("checkpoint collectives wait up to %.0f s", timeout_s)
+        return self._group
 
     def save(
         self,
@@ -180,18 +233,19 @@ class CheckpointManager:
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         rank = _rank()
+        group = self._collectives(model, optimizer)
         extra_json = codec.dumps({"step": step, **extra}, "checkpoint extra")
         skeleton, optim_tensors = codec.split_tensors(optimizer.state_dict())
         skeleton_json = codec.dumps(skeleton, "optimizer state")
         tag = _Tagger(model, optimizer, shard_tag, sharded)
         replicated, shards = tag.split({"model": model.state_dict(), "optim": optim_tensors})
-        writes_shards = shard_tag is not None and _lowest_rank_with(shard_tag) == rank
+        writes_shards = shard_tag is not None and _lowest_rank_with(shard_tag, group) == rank
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 _delete(tmp)
             tmp.mkdir(parents=True)
-        _barrier()
+        _barrier(group)
         files: dict[str, str | dict[str, torch.Tensor]] = {extra_file(rank): extra_json}
         if rank == 0:
             files[TENSORS_FILE] = replicated
@@ -199,7 +253,7 @@ class CheckpointManager:
         if writes_shards:
             files[shard_file(shard_tag)] = shards
         _write_files(tmp, rank, files)
-        _barrier()
+        _barrier(group)
         if rank == 0:
             if before_rename is not None:
                 before_rename(tmp)
@@ -217,7 +271,7 @@ class CheckpointManager:
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
             self._prune(step)
-        _barrier()
+        _barrier(group)
         log.info("checkpoint written: %s", final)
         return final
 
@@ -252,10 +306,11 @@ class CheckpointManager:
         """Collective. Restores the newest checkpoint that every rank can read, skipping (and moving aside) the
         unreadable ones; a Resume without a path when there is none."""
         rank = _rank()
+        group = self._collectives(model, optimizer)
         if rank == 0:
             self.clean()
         candidates = _broadcast(
-            [(s, str(p)) for s, p in reversed(complete_checkpoints(self.root))] if rank == 0 else None
+            [(s, str(p)) for s, p in reversed(complete_checkpoints(self.root))] if rank == 0 else None, group
         )
         skipped: list[SkippedCheckpoint] = []
         for step, name in candidates:
@@ -264,7 +319,7 @@ class CheckpointManager:
                 loaded, error = read_checkpoint(path, rank, shard_tag), None
             except CheckpointError as failure:
                 loaded, error = None, str(failure)
-            errors = _gather_errors(error)
+            errors = _gather_errors(error, group)
             if loaded is None or any(errors):
                 reason = "; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in enumerate(errors) if e)
                 skipped.append(SkippedCheckpoint(step, name, reason))
@@ -381,32 +436,34 @@ class _Tagger:
         return replicated, shards
 
 
-def _broadcast(candidates: list[tuple[int, str]] | None) -> list[tuple[int, str]]:
+def _broadcast(candidates: list[tuple[int, str]] | None, group: dist.ProcessGroup | None) -> list[tuple[int, str]]:
     """Collective: rank 0's list of candidates, so every rank tries the same checkpoints in the same order."""
     if not _is_dist():
         assert candidates is not None
         return candidates
     box = [candidates]
-    dist.broadcast_object_list(box, src=0)  # in-memory between the gang's ranks, never read from the volume
+    dist.broadcast_object_list(
+        box, src=0, group=group
+    )  # in-memory between the gang's ranks, never read from the volume
     assert box[0] is not None
     return box[0]
 
 
-def _gather_errors(error: str | None) -> list[str | None]:
+def _gather_errors(error: str | None, group: dist.ProcessGroup | None) -> list[str | None]:
     """Collective: every rank's error reading a checkpoint (None where it read fine)."""
     if not _is_dist():
         return [error]
     errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    dist.all_gather_object(errors, error, group=group)
     return errors
 
 
-def _lowest_rank_with(tag: str) -> int:
+def _lowest_rank_with(tag: str, group: dist.ProcessGroup | None) -> int:
     """Collective: the lowest rank whose shard tag is `tag` (ranks with the same tag hold identical shards)."""
     if not _is_dist():
         return 0
     tags: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(tags, tag)  # in-memory between the gang's ranks, never read from the volume
+    dist.all_gather_object(tags, tag, group=group)  # in-memory between the gang's ranks, never read from the volume
     return tags.index(tag)
 
 

@@ -3,7 +3,8 @@
 The operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK and NODE_RANK in every pod, as torchrun does
 for its workers; without them the worker runs as a single process with no process group. gloo on CPU, nccl on GPU.
 Every collective has a timeout, so when a rank dies the others fail within a bound instead of hanging, and the
-operator's gang restart can proceed.
+operator's gang restart can proceed. Checkpoint waits use their own group (`checkpoint_group`), with a timeout sized
+for the checkpoint (train/checkpoint.py: `K2_CHECKPOINT_TIMEOUT_S`, `K2_CHECKPOINT_MIN_MBPS`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def init_distributed(device_kind: str, timeout_s: float, env: Mapping[str, str] 
         )
         log.info("rank %d/%d joined the %s process group (timeout %.0f s)", rank, world_size, backend, timeout_s)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def checkpoint_group(timeout_s: float) -> dist.ProcessGroup | None:
+    """Collective: a gloo group of all ranks whose collectives wait up to `timeout_s`, for waits on storage (a
+    checkpoint's barriers), which can take far longer than a step; the main group keeps its short timeout, so a dead
+    or hung peer is still noticed within it during training. None without a process group of several ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    assert isinstance(group, dist.ProcessGroup)
+    return group
 
 
 def shutdown() -> None:
