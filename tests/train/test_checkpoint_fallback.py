@@ -16,6 +16,8 @@ from k2_workers.train.checkpoint import COMPLETE_MARKER, CheckpointManager, comp
 from k2_workers.train.config import RunConfig
 from k2_workers.train.loop import train
 
+from .launch import step_lines, torchrun
+
 
 def _run(checkpoint_dir: Path, **overrides: Any) -> list[dict[str, Any]]:
     values: dict[str, Any] = {"seq_len": 32, "micro_batch_size": 2, "warmup_steps": 1, "decay_steps": 2}
@@ -70,11 +72,14 @@ def _delete_shard(path: Path) -> str:
     return "tensors.safetensors"
 
 
-def _flip_a_byte(path: Path) -> str:
-    shard = path / "tensors.safetensors"
-    data = bytearray(shard.read_bytes())
+def _flip_a_byte_of(file: Path) -> None:
+    data = bytearray(file.read_bytes())
     data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    file.write_bytes(bytes(data))
+
+
+def _flip_a_byte(path: Path) -> str:
+    _flip_a_byte_of(path / "tensors.safetensors")
     return "SHA-256"
 
 
@@ -142,3 +147,19 @@ def test_a_checkpoint_of_another_model_raises_instead_of_falling_back(tmp_path: 
     with pytest.raises(RuntimeError, match="size mismatch"):
         manager.restore(other, torch.optim.AdamW(other.parameters()))
     assert (tmp_path / "step-5").is_dir()  # a configuration error: the checkpoint is not moved aside
+
+
+@pytest.mark.distributed
+def test_all_ranks_fall_back_when_only_one_rank_cannot_read_its_expert_shard(tmp_path: Path) -> None:
+    ep = ["--steps", "30", "--expert-parallel", "2", "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path)]
+    first = torchrun([*ep, "--stop-after", "4"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    shard = tmp_path / "step-4" / "tensors.ep1of2.safetensors"  # only rank 1 reads it
+    _flip_a_byte_of(shard)
+
+    resumed = torchrun([*ep, "--stop-after", "6"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    lines = step_lines(resumed.stdout)
+    assert [r["step"] for r in lines] == [3, 4, 5, 6]  # both ranks went back to step 2, not only rank 1
+    assert lines[0]["loss"] == pytest.approx(step_lines(first.stdout)[2]["loss"], rel=1e-5)
+    assert "checkpoint fallback" in resumed.stderr and f"rank 1: {shard}" in resumed.stderr
