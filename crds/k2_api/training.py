@@ -299,6 +299,12 @@ class K2TrainingStatus(ApiModel):
     )
     conditions: list[Condition] = conditions_field("Created, Running, Restarting, Succeeded, Failed, Suspended")
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far (compared with maxRestarts).")
+    preemptions: int = Field(
+        default=0,
+        ge=0,
+        description="Gang restarts after a preemption (SIGTERM answered with a checkpoint, or a pod disruption); "
+        "not counted in restarts.",
+    )
     ready_workers: int = Field(default=0, ge=0, description="Worker pods running and ready.")
     progress: Progress | None = Field(default=None, description="Step, loss, throughput, checkpoint.")
     start_time: datetime | None = Field(default=None, description="When the gang first started running.")

@@ -33,7 +33,8 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     training = K2Training.model_validate(body)
     selector = {"app.kubernetes.io/instance": name, KIND_LABEL: KIND}
     jobs = [j for j in await kube.list("Job", namespace, selector) if owned_by(j, training.metadata.uid)]
-    decision = plan(training, jobs, now())
+    pods = await kube.list("Pod", namespace, selector)  # their termination messages explain a failed Job
+    decision = plan(training, jobs, now(), pods)
     if decision.delete_training:
         log.info("%s/%s: ttlSecondsAfterFinished passed, deleting", namespace, name)
         await kube.delete(KIND, namespace, name)
@@ -42,7 +43,7 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
         await kube.delete("Job", namespace, job_name)
     if decision.run_gang:
         existing = {j["metadata"]["name"]: j for j in jobs if j["metadata"]["name"] not in decision.delete_jobs}
-        for manifest in children(training, decision.attempt):
+        for manifest in children(training, decision.attempt, decision.preemptions):
             if manifest["kind"] == "Job":
                 manifest = _with_template_hash(manifest)
                 old = existing.get(manifest["metadata"]["name"])

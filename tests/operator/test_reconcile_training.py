@@ -4,9 +4,11 @@ on change, whole-gang restarts, and a training deleted while its reconcile ran."
 from __future__ import annotations
 
 from k2_api import K2Training
+from k2_api.contract import ExitCodes
 from k2_api.kube import NotFound
+from k2_operator.builders.training import PREEMPTED_REASON, PREEMPTIONS_ANNOTATION
 from k2_operator.training import reconcile
-from tests.operator.fake_env import Env, condition, controller_owner_uid
+from tests.operator.fake_env import CONTROLLER_MANAGER, Env, condition, controller_owner_uid
 
 FILE = "k2training-debug.yaml"
 NAME = "k2-debug-train"
@@ -61,3 +63,69 @@ def test_a_training_deleted_during_its_reconcile_is_left_alone() -> None:
     writes = len(env.cluster.calls)
     env.run(reconcile, NAME)
     assert len(env.cluster.calls) == writes  # a missing training: no writes at all
+
+
+def _failed_worker(env: Env, job: str, exit_code: int, message: str) -> None:
+    """The Job's pod 0 as its controller made it, terminated with `exit_code` and a termination message."""
+    owner = env.get("Job", job)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-0-abcde",
+            "namespace": "ns1",
+            "labels": dict(owner["spec"]["template"]["metadata"]["labels"]),
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": job,
+                    "uid": owner["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {"containers": [{"name": "trainer", "image": "i"}]},
+    }
+    env.cluster.client(CONTROLLER_MANAGER).create(pod)
+    terminated = {"exitCode": exit_code, "message": message, "reason": "Error", "finishedAt": "2026-01-01T00:00:00Z"}
+    env.set_status(
+        "Pod",
+        pod["metadata"]["name"],
+        {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]},
+    )
+
+
+def test_a_preempted_gang_restarts_without_counting_and_records_it_on_the_new_job() -> None:
+    env = Env()
+    env.create_example(FILE, failurePolicy={"maxRestarts": 0})  # no restart allowed: a preemption is none
+    env.run(reconcile, NAME)
+    _failed_worker(env, f"{NAME}-worker-0", ExitCodes.PREEMPTED, "preempted at step 7, checkpoint /checkpoints/step-7")
+    by_policy = {"type": "Failed", "status": "True", "reason": PREEMPTED_REASON, "message": "exit code 75 matched"}
+    env.set_status("Job", f"{NAME}-worker-0", {"conditions": [by_policy]})
+    env.run(reconcile, NAME)
+    env.run(reconcile, NAME)
+    assert env.names("Job") == [f"{NAME}-worker-1"]
+    assert env.get("Job", f"{NAME}-worker-1")["metadata"]["annotations"][PREEMPTIONS_ANNOTATION] == "1"
+    body = env.get(K2Training.KIND, NAME)
+    assert (body["status"]["restarts"], body["status"]["preemptions"]) == (0, 1)
+    restarting = condition(body, "Restarting")
+    assert (restarting["status"], restarting["reason"]) == ("True", "Preempted")
+    assert "preempted at step 7, checkpoint /checkpoints/step-7" in restarting["message"]
+    assert condition(body, "Succeeded")["status"] == "False" and condition(body, "Failed")["status"] == "False"
+
+
+def test_a_crash_past_max_restarts_fails_with_the_pods_termination_message() -> None:
+    env = Env()
+    env.create_example(FILE, failurePolicy={"maxRestarts": 0})
+    env.run(reconcile, NAME)
+    cause = "rank 0 failed: FileNotFoundError: [Errno 2] No such file or directory: '/data/missing'"
+    _failed_worker(env, f"{NAME}-worker-0", 1, cause)
+    failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "backoff limit"}
+    env.set_status("Job", f"{NAME}-worker-0", {"conditions": [failed]})
+    env.run(reconcile, NAME)
+    body = env.get(K2Training.KIND, NAME)
+    message = condition(body, "Failed")["message"]
+    assert condition(body, "Failed")["reason"] == "MaxRestartsExceeded"
+    assert f"pod {NAME}-worker-0-0-abcde (exit code 1): {cause}" in message, message
+    assert env.names("Job") == []

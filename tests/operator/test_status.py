@@ -8,7 +8,7 @@ from typing import Any
 
 from k2_api import K2Training
 from k2_operator.builders import placement as placement_builder
-from k2_operator.builders.training import ATTEMPT_LABEL, job_name
+from k2_operator.builders.training import ATTEMPT_LABEL, PREEMPTED_REASON, PREEMPTIONS_ANNOTATION, job_name
 from k2_operator.conditions import Desired, changed, merge, normalized, transitions
 from k2_operator.status import placement as placement_status
 from k2_operator.status import training as training_status
@@ -75,6 +75,93 @@ def test_attempt_is_recovered_from_jobs_when_status_was_not_written() -> None:
     decision = training_status.plan(resource, [job(resource, 0), job(resource, 1)], T0)
     assert decision.attempt == 1
     assert decision.delete_jobs == [job_name(resource, 0)]
+
+
+def failed_job(resource: K2Training, attempt: int, reason: str, preemptions: int = 0) -> dict[str, Any]:
+    """A Job of `attempt` that its controller failed with `reason` (PodFailurePolicy: a preemption rule matched)."""
+    body = job(resource, attempt)
+    body["metadata"] |= {"uid": f"job-{attempt}", "annotations": {PREEMPTIONS_ANNOTATION: str(preemptions)}}
+    body["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": reason, "message": "m"}]
+    return body
+
+
+def worker_pod(attempt: int, index: int, exit_code: int, message: str, finished: str) -> dict[str, Any]:
+    terminated = {"exitCode": exit_code, "message": message, "finishedAt": finished, "reason": "Error"}
+    return {
+        "metadata": {"name": f"w-{attempt}-{index}", "ownerReferences": [{"uid": f"job-{attempt}"}]},
+        "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]},
+    }
+
+
+def test_a_preempted_gang_restarts_without_counting_even_past_max_restarts() -> None:
+    resource = training(failurePolicy={"maxRestarts": 0})
+    status = training_status.plan(resource, [], T0).status
+    pods = [worker_pod(0, 0, 75, "preempted at step 7, checkpoint /ckpt/step-7", "2026-01-01T00:00:01Z")]
+    decision = training_status.plan(
+        with_status(resource, status), [failed_job(resource, 0, PREEMPTED_REASON)], later(1), pods
+    )
+    assert (decision.attempt, decision.preemptions, decision.run_gang) == (1, 1, True)
+    assert (decision.status["restarts"], decision.status["preemptions"]) == (0, 1)
+    assert decision.delete_jobs == [job_name(resource, 0)]
+    restarting = condition(decision.status, "Restarting")
+    assert (restarting["status"], restarting["reason"]) == ("True", "Preempted")
+    assert "pod w-0-0 (exit code 75): preempted at step 7, checkpoint /ckpt/step-7" in restarting["message"]
+    assert condition(decision.status, "Succeeded")["status"] == "False"
+    assert condition(decision.status, "Failed")["status"] == "False"
+    # The next attempt runs: Restarting clears, counters stay; a second preemption is counted the same way.
+    running = training_status.plan(with_status(resource, decision.status), [job(resource, 1, ready=2)], later(2))
+    assert condition(running.status, "Restarting")["status"] == "False" and running.status["preemptions"] == 1
+    again = training_status.plan(
+        with_status(resource, running.status), [failed_job(resource, 1, PREEMPTED_REASON, 1)], later(3)
+    )
+    assert (again.attempt, again.status["restarts"], again.status["preemptions"]) == (2, 0, 2)
+
+
+def test_only_a_complete_job_succeeds_after_preemptions() -> None:
+    resource = training()
+    status = with_status(resource, {"restarts": 1, "preemptions": 2})
+    assert training_status.plan(status, [job(resource, 3)], T0).status["preemptions"] == 2
+    done = training_status.plan(status, [job(resource, 3, "Complete")], T0)
+    assert condition(done.status, "Succeeded")["status"] == "True" and done.run_gang is False
+    assert (done.status["restarts"], done.status["preemptions"]) == (1, 2)
+
+
+def test_a_crash_past_max_restarts_fails_with_the_first_failed_pods_message() -> None:
+    resource = training(failurePolicy={"maxRestarts": 1})
+    status = with_status(resource, {"restarts": 1, "preemptions": 0})
+    cause = "rank 1 failed: FileNotFoundError: [Errno 2] No such file or directory: '/data/missing'"
+    pods = [
+        worker_pod(1, 0, 1, "rank 0 failed: RuntimeError: Connection reset by peer", "2026-01-01T00:00:09Z"),
+        worker_pod(1, 1, 1, cause, "2026-01-01T00:00:05Z"),  # failed first: the cause
+        worker_pod(1, 2, 75, "preempted at step 3, checkpoint none", "2026-01-01T00:00:01Z"),  # not a crash
+        worker_pod(0, 0, 1, "an older attempt's pod", "2026-01-01T00:00:00Z"),  # another Job's
+    ]
+    final = training_status.plan(status, [failed_job(resource, 1, "BackoffLimitExceeded")], later(10), pods)
+    failed = condition(final.status, "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "MaxRestartsExceeded")
+    assert failed["message"] == (
+        f"attempt 1 failed: BackoffLimitExceeded m; pod w-1-1 (exit code 1): {cause}; "
+        "failurePolicy.maxRestarts=1 reached"
+    )
+    restart = training_status.plan(
+        with_status(resource, {}), [failed_job(resource, 0, "BackoffLimitExceeded")], T0, [pods[3]]
+    )
+    assert condition(restart.status, "Restarting")["message"] == (
+        "gang restart 1/1 after attempt 0 failed: BackoffLimitExceeded m; "
+        "pod w-0-0 (exit code 1): an older attempt's pod"
+    )
+
+
+def test_counters_are_recovered_from_the_newest_jobs_annotation() -> None:
+    resource = training()
+    status = with_status(resource, {"restarts": 1, "preemptions": 1})  # attempt 2 in status
+    later_job = job(resource, 4)
+    later_job["metadata"]["annotations"] = {PREEMPTIONS_ANNOTATION: "2"}  # attempt 4 = 2 restarts + 2 preemptions
+    decision = training_status.plan(status, [job(resource, 2), later_job], T0)
+    assert (decision.attempt, decision.status["restarts"], decision.status["preemptions"]) == (4, 2, 2)
+    assert decision.delete_jobs == [job_name(resource, 2)]
+    unannotated = training_status.plan(status, [job(resource, 3)], T0)  # an older operator's Job: a restart
+    assert (unannotated.status["restarts"], unannotated.status["preemptions"]) == (2, 1)
 
 
 def test_succeeded_is_terminal_and_ttl_deletes_the_training() -> None:

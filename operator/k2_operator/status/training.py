@@ -1,32 +1,38 @@
 """What a K2Training reconcile does and the status it writes, from the resource and its observed Jobs.
 
-Attempts: the gang of attempt N is the Job `<name>-worker-N`; the attempt in force is the larger of status.restarts
-and the highest attempt among the existing Jobs (so a crash between creating a Job and writing status converges).
-A failed Job of the attempt in force starts attempt N+1 while N < maxRestarts, else the training is Failed.
-Succeeded and Failed are terminal: no new gang is created and the status stays as it is, until
+Attempts: the gang of attempt N is the Job `<name>-worker-N`, N = restarts + preemptions. The attempt in force is the
+larger of that sum in status and the highest attempt among the existing Jobs, whose `k2.ai/preemptions` annotation
+splits it again (so a crash between creating a Job and writing status converges). A Job of the attempt in force
+that failed by its podFailurePolicy was preempted: attempt N+1 starts and only `preemptions` grows. Any other
+failure starts attempt N+1 while restarts < maxRestarts, else the training is Failed; the Restarting and Failed
+messages carry the failed pod's termination message. Only a Complete Job (every worker reached spec.steps)
+is Succeeded. Succeeded and Failed are terminal: no new gang is created and the status stays as it is, until
 ttlSecondsAfterFinished deletes the resource.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from k2_api import K2Training, TrainingConditionType
-from k2_api.contract import Labels
-from k2_operator.builders.training import job_name
+from k2_api.contract import ExitCodes, Labels
+from k2_operator.builders.training import PREEMPTED_REASON, PREEMPTIONS_ANNOTATION, job_name
 from k2_operator.conditions import Condition, Desired, find, is_true, merge, rfc3339
 
 T = TrainingConditionType
 CONDITION_TYPES = tuple(t.value for t in TrainingConditionType)
-OWNED_FIELDS = ("observedGeneration", "restarts", "readyWorkers", "startTime", "completionTime")
+OWNED_FIELDS = ("observedGeneration", "restarts", "preemptions", "readyWorkers", "startTime", "completionTime")
 
 
 @dataclass
 class TrainingPlan:
     attempt: int
     """Attempt whose Job should exist (applied unless `run_gang` is False)."""
+    preemptions: int
+    """Preemptions before `attempt` (recorded on its Job)."""
     run_gang: bool
     """Apply the children and the Job of `attempt` (False once the training is terminal)."""
     delete_jobs: list[str] = field(default_factory=list)
@@ -48,38 +54,96 @@ def job_attempt(job: dict[str, Any]) -> int:
         return 0
 
 
+def job_preemptions(job: dict[str, Any]) -> int | None:
+    try:
+        return int(job["metadata"].get("annotations", {})[PREEMPTIONS_ANNOTATION])
+    except (KeyError, ValueError):
+        return None
+
+
+def counters(previous: dict[str, Any], jobs: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """(restarts, preemptions) in force: status's, unless a Job of a later attempt exists (status not yet written)."""
+    restarts, preemptions = int(previous.get("restarts", 0)), int(previous.get("preemptions", 0))
+    for job in sorted(jobs, key=job_attempt):
+        attempt = job_attempt(job)
+        if attempt > restarts + preemptions:
+            recorded = job_preemptions(job)
+            preemptions = min(attempt, preemptions if recorded is None else recorded)
+            restarts = attempt - preemptions
+    return restarts, preemptions
+
+
+def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    return uid is not None and any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences", []))
+
+
+def termination_cause(job: dict[str, Any] | None, pods: Sequence[dict[str, Any]], preempted: bool) -> str:
+    """`pod P (exit code C): <termination message>` of the Job's pod that stopped first the way the Job failed
+    (a crash, or a preemption when `preempted`); "" when no such pod is left to tell."""
+    if job is None:
+        return ""
+    stopped: list[tuple[str, str, int, str]] = []
+    for pod in pods:
+        if not _owned_by(pod, job["metadata"].get("uid")):
+            continue
+        for container in pod.get("status", {}).get("containerStatuses", []):
+            terminated = container.get("state", {}).get("terminated") or {}
+            code = terminated.get("exitCode")
+            if code is None or code == ExitCodes.SUCCEEDED or (code == ExitCodes.PREEMPTED) != preempted:
+                continue
+            message = str(terminated.get("message") or terminated.get("reason") or "no termination message")
+            stopped.append((str(terminated.get("finishedAt", "")), pod["metadata"]["name"], int(code), message))
+    if not stopped:
+        return ""
+    _, name, code, message = min(stopped)
+    return f"pod {name} (exit code {code}): {message.strip()}"
+
+
 def _parse_time(text: str | None) -> dt.datetime | None:
     if not text:
         return None
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def plan(training: K2Training, jobs: list[dict[str, Any]], now: dt.datetime) -> TrainingPlan:
+def plan(
+    training: K2Training, jobs: list[dict[str, Any]], now: dt.datetime, pods: Sequence[dict[str, Any]] = ()
+) -> TrainingPlan:
+    """The reconcile's decisions from the resource, its Jobs and their pods (for termination messages)."""
     spec = training.spec
     previous: dict[str, Any] = training.status.to_dict() if training.status else {}
     old_conditions: list[Condition] = previous.get("conditions", [])
-    restarts = max([int(previous.get("restarts", 0)), *(job_attempt(j) for j in jobs)])
-    current = next((j for j in jobs if j["metadata"]["name"] == job_name(training, restarts)), None)
+    restarts, preemptions = counters(previous, jobs)
+    current = next((j for j in jobs if j["metadata"]["name"] == job_name(training, restarts + preemptions)), None)
     start = _parse_time(previous.get("startTime"))
     completion = _parse_time(previous.get("completionTime"))
     succeeded = is_true(old_conditions, T.SUCCEEDED)
     failed = is_true(old_conditions, T.FAILED)
     failed_reason, failed_message = "", ""
-    restart_message = ""
+    restart_reason, restart_message = "", ""
     if failed:
         old = find(old_conditions, T.FAILED) or {}
         failed_reason, failed_message = str(old.get("reason", "")), str(old.get("message", ""))
     terminal_before = succeeded or failed
 
     if not terminal_before:
+        attempt = restarts + preemptions
         job_failed = _job_condition(current, "Failed") or _job_condition(current, "FailureTarget")
         if _job_condition(current, "Complete") or _job_condition(current, "SuccessCriteriaMet"):
             succeeded = True
+        elif job_failed is not None and job_failed.get("reason") == PREEMPTED_REASON:
+            cause = termination_cause(current, pods, preempted=True) or str(job_failed.get("message", ""))
+            preemptions += 1
+            restart_reason = "Preempted"
+            restart_message = f"attempt {attempt} preempted ({preemptions} so far, not counted): {cause}".strip()
+            current = None
         elif job_failed is not None:
-            why = f"attempt {restarts} failed: {job_failed.get('reason', '')} {job_failed.get('message', '')}".strip()
+            why = f"attempt {attempt} failed: {job_failed.get('reason', '')} {job_failed.get('message', '')}".strip()
+            cause = termination_cause(current, pods, preempted=False)
+            why = f"{why}; {cause}" if cause else why
             if restarts < spec.failure_policy.max_restarts:
                 restarts += 1
                 current = None
+                restart_reason = "GangRestart"
                 restart_message = f"gang restart {restarts}/{spec.failure_policy.max_restarts} after {why}"
             else:
                 failed = True
@@ -101,10 +165,14 @@ def plan(training: K2Training, jobs: list[dict[str, Any]], now: dt.datetime) -> 
     terminal = succeeded or failed
     ready = int((current or {}).get("status", {}).get("ready", 0) or 0) if not spec.suspend else 0
     running = not terminal and not spec.suspend and current is not None and ready >= spec.num_nodes
-    restarting = not terminal and not spec.suspend and restarts > 0 and not running
+    attempt = restarts + preemptions
+    restarting = not terminal and not spec.suspend and attempt > 0 and not running
     if restarting and not restart_message:
         old = find(old_conditions, T.RESTARTING) or {}
-        restart_message = str(old.get("message", "")) if old.get("status") == "True" else f"gang restart {restarts}"
+        if old.get("status") == "True":
+            restart_reason, restart_message = str(old.get("reason", "")), str(old.get("message", ""))
+        else:
+            restart_reason, restart_message = "GangRestart", f"gang restart {attempt}"
 
     if terminal:
         running_reason = "Succeeded" if succeeded else "Failed"
@@ -113,9 +181,14 @@ def plan(training: K2Training, jobs: list[dict[str, Any]], now: dt.datetime) -> 
     else:
         running_reason = "AllWorkersReady" if running else "WaitingForWorkers"
     desired = [
-        Desired(T.CREATED, True, "GangCreated", f"Job {job_name(training, restarts)}"),
+        Desired(T.CREATED, True, "GangCreated", f"Job {job_name(training, attempt)}"),
         Desired(T.RUNNING, running, running_reason, f"{ready}/{spec.num_nodes} workers ready"),
-        Desired(T.RESTARTING, restarting, "GangRestart" if restarting else "NotRestarting", restart_message),
+        Desired(
+            T.RESTARTING,
+            restarting,
+            restart_reason if restarting else "NotRestarting",
+            restart_message,
+        ),
         Desired(T.SUCCEEDED, succeeded, "AllWorkersSucceeded" if succeeded else "NotFinished"),
         Desired(T.FAILED, failed, failed_reason or "NotFailed", failed_message),
         Desired(T.SUSPENDED, spec.suspend, "Suspended" if spec.suspend else "NotSuspended"),
@@ -123,16 +196,22 @@ def plan(training: K2Training, jobs: list[dict[str, Any]], now: dt.datetime) -> 
     status = {
         "observedGeneration": training.metadata.generation,
         "restarts": restarts,
+        "preemptions": preemptions,
         "readyWorkers": ready,
         "startTime": rfc3339(start) if start else None,
         "completionTime": rfc3339(completion) if completion else None,
         "conditions": merge(old_conditions, desired, training.metadata.generation, now),
     }
-    keep = job_name(training, restarts)
+    keep = job_name(training, attempt)
     # Old attempts go; a failed training also stops its gang; a succeeded one keeps its finished Job for inspection.
     delete = [j["metadata"]["name"] for j in jobs if j["metadata"]["name"] != keep or (failed and not succeeded)]
     ttl = spec.ttl_seconds_after_finished
     expired = terminal and ttl is not None and completion is not None and (now - completion).total_seconds() >= ttl
     return TrainingPlan(
-        attempt=restarts, run_gang=not terminal, delete_jobs=delete, delete_training=expired, status=status
+        attempt=attempt,
+        preemptions=preemptions,
+        run_gang=not terminal,
+        delete_jobs=delete,
+        delete_training=expired,
+        status=status,
     )
