@@ -27,7 +27,7 @@ from types import FrameType
 from prometheus_client import start_http_server
 
 from k2_api import ExpertPlacement, K2Serving
-from k2_api.kube import Kube, KubeError
+from k2_api.kube import Kube, KubeError, Object
 from k2_eplb import convert
 from k2_eplb import kube as api
 from k2_eplb.controller_metrics import ControllerMetrics
@@ -62,26 +62,52 @@ class Controller:
     _due: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def run_once(self, namespace: str | None = None, *, force: bool = False) -> dict[tuple[str, str], Decision]:
-        """Plan every enabled serving whose interval is due (all with `force`), and check the shape of the disabled
-        ones; errors are logged and counted."""
+        """One pass: plan every enabled serving whose interval is due (all with `force`), and check the shape of the
+        disabled ones. No error stops it: a failed listing ends the pass, a failed serving is skipped; both are
+        logged and counted (`failures`, and the metrics)."""
         decisions: dict[tuple[str, str], Decision] = {}
-        for serving in api.list_servings(self.kube, namespace):
-            key = (serving.metadata.namespace or "", serving.metadata.name or "")
-            now = self.clock()
-            if serving.spec.eplb.enabled:
-                if not force and now < self._due.get(key, 0.0):
-                    continue
-                self._due[key] = now + serving.spec.eplb.interval_seconds
+        try:
+            items = api.list_serving_objects(self.kube, namespace)
+        except KubeError as error:
+            self.failures += 1
+            self.metrics.pass_errors.inc()
+            log.error("eplb: listing K2Servings failed: %s", error)
+            return decisions
+        for item in items:
+            key = api.key_of(item)
             try:
-                decision = self.reconcile(serving)
-            except (KubeError, OSError, ValueError) as error:
-                self.failures += 1
-                self.metrics.errors.labels(key[1], key[0]).inc()
+                decision = self._pass(item, force)
+            except (KubeError, OSError, ValueError) as error:  # ValueError: a K2Serving that does not validate
+                self._failed(key)
                 log.error("eplb %s/%s: %s", key[0], key[1], error)
+                continue
+            except Exception:  # a bug must not stop the loop: counted, logged with its traceback, next pass retries
+                self._failed(key)
+                log.exception("eplb %s/%s: unexpected error", key[0], key[1])
                 continue
             if decision is not None:
                 decisions[key] = decision
         return decisions
+
+    def run_forever(self, namespace: str | None, interval: float, stop: threading.Event) -> None:
+        """Passes every `interval` seconds until `stop` is set (a pass in progress finishes first)."""
+        while not stop.is_set():
+            self.run_once(namespace)
+            stop.wait(interval)
+
+    def _pass(self, item: Object, force: bool) -> Decision | None:
+        serving = K2Serving.model_validate(item)
+        key = api.key_of(item)
+        if serving.spec.eplb.enabled:
+            now = self.clock()
+            if not force and now < self._due.get(key, 0.0):
+                return None
+            self._due[key] = now + serving.spec.eplb.interval_seconds
+        return self.reconcile(serving)
+
+    def _failed(self, key: tuple[str, str]) -> None:
+        self.failures += 1
+        self.metrics.errors.labels(key[1], key[0]).inc()
 
     def reconcile(self, serving: K2Serving) -> Decision | None:
         """Reshape, else read, plan and write, for one serving; None when it has no ExpertPlacement yet, or when EPLB
@@ -205,11 +231,7 @@ def main(argv: Sequence[str]) -> int:
         one_shot=args.once,
     )
     if args.once:
-        try:
-            controller.run_once(args.namespace, force=True)
-        except KubeError as error:
-            log.error("eplb: %s", error)
-            return 1
+        controller.run_once(args.namespace, force=True)
         return 1 if controller.failures else 0
     stop = threading.Event()
 
@@ -218,10 +240,5 @@ def main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.is_set():
-        try:
-            controller.run_once(args.namespace)
-        except KubeError as error:  # listing failed: try again next pass
-            log.error("eplb: %s", error)
-        stop.wait(args.interval)
+    controller.run_forever(args.namespace, args.interval, stop)
     return 0

@@ -39,6 +39,9 @@ class ControllerMetrics:
             "k2_eplb_skipped", "Planning passes that wrote nothing, by reason.", (*_LABELS, "reason"), registry=r
         )
         self.errors = Counter("k2_eplb_errors", "Planning passes that failed with an error.", _LABELS, registry=r)
+        self.pass_errors = Counter(
+            "k2_eplb_pass_errors", "Passes that could not list the K2Servings (API server errors).", registry=r
+        )
 
     def observe(self, serving: str, namespace: str, decision: Decision) -> None:
         labels = (serving, namespace)

@@ -15,7 +15,7 @@ from typing import Any
 
 from k2_api import API_VERSION, ExpertPlacement, K2Serving
 from k2_api.contract import Annotations, FieldManagers, PortNames
-from k2_api.kube import Kube, ObjectRef
+from k2_api.kube import Kube, Object, ObjectRef
 
 FIELD_MANAGER = FieldManagers.EPLB
 REBALANCED_AT = Annotations.REBALANCED_AT
@@ -31,6 +31,17 @@ def connect(kubeconfig: Path | None = None) -> Kube:
 
 def list_servings(kube: Kube, namespace: str | None) -> list[K2Serving]:
     return [K2Serving.model_validate(item) for item in kube.list(K2Serving.KIND, namespace)]
+
+
+def list_serving_objects(kube: Kube, namespace: str | None) -> list[Object]:
+    """The K2Servings unparsed, so that one that does not validate fails only its own pass."""
+    return kube.list(K2Serving.KIND, namespace)
+
+
+def key_of(obj: Object) -> tuple[str, str]:
+    """(namespace, name) of an object as the API server sent it."""
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
 def get_placement(kube: Kube, namespace: str, name: str) -> ExpertPlacement | None:
