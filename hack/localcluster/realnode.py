@@ -33,7 +33,7 @@ SHIM = "containerd-shim-runc-v2"
 CNI_BIN = ROOT / ".tools" / "cni" / "bin"
 # `make image` writes the worker image here (hack/image/); up imports it when containerd lacks it.
 WORKER_ARCHIVE = Path.home() / ".cache" / "k2-image" / "worker-dev.oci.tar"
-WORKER_IMPORT = ROOT / "hack" / "image" / "ctr_import.py"
+WORKER_IMPORT = ROOT / "hack" / "image"  # `python hack/image import SOCKET ARCHIVE`: skipped when already there
 PORT_NAMES = ("kubelet", "kubelet_healthz", "kube_proxy_healthz", "kube_proxy_metrics", "dns_health", "dns_ready")
 
 Spawn = Callable[[str, list[str], "dict[str, str] | None"], "subprocess.Popen[bytes]"]
@@ -119,11 +119,11 @@ def _import_images(layout: Layout, files: NodeFiles) -> None:
     toolbox = images.build_toolbox(files.home)
     if toolbox is not None:
         import_image(files.containerd, toolbox)
-    if WORKER_ARCHIVE.is_file() and WORKER_IMPORT.is_file():
+    if WORKER_ARCHIVE.is_file() and (WORKER_IMPORT / "__main__.py").is_file():
         log = layout.log("image-import")
         with log.open("ab") as out:
             result = subprocess.run(
-                [sys.executable, str(WORKER_IMPORT), str(files.containerd.socket), str(WORKER_ARCHIVE)],
+                [sys.executable, str(WORKER_IMPORT), "import", str(files.containerd.socket), str(WORKER_ARCHIVE)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=False,
