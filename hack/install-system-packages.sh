@@ -5,6 +5,7 @@
 #   containerd, runc   the real node's container runtime (hack/localcluster/containerd.py)
 #   iptables, nftables kube-proxy's Service rules and the pod firewall, and removing them (localcluster/network.py)
 #   busybox-static     the real node tests' toolbox image (a shell, nslookup, wget, nc)
+#   gcc, libc6-dev     the static pause binary of the real node (hack/localcluster/pause.c)
 #   debootstrap        the worker image's root filesystem (make image)
 #   prometheus         the Prometheus-backed tests
 #
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 packages=("$@")
-[[ ${#packages[@]} -gt 0 ]] || packages=(containerd runc iptables nftables busybox-static debootstrap prometheus)
+[[ ${#packages[@]} -gt 0 ]] || packages=(containerd runc iptables nftables busybox-static gcc libc6-dev debootstrap prometheus)
 
 missing=()
 for package in "${packages[@]}"; do
