@@ -106,6 +106,8 @@ def _spawn(
 
 def _start(layout: Layout, num_nodes: int, tools: Path, real_node: bool) -> State:
     _check_owned(layout)
+    if real_node:
+        realnode.check_can_start(tools)  # before the control plane: fail fast, and make nothing ours to clean
     if layout.root.exists():
         shutil.rmtree(layout.root)
     layout.logs.mkdir(parents=True)

@@ -94,9 +94,13 @@ def _have(command: str) -> bool:
     return shutil.which(command) is not None
 
 
+def bridge_exists() -> bool:
+    return Path(f"/sys/class/net/{BRIDGE}").exists()
+
+
 def setup(apiserver_port: int) -> None:
     """The bridge, the routes and our firewall chains. Fails when the bridge exists: one real node per machine."""
-    if Path(f"/sys/class/net/{BRIDGE}").exists():
+    if bridge_exists():
         raise ClusterError(f"the interface {BRIDGE} exists: another real node runs here (its cluster-down removes it)")
     _run("ip", "link", "add", BRIDGE, "type", "bridge")
     _run("ip", "addr", "add", f"{GATEWAY}/{REAL_POD_CIDR.split('/')[1]}", "dev", BRIDGE)
@@ -123,7 +127,7 @@ def teardown(nft_baseline: Iterable[str] | None, ip_forward: str | None) -> None
     for cidr in UNREACHABLE:
         _run("ip", "route", "del", "unreachable", cidr, check=False)
     _run("ip", "route", "del", SERVICE_CIDR, "dev", BRIDGE, check=False)
-    if Path(f"/sys/class/net/{BRIDGE}").exists():
+    if bridge_exists():
         _run("ip", "link", "delete", BRIDGE)
     if ip_forward is not None:
         IP_FORWARD.write_text(ip_forward)
@@ -132,7 +136,7 @@ def teardown(nft_baseline: Iterable[str] | None, ip_forward: str | None) -> None
 def leftovers() -> list[str]:
     """What of the real node's network is still here (empty after a clean teardown)."""
     found: list[str] = []
-    if Path(f"/sys/class/net/{BRIDGE}").exists():
+    if bridge_exists():
         found.append(f"interface {BRIDGE}")
     veths = _run("ip", "-o", "link", "show", "type", "veth", check=False).stdout
     found += [f"interface {line.split(':')[1].strip()}" for line in veths.splitlines() if line.strip()]

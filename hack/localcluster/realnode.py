@@ -157,11 +157,21 @@ def _gpus_allocatable(layout: Layout, state: State) -> bool:
     return bool(allocatable.get(GPU_RESOURCE) == str(GPUS_PER_NODE))
 
 
-def start(layout: Layout, state: State, tools: Path, spawn: Spawn) -> None:
-    """Brings up the real node against the running control plane and waits until it is Ready with its GPUs."""
+def check_can_start(tools: Path) -> None:
+    """Fails before anything is made when the real node cannot run here, or another one runs (one per machine).
+
+    It must run before `start` creates the node's directory: `down` treats that directory as "ours to clean up".
+    """
     missing = missing_prerequisites(tools)
     if missing:
         raise ClusterError("the real node needs: " + "; ".join(missing) + " (hack/install-system-packages.sh)")
+    if network.bridge_exists():
+        raise ClusterError(f"the interface {network.BRIDGE} exists: another real node runs on this machine")
+
+
+def start(layout: Layout, state: State, tools: Path, spawn: Spawn) -> None:
+    """Brings up the real node against the running control plane and waits until it is Ready with its GPUs."""
+    check_can_start(tools)
     files = NodeFiles(layout.node)
     state.ports.update(dict(zip(PORT_NAMES, free_port_set(len(PORT_NAMES)), strict=True)))
     state.host = {"ip_forward": network.IP_FORWARD.read_text(), "nft_tables": sorted(network.nft_tables())}

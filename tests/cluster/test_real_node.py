@@ -10,11 +10,12 @@ import ipaddress
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster.real_node import real_node_cluster, skip_unless_a_real_node_can_run, toolbox_pod
+from tests.cluster.real_node import lc, real_node_cluster, skip_unless_a_real_node_can_run, toolbox_pod
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, get
 from tests.support.paths import TOOLS_BIN
@@ -170,3 +171,13 @@ def test_a_killed_container_is_restarted_by_the_kubelet(real: Cluster) -> None:
 
     status = wait_for("the kubelet to restart the container", restarted)
     assert status["lastState"]["terminated"]["exitCode"] == 3
+
+
+def test_a_second_real_node_is_refused_and_the_first_is_left_alone(real: Cluster, tmp_path: Path) -> None:
+    with pytest.raises(lc.ClusterError, match="another real node runs on this machine"):
+        lc.up(tmp_path / "second", num_nodes=1, real_node=True)
+    assert not (tmp_path / "second" / "node").exists()
+    node = get(real, "node/real-node-0")
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+    reply = _in_client(real, _http_get("web:80")).stdout
+    assert reply.endswith("hello-from-web\n")
