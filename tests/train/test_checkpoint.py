@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from k2_workers.train.checkpoint import (
-    COMPLETE_MARKER,
     CheckpointManager,
     complete_checkpoints,
     latest_checkpoint,
 )
 from k2_workers.train.checkpoint_codec import join_tensors, split_tensors
+from k2_workers.train.checkpoint_files import COMPLETE_MARKER
 
 
 def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2_workers.train.checkpoint import COMPLETE_MARKER, CheckpointManager
+from k2_workers.train.checkpoint import CheckpointManager
+from k2_workers.train.checkpoint_files import COMPLETE_MARKER, CheckpointError
 
 
 class _Payload:
@@ -57,8 +58,6 @@ def _plant(path: Path, name: str, content: bytes) -> None:
 
 @pytest.mark.parametrize("name", ["extra.rank0.json", "optimizer.json"])
 def test_a_pickle_where_extras_live_is_refused_as_not_json(tmp_path: Path, name: str) -> None:
-    from k2_workers.train.checkpoint import CheckpointError
-
     model, optimizer = _model_and_optimizer()
     path = CheckpointManager(tmp_path / "ckpt").save(1, model, optimizer, {"data": {"consumed_samples": 2}})
     marker = tmp_path / "code-ran"

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from k2_workers.train.checkpoint import COMPLETE_MARKER, CheckpointManager, complete_checkpoints, read_marker
+from k2_workers.train.checkpoint import CheckpointManager, complete_checkpoints
+from k2_workers.train.checkpoint_files import COMPLETE_MARKER, read_marker
 
 REPO = Path(__file__).parents[2]
 

@@ -7,15 +7,7 @@ named `step-N` that hold the marker count, so a half-written checkpoint is never
 counts), then removed, so a crash can leave garbage but never a `step-N` with files missing; a start (`restore`)
 removes the garbage of earlier attempts (`.deleting-*` and `step-N.tmp`).
 
-Files of `step-N/`:
-- `tensors.safetensors` (rank 0): the model's state dict (`model.<name>`, router biases included) and the optimizer's
-  tensors (`optim.<path>`), except expert shards;
-- `tensors.<tag>.safetensors` (the lowest rank of each shard tag): the expert shards and their optimizer state;
-- `optimizer.json` (rank 0): the optimizer state dict's structure, tensors replaced by their keys (checkpoint_codec);
-- `extra.rank<r>.json` (every rank): the step and the extras (scheduler, data position, RNG states): JSON values;
-- `files.rank<r>.json` (every rank): size and SHA-256 of the files that rank wrote;
-- `COMPLETE` (rank 0, last): JSON with the step, the world size and every file's size and SHA-256.
-Loading checks each file it reads against `COMPLETE` and raises `CheckpointError` naming the file otherwise.
+The files of a checkpoint and their checks are train/checkpoint_files.py.
 
 Resuming (`restore`) tries the complete-looking checkpoints newest first. One that any rank cannot read is skipped
 (every rank agrees on the verdict), moved aside to `step-N.corrupt-<unix time>` so that it is neither resumed nor
@@ -26,46 +18,34 @@ configuration error, and the older checkpoints would not fit either.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from k2_workers.train import checkpoint_codec as codec
+from k2_workers.train import checkpoint_files as files
+from k2_workers.train.checkpoint_files import COMPLETE_MARKER, CheckpointError, TrainState
 from k2_workers.train.distributed import checkpoint_group
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "COMPLETE"
-FORMAT = "k2-checkpoint-v2"
-TENSORS_FILE = "tensors.safetensors"
-OPTIMIZER_FILE = "optimizer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
-_DELETING_PREFIX = ".deleting-"
 # Checkpoint collectives run on their own gloo group, whose timeout follows the checkpoint's size (collective_timeout_s)
 TIMEOUT_ENV = "K2_CHECKPOINT_TIMEOUT_S"
 MIN_THROUGHPUT_ENV = "K2_CHECKPOINT_MIN_MBPS"
 BASE_TIMEOUT_S = 300.0
 DEFAULT_MIN_THROUGHPUT_MBPS = 25.0
-
-
-class CheckpointError(Exception):
-    """A checkpoint is incomplete or corrupt: a file is missing, has the wrong size or hash, or does not parse."""
 
 
 def _is_dist() -> bool:
@@ -136,26 +116,6 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
-
-
-def shard_file(tag: str | None) -> str:
-    return TENSORS_FILE if tag is None else f"tensors.{tag}.safetensors"
-
-
-def extra_file(rank: int) -> str:
-    return f"extra.rank{rank}.json"
-
-
-def _files_file(rank: int) -> str:
-    return f"files.rank{rank}.json"
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores besides model weights and optimizer state."""
-
-    step: int
-    extra: dict[str, Any]  # scheduler, data position, RNG states, ...
 
 
 @dataclass(frozen=True)
@@ -243,31 +203,24 @@ class CheckpointManager:
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
-                _delete(tmp)
+                files.delete_dir(tmp)
             tmp.mkdir(parents=True)
         _barrier(group)
-        files: dict[str, str | dict[str, torch.Tensor]] = {extra_file(rank): extra_json}
+        contents: dict[str, files.FileContent] = {files.extra_file(rank): extra_json}
         if rank == 0:
-            files[TENSORS_FILE] = replicated
-            files[OPTIMIZER_FILE] = skeleton_json
+            contents[files.TENSORS_FILE] = replicated
+            contents[files.OPTIMIZER_FILE] = skeleton_json
         if writes_shards:
-            files[shard_file(shard_tag)] = shards
-        _write_files(tmp, rank, files)
+            contents[files.shard_file(shard_tag)] = shards
+        files.write_rank_files(tmp, rank, contents)
         _barrier(group)
         if rank == 0:
             if before_rename is not None:
                 before_rename(tmp)
-            marker = {
-                "format": FORMAT,
-                "step": step,
-                "world_size": _world_size(),
-                "time": time.time(),
-                "files": _collect_file_lists(tmp, _world_size()),
-            }
-            _write_durably(tmp / COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
-            previous = _move_aside(final) if final.exists() else None  # the same step from an earlier attempt
+            files.write_marker(tmp, step, _world_size())
+            previous = files.move_aside(final) if final.exists() else None  # the same step from an earlier attempt
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            files.fsync_dir(self.root)
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
             self._prune(step)
@@ -278,11 +231,11 @@ class CheckpointManager:
     def _prune(self, current_step: int) -> None:
         for step, path in complete_checkpoints(self.root)[: -self.keep_last]:
             log.info("deleting old checkpoint step %d", step)
-            _delete(path)
+            files.delete_dir(path)
         for child in self.root.iterdir():
             match = _TMP_DIR.match(child.name)
             if match and int(match.group(1)) <= current_step:
-                _delete(child)
+                files.delete_dir(child)
 
     def clean(self) -> list[str]:
         """Removes what interrupted saves and deletions left (`.deleting-*`, `step-N.tmp`); returns their names.
@@ -291,10 +244,10 @@ class CheckpointManager:
             return []
         removed = []
         for child in sorted(self.root.iterdir()):
-            if child.name.startswith(_DELETING_PREFIX):
+            if child.name.startswith(files.DELETING_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)
             elif _TMP_DIR.match(child.name):
-                _delete(child)
+                files.delete_dir(child)
             else:
                 continue
             removed.append(child.name)
@@ -316,7 +269,7 @@ class CheckpointManager:
         for step, name in candidates:
             path = Path(name)
             try:
-                loaded, error = read_checkpoint(path, rank, shard_tag), None
+                loaded, error = files.read_checkpoint(path, rank, shard_tag), None
             except CheckpointError as failure:
                 loaded, error = None, str(failure)
             errors = _gather_errors(error, group)
@@ -326,7 +279,7 @@ class CheckpointManager:
                 if rank == 0:
                     self._set_aside(path)
                 continue
-            apply_checkpoint(loaded, model, optimizer)
+            files.apply_checkpoint(loaded, model, optimizer)
             resume = Resume(path, loaded.state, tuple(skipped))
             break
         else:
@@ -338,7 +291,7 @@ class CheckpointManager:
     def _set_aside(self, path: Path) -> None:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         os.replace(path, aside)
-        _fsync_dir(self.root)
+        files.fsync_dir(self.root)
         log.warning("moved the unusable checkpoint %s to %s", path, aside.name)
 
     def load(
@@ -352,59 +305,9 @@ class CheckpointManager:
         rank did not exist in the saved run, i.e. the world grew). CheckpointError when a file this rank reads is
         missing, altered or unreadable (the model is then unchanged); ValueError when the checkpoint is intact but
         does not fit the model (another configuration or parallelism)."""
-        loaded = read_checkpoint(path, _rank(), shard_tag)
-        apply_checkpoint(loaded, model, optimizer)
+        loaded = files.read_checkpoint(path, _rank(), shard_tag)
+        files.apply_checkpoint(loaded, model, optimizer)
         return loaded.state
-
-
-@dataclass
-class LoadedCheckpoint:
-    """What one rank read from a checkpoint, checked against its marker, not yet applied."""
-
-    path: Path
-    state: TrainState
-    skeleton: Any
-    tensors: dict[str, torch.Tensor]
-
-
-def read_marker(path: Path) -> dict[str, Any]:
-    """The parsed `COMPLETE` marker; CheckpointError when it is missing, not JSON or of another format."""
-    try:
-        marker = json.loads((path / COMPLETE_MARKER).read_bytes())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable {COMPLETE_MARKER} marker: {error}") from error
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
-        raise CheckpointError(f"{path}: {COMPLETE_MARKER} is not a {FORMAT} marker")
-    return marker
-
-
-def read_checkpoint(path: Path, rank: int, shard_tag: str | None) -> LoadedCheckpoint:
-    """Reads and checks the files `rank` needs; CheckpointError naming the first bad one. Never runs code from the
-    volume: JSON and safetensors only."""
-    listed: dict[str, Any] = read_marker(path)["files"]
-    extra_name = extra_file(rank) if extra_file(rank) in listed else extra_file(0)
-    skeleton = codec.from_json(_read_json(path, OPTIMIZER_FILE, listed))
-    extra = codec.from_json(_read_json(path, extra_name, listed))
-    if not isinstance(extra, dict) or not isinstance(extra.get("step"), int):
-        raise CheckpointError(f"{path / extra_name}: no step")
-    tensors = _read_tensors(path, TENSORS_FILE, listed)
-    if shard_tag is not None:
-        if shard_file(shard_tag) not in listed:
-            raise ValueError(f"checkpoint {path}: no expert shards {shard_tag!r} (saved with another parallelism?)")
-        tensors |= _read_tensors(path, shard_file(shard_tag), listed)
-    return LoadedCheckpoint(path, TrainState(step=extra.pop("step"), extra=extra), skeleton, tensors)
-
-
-def apply_checkpoint(loaded: LoadedCheckpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Copies what `read_checkpoint` returned into the model and optimizer; ValueError (missing optimizer state) or
-    torch's RuntimeError (missing or misshapen weights) when it does not fit them."""
-    model_state = {k.removeprefix("model."): v for k, v in loaded.tensors.items() if k.startswith("model.")}
-    optim_state = {k.removeprefix("optim."): v for k, v in loaded.tensors.items() if k.startswith("optim.")}
-    missing = [ref for ref in codec.tensor_refs(loaded.skeleton) if ref not in optim_state]
-    if missing:
-        raise ValueError(f"checkpoint {loaded.path}: no optimizer tensor {missing[0]!r} (saved with another model?)")
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(codec.join_tensors(loaded.skeleton, optim_state))
 
 
 class _Tagger:
@@ -442,9 +345,7 @@ def _broadcast(candidates: list[tuple[int, str]] | None, group: dist.ProcessGrou
         assert candidates is not None
         return candidates
     box = [candidates]
-    dist.broadcast_object_list(
-        box, src=0, group=group
-    )  # in-memory between the gang's ranks, never read from the volume
+    dist.broadcast_object_list(box, src=0, group=group)  # between the gang's ranks, never read from the volume
     assert box[0] is not None
     return box[0]
 
@@ -465,109 +366,3 @@ def _lowest_rank_with(tag: str, group: dist.ProcessGroup | None) -> int:
     tags: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(tags, tag, group=group)  # in-memory between the gang's ranks, never read from the volume
     return tags.index(tag)
-
-
-def _write_files(directory: Path, rank: int, files: Mapping[str, str | dict[str, torch.Tensor]]) -> None:
-    """Writes this rank's files durably, then `files.rank<r>.json` with their sizes and hashes."""
-    listed: dict[str, dict[str, Any]] = {}
-    for name, content in files.items():
-        path = directory / name
-        if isinstance(content, str):
-            _write_durably(path, content)
-        else:
-            save_file(_standalone(content), str(path))
-            _fsync_file(path)
-        listed[name] = _describe(path)
-    _write_durably(directory / _files_file(rank), json.dumps(listed, indent=1) + "\n")
-
-
-def _standalone(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU tensors that each own their whole storage (safetensors refuses views and tensors sharing memory)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in tensors.items():
-        t = tensor.detach().cpu().contiguous()
-        storage = t.untyped_storage()
-        if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    return out
-
-
-def _collect_file_lists(directory: Path, world_size: int) -> dict[str, Any]:
-    files: dict[str, Any] = {}
-    for rank in range(world_size):
-        files |= json.loads((directory / _files_file(rank)).read_text())
-    return files
-
-
-def _describe(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"bytes": path.stat().st_size, "sha256": digest}
-
-
-def _checked(path: Path, name: str, listed: Mapping[str, Any]) -> Path:
-    """`path/name` after checking it against the marker's entry; CheckpointError otherwise."""
-    file = path / name
-    if name not in listed:
-        raise CheckpointError(f"{file}: not listed in {COMPLETE_MARKER}")
-    expected = listed[name]
-    try:
-        actual = _describe(file)
-    except OSError as error:
-        raise CheckpointError(f"{file}: {error.strerror or error}") from error
-    if actual["bytes"] != expected.get("bytes"):
-        raise CheckpointError(f"{file}: {actual['bytes']} bytes, {COMPLETE_MARKER} says {expected.get('bytes')}")
-    if actual["sha256"] != expected.get("sha256"):
-        raise CheckpointError(f"{file}: SHA-256 differs from {COMPLETE_MARKER}'s")
-    return file
-
-
-def _read_json(path: Path, name: str, listed: Mapping[str, Any]) -> Any:
-    file = _checked(path, name, listed)
-    try:
-        return json.loads(file.read_bytes())
-    except ValueError as error:
-        raise CheckpointError(f"{file}: not JSON ({error})") from error
-
-
-def _read_tensors(path: Path, name: str, listed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    file = _checked(path, name, listed)
-    try:
-        return load_file(str(file))
-    except (safetensors.SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{file}: not a safetensors file ({error})") from error
-
-
-def _move_aside(path: Path) -> Path:
-    """Renames `path` to a `.deleting-` name beside it (atomic: the checkpoint stops counting at once)."""
-    aside = path.with_name(f"{_DELETING_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    os.replace(path, aside)
-    _fsync_dir(path.parent)
-    return aside
-
-
-def _delete(path: Path) -> None:
-    """Rename, then remove: a crash in between leaves a `.deleting-` directory, never a half-deleted checkpoint."""
-    shutil.rmtree(_move_aside(path), ignore_errors=True)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)
