@@ -27,7 +27,7 @@ from types import FrameType
 from prometheus_client import start_http_server
 
 from k2_api import ExpertPlacement, K2Serving
-from k2_api.kube import Kube, KubeError, Object
+from k2_api.kube import Conflict, Kube, KubeError, Object
 from k2_eplb import convert
 from k2_eplb import kube as api
 from k2_eplb.controller_metrics import ControllerMetrics
@@ -38,7 +38,7 @@ from k2_eplb.scrape_reader import ScrapeLoadReader
 
 log = logging.getLogger("k2_eplb")
 
-WARNING_REASONS = frozenset({Reason.PARTIAL_METRICS, Reason.METRICS_UNAVAILABLE})
+WARNING_REASONS = frozenset({Reason.PARTIAL_METRICS, Reason.METRICS_UNAVAILABLE, Reason.INVALID_PLACEMENT})
 
 
 @dataclass
@@ -77,6 +77,11 @@ class Controller:
             key = api.key_of(item)
             try:
                 decision = self._pass(item, force)
+            except Conflict as error:  # someone wrote the placement after this pass read it: nothing was written
+                self._failed(key)
+                self._due.pop(key, None)
+                log.warning("eplb %s/%s: changed while planning, re-read next pass: %s", key[0], key[1], error)
+                continue
             except (KubeError, OSError, ValueError) as error:  # ValueError: a K2Serving that does not validate
                 self._failed(key)
                 log.error("eplb %s/%s: %s", key[0], key[1], error)
@@ -127,7 +132,7 @@ class Controller:
             return None
         now = self.clock()
         if decision is None:
-            decision = self._plan(serving, placement, now)
+            decision = convert.invalid_placement(placement) or self._plan(serving, placement, now)
         if decision.writes:
             api.write_placement(self.kube, placement, convert.spec_of(decision, desired), now)
         self._record(placement, decision, now)

@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from k2_api import ExpertPlacement, K2Serving, ModelSpec
+from k2_api import ExpertPlacement, K2Serving, ModelSpec, placement_problems
 from k2_api.common import Condition, ConditionStatus
 from k2_api.contract import moe_shape
 from k2_api.serving import Eplb
 from k2_eplb.planner import Decision, IntArray, PlacementState, Policy, Reason, Shape
+from k2_eplb.validation import check_placement
 
 PLANNED = "Planned"
 """The controller's condition on ExpertPlacement status: True when its last pass wrote spec, else False and why."""
@@ -57,6 +58,23 @@ def spec_of(decision: Decision, shape: Shape) -> dict[str, Any]:
         "generation": decision.generation,
         "reason": f"{'reshape' if decision.reason is Reason.RESHAPED else 'rebalance'}: {decision.message}",
     }
+
+
+def invalid_placement(placement: ExpertPlacement) -> Decision | None:
+    """InvalidPlacement when the spec in force cannot be served (for example written by hand with an expert missing
+    from a layer, which the CRD's CEL rules allow, or two replicas of one expert on one GPU); None when it can."""
+    spec = placement.spec
+    problems = placement_problems(spec)
+    if not problems:
+        try:
+            check_placement(
+                placement_array(placement), spec.num_layers, spec.num_experts, (spec.ranks, spec.slots_per_rank)
+            )
+        except ValueError as error:
+            problems = [str(error).removeprefix("current: ")]
+    if not problems:
+        return None
+    return Decision(Reason.INVALID_PLACEMENT, f"generation {spec.generation} is invalid: {'; '.join(problems)}")
 
 
 def placement_array(placement: ExpertPlacement) -> IntArray:
