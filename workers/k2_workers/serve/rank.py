@@ -132,9 +132,11 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         if rank == 0:
             initial = ActivePlacement.round_robin(num_layers, config.n_routed_experts, world_size, slots_per_rank)
-            lead(engine, args.placement, initial, args.placement_poll_seconds, stop)
-            engine.stop()  # /healthz and new requests: 503; the queued requests finish, then the followers stop
-            server.drain(DRAIN_TIMEOUT_S)  # the answers in flight are written before the process exits
+            try:
+                lead(engine, args.placement, initial, args.placement_poll_seconds, stop)
+            finally:  # stopping or broken: /healthz and new requests 503, the queued requests finish (or fail fast)
+                engine.stop()  # then the followers are told to stop, unless the group is broken
+                server.drain(DRAIN_TIMEOUT_S)  # the answers in flight are written before the process exits
         else:
             engine.follow()
     except Exception:
@@ -159,7 +161,7 @@ def lead(
     heartbeat_s = collective_timeout_s() / HEARTBEATS_PER_TIMEOUT
     engine.apply_placement(current_placement(path, engine) or initial)
     next_poll = time.monotonic() + poll_s
-    while engine.broken is None and not stop.wait(min(poll_s, heartbeat_s, max(0.0, next_poll - time.monotonic()))):
+    while engine.broken is None and not stop.wait(min(heartbeat_s, max(0.0, next_poll - time.monotonic()))):
         engine.heartbeat(heartbeat_s)
         if time.monotonic() < next_poll:
             continue
