@@ -52,6 +52,12 @@ class Annotations:
     """kwok only (hack/kwok-stages.yaml): how long a Job-owned fake pod stays Running before it succeeds."""
     FAKE_FAIL: Final = "k2.ai/fake-fail"
     """kwok only (hack/kwok-stages.yaml): a Running fake pod with this annotation fails with exit code 1."""
+    FAKE_EXIT_CODE: Final = "k2.ai/fake-exit-code"
+    """kwok only: the exit code a FAKE_FAIL pod fails with (default 1)."""
+    FAKE_TERMINATION_MESSAGE: Final = "k2.ai/fake-termination-message"
+    """kwok only: the termination message a FAKE_FAIL pod fails with."""
+    FAKE_SIGTERM_EXIT_CODE: Final = "k2.ai/fake-sigterm-exit-code"
+    """kwok only: the exit code a deleted Running fake pod ends Failed with (default 143: SIGTERM unhandled)."""
 
 
 class FieldManagers:
