@@ -33,7 +33,7 @@ from k2_eplb import kube as api
 from k2_eplb.controller_metrics import ControllerMetrics
 from k2_eplb.load import LoadReadError, LoadSample
 from k2_eplb.planner import Decision, Reason, plan, reshape
-from k2_eplb.prometheus_reader import PrometheusLoadReader
+from k2_eplb.prometheus_reader import PrometheusLoadReader, url_allowed
 from k2_eplb.scrape_reader import ScrapeLoadReader
 
 log = logging.getLogger("k2_eplb")
@@ -48,6 +48,8 @@ class Controller:
     kube: Kube
     """The adapter, with the field manager `k2-eplb` (`kube.connect()`)."""
     prometheus_url: str | None = None
+    allowed_prometheus_urls: tuple[str, ...] = ()
+    """URL prefixes a serving's spec.eplb.prometheusUrl may name, besides `prometheus_url` itself."""
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     endpoints: Callable[[K2Serving], Sequence[str]] | None = None
     """Rank metrics URLs for direct scraping; default: the rank pods' addresses from the API server."""
@@ -160,6 +162,13 @@ class Controller:
         window = float(eplb.window_seconds)
         ranks_expected = serving.spec.groups * serving.spec.ranks_per_group
         url = eplb.prometheus_url or self.prometheus_url
+        allowed = (*self.allowed_prometheus_urls, *([self.prometheus_url] if self.prometheus_url else []))
+        if eplb.prometheus_url and not url_allowed(eplb.prometheus_url, allowed):
+            shown = ", ".join(allowed) or "none"
+            return None, (
+                f"spec.eplb.prometheusUrl {eplb.prometheus_url!r} is not allowed "
+                f"(allowed: {shown}; see --allowed-prometheus-url)"
+            )
         try:
             if url:
                 labels = {"serving": name} | ({self.namespace_label: namespace} if self.namespace_label else {})
@@ -211,6 +220,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--prometheus-url", default=None, help="Prometheus for servings without spec.eplb.prometheusUrl"
     )
     parser.add_argument(
+        "--allowed-prometheus-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a URL prefix spec.eplb.prometheusUrl may name (repeatable; --prometheus-url is always allowed)",
+    )
+    parser.add_argument(
         "--namespace-label",
         default="namespace",
         help="label holding the pod namespace in Prometheus ('' to select by serving only)",
@@ -231,6 +247,7 @@ def main(argv: Sequence[str]) -> int:
     controller = Controller(
         api.connect(args.kubeconfig),
         prometheus_url=args.prometheus_url,
+        allowed_prometheus_urls=tuple(args.allowed_prometheus_url),
         metrics=metrics,
         namespace_label=args.namespace_label or None,
         one_shot=args.once,

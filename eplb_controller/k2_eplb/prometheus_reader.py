@@ -9,9 +9,12 @@ series stale at once, so a rank that went down stops counting within one scrape 
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from email.message import Message
+from typing import IO
 
 from k2_api.contract import MetricLabels, Metrics
 from k2_eplb.load import LoadReadError, LoadSample, label_index, load_matrix, measured_balancedness, token_count
@@ -20,10 +23,58 @@ Fetch = Callable[[str, float], bytes]
 """(url, timeout seconds) -> response body."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: an allowed server must not send the controller to another host."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Message, newurl: str
+    ) -> urllib.request.Request | None:
+        raise urllib.error.HTTPError(req.full_url, code, f"{msg}: redirect to {newurl} not followed", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def http_get(url: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    """GET `url` without following redirects; a non-2xx answer is an HTTPError (an OSError)."""
+    with _OPENER.open(url, timeout=timeout) as response:
         body: bytes = response.read()
         return body
+
+
+def url_allowed(url: str, allowed: Iterable[str]) -> bool:
+    """Whether `url` lies under one of the `allowed` URL prefixes: the same scheme, host and port, and a path equal to
+    the prefix's or below it (`http://t:10902/a` allows `/a/b`, not `/ab`). A URL with credentials, a query or a
+    fragment is never allowed."""
+    target = _origin_and_path(url)
+    if target is None:
+        return False
+    origin, path = target
+    for prefix in allowed:
+        entry = _origin_and_path(prefix)
+        if entry is not None and entry[0] == origin and (path + "/").startswith(entry[1] + "/"):
+            return True
+    return False
+
+
+def _origin_and_path(url: str) -> tuple[tuple[str, str, int], str] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:  # e.g. a port that is not a number
+        return None
+    scheme = parts.scheme.lower()
+    if (
+        scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.password is not None
+    ):
+        return None
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return None
+    default_port = 443 if scheme == "https" else 80
+    return (scheme, parts.hostname.lower(), port or default_port), parts.path.rstrip("/")
 
 
 def selector(labels: Mapping[str, str]) -> str:

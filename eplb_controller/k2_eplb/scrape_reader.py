@@ -9,7 +9,6 @@ has one sample only, so the planner refuses it as too few samples; `read_twice` 
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from k2_eplb.load import (
     measured_balancedness,
     token_count,
 )
+from k2_eplb.prometheus_reader import http_get
 
 _TOKEN_COUNTERS = (Metrics.EXPERT_TOKENS.name, Metrics.SLOT_TOKENS.name)
 
@@ -38,9 +38,8 @@ SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 def http_get_text(url: str, timeout: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        text: str = response.read().decode("utf-8")
-        return text
+    """The page at `url` (redirects are not followed), decoded as UTF-8."""
+    return http_get(url, timeout).decode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class CannedServer:
-    """Answers `status` and `body` to every GET; `requests` counts the answered ones."""
+    """Answers `status`, `headers` and `body` to every GET; `requests` counts the answered ones."""
 
     def __init__(self) -> None:
         self.body = b""
         self.status = 200
+        self.headers: dict[str, str] = {}
         self.requests = 0
         canned = self
 
@@ -21,6 +22,8 @@ class CannedServer:
             def do_GET(self) -> None:
                 canned.requests += 1
                 self.send_response(canned.status)
+                for name, value in canned.headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(canned.body)))
                 self.end_headers()
                 self.wfile.write(canned.body)

@@ -117,7 +117,10 @@ class Env:
         self.mark_applied(1)
 
     def controller(self, **kwargs: Any) -> Controller:
-        return Controller(self.kube, metrics=self.metrics, clock=lambda: self.now, **kwargs)
+        allowed = (self.prometheus.url,) if self.prometheus else ()  # the serving names it in spec.eplb.prometheusUrl
+        return Controller(
+            self.kube, metrics=self.metrics, clock=lambda: self.now, allowed_prometheus_urls=allowed, **kwargs
+        )
 
     def reconcile(self, controller: Controller) -> Any:
         (serving,) = api.list_servings(self.kube, self.namespace)
@@ -298,7 +301,8 @@ def test_cli_once_rebalances(env: Env) -> None:
     env.fake.start()
     env.wait_for_window()
     argv = ["--once", "--namespace", env.namespace, "--kubeconfig", str(env.cluster.kubeconfig)]
-    assert controller_module.main(argv) == 0
+    assert env.prometheus is not None
+    assert controller_module.main([*argv, "--allowed-prometheus-url", env.prometheus.url]) == 0
     assert env.placement()["spec"]["generation"] == 2
     assert env.planned()["reason"] == "Rebalanced"
 
