@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from prometheus_client import start_http_server
-
 from k2_api import ExpertPlacement, K2Serving
 from k2_api.kube import Conflict, Kube, KubeError, Object
 from k2_eplb import convert
 from k2_eplb import kube as api
-from k2_eplb.controller_metrics import ControllerMetrics
+from k2_eplb.controller_metrics import ControllerMetrics, Liveness, serve
 from k2_eplb.load import LoadReadError, LoadSample
 from k2_eplb.planner import Decision, Reason, plan, reshape
 from k2_eplb.prometheus_reader import PrometheusLoadReader, url_allowed
@@ -59,6 +57,8 @@ class Controller:
     one_shot: bool = False
     """Direct scraping with no history: scrape, wait a window, scrape again (for --once)."""
     scrape_reader: ScrapeLoadReader = field(default_factory=ScrapeLoadReader)
+    liveness: Liveness | None = None
+    """Told of every pass `run_forever` completes (/healthz)."""
     failures: int = 0
     """Passes over one serving that ended in an error, since start."""
     _due: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -100,6 +100,8 @@ class Controller:
         """Passes every `interval` seconds until `stop` is set (a pass in progress finishes first)."""
         while not stop.is_set():
             self.run_once(namespace)
+            if self.liveness is not None:
+                self.liveness.beat()
             stop.wait(interval)
 
     def _pass(self, item: Object, force: bool) -> Decision | None:
@@ -214,8 +216,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--namespace", default=None, help="watch one namespace (default: all)")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between passes (default 10)")
     parser.add_argument("--once", action="store_true", help="plan every enabled serving once and exit")
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
-    parser.add_argument("--metrics-address", default="0.0.0.0", help="address of /metrics (default 0.0.0.0)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics and /healthz on this port (0: off)")
+    parser.add_argument("--metrics-address", default="0.0.0.0", help="address of /metrics and /healthz")
     parser.add_argument(
         "--prometheus-url", default=None, help="Prometheus for servings without spec.eplb.prometheusUrl"
     )
@@ -231,10 +233,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="namespace",
         help="label holding the pod namespace in Prometheus ('' to select by serving only)",
     )
+    parser.add_argument(
+        "--healthz-intervals",
+        type=float,
+        default=10.0,
+        help="/healthz fails when no pass completed for this many --interval periods (default 10)",
+    )
     parser.add_argument("--kubeconfig", type=Path, default=None, help="default: $KUBECONFIG, then in-cluster")
     args = parser.parse_args(list(argv))
     if args.interval <= 0:
         parser.error("--interval must be > 0")
+    if args.healthz_intervals <= 0:
+        parser.error("--healthz-intervals must be > 0")
     return args
 
 
@@ -242,13 +252,15 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     metrics = ControllerMetrics()
+    liveness = Liveness(args.interval * args.healthz_intervals)
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.metrics_address, registry=metrics.registry)
+        serve(metrics, liveness, args.metrics_port, args.metrics_address)
     controller = Controller(
         api.connect(args.kubeconfig),
         prometheus_url=args.prometheus_url,
         allowed_prometheus_urls=tuple(args.allowed_prometheus_url),
         metrics=metrics,
+        liveness=liveness,
         namespace_label=args.namespace_label or None,
         one_shot=args.once,
     )

@@ -1,9 +1,16 @@
-"""The EPLB controller's own Prometheus metrics, on a registry of its own (tests read them without global state)."""
+"""The EPLB controller's own Prometheus metrics, on a registry of its own (tests read them without global state),
+and its liveness; `serve` puts both on HTTP (/metrics, /healthz)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from k2_api.contract import HttpPaths
 from k2_eplb.planner import Decision
 
 _LABELS = ("serving", "namespace")
@@ -62,3 +69,55 @@ class ControllerMetrics:
     def value(self, name: str, **labels: str) -> float | None:
         """The current value of one sample (for tests and logs)."""
         return self.registry.get_sample_value(name, labels)
+
+
+class Liveness:
+    """Alive while the loop completes a pass at least every `max_age_s` seconds; starting counts as one."""
+
+    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic):
+        if max_age_s <= 0:
+            raise ValueError(f"max_age_s: {max_age_s} must be > 0")
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        """A pass completed (whatever its outcome: an API outage is not a stuck loop)."""
+        self._last = self._clock()
+
+    def problem(self) -> str | None:
+        """Why the loop counts as stuck, or None while it is alive."""
+        age = self._clock() - self._last
+        if age <= self.max_age_s:
+            return None
+        return f"no pass completed for {age:.0f}s (limit {self.max_age_s:.0f}s): the loop is stuck"
+
+
+def serve(metrics: ControllerMetrics, liveness: Liveness, port: int, address: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """/metrics and /healthz (200, or 503 with the reason when the loop is stuck) in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif path == HttpPaths.HEALTHZ:
+                problem = liveness.problem()
+                self._answer(503 if problem else 200, f"{problem or 'ok'}\n".encode(), "text/plain; charset=utf-8")
+            else:
+                self.send_error(404)
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer((address, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="eplb-metrics", daemon=True).start()
+    return server

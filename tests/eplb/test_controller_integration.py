@@ -356,6 +356,8 @@ def test_cli_loop_serves_metrics_and_stops_on_sigterm(cluster: Any, k2_crds: lis
                     text = response.read().decode()
             except OSError:
                 continue
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            assert (response.status, response.read()) == (200, b"ok\n")  # passes complete: alive
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
