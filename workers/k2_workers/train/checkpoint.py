@@ -197,8 +197,8 @@ class CheckpointManager:
         extra_json = codec.dumps({"step": step, **extra}, "checkpoint extra")
         skeleton, optim_tensors = codec.split_tensors(optimizer.state_dict())
         skeleton_json = codec.dumps(skeleton, "optimizer state")
-        tag = _Tagger(model, optimizer, shard_tag, sharded)
-        replicated, shards = tag.split({"model": model.state_dict(), "optim": optim_tensors})
+        split = _ShardSplit(model, optimizer, shard_tag, sharded)
+        replicated, shards = split({"model": model.state_dict(), "optim": optim_tensors})
         writes_shards = shard_tag is not None and _lowest_rank_with(shard_tag, group) == rank
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -310,20 +310,19 @@ class CheckpointManager:
         return loaded.state
 
 
-class _Tagger:
+class _ShardSplit:
     """Which state belongs to sharded parameters: the model's `sharded` names and their optimizer state."""
 
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tag: str | None, sharded: Collection[str]
     ) -> None:
-        self.tag = tag
         self.model_sharded = set(sharded) if tag else set()
         sharded_ids = {id(p) for name, p in model.named_parameters() if name in self.model_sharded}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # Optimizer.state_dict numbers parameters in param_groups order; split_tensors paths start with the number
         self.optim_prefixes = tuple(f"/'state'/{i}/" for i, p in enumerate(params) if id(p) in sharded_ids)
 
-    def split(
+    def __call__(
         self, state: Mapping[str, Mapping[str, torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """({"model.k" | "optim.k": tensor} of replicated state, the same of sharded state)."""
