@@ -35,6 +35,6 @@ def test_an_unknown_backend_or_a_negative_local_rank_is_refused() -> None:
 
 
 def test_the_wire_makes_its_tensors_on_its_device() -> None:
-    batch = RankWire(world_size=1, num_experts=4, device="cpu").send_batch([[1, 2]], [GenerateParams(3)])
+    batch = RankWire(world_size=1, num_experts=4, device="cpu").send_batch([[1, 2]], [GenerateParams(3)], 512)
     assert batch.prompts[0].device == torch.device("cpu") and batch.prompts[0].tolist() == [1, 2]
     assert RankWire(world_size=2, num_experts=4, device="cuda:1").device == torch.device("cuda", 1)

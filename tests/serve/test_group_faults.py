@@ -24,14 +24,19 @@ COLLECTIVE_TIMEOUT_S = 3  # short, so that an idle wait or a dead rank shows wit
 
 
 @contextmanager
-def two_rank_group(tmp_path: Path) -> Iterator[tuple[list[str], list[subprocess.Popen[str]], Path]]:
+def two_rank_group(
+    tmp_path: Path, extra_argvs: tuple[list[str], list[str]] = ([], [])
+) -> Iterator[tuple[list[str], list[subprocess.Popen[str]], Path]]:
     """A healthy two-rank group (generation 1) with a collective timeout of COLLECTIVE_TIMEOUT_S."""
     ports, master = [free_port(), free_port()], free_port()
     placement = tmp_path / "placement.json"
     write_placement(placement, 1, [[[0, 1, 2, 3], [4, 5, 6, 7]]] * NUM_MOE_LAYERS, NUM_EXPERTS)
     config = manifest(tmp_path, 2, 0)
     common = ["--config", str(config), "--placement", str(placement), "--placement-poll-seconds", "0.2"]
-    argvs = [[*common, "--port", str(port), "--metrics-port", "-1"] for port in ports]
+    argvs = [
+        [*common, "--port", str(port), "--metrics-port", "-1", *extra]
+        for port, extra in zip(ports, extra_argvs, strict=True)
+    ]
     group_env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
     envs = [{**group_env, "RANK": str(rank), "K2_COLLECTIVE_TIMEOUT_S": str(COLLECTIVE_TIMEOUT_S)} for rank in (0, 1)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
@@ -45,12 +50,16 @@ def two_rank_group(tmp_path: Path) -> Iterator[tuple[list[str], list[subprocess.
 def test_an_idle_group_outlives_its_collective_timeout_and_refuses_a_placement_that_does_not_fit(
     tmp_path: Path,
 ) -> None:
-    with two_rank_group(tmp_path) as (urls, workers, placement):
+    # The follower's own --prefill-chunk-tokens differs: it prefills in rank 0's chunks, which the batch carries
+    # (else the ranks would make different numbers of all-to-all calls and hang).
+    chunks = (["--prefill-chunk-tokens", "16"], ["--prefill-chunk-tokens", "7"])
+    with two_rank_group(tmp_path, chunks) as (urls, workers, placement):
         time.sleep(2.5 * COLLECTIVE_TIMEOUT_S)  # idle: the followers' wait would time out without heartbeats
         assert [w.poll() for w in workers] == [None, None]
+        long_prompt = " ".join([PROMPT] * 3)  # 134 tokens: 9 prefill chunks
+        status, body = request(urls[0] + "/v1/generate", {"prompt": long_prompt, "max_new_tokens": 6})
+        assert status == 200 and body["tokens"] == reference_completion(6, long_prompt), body
         expected = reference_completion(6)
-        status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 6})
-        assert status == 200 and body["tokens"] == expected, body
 
         # 16 experts (each with a replica): valid on its own, but the model has 8 and each rank 4 slots.
         write_placement(placement, 2, [[list(range(8)), list(range(8, 16))]] * NUM_MOE_LAYERS, 16)

@@ -30,10 +30,10 @@ def test_a_one_rank_group_sends_nothing_and_reads_the_batch_back_as_a_follower_w
     wire = RankWire(world_size=1, num_experts=4)  # no process group: a one-rank group never broadcasts
     prompts = [[5, 6, 7], [8], [9, 10]]
     params = [GenerateParams(4), GenerateParams(2, 1.5, 9), GenerateParams(1, top_k=3)]
-    batch = wire.send_batch(prompts, params)
+    batch = wire.send_batch(prompts, params, prefill_chunk=64)
     assert [p.tolist() for p in batch.prompts] == prompts
     assert all(p.dtype == torch.long for p in batch.prompts)
-    assert batch.params == params
+    assert batch.params == params and batch.prefill_chunk == 64
 
 
 def test_placements_travel_as_layer_rank_slot_tables() -> None:

@@ -187,7 +187,8 @@ class GroupEngine:
     def _run_batch(self, jobs: list[_Job]) -> list[Completion]:
         """Decode `jobs` on every rank (the scheduler's batch function)."""
         with self._group_lock, self._collective():
-            batch = self._wire.send_batch([j.prompt_ids for j in jobs], [j.params for j in jobs])
+            prompts, params = [j.prompt_ids for j in jobs], [j.params for j in jobs]
+            batch = self._wire.send_batch(prompts, params, self.prefill_chunk_tokens)
             completions = self._decode(batch)
             assert self.placement is not None
             generation = self.placement.generation
@@ -244,7 +245,7 @@ class GroupEngine:
         max_new_tokens = max(p.max_new_tokens for p in batch.params)
         samplers = [sampler(p, self.device) for p in batch.params]
         completions = generate_batch(
-            self.model, batch.prompts, max_new_tokens, samplers, prefill_chunk=self.prefill_chunk_tokens
+            self.model, batch.prompts, max_new_tokens, samplers, prefill_chunk=batch.prefill_chunk
         )
         self._load.flush()
         return [c.tolist() for c in completions]

@@ -1,8 +1,10 @@
 """What rank 0 of a serving group broadcasts to the other ranks, and how they read it.
 
 Every message starts with a header of `HEADER_LEN` int64: the op, then
-- `GENERATE`: the batch size B and the total prompt tokens N, followed by B rows of `PARAMS_LEN` int64 (prompt
-  length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off) and the N prompt ids, concatenated;
+- `GENERATE`: the batch size B, the total prompt tokens N and the prefill chunk (tokens per prefill forward: it
+  sets how many all-to-all calls a prefill makes, so every rank uses rank 0's), followed by B rows of `PARAMS_LEN`
+  int64 (prompt length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off) and the N prompt
+  ids, concatenated;
 - `APPLY_PLACEMENT`: the generation and the table shape [layers, ranks, slots], followed by the slot tables;
 - `STOP`: nothing; the followers return.
 - `HEARTBEAT`: nothing; rank 0 sends it while the group is idle, so the followers' wait for the next message never
@@ -45,6 +47,7 @@ class Batch:
 
     prompts: list[Tensor]
     params: list[GenerateParams]
+    prefill_chunk: int
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,11 @@ def params_from_row(row: Sequence[int]) -> tuple[int, GenerateParams]:
     return prompt_len, GenerateParams(max_new_tokens, temperature / TEMPERATURE_SCALE, seed, top_k or None)
 
 
-def decode_batch(rows_BP: Tensor, prompts_N: Tensor) -> Batch:
+def decode_batch(rows_BP: Tensor, prompts_N: Tensor, prefill_chunk: int) -> Batch:
     """The batch of [B, PARAMS_LEN] parameter rows and the flat prompt ids."""
     decoded = [params_from_row(row) for row in rows_BP.tolist()]
     prompts = list(torch.split(prompts_N, [length for length, _ in decoded]))
-    return Batch(prompts, [params for _, params in decoded])
+    return Batch(prompts, [params for _, params in decoded], prefill_chunk)
 
 
 def placement_tables(placement: ActivePlacement) -> Tensor:
@@ -95,15 +98,17 @@ class RankWire:
         self.num_experts = num_experts
         self.device = torch.device(device)
 
-    def send_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerateParams]) -> Batch:
+    def send_batch(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[GenerateParams], prefill_chunk: int
+    ) -> Batch:
         """Send a batch to the followers; return it as they read it."""
         rows_list = [params_row(p, len(ids)) for ids, p in zip(prompts, params, strict=True)]
         rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
         flat = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
-        self._send_header(Op.GENERATE, len(prompts), [flat.numel()])
+        self._send_header(Op.GENERATE, len(prompts), [flat.numel(), prefill_chunk])
         self._broadcast(rows)
         self._broadcast(flat)
-        return decode_batch(rows, flat)
+        return decode_batch(rows, flat, prefill_chunk)
 
     def send_placement(self, placement: ActivePlacement) -> None:
         tables = placement_tables(placement).to(self.device)
@@ -134,7 +139,7 @@ class RankWire:
         dist.broadcast(rows, src=0)
         flat = self._zeros(rest[0])
         dist.broadcast(flat, src=0)
-        return decode_batch(rows, flat)
+        return decode_batch(rows, flat, rest[1])
 
     def _send_header(self, op: Op, arg: int, rest: list[int]) -> None:
         if self.world_size > 1:
