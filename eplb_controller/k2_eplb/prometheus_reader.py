@@ -8,6 +8,7 @@ series stale at once, so a rank that went down stops counting within one scrape 
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -148,7 +149,7 @@ class PrometheusLoadReader:
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
         try:
             body = self._fetch(url, self.timeout)
-        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+        except (OSError, ValueError, http.client.HTTPException) as error:  # HTTPException: the answer is not HTTP
             raise LoadReadError(f"prometheus {self.url}: {name} query: {error}") from error
         try:
             return parse_vector(body)

@@ -8,6 +8,7 @@ has one sample only, so the planner refuses it as too few samples; `read_twice` 
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -114,7 +115,7 @@ class ScrapeLoadReader:
         for endpoint in endpoints:
             try:
                 text = self._fetch(endpoint, self.timeout)
-            except OSError as error:  # down or refusing: the rank counts as not reporting
+            except (OSError, http.client.HTTPException) as error:  # down, refusing, not HTTP: not reporting
                 notes.append(f"{endpoint}: {error}")
                 continue
             except ValueError as error:  # it answered, but not text (UnicodeDecodeError)

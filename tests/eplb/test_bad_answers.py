@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -227,3 +229,53 @@ def test_any_rank_page_is_a_sane_sample_or_a_load_read_error(pages: list[str]) -
     except LoadReadError:
         return
     assert_sane(sample)
+
+
+class RawServer:
+    """Answers every connection on 127.0.0.1 with `reply` verbatim and closes it (not HTTP, or cut short)."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                client.sendall(self.reply)
+
+
+NOT_HTTP = [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "SSH-2.0"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}", "IncompleteRead"),
+]
+
+
+@pytest.mark.parametrize(("reply", "problem"), NOT_HTTP)
+def test_a_prometheus_url_that_does_not_speak_http_is_a_load_read_error(reply: bytes, problem: str) -> None:
+    server = RawServer(reply)
+    try:
+        with pytest.raises(LoadReadError, match=problem):
+            PrometheusLoadReader(server.url, timeout=5).read(LABELS, **SHAPE)
+    finally:
+        server.sock.close()
+
+
+@pytest.mark.parametrize(("reply", "problem"), NOT_HTTP)
+def test_a_rank_that_does_not_speak_http_counts_as_not_reporting(reply: bytes, problem: str) -> None:
+    server = RawServer(reply)
+    try:
+        sample = ScrapeLoadReader(timeout=5).read(LABELS, [f"{server.url}/metrics"], **SHAPE)
+    finally:
+        server.sock.close()
+    assert sample.ranks_seen == 0
+    (note,) = sample.notes
+    assert problem in note
