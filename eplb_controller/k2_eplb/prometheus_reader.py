@@ -36,11 +36,22 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
-def http_get(url: str, timeout: float) -> bytes:
-    """GET `url` without following redirects; a non-2xx answer is an HTTPError (an OSError)."""
+MAX_BODY_BYTES = 64 * 2**20
+"""The largest answer a reader takes (a rank page of 60 layers x 384 experts is about 5 MB)."""
+
+
+def http_get(url: str, timeout: float, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """GET `url` without following redirects; a non-2xx answer is an HTTPError (an OSError), a body over `max_bytes`
+    a ValueError (read no further)."""
     with _OPENER.open(url, timeout=timeout) as response:
-        body: bytes = response.read()
-        return body
+        length = response.length  # what Content-Length left to read; None for a chunked answer
+        if length is not None and length > max_bytes:
+            raise ValueError(f"answer larger than {max_bytes} bytes")
+        # A full read checks Content-Length (IncompleteRead when cut short); a chunked one is read up to the limit.
+        body: bytes = response.read() if length is not None else response.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise ValueError(f"answer larger than {max_bytes} bytes")
+    return body
 
 
 def url_allowed(url: str, allowed: Iterable[str]) -> bool:

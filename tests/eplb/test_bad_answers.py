@@ -3,6 +3,7 @@ what was wrong, the pass ends as MetricsUnavailable, and the next pass runs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from k2_eplb.load import LoadReadError, LoadSample
 from k2_eplb.planner import Reason
-from k2_eplb.prometheus_reader import PrometheusLoadReader
+from k2_eplb.prometheus_reader import MAX_BODY_BYTES, PrometheusLoadReader, http_get
 from k2_eplb.scrape_reader import ScrapeLoadReader
 from tests.eplb.canned_http import CannedServer, canned_server
 from tests.eplb.test_controller_unit import Setup, placement, serving
@@ -279,3 +280,29 @@ def test_a_rank_that_does_not_speak_http_counts_as_not_reporting(reply: bytes, p
     assert sample.ranks_seen == 0
     (note,) = sample.notes
     assert problem in note
+
+
+def test_an_answer_over_the_size_limit_is_refused_unread(server: CannedServer) -> None:
+    server.body = vector(*[row("1")] * 2000)
+    limited = functools.partial(http_get, max_bytes=10_000)
+    with pytest.raises(LoadReadError, match="larger than 10000 bytes"):
+        PrometheusLoadReader(server.url, timeout=5, fetch=limited).read(LABELS, **SHAPE)
+    url = f"{server.url}/metrics"
+    server.body = page("5") * 500
+    with pytest.raises(LoadReadError, match=f"{url}: .*larger than 10000 bytes"):
+        ScrapeLoadReader(timeout=5, fetch=lambda u, t: http_get(u, t, max_bytes=10_000).decode()).read(
+            LABELS, [url], **SHAPE
+        )
+    assert MAX_BODY_BYTES >= 64 * 2**20  # a rank page of 60 layers x 384 experts is about 5 MB
+
+
+def test_a_chunked_answer_is_read_only_up_to_the_size_limit() -> None:
+    body = b"x" * 20_000
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    server = RawServer(chunked)
+    try:
+        with pytest.raises(ValueError, match="larger than 10000 bytes"):
+            http_get(server.url, 5, max_bytes=10_000)
+        assert http_get(server.url, 5, max_bytes=20_000) == body
+    finally:
+        server.sock.close()
