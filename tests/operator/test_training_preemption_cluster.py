@@ -8,6 +8,7 @@ the K2Training reach every worker pod of every attempt.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 TRAINING = "k2-debug-train"
 REF = f"k2training/{TRAINING}"
+INSTANCE = f"app.kubernetes.io/instance={TRAINING}"
 PREEMPTED = {
     Annotations.FAKE_FAIL: "1",
     Annotations.FAKE_EXIT_CODE: str(ExitCodes.PREEMPTED),
@@ -79,15 +81,12 @@ def test_a_deleted_worker_that_checkpoints_is_a_preemption(
     sigterm = {"k2.ai/fake-run-duration": "600s", Annotations.FAKE_SIGTERM_EXIT_CODE: str(ExitCodes.PREEMPTED)}
     apply(cluster, manifest(sigterm, failurePolicy={"maxRestarts": 0}), namespace=namespace)
     wait_for("Running", lambda: has_condition(cluster, REF, "Running", namespace=namespace), 120)
-    pod = items(cluster, "pods", namespace=namespace, selector=f"app.kubernetes.io/instance={TRAINING}")[0]
+    pod = items(cluster, "pods", namespace=namespace, selector=INSTANCE)[0]
     cluster.kubectl("delete", "-n", namespace, f"pod/{pod['metadata']['name']}", "--wait=false")
     wait_for("a preemption", lambda: status(cluster, namespace).get("preemptions") == 1, 120)
     running = wait_for("attempt 1 Running", lambda: has_condition(cluster, REF, "Running", namespace=namespace), 120)
     assert running["status"]["restarts"] == 0
-    jobs = [
-        j["metadata"]["name"]
-        for j in items(cluster, "jobs", namespace=namespace, selector=f"app.kubernetes.io/instance={TRAINING}")
-    ]
+    jobs = [j["metadata"]["name"] for j in items(cluster, "jobs", namespace=namespace, selector=INSTANCE)]
     assert jobs == [f"{TRAINING}-worker-1"]
 
 
@@ -99,3 +98,20 @@ def test_a_crash_past_max_restarts_fails_naming_the_cause(cluster: Cluster, name
     assert condition(failed, "Failed")["reason"] == "MaxRestartsExceeded"
     assert f"(exit code 1): {cause}" in condition(failed, "Failed")["message"], condition(failed, "Failed")
     assert (failed["status"]["restarts"], failed["status"]["preemptions"]) == (1, 0)
+
+
+def test_an_evicted_worker_is_a_preemption_whatever_its_exit_code(
+    cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
+) -> None:
+    # The eviction API marks the pod DisruptionTarget; the worker then dies with 143 (no checkpoint): still uncounted.
+    apply(cluster, manifest({"k2.ai/fake-run-duration": "600s"}, failurePolicy={"maxRestarts": 0}), namespace=namespace)
+    wait_for("Running", lambda: has_condition(cluster, REF, "Running", namespace=namespace), 120)
+    pod = items(cluster, "pods", namespace=namespace, selector=INSTANCE)[0]["metadata"]["name"]
+    eviction = tmp_path / "eviction.json"
+    eviction.write_text(
+        json.dumps({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}})
+    )
+    cluster.kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction", "-f", str(eviction))
+    wait_for("a preemption", lambda: status(cluster, namespace).get("preemptions") == 1, 120)
+    running = wait_for("attempt 1 Running", lambda: has_condition(cluster, REF, "Running", namespace=namespace), 120)
+    assert running["status"]["restarts"] == 0
