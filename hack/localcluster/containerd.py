@@ -125,10 +125,6 @@ def crictl(containerd: Containerd, crictl_bin: Path, *args: str, timeout_s: floa
     return result.stdout
 
 
-def has_image(containerd: Containerd, name: str) -> bool:
-    return name in ctr(containerd, "images", "ls", "-q").split()
-
-
 def import_image(containerd: Containerd, archive: Path) -> None:
     """Imports an image archive (docker-archive or OCI) into the CRI namespace, unpacked for the snapshotter."""
     ctr(containerd, "images", "import", "--no-unpack=false", str(archive))

@@ -21,14 +21,19 @@ def _unescape(field: str) -> str:
     return field
 
 
-def mounts_under(*roots: Path) -> list[Path]:
-    """Mount points at or below any of `roots`, deepest first."""
-    found: list[Path] = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+def mount_points(mountinfo: str, roots: tuple[Path, ...]) -> list[Path]:
+    """The mount points in `mountinfo` (/proc/self/mountinfo text) at or below any of `roots`, deepest first."""
+    found: set[Path] = set()
+    for line in mountinfo.splitlines():
         point = Path(_unescape(line.split()[4]))
         if any(point == root or root in point.parents for root in roots):
-            found.append(point)
-    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+            found.add(point)
+    return sorted(found, key=lambda p: (len(p.parts), str(p)), reverse=True)
+
+
+def mounts_under(*roots: Path) -> list[Path]:
+    """This machine's mount points at or below any of `roots`, deepest first."""
+    return mount_points(Path("/proc/self/mountinfo").read_text(), roots)
 
 
 def unmount_under(*roots: Path) -> None:

@@ -84,11 +84,9 @@ def _write_yaml(path: Path, document: object) -> None:
 
 def _write_configs(layout: Layout, state: State, files: NodeFiles) -> None:
     ports, pki = state.ports, layout.pki
-    for directory in (files.cni_conf, files.kubelet / "pod-logs", files.kubelet / "volume-plugins", files.kube_proxy):
+    directories = (files.cni_conf, files.kubelet / "pod-logs", files.kubelet / "volume-plugins", files.kube_proxy)
+    for directory in (*directories, files.coredns, files.containerd.home, files.containerd.store):
         directory.mkdir(parents=True, exist_ok=True)
-    files.coredns.mkdir(parents=True, exist_ok=True)
-    files.containerd.home.mkdir(parents=True, exist_ok=True)
-    files.containerd.store.mkdir(parents=True, exist_ok=True)
     files.containerd.config.write_text(config_toml(files.containerd, images.PAUSE_IMAGE, CNI_BIN, files.cni_conf))
     (files.cni_conf / "10-k2-local.conflist").write_text(json.dumps(conflist(files.home / "cni" / "ipam"), indent=2))
     kubelet.make_certs(pki)
@@ -207,8 +205,9 @@ def stop(layout: Layout, state: State | None, tools: Path) -> None:
     files = NodeFiles(layout.node)
     owner = processes.Owner(layout.root, (*REAL_NODE_COMPONENTS, SHIM))
     pids = state.pids if state is not None else {}
-    if "kubelet" in pids:  # first, or it would restart the pods removed below
-        processes.stop_group(pids["kubelet"], owner, grace_s=10.0)
+    # The kubelet first, or it would restart the pods removed below; found by name, so also without state.json.
+    for pid in processes.Owner(layout.root, ("kubelet",)).live_pids():
+        processes.stop_group(pid, owner, grace_s=10.0)
     if files.containerd.socket.is_socket() and (tools / "crictl").is_file():
         try:
             crictl(files.containerd, tools / "crictl", "rmp", "--all", "--force")

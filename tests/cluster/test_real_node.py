@@ -179,5 +179,5 @@ def test_a_second_real_node_is_refused_and_the_first_is_left_alone(real: Cluster
     assert not (tmp_path / "second" / "node").exists()
     node = get(real, "node/real-node-0")
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
-    reply = _in_client(real, _http_get("web:80")).stdout
+    reply = wait_for("web through its Service", lambda: _in_client(real, _http_get("web:80"), check=False).stdout)
     assert reply.endswith("hello-from-web\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.support.cluster import load_local_cluster
 
 lc = load_local_cluster()
-from localcluster import cni, containerd, dns, images, kubelet, kubeproxy, network  # noqa: E402
+from localcluster import cni, containerd, dns, host, images, kubelet, kubeproxy, network  # noqa: E402
 
 HOME = Path("/tmp/k2-cluster-under-test/node")
 
@@ -156,3 +156,21 @@ def test_docker_archive_has_one_layer_whose_digest_the_config_names() -> None:
     assert images.docker_archive("docker.io/k2-operator/x:1", {"bin/x": (b"\x7fELF", 0o755)}, ["/bin/x"]) == (
         images.docker_archive("docker.io/k2-operator/x:1", {"bin/x": (b"\x7fELF", 0o755)}, ["/bin/x"])
     ), "deterministic: an unchanged image imports as the same digest"
+
+
+def test_mount_points_below_the_cluster_are_found_deepest_first_with_escapes() -> None:
+    mountinfo = "\n".join(
+        [
+            "22 1 8:1 / / rw - ext4 /dev/vda rw",
+            "90 22 0:50 / /tmp/c/node/kubelet/root rw - ext4 /dev/vda rw",
+            "91 90 0:51 / /tmp/c/node/kubelet/root/pods/u/volumes/x rw - tmpfs tmpfs rw",
+            "92 22 0:52 / /tmp/c/with\\040space rw - tmpfs tmpfs rw",
+            "93 22 0:53 / /tmp/cluster-other rw - tmpfs tmpfs rw",
+        ]
+    )
+    points = host.mount_points(mountinfo, (Path("/tmp/c"),))
+    assert points == [
+        Path("/tmp/c/node/kubelet/root/pods/u/volumes/x"),
+        Path("/tmp/c/node/kubelet/root"),
+        Path("/tmp/c/with space"),
+    ]
