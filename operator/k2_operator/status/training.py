@@ -92,7 +92,8 @@ def termination_cause(job: dict[str, Any] | None, pods: Sequence[dict[str, Any]]
             if code is None or code == ExitCodes.SUCCEEDED or (code == ExitCodes.PREEMPTED) != preempted:
                 continue
             message = str(terminated.get("message") or terminated.get("reason") or "no termination message")
-            stopped.append((str(terminated.get("finishedAt", "")), pod["metadata"]["name"], int(code), message))
+            finished = str(terminated.get("finishedAt") or "9999")  # unknown: after every known time
+            stopped.append((finished, pod["metadata"]["name"], int(code), message))
     if not stopped:
         return ""
     _, name, code, message = min(stopped)
