@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 REAL_POD_CIDR = ipaddress.ip_network("10.245.0.0/24")
 GATEWAY = "10.245.0.1"
+WORKER_IMAGE = "docker.io/k2-operator/worker:dev"
 NS = "default"
 
 
@@ -181,3 +182,41 @@ def test_a_second_real_node_is_refused_and_the_first_is_left_alone(real: Cluster
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
     reply = wait_for("web through its Service", lambda: _in_client(real, _http_get("web:80"), check=False).stdout)
     assert reply.endswith("hello-from-web\n")
+
+
+SELF_REVIEW = """
+import json, os, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+request = urllib.request.Request(
+    "https://kubernetes.default.svc/apis/authentication.k8s.io/v1/selfsubjectreviews",
+    data=json.dumps(review).encode(),
+    headers={"Authorization": "Bearer " + open(sa + "/token").read(), "Content-Type": "application/json"},
+)
+context = ssl.create_default_context(cafile=sa + "/ca.crt")
+answer = json.load(urllib.request.urlopen(request, context=context, timeout=10))
+print(os.environ["KUBERNETES_SERVICE_HOST"], answer["status"]["userInfo"]["username"])
+"""
+
+
+def test_a_pods_service_account_token_authenticates_to_the_api_server(real: Cluster) -> None:
+    images = {name for image in get(real, "node/real-node-0")["status"]["images"] for name in image.get("names") or []}
+    if WORKER_IMAGE not in images:
+        pytest.skip(f"{WORKER_IMAGE} is not imported: run `make image`, then start the cluster again")
+    container = {
+        "name": "main",
+        "image": WORKER_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["/opt/k2/venv/bin/python", "-c", SELF_REVIEW],
+        "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "self-review"},
+        "spec": {"nodeSelector": {"type": "real"}, "restartPolicy": "Never", "containers": [container]},
+    }
+    apply(real, pod, namespace=NS)
+    real.kubectl("wait", "-n", NS, "--for=jsonpath={.status.phase}=Succeeded", "pod/self-review", "--timeout=120s")
+    # Through CoreDNS, the kubernetes Service address and TLS checked against the cluster CA, as the token's owner.
+    assert real.kubectl("logs", "-n", NS, "self-review").stdout == "10.96.0.1 system:serviceaccount:default:default\n"
