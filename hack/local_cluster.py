@@ -1,21 +1,24 @@
-"""A real Kubernetes control plane on loopback, for tests and local runs: no Docker, no kubelet.
+"""A real Kubernetes control plane on loopback, for tests and local runs: no Docker, no registry.
 
 `up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (binaries from `.tools/bin`, built
 by `make tools`) as background processes, each in its own process group, and creates fake GPU nodes that kwok keeps
-Ready. `down` stops them and removes the state directory. Everything lives in one directory (default `.cluster/`):
+Ready. With `--real-node` it also runs a kubelet node on this machine (containerd + runc, kube-proxy, CoreDNS, a pod
+bridge that stays on this machine), whose pods run for real. `down` stops everything, removes what the real node
+added to the host, and removes the state directory. Everything lives in one directory (default `.cluster/`):
 
     pki/                CA, apiserver serving cert, admin client cert (O=system:masters), service-account key pair,
-                        front-proxy CA and client cert (aggregation layer)
+                        front-proxy CA and client cert (aggregation layer), kubelet certs
     kubeconfig          admin kubeconfig (server https://127.0.0.1:PORT, certificates embedded)
     etcd/               etcd data
+    node/               the real node: containerd, kubelet, kube-proxy, CoreDNS and CNI files
     logs/NAME.log       one log per component
-    state.json          ports and process ids
+    state.json          ports, process ids, host settings to restore
 
-Usage: local_cluster.py up|down|status [--dir DIR] [--nodes N]. `up` is idempotent (a healthy cluster is kept) and
-`down` with nothing running is a no-op.
+Usage: local_cluster.py up|down|status [--dir DIR] [--nodes N] [--real-node]. `up` is idempotent (a healthy cluster
+is kept) and `down` with nothing running is a no-op.
 
 This file is the entry script; the code is the package `hack/localcluster/`. Tests import this file by path
-(tests/conftest.py), so it puts its own directory on `sys.path` and re-exports the package's public names.
+(tests/support/cluster.py), so it puts its own directory on `sys.path` and re-exports the package's public names.
 """
 
 from __future__ import annotations
