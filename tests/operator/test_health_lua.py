@@ -1,0 +1,74 @@
+"""The Argo CD health checks (charts/k2-operator/health/k2.ai/<Kind>/health.lua) run by a real Lua interpreter
+(lupa's Lua 5.1, the dialect of Argo CD's gopher-lua, and Lua 5.4): on every case of each kind's health_test.yaml
+(Argo CD's own layout), and on objects the real reconciles write in each state (tests/operator/health_objects.py)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from k2_api import ExpertPlacement, K2Serving, K2Training
+from tests.operator.health_objects import CASES, HEALTH, case_path
+
+lupa = pytest.importorskip("lupa")
+
+KINDS = (K2Training.KIND, K2Serving.KIND, ExpertPlacement.KIND)
+LUA_VERSIONS = ("lua51", "lua54")
+STATES = {"Healthy", "Progressing", "Degraded", "Suspended"}
+
+
+def health(kind: str, obj: dict[str, Any], lua_version: str = "lua51") -> dict[str, str]:
+    """What Argo CD would report: run `kind`'s health.lua with `obj` as the global `obj`, return its table."""
+    runtime = importlib.import_module(f"lupa.{lua_version}").LuaRuntime(unpack_returned_tuples=True)
+    runtime.globals().obj = runtime.table_from(obj, recursive=True)
+    result = runtime.execute((HEALTH / kind / "health.lua").read_text())
+    assert result is not None, f"{kind}/health.lua returned nothing"
+    return {key: str(result[key]) for key in ("status", "message")}
+
+
+def listed_cases(kind: str) -> list[dict[str, Any]]:
+    return list(yaml.safe_load((HEALTH / kind / "health_test.yaml").read_text())["tests"])
+
+
+FILE_CASES = [(kind, case) for kind in KINDS for case in listed_cases(kind)]
+
+
+@pytest.mark.parametrize("lua_version", LUA_VERSIONS)
+@pytest.mark.parametrize(("kind", "case"), FILE_CASES, ids=[f"{k}-{Path(c['inputPath']).stem}" for k, c in FILE_CASES])
+def test_health_test_yaml_case(kind: str, case: dict[str, Any], lua_version: str) -> None:
+    obj = yaml.safe_load((HEALTH / kind / case["inputPath"]).read_text())
+    assert health(kind, obj, lua_version) == case["healthStatus"]
+
+
+@pytest.mark.parametrize(("kind", "case"), list(CASES), ids=[f"{k}-{c}" for k, c in CASES])
+def test_health_of_what_the_operator_writes(kind: str, case: str) -> None:
+    build, status, message = CASES[(kind, case)]
+    obj = build()
+    assert obj["kind"] == kind
+    verdict = health(kind, obj)
+    assert verdict["status"] == status, verdict
+    assert message in verdict["message"], verdict
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_state_is_covered_by_the_operator_cases_and_listed(kind: str) -> None:
+    covered = {status for (k, _), (_, status, _) in CASES.items() if k == kind}
+    assert covered == STATES
+    listed = {case["inputPath"]: case["healthStatus"]["status"] for case in listed_cases(kind)}
+    for (k, name), (_, status, _) in CASES.items():
+        if k == kind:
+            path = case_path(kind, name)
+            assert path.is_file(), f"run `python -m tests.operator.health_objects` to write {path}"
+            assert listed.get(f"testdata/{path.name}") == status, f"{path.name} missing from health_test.yaml"
+
+
+def test_a_missing_status_and_empty_conditions_are_progressing() -> None:
+    for kind in KINDS:
+        obj = {"kind": kind, "metadata": {"name": "x", "generation": 3}, "spec": {}}
+        assert health(kind, obj)["status"] == "Progressing"
+        obj["status"] = {"observedGeneration": 3, "conditions": []}
+        assert health(kind, obj)["status"] == "Progressing", kind
