@@ -164,7 +164,9 @@ def test_two_rank_group_matches_the_single_process_model_and_moves_experts(tmp_p
         [*("--config", str(config), "--placement", str(placement), "--port", str(port)), "--metrics-port", str(mport)]
         for port, mport in zip(ports, metrics_ports, strict=True)
     ]
-    argvs = [[*argv, "--placement-poll-seconds", "0.2"] for argv in argvs]
+    # A 100 ms batch wait: the queued requests below share a batch even when a loaded machine starts their threads
+    # far apart (the 2 ms default made the batching assertion flaky).
+    argvs = [[*argv, "--placement-poll-seconds", "0.2", "--batch-wait-ms", "100"] for argv in argvs]
     group_env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
     envs = [{**group_env, "RANK": str(rank)} for rank in range(2)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
