@@ -60,7 +60,7 @@ class Controller:
     liveness: Liveness | None = None
     """Told of every pass `run_forever` completes (/healthz)."""
     failures: int = 0
-    """Passes over one serving that ended in an error, since start."""
+    """Listings and passes over one serving that ended in an error, since start (`--once` exits 1 if any)."""
     _due: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def run_once(self, namespace: str | None = None, *, force: bool = False) -> dict[tuple[str, str], Decision]:
