@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv tools image cluster-up cluster-down crds chart-crds lint test test-unit clean
+.PHONY: venv tools system-packages image cluster-up cluster-down crds chart-crds lint test test-unit clean
 
 # The virtualenv is rebuilt only when pyproject.toml changes; pip downloads come from the user's pip cache.
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,10 @@ venv: $(VENV)/.installed
 
 tools:
 	hack/build-tools.sh
+
+# Debian packages the real node, the worker image and the Prometheus tests need (a no-op when all are installed).
+system-packages:
+	hack/install-system-packages.sh
 
 # The worker image (docs/development.md, "The worker image"): needs root; layers cached in ~/.cache/k2-image.
 # CONTAINERD_SOCKET=PATH also imports it into that containerd's k8s.io namespace.
@@ -50,7 +54,7 @@ lint: venv
 	PYTHONPATH=hack/lint $(BIN)/lint-imports --no-cache
 
 # The README's test command: installs what it needs, builds the tools, lints, and runs the whole suite.
-test: venv tools lint
+test: system-packages venv tools lint
 	$(BIN)/pytest $(PYTEST_ARGS); status=$$?; [[ $$status -eq 5 ]] && status=0; exit $$status
 
 # Unit tests only: no control plane, no Prometheus, no multi-process torch.

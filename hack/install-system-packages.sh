@@ -7,13 +7,14 @@
 #   busybox-static     the real node tests' toolbox image (a shell, nslookup, wget, nc)
 #   gcc, libc6-dev     the static pause binary of the real node (hack/localcluster/pause.c)
 #   debootstrap        the worker image's root filesystem (make image)
+#   zstd               compressing the worker image's layers (make image)
 #   prometheus         the Prometheus-backed tests
 #
 # Usage: hack/install-system-packages.sh [PACKAGE ...]   (default: all of the above)
 set -euo pipefail
 
 packages=("$@")
-[[ ${#packages[@]} -gt 0 ]] || packages=(containerd runc iptables nftables busybox-static gcc libc6-dev debootstrap prometheus)
+[[ ${#packages[@]} -gt 0 ]] || packages=(containerd runc iptables nftables busybox-static gcc libc6-dev debootstrap zstd prometheus)
 
 missing=()
 for package in "${packages[@]}"; do
