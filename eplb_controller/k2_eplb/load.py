@@ -98,7 +98,8 @@ def load_matrix(
         if layer >= num_layers or expert >= num_experts:
             dropped += 1
             continue
-        load_LE[layer, expert] += tokens
+        with np.errstate(over="ignore"):  # checked below
+            load_LE[layer, expert] += tokens
     if not np.isfinite(load_LE).all():
         raise LoadReadError("the load overflows a float64")
     return load_LE, dropped
