@@ -69,6 +69,7 @@ def improve(
     budget: int | None = None,
     layer_budget_L: IntArray | None = None,
     target_L: FloatArray | None = None,
+    goal_L: FloatArray | None = None,
     max_rounds: int = 10_000,
 ) -> tuple[IntArray, IntArray]:
     """Return (improved placement, copies spent per layer against `origin`).
@@ -78,6 +79,8 @@ def improve(
     With `target_L` (a GPU load level per layer, the mean in practice), a change is also valued by the load it removes
     above that level over all GPUs, so copies go to deep cuts (which leave slack for the next drift) and to extra
     replicas of hot experts (which lighten many GPUs at once) rather than to shallow cuts of the heaviest GPU.
+    With `goal_L` (a balancedness per layer), a layer stops as soon as it reaches its goal. Each layer's path does
+    not depend on the goal (with `layer_budget_L` and no total `budget`), and its balancedness never drops along it.
     """
     placement = placement_LGS.copy()
     num_layers, num_gpus, _ = placement.shape
@@ -88,6 +91,8 @@ def improve(
     counts = replica_counts(placement, num_experts)
     holds = membership(placement, num_experts)
     active = np.ones(num_layers, dtype=bool)
+    if goal_L is not None:
+        active = _layer_balance(load_LE, placement, counts, np.arange(num_layers)) < goal_L
     for _ in range(max_rounds):
         rows = np.flatnonzero(active)
         if not len(rows):
@@ -108,7 +113,20 @@ def improve(
             take = _within_budget(best.score, best.cost, found, remaining)
         _apply(placement, counts, holds, rows[take], _select(best, take))
         spent_L[rows[take]] += best.cost[take]
+        if goal_L is not None:
+            moved = rows[take]
+            active[moved] = _layer_balance(load_LE, placement, counts, moved) < goal_L[moved]
     return placement, spent_L
+
+
+def _layer_balance(load_LE: FloatArray, placement: IntArray, counts: IntArray, rows: IntArray) -> FloatArray:
+    """Balancedness of the layers `rows` (mean / max GPU load; 1.0 without load)."""
+    share = load_LE[rows] / np.maximum(counts[rows], 1)
+    flat = placement[rows].reshape(len(rows), -1)
+    loads = np.take_along_axis(share, flat, axis=1).reshape(placement[rows].shape).sum(axis=2)
+    peak = loads.max(axis=1)
+    result: FloatArray = np.where(peak > 0, loads.mean(axis=1) / np.where(peak > 0, peak, 1.0), 1.0)
+    return result
 
 
 def allocate_budget(gpu_loads_LG: FloatArray, budget: int, copies_per_fix: float = 1.5) -> IntArray:
