@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 
 from k2_api import ExpertPlacement, K2Serving, K2Training
 from tests.operator.health_objects import CASES, HEALTH, case_path
+from tests.operator.test_chart import CHART, documents, helm, render
 
 lupa = pytest.importorskip("lupa")
 
@@ -72,3 +74,27 @@ def test_a_missing_status_and_empty_conditions_are_progressing() -> None:
         assert health(kind, obj)["status"] == "Progressing"
         obj["status"] = {"observedGeneration": 3, "conditions": []}
         assert health(kind, obj)["status"] == "Progressing", kind
+
+
+def test_the_chart_renders_the_argocd_cm_keys_only_when_enabled() -> None:
+    assert all(d["kind"] != "ConfigMap" for d in documents(render()))
+    enabled = [
+        d for d in documents(render("k2-system", "k2", "argocd.healthChecks.enabled=true")) if d["kind"] == "ConfigMap"
+    ]
+    (config,) = enabled
+    assert (config["metadata"]["name"], config["metadata"]["namespace"]) == ("argocd-cm", "argocd")
+    expected = {
+        f"resource.customizations.health.k2.ai_{kind}": (HEALTH / kind / "health.lua").read_text() for kind in KINDS
+    }
+    assert config["data"] == expected  # byte for byte, so the verdicts tested above are Argo CD's
+    bad = helm("template", "k2", str(CHART), "--set", "argocd.healthChecks.namespaces=argocd", check=False)
+    assert bad.returncode != 0 and "values don't meet the specifications of the schema" in bad.stderr
+
+
+def test_the_packaged_chart_leaves_the_test_cases_out(tmp_path: Path) -> None:
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("k2-operator-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "k2-operator/health/k2.ai/K2Serving/health.lua" in names
+    assert not [n for n in names if "/testdata/" in n or n.endswith("health_test.yaml")]
