@@ -200,6 +200,33 @@ def start(layout: Layout, state: State, tools: Path, spawn: Spawn) -> None:
     wait(f"kube-proxy {healthz}", lambda: api.healthz_ok(healthz), "kube-proxy", proxy)
 
 
+def _remove_pods(layout: Layout, files: NodeFiles, crictl_bin: Path) -> None:
+    """Removes every pod sandbox through the CRI, so that the CNI plugins release each veth, netns and address.
+
+    When containerd died, it is started again on the same state first: only it knows its sandboxes.
+    """
+    if not _containerd_answers(files, crictl_bin):
+        revived = processes.spawn(
+            containerd_argv(files.containerd), layout.log("containerd"), layout.root, environment()
+        )
+        try:
+            processes.wait_for(
+                "containerd, restarted to remove the pods",
+                lambda: _containerd_answers(files, crictl_bin),
+                "containerd",
+                layout.log("containerd"),
+                revived,
+                timeout_s=30.0,
+            )
+        except ClusterError as error:
+            print(f"local cluster: {error}", file=sys.stderr)
+            return
+    try:
+        crictl(files.containerd, crictl_bin, "rmp", "--all", "--force")
+    except (ClusterError, subprocess.TimeoutExpired) as error:
+        print(f"local cluster: removing the real node's pods: {error}", file=sys.stderr)
+
+
 def stop(layout: Layout, state: State | None, tools: Path) -> None:
     """Stops the node's components and pods, then removes its mounts, cgroups and network. Idempotent."""
     files = NodeFiles(layout.node)
@@ -208,11 +235,8 @@ def stop(layout: Layout, state: State | None, tools: Path) -> None:
     # The kubelet first, or it would restart the pods removed below; found by name, so also without state.json.
     for pid in processes.Owner(layout.root, ("kubelet",)).live_pids():
         processes.stop_group(pid, owner, grace_s=10.0)
-    if files.containerd.socket.is_socket() and (tools / "crictl").is_file():
-        try:
-            crictl(files.containerd, tools / "crictl", "rmp", "--all", "--force")
-        except (ClusterError, subprocess.TimeoutExpired) as error:
-            print(f"local cluster: removing the real node's pods: {error}", file=sys.stderr)
+    if files.containerd.config.is_file() and (tools / "crictl").is_file():
+        _remove_pods(layout, files, tools / "crictl")
     for name in ("kube-proxy", "coredns", "containerd"):
         if name in pids:
             processes.stop_group(pids[name], owner, grace_s=10.0)

@@ -3,6 +3,8 @@ interface, route, iptables/nft rule or cgroup, and the host's settings as they w
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 
 from tests.cluster.real_node import lc, real_node_cluster, skip_unless_a_real_node_can_run, toolbox_pod
 from tests.support.kube import apply
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +51,20 @@ def test_down_leaves_the_host_as_it_was() -> None:
     after = _host_snapshot()
     assert after == before
     assert not layout.root.exists()
+
+
+def test_down_after_the_kubelet_and_containerd_died_still_leaves_nothing() -> None:
+    skip_unless_a_real_node_can_run()
+    before = _host_snapshot()
+    with real_node_cluster() as (cluster, layout):
+        apply(cluster, toolbox_pod("sleeper", "exec sleep 3600"), namespace="default")
+        cluster.kubectl("wait", "-n", "default", "--for=condition=Ready", "pod/sleeper", "--timeout=60s")
+        state = lc.State.load(layout)
+        for name in ("kubelet", "containerd"):  # a crash: the pod's shim, netns and veth outlive them
+            os.kill(state.pids[name], signal.SIGKILL)
+        wait_for(
+            "both to be gone", lambda: not any(lc.owner(layout).owns(state.pids[n]) for n in ("kubelet", "containerd"))
+        )
+        assert _host_snapshot()["netns"] != before["netns"]
+    assert lc.leftovers(layout) == []
+    assert _host_snapshot() == before
