@@ -8,7 +8,11 @@ Cases (K2's shape, 60 MoE layers x 384 experts, at 128 GPUs x 4 slots and 256 GP
   5% of the slots, the baseline solves from scratch each step as it does in SGLang and vLLM;
 - curve: balancedness vs budget (0% .. 20% of the slots, and unlimited) after one step of the walk and after a
   shock (lognormal(0, 0.3), the drift of the published measurements);
-- locality: that step's 5% solve without and with 8 GPUs per node: how many copies cross nodes.
+- locality: that step's 5% solve without and with 8 GPUs per node: how many copies cross nodes;
+- shock: each load after lognormal(0, SHOCK_POP_SIGMA) with two experts per layer swapping popularity (one of the
+  hottest 10% with one of the colder half), from ours' fresh placement of the load before: the stale placement, the
+  baseline's fresh solve, ours fresh (as solved, and with its GPUs aligned to the current placement), ours with a
+  15% budget, and the balance-target mode (`solve_to_target`) at each TARGET_EPSILONS.
 Timings are per call on one core (the process is pinned to one CPU, BLAS threads set to 1): CPU seconds of the
 process, which the targets use, and wall-clock seconds, which also count waiting for the CPU on a shared machine.
 """
@@ -32,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from k2_api.common import DType, Preset  # noqa: E402
 from k2_api.contract import PRESET_SHAPES  # noqa: E402
+from k2_eplb.align import align_gpus  # noqa: E402
 from k2_eplb.baseline import greedy_rebalance  # noqa: E402
 from k2_eplb.metrics import (  # noqa: E402
     FloatArray,
@@ -42,6 +47,7 @@ from k2_eplb.metrics import (  # noqa: E402
     gpu_loads,
 )
 from k2_eplb.solver import solve  # noqa: E402
+from k2_eplb.target import solve_to_target  # noqa: E402
 
 KIMI_K2 = PRESET_SHAPES[Preset.KIMI_K2]
 BYTES_PER_EXPERT = KIMI_K2.expert_bytes(DType.FP8)
@@ -52,6 +58,9 @@ BUDGET = 0.05
 CURVE_BUDGETS: tuple[float | None, ...] = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20, None)
 LOAD_KINDS = ("lognormal", "zipf", "hotspot")
 GPUS_PER_NODE = 8
+SHOCK_POP_SIGMA = 0.25
+SHOCK_BUDGET = 0.15
+TARGET_EPSILONS = (0.01, 0.02)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ def timed(fn: Callable[..., IntArray], *args: Any, **kwargs: Any) -> tuple[IntAr
 
 def run(scale: Scale, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
+    shock_rng = np.random.default_rng((seed, 1))  # its own stream: the other cases draw what they drew before
     example = np.array([EXAMPLE_LOAD], dtype=float)
     report: dict[str, Any] = {
         "seed": seed,
@@ -109,6 +119,7 @@ def run(scale: Scale, seed: int) -> dict[str, Any]:
         "drift": [],
         "curve": [],
         "locality": [],
+        "shock": [],
     }
     for gpus, slots in scale.shapes:
         num_slots = scale.num_layers * gpus * slots
@@ -118,6 +129,7 @@ def run(scale: Scale, seed: int) -> dict[str, Any]:
             base, base_s = timed(greedy_rebalance, load, gpus, slots)
             report["fresh"].append(fresh_row(load, ours, base, gpus, slots, kind, ours_s, base_s))
             report["drift"] += drift_rows(load, ours, base, gpus, slots, kind, scale.drift_steps, num_slots, rng)
+            report["shock"] += shock_rows(shocked_load(load, shock_rng), ours, gpus, slots, kind)
         load = synthetic_load("lognormal", scale.num_layers, scale.num_experts, rng)
         start = solve(load, gpus, slots)
         for label, sigma in (("step", DRIFT_SIGMA), ("shock", SHOCK_SIGMA)):
@@ -241,11 +253,73 @@ def locality_rows(load: FloatArray, start: IntArray, gpus: int, slots: int, budg
     return rows
 
 
+def shocked_load(load: FloatArray, rng: np.random.Generator) -> FloatArray:
+    """`load` x lognormal(0, SHOCK_POP_SIGMA), then in each layer one of the hottest 10% of the experts and one of
+    the colder half swap their loads."""
+    shocked: FloatArray = load * rng.lognormal(0.0, SHOCK_POP_SIGMA, size=load.shape)
+    num_experts = load.shape[1]
+    for layer in range(load.shape[0]):
+        order = np.argsort(-shocked[layer], kind="stable")
+        hot = rng.choice(order[: max(1, num_experts // 10)])
+        cold = rng.choice(order[num_experts // 2 :])
+        shocked[layer, [hot, cold]] = shocked[layer, [cold, hot]]
+    return shocked
+
+
+def shock_rows(load: FloatArray, start: IntArray, gpus: int, slots: int, kind: str) -> list[dict[str, Any]]:
+    """Every method on the shocked `load`, from `start`; moves counted against `start`."""
+    num_slots = start.size
+    num_experts = load.shape[1]
+    budget = int(SHOCK_BUDGET * num_slots)
+
+    def to_target(epsilon: float) -> Callable[[], IntArray]:
+        return lambda: solve_to_target(load, gpus, slots, current=start, epsilon=epsilon).placement
+
+    methods: list[tuple[str, Callable[[], IntArray]]] = [
+        ("stale", lambda: start),
+        ("baseline fresh", lambda: greedy_rebalance(load, gpus, slots)),
+        ("ours fresh", lambda: solve(load, gpus, slots)),
+        ("ours fresh aligned", lambda: align_gpus(start, solve(load, gpus, slots), num_experts)),
+        (f"ours {SHOCK_BUDGET:.0%} budget", lambda: solve(load, gpus, slots, current=start, max_moves=budget)),
+    ]
+    methods += [(f"ours target {epsilon}", to_target(epsilon)) for epsilon in TARGET_EPSILONS]
+    rows = []
+    for name, method in methods:
+        placed, seconds = timed(method)
+        moves = count_moves(start, placed)
+        scores = balancedness(load, placed)
+        rows.append(
+            {
+                "gpus": gpus,
+                "slots_per_gpu": slots,
+                "load": kind,
+                "method": name,
+                "balancedness": float(scores.mean()),
+                "min_layer": float(scores.min()),
+                "moves": moves,
+                "moved_fraction": moves / num_slots,
+                "bytes": moves * BYTES_PER_EXPERT,
+                "seconds": seconds.cpu,
+                "wall_seconds": seconds.wall,
+            }
+        )
+    return rows
+
+
 def targets(report: dict[str, Any]) -> dict[str, bool]:
     fresh, drift = report["fresh"], report["drift"]
     seconds = [row["ours_seconds"] for row in fresh + drift]
     seconds += [row["seconds"] for row in report["curve"] + report["locality"]]
+    shock = {(row["gpus"], row["load"], row["method"]): row for row in report["shock"]}
+    target_rows = [(key, row) for key, row in shock.items() if key[2].startswith("ours target")]
     return {
+        "shock_target_within_epsilon_of_ours_fresh": all(
+            row["balancedness"] >= shock[(gpus, kind, "ours fresh")]["balancedness"] - float(name.split()[-1]) - 1e-12
+            for (gpus, kind, name), row in target_rows
+        ),
+        "shock_target_moves_below_ours_fresh": all(
+            row["moves"] <= shock[(gpus, kind, "ours fresh aligned")]["moves"] for (gpus, kind, _), row in target_rows
+        ),
         "fresh_at_least_baseline_every_case": all(row["ours"] >= row["baseline"] for row in fresh),
         "example_max_load_at_most_205": report["example"]["ours_max_load"] <= 205.0,
         "example_baseline_232": abs(report["example"]["baseline_max_load"] - 232.0) < 1e-9,
@@ -326,6 +400,19 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {per_node:>8} {row['moves']:7d}"
             f" {row['cross_node_moves']:10d} {row['balancedness']:7.4f} {row['seconds']:7.3f}"
+        )
+    lines += [
+        "",
+        f"Shock (x lognormal(0, {SHOCK_POP_SIGMA}), two experts per layer swapping popularity), from ours' fresh"
+        " placement of the load before; balancedness mean over layers (min layer), CPU seconds (wall)",
+        f"{'GPUs x slots':>12} {'load':>9} {'method':>20} {'balance':>7} {'min':>7} {'moves':>7} {'moved':>7}"
+        f" {'GB':>8} {'s':>7} {'(wall)':>7}",
+    ]
+    for row in report["shock"]:
+        lines.append(
+            f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {row['load']:>9} {row['method']:>20}"
+            f" {row['balancedness']:7.4f} {row['min_layer']:7.4f} {row['moves']:7d} {row['moved_fraction']:7.1%}"
+            f" {row['bytes'] / 1e9:8.1f} {row['seconds']:7.3f} {row['wall_seconds']:7.3f}"
         )
     lines += ["", "Targets:"] + [f"  {name}: {'met' if ok else 'NOT met'}" for name, ok in report["targets"].items()]
     return "\n".join(lines)

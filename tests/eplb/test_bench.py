@@ -40,8 +40,27 @@ def test_quick_bench_json_fields_and_relations(capsys: pytest.CaptureFixture[str
     plain, local = (row for row in data["locality"] if row["gpus"] == 16)
     assert (plain["gpus_per_node"], local["gpus_per_node"]) == (None, 8)
     assert local["moves"] <= local["budget"] and local["cross_node_moves"] <= local["moves"]
+    shock = {(row["gpus"], row["load"], row["method"]): row for row in data["shock"]}
+    methods = ["stale", "baseline fresh", "ours fresh", "ours fresh aligned", "ours 15% budget"]
+    methods += ["ours target 0.01", "ours target 0.02"]
+    assert [row["method"] for row in data["shock"] if row["gpus"] == 16 and row["load"] == "zipf"] == methods
+    for (gpus, kind, method), row in shock.items():
+        assert row["bytes"] == row["moves"] * BYTES_PER_EXPERT
+        assert row["moved_fraction"] == row["moves"] / (4 * 16 * 4 if gpus == 16 else 4 * 24 * 3)
+        fresh = shock[(gpus, kind, "ours fresh")]
+        if method == "stale":
+            assert row["moves"] == 0 and row["balancedness"] < fresh["balancedness"]
+        elif method == "ours 15% budget":
+            assert 0 < row["moved_fraction"] <= 0.15
+        elif method.startswith("ours target"):
+            assert row["balancedness"] >= fresh["balancedness"] - float(method.split()[-1]) - 1e-12
+            assert row["moves"] <= shock[(gpus, kind, "ours fresh aligned")]["moves"]
+        elif method == "ours fresh aligned":
+            assert row["balancedness"] == pytest.approx(fresh["balancedness"], rel=1e-12)
     targets = data["targets"]
     for name in (
+        "shock_target_within_epsilon_of_ours_fresh",
+        "shock_target_moves_below_ours_fresh",
         "fresh_at_least_baseline_every_case",
         "example_max_load_at_most_205",
         "example_baseline_232",
@@ -54,4 +73,5 @@ def test_quick_bench_prints_tables(capsys: pytest.CaptureFixture[str]) -> None:
     text = run_quick(capsys)
     assert "8-GPU example, max GPU load: ours" in text
     assert "Balance vs moves" in text and "unlimited" in text
+    assert "Shock (x lognormal(0, 0.25)" in text and "ours target 0.01" in text
     assert "Targets:" in text
