@@ -178,6 +178,7 @@ def test_a_second_real_node_is_refused_and_the_first_is_left_alone(real: Cluster
     with pytest.raises(lc.ClusterError, match="another real node runs on this machine"):
         lc.up(tmp_path / "second", num_nodes=1, real_node=True)
     assert not (tmp_path / "second" / "node").exists()
+    lc.down(tmp_path / "second")
     node = get(real, "node/real-node-0")
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
     reply = wait_for("web through its Service", lambda: _in_client(real, _http_get("web:80"), check=False).stdout)
