@@ -11,45 +11,46 @@ import numpy as np
 
 from k2_eplb.metrics import IntArray
 
+_MUTUAL_ROUNDS = 8  # then the rest in order: the later rounds pair few GPUs each and cost as much
+
 
 def align_gpus(reference_LGS: IntArray, placement_LGS: IntArray, num_experts: int) -> IntArray:
     """`placement_LGS` with its GPUs permuted per layer towards the largest overlap with `reference_LGS`."""
     num_layers, num_gpus, _ = placement_LGS.shape
-    layer = np.arange(num_layers)[:, None]
+    layer = np.arange(num_layers)
     overlap = _overlap(reference_LGS, placement_LGS, num_experts)  # [L, new GPU, reference GPU]
     target = np.full((num_layers, num_gpus), -1, dtype=np.int64)
-    free_row = np.ones((num_layers, num_gpus), dtype=bool)
-    free_col = np.ones((num_layers, num_gpus), dtype=bool)
-    while True:
-        masked = np.where(free_row[:, :, None] & free_col[:, None, :], overlap, -1)
-        best_col = masked.argmax(axis=2)  # [L, G]: each new GPU's best free reference GPU
-        best_row = masked.argmax(axis=1)  # [L, G]: each reference GPU's best free new GPU
+    taken = np.zeros((num_layers, num_gpus), dtype=bool)
+    # a few rounds of mutual best pairs (each the best free match of the other), all layers at once
+    for _ in range(_MUTUAL_ROUNDS):
+        free = (target < 0)[:, :, None] & ~taken[:, None, :]
+        masked = np.where(free, overlap, -1)
+        best_col = masked.argmax(axis=2)
+        best_row = masked.argmax(axis=1)
         value = np.take_along_axis(masked, best_col[:, :, None], axis=2)[..., 0]
-        mutual = free_row & (value > 0) & (best_row[layer, best_col] == np.arange(num_gpus)[None, :])
+        mutual = (value > 0) & (best_row[layer[:, None], best_col] == np.arange(num_gpus)[None, :])
         if not mutual.any():
             break
         rows_l, rows_g = np.nonzero(mutual)
-        cols = best_col[rows_l, rows_g]
-        target[rows_l, rows_g] = cols
-        free_row[rows_l, rows_g] = False
-        free_col[rows_l, cols] = False
-    # GPUs sharing nothing with any free reference GPU: paired in order
-    for lay in np.flatnonzero(free_row.any(axis=1)):
-        target[lay, np.flatnonzero(free_row[lay])] = np.flatnonzero(free_col[lay])
+        target[rows_l, rows_g] = best_col[rows_l, rows_g]
+        taken[rows_l, best_col[rows_l, rows_g]] = True
+    # then the others in order of their best overlap, each taking its best free reference GPU
+    order = np.argsort(-np.where((target < 0), overlap.max(axis=2), -1), axis=1, kind="stable")
+    for rank in range(int((target < 0).sum(axis=1).max(initial=0))):
+        row = order[:, rank]
+        open_ = target[layer, row] < 0
+        pick = np.where(taken, -1, overlap[layer, row]).argmax(axis=1)
+        target[layer[open_], row[open_]] = pick[open_]
+        taken[layer[open_], pick[open_]] = True
     aligned = np.empty_like(placement_LGS)
-    aligned[layer, target] = placement_LGS
+    aligned[layer[:, None], target] = placement_LGS
     return aligned
 
 
 def _overlap(reference_LGS: IntArray, placement_LGS: IntArray, num_experts: int) -> IntArray:
     """overlap[l, g, h]: experts that new GPU g and reference GPU h both hold in layer l."""
-
-    def onehot(p: IntArray) -> np.ndarray:
-        num_layers, num_gpus, _ = p.shape
-        holds = np.zeros((num_layers, num_gpus, num_experts), dtype=np.float32)
-        holds[np.arange(num_layers)[:, None, None], np.arange(num_gpus)[None, :, None], p] = 1.0
-        return holds
-
-    shared = onehot(placement_LGS) @ onehot(reference_LGS).transpose(0, 2, 1)
-    result: IntArray = np.rint(shared).astype(np.int64)
-    return result
+    num_layers, num_gpus, _ = reference_LGS.shape
+    holds = np.zeros((num_layers, num_experts, num_gpus), dtype=np.int32)  # reference: expert e on GPU h
+    holds[np.arange(num_layers)[:, None, None], reference_LGS, np.arange(num_gpus)[None, :, None]] = 1
+    shared: IntArray = holds[np.arange(num_layers)[:, None, None], placement_LGS].sum(axis=2, dtype=np.int64)
+    return shared
