@@ -20,6 +20,15 @@ from localcluster import network, realnode  # noqa: E402
 TOOLBOX = "docker.io/k2-operator/toolbox:local"
 
 
+def running_real_node_cluster() -> Cluster | None:
+    """The `make cluster-up` cluster when it is healthy and has the real node, else None."""
+    layout = lc.Layout(lc.DEFAULT_DIR.resolve())
+    state = lc.State.load(layout)
+    if state is None or not state.real_node or not lc.is_healthy(layout.root):
+        return None
+    return make_cluster(layout.kubeconfig, state.server)
+
+
 def skip_unless_a_real_node_can_run() -> None:
     """Skips (fails under CI) when this machine lacks something, or when another real node runs here."""
     missing = realnode.missing_prerequisites(TOOLS_BIN)

@@ -1,7 +1,8 @@
 """The real node: a kubelet with containerd runs pods for real, on a pod network that stays on this machine.
 
-The tests start their own cluster with a real node (about 25 s) and talk to it only through 127.0.0.1 (the API
-server, kubectl exec and port-forward). The pods talk to each other over the cluster's bridge.
+The tests use the `make cluster-up` cluster when it has the real node, else they start their own (about 20 s); they
+work in a namespace of their own and talk to the cluster only through 127.0.0.1 (the API server, kubectl exec and
+port-forward). The pods talk to each other over the cluster's bridge.
 """
 
 from __future__ import annotations
@@ -9,15 +10,22 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster.real_node import lc, real_node_cluster, skip_unless_a_real_node_can_run, toolbox_pod
+from tests.cluster.real_node import (
+    lc,
+    real_node_cluster,
+    running_real_node_cluster,
+    skip_unless_a_real_node_can_run,
+    toolbox_pod,
+)
 from tests.support.cluster import Cluster
-from tests.support.kube import apply, get
+from tests.support.kube import apply, exists, get
 from tests.support.paths import TOOLS_BIN
 from tests.support.ports import free_port
 from tests.support.waits import wait_for
@@ -27,13 +35,25 @@ pytestmark = pytest.mark.integration
 REAL_POD_CIDR = ipaddress.ip_network("10.245.0.0/24")
 GATEWAY = "10.245.0.1"
 WORKER_IMAGE = "docker.io/k2-operator/worker:dev"
-NS = "default"
+NS = f"t-real-node-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
 def real() -> Iterator[Cluster]:
+    running = running_real_node_cluster()
+    if running is not None:
+        yield from _with_pods(running)
+        return
     skip_unless_a_real_node_can_run()
     with real_node_cluster() as (cluster, _):
+        yield from _with_pods(cluster)
+
+
+def _with_pods(cluster: Cluster) -> Iterator[Cluster]:
+    """The namespace NS with a web server pod, its Service and headless Service, and a client pod."""
+    cluster.kubectl("create", "namespace", NS)
+    try:
+        wait_for("the namespace's ServiceAccount", lambda: exists(cluster, "serviceaccount/default", namespace=NS))
         web = toolbox_pod(
             "web",
             "mkdir -p /tmp/www && echo hello-from-web > /tmp/www/index.html && echo serving && "
@@ -53,6 +73,8 @@ def real() -> Iterator[Cluster]:
             )
         cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "pod/web", "pod/client", "--timeout=120s")
         yield cluster
+    finally:
+        cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
 
 
 def _in_client(cluster: Cluster, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -91,10 +113,10 @@ def test_pods_resolve_services_through_coredns_and_nothing_else(real: Cluster) -
     cluster_ip = get(real, "service/web", namespace=NS)["spec"]["clusterIP"]
     web_ip = get(real, "pod/web", namespace=NS)["status"]["podIP"]
     assert f"nameserver {GATEWAY}" in _in_client(real, "cat /etc/resolv.conf").stdout
-    assert f"Address: {cluster_ip}" in _in_client(real, "nslookup web.default.svc.cluster.local").stdout
+    assert f"Address: {cluster_ip}" in _in_client(real, f"nslookup web.{NS}.svc.cluster.local").stdout
     headless = wait_for(
         "the headless Service's A record",
-        lambda: _in_client(real, "nslookup web-headless.default.svc.cluster.local", check=False).stdout.count(web_ip),
+        lambda: _in_client(real, f"nslookup web-headless.{NS}.svc.cluster.local", check=False).stdout.count(web_ip),
     )
     assert headless == 1
     outside = _in_client(real, "nslookup example.com", check=False)
@@ -104,7 +126,7 @@ def test_pods_resolve_services_through_coredns_and_nothing_else(real: Cluster) -
 def test_pods_reach_each_other_by_pod_ip_cluster_ip_and_dns_name(real: Cluster) -> None:
     web_ip = get(real, "pod/web", namespace=NS)["status"]["podIP"]
     cluster_ip = get(real, "service/web", namespace=NS)["spec"]["clusterIP"]
-    for target in (f"{web_ip}:8080", f"{cluster_ip}:80", "web:80", "web-headless.default.svc.cluster.local:8080"):
+    for target in (f"{web_ip}:8080", f"{cluster_ip}:80", "web:80", f"web-headless.{NS}.svc.cluster.local:8080"):
         reply = wait_for(f"web through {target}", lambda t=target: _in_client(real, _http_get(t), check=False).stdout)
         assert reply.startswith("HTTP/1.") and reply.endswith("hello-from-web\n"), target
 
@@ -220,4 +242,4 @@ def test_a_pods_service_account_token_authenticates_to_the_api_server(real: Clus
     apply(real, pod, namespace=NS)
     real.kubectl("wait", "-n", NS, "--for=jsonpath={.status.phase}=Succeeded", "pod/self-review", "--timeout=120s")
     # Through CoreDNS, the kubernetes Service address and TLS checked against the cluster CA, as the token's owner.
-    assert real.kubectl("logs", "-n", NS, "self-review").stdout == "10.96.0.1 system:serviceaccount:default:default\n"
+    assert real.kubectl("logs", "-n", NS, "self-review").stdout == f"10.96.0.1 system:serviceaccount:{NS}:default\n"
