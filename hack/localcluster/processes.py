@@ -45,10 +45,17 @@ class Owner:
         return [pid for pid in map(int, result.stdout.split()) if self.owns(pid)]
 
 
-def reap(pid: int) -> None:
-    """Collects the zombie of `pid` when this process started it (the pytest fixture does)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def reap(pid: int) -> bool:
+    """Collects the zombie of `pid` when this process started it (the pytest fixture does).
+
+    False only while `pid` is a child of this process that has not exited yet (an exiting child loses its command
+    line before it can be reaped, so "no longer ours" alone does not mean it is gone).
+    """
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):  # not our child (or already reaped): nothing to wait for here
+        return True
+    return reaped == pid
 
 
 def stop_group(pid: int, owner: Owner, grace_s: float) -> None:
@@ -60,8 +67,7 @@ def stop_group(pid: int, owner: Owner, grace_s: float) -> None:
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        reap(pid)
-        if not owner.owns(pid):
+        if reap(pid) and not owner.owns(pid):
             return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
