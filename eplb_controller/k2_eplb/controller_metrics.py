@@ -3,14 +3,13 @@ and its liveness; `serve` puts both on HTTP (/metrics, /healthz)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from k2_api.contract import HttpPaths
+from k2_api.metrics_server import serve_metrics
 from k2_eplb.planner import Decision
 
 _LABELS = ("serving", "namespace")
@@ -95,29 +94,4 @@ class Liveness:
 
 def serve(metrics: ControllerMetrics, liveness: Liveness, port: int, address: str = "0.0.0.0") -> ThreadingHTTPServer:
     """/metrics and /healthz (200, or 503 with the reason when the loop is stuck) in a daemon thread."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif path == HttpPaths.HEALTHZ:
-                problem = liveness.problem()
-                self._answer(503 if problem else 200, f"{problem or 'ok'}\n".encode(), "text/plain; charset=utf-8")
-            else:
-                self.send_error(404)
-
-        def _answer(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer((address, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="eplb-metrics", daemon=True).start()
-    return server
+    return serve_metrics(metrics.registry, port, address, problem=liveness.problem, thread_name="eplb-metrics")

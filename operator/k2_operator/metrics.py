@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from k2_api.metrics_server import serve_metrics
 
 REGISTRY = CollectorRegistry()
 RECONCILES = Counter(
@@ -48,27 +49,6 @@ def observe(kind: str) -> Iterator[None]:
         DURATION.labels(kind).observe(time.perf_counter() - started)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path.startswith("/metrics"):
-            body, content_type = generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-        elif self.path.startswith("/healthz"):
-            body, content_type = b"ok\n", "text/plain"
-        else:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
 def serve(port: int, address: str = "0.0.0.0") -> ThreadingHTTPServer:
     """/metrics and /healthz on `address:port` in a daemon thread."""
-    server = ThreadingHTTPServer((address, port), _Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server
+    return serve_metrics(REGISTRY, port, address)
