@@ -52,6 +52,11 @@ class Origin:
         by_node = holds.reshape(num_layers, num_experts, num_gpus // gpus_per_node, gpus_per_node).any(axis=3)
         return cls(holds, np.repeat(by_node, gpus_per_node, axis=2))
 
+    def layers(self, rows: IntArray) -> Origin:
+        """The same origin restricted to the layers `rows`."""
+        node = None if self.node_holds_LEG is None else self.node_holds_LEG[rows]
+        return Origin(self.holds_LEG[rows], node)
+
 
 def membership(placement_LGS: IntArray, num_experts: int) -> BoolArray:
     """holds[l, e, g]: GPU g holds expert e in layer l."""
@@ -71,6 +76,7 @@ def improve(
     target_L: FloatArray | None = None,
     goal_L: FloatArray | None = None,
     max_rounds: int = 10_000,
+    partners: int = _PARTNERS,
 ) -> tuple[IntArray, IntArray]:
     """Return (improved placement, copies spent per layer against `origin`).
 
@@ -81,6 +87,7 @@ def improve(
     replicas of hot experts (which lighten many GPUs at once) rather than to shallow cuts of the heaviest GPU.
     With `goal_L` (a balancedness per layer), a layer stops as soon as it reaches its goal. Each layer's path does
     not depend on the goal (with `layer_budget_L` and no total `budget`), and its balancedness never drops along it.
+    `partners`: GPUs tried with the heaviest each round, this many lightest plus this many spread over the rest.
     """
     placement = placement_LGS.copy()
     num_layers, num_gpus, _ = placement.shape
@@ -103,7 +110,7 @@ def improve(
             own = layer_budget_L[rows] - spent_L[rows]
             row_left = own if row_left is None else np.minimum(row_left, own)
         target = None if target_L is None else target_L[rows]
-        best = _best_changes(load_LE, placement, counts, holds, rows, origin, row_left, target)
+        best = _best_changes(load_LE, placement, counts, holds, rows, origin, row_left, target, partners)
         found = np.isfinite(best.score)
         active[rows[~found]] = False
         if not found.any():
@@ -184,6 +191,7 @@ def _best_changes(
     origin: Origin | None,
     remaining: IntArray | None,
     target: FloatArray | None,
+    num_partners: int,
 ) -> _Changes:
     n = len(rows)
     r = np.arange(n)
@@ -225,7 +233,7 @@ def _best_changes(
 
     # --- swaps of a slot of g* with slot (g, t) -------------------------------------------------------------------
     # partners: the lightest GPUs (most able to take load off g*) and a spread sample of the rest
-    partners = _partners(order)  # [n, m]
+    partners = _partners(order, num_partners)  # [n, m]
     m = partners.shape[1]
     xs = P[r, gs]  # [n, S]
     a = SH[r, gs]
@@ -339,13 +347,13 @@ def _best_changes(
     )
 
 
-def _partners(order_nG: IntArray) -> IntArray:
-    """GPUs tried with g*: the lightest `_PARTNERS`, plus `_PARTNERS` spread evenly over the rest (not g*)."""
+def _partners(order_nG: IntArray, count: int) -> IntArray:
+    """GPUs tried with g*: the lightest `count`, plus `count` spread evenly over the rest (not g*)."""
     num_gpus = order_nG.shape[1]
-    if num_gpus - 1 <= 2 * _PARTNERS:
+    if num_gpus - 1 <= 2 * count:
         return order_nG[:, 1:]
-    lightest = order_nG[:, num_gpus - _PARTNERS :]
-    spread = np.linspace(1, num_gpus - _PARTNERS - 1, _PARTNERS).round().astype(np.int64)
+    lightest = order_nG[:, num_gpus - count :]
+    spread = np.linspace(1, num_gpus - count - 1, count).round().astype(np.int64)
     return np.concatenate([order_nG[:, spread], lightest], axis=1)
 
 

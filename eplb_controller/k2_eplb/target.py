@@ -1,11 +1,12 @@
 """Balance-target mode: reach within `epsilon` of the fresh solve's balancedness with as few copies as the search finds.
 
-The reference is our own from-scratch solve (`solve_fresh`) of the same load, per layer. Every layer then runs the
-incremental search from `current` (parallel per-layer spending, each layer's budget capped at the copies its fresh
-solution would cost) and stops at the first placement within `epsilon` of its reference. Along one layer's search
-path balancedness never drops, so the first hit is the cheapest placement that path offers. A layer the search cannot
-bring there takes its fresh solution, which meets the goal by definition. No layer therefore costs more copies than
-its fresh solution, and a larger `epsilon` stops each path no later.
+The reference is our own from-scratch solve (`solve_fresh`) of the same load, its GPUs relabelled to overlap `current`
+most (`align_gpus`), per layer. Every layer then runs the incremental search from `current` (parallel per-layer
+spending, each layer's budget capped at the copies its fresh solution would cost) and stops at the first placement
+within `epsilon` of its reference. Along one layer's search path balancedness never drops, so the first hit is the
+cheapest placement that path offers. A layer left short (no single change lowers its max) goes on with a wider choice
+of partner GPUs per round; one still short takes its fresh solution, which meets the goal by definition. No layer
+therefore costs more copies than its fresh solution, and a larger `epsilon` stops each path no later.
 
 `max_moves` stays a hard cap: when the plan above needs more copies in total, the budgeted `solve` with the cap is
 returned instead, flagged as not reached.
@@ -29,6 +30,7 @@ from k2_eplb.validation import check_gpus_per_node, check_load, check_max_moves,
 # returning home) spend none; the search also stops by itself when no change lowers the layer's max load.
 _ROUNDS_PER_COPY = 2
 _MIN_ROUNDS = 16
+_WIDE_PARTNERS = 64  # partner GPUs per round (lightest, and as many spread) for layers the first search left short
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,33 @@ def solve_to_target(
     fresh_L = balancedness(load_LE, fresh)
     fresh_moves_L = moves_per_layer(current_LGS, fresh)
     goal_L = fresh_L - float(epsilon)
+    origin = Origin.of(current_LGS, num_experts, per_node)
+    rounds = _MIN_ROUNDS + _ROUNDS_PER_COPY * int(fresh_moves_L.max(initial=0))
+    target_L = gpu_loads(load_LE, current_LGS).mean(axis=1)
     searched, _ = improve(
         load_LE,
         current_LGS,
-        origin=Origin.of(current_LGS, num_experts, per_node),
+        origin=origin,
         layer_budget_L=fresh_moves_L,
-        target_L=gpu_loads(load_LE, current_LGS).mean(axis=1),
+        target_L=target_L,
         goal_L=goal_L,
-        max_rounds=_MIN_ROUNDS + _ROUNDS_PER_COPY * int(fresh_moves_L.max(initial=0)),
+        max_rounds=rounds,
     )
     short_L = balancedness(load_LE, searched) < goal_L
+    stuck = np.flatnonzero(short_L)
+    if len(stuck):  # stopped short (no single change lowered the max): go on with a wider choice of partner GPUs
+        left_L = fresh_moves_L[stuck] - moves_per_layer(current_LGS[stuck], searched[stuck])
+        searched[stuck], _ = improve(
+            load_LE[stuck],
+            searched[stuck],
+            origin=origin.layers(stuck),
+            layer_budget_L=left_L,
+            target_L=target_L[stuck],
+            goal_L=goal_L[stuck],
+            max_rounds=rounds,
+            partners=_WIDE_PARTNERS,
+        )
+        short_L = balancedness(load_LE, searched) < goal_L
     placement: IntArray = np.where(short_L[:, None, None], fresh, searched)
     moves_L = moves_per_layer(current_LGS, placement)
     if cap is not None and int(moves_L.sum()) > cap:
