@@ -200,7 +200,12 @@ def placement_invalid() -> Object:
 
 
 def placement_suspended() -> Object:
-    env = _served(suspend=True)
+    """Applied by every rank, then the serving is suspended: its ranks are gone."""
+    env = _healthy_serving()
+    env.patch_spec(K2Serving.KIND, SERVING, suspend=True)
+    env.run(serving.reconcile, SERVING)
+    for pod in env.names("Pod"):
+        env.user.delete("Pod", NS, pod)
     env.run(placement.reconcile, SERVING)
     return env.get(ExpertPlacement.KIND, SERVING)
 

@@ -13,8 +13,13 @@ import pytest
 import yaml
 
 from k2_api import ExpertPlacement, K2Serving, K2Training
+from tests.operator.harness import running_operator
 from tests.operator.health_objects import CASES, HEALTH, case_path
+from tests.operator.resources import example
 from tests.operator.test_chart import CHART, documents, helm, render
+from tests.support.cluster import Cluster
+from tests.support.kube import apply, get, items, patch
+from tests.support.waits import wait_for
 
 lupa = pytest.importorskip("lupa")
 
@@ -98,3 +103,75 @@ def test_the_packaged_chart_leaves_the_test_cases_out(tmp_path: Path) -> None:
         names = tar.getnames()
     assert "k2-operator/health/k2.ai/K2Serving/health.lua" in names
     assert not [n for n in names if "/testdata/" in n or n.endswith("health_test.yaml")]
+
+
+# --- on the local control plane, with the operator running -------------------------------------------------------
+
+
+def wait_for_health(cluster: Cluster, ref: str, namespace: str, status: str, message: str = "") -> dict[str, str]:
+    """Polls the resource until its health.lua verdict is `status` with `message` in its message."""
+    kind = {"k2training": K2Training.KIND, "k2serving": K2Serving.KIND, "expertplacement": ExpertPlacement.KIND}
+    script_kind = kind[ref.partition("/")[0]]
+
+    def verdict() -> dict[str, str] | None:
+        found = health(script_kind, get(cluster, ref, namespace=namespace))
+        return found if found["status"] == status and message in found["message"] else None
+
+    return wait_for(f"{ref} {status} ({message})", verdict, 90)
+
+
+def annotate_pods(cluster: Cluster, namespace: str, selector: str, annotation: str) -> None:
+    for pod in items(cluster, "pods", namespace=namespace, selector=selector):
+        name = pod["metadata"]["name"]
+        cluster.kubectl("annotate", "-n", namespace, f"pod/{name}", annotation, "--overwrite")
+
+
+@pytest.mark.integration
+def test_health_of_the_kinds_through_the_real_operator(
+    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
+) -> None:
+    """Create, run, suspend, fail and succeed on the real control plane: every verdict is read from what the
+    operator wrote there."""
+    serving, training, failing = "k2-debug-serve", "k2-debug-train", "k2-health-fail"
+    long_run = {"k2.ai/fake-run-duration": "600s"}
+    ranks = f"app.kubernetes.io/instance={serving},app.kubernetes.io/component=rank"
+    with running_operator(cluster, namespace, tmp_path) as operator:
+        apply(cluster, example("k2serving-debug.yaml"), namespace=namespace)
+        body = example("k2training-debug.yaml")
+        body["metadata"]["annotations"] = long_run
+        apply(cluster, body, namespace=namespace)
+        body = example("k2training-debug.yaml")
+        body["metadata"].update(name=failing, annotations=long_run)
+        body["spec"]["failurePolicy"] = {"maxRestarts": 0}
+        apply(cluster, body, namespace=namespace)
+
+        wait_for_health(cluster, f"k2serving/{serving}", namespace, "Healthy", "Available: 2/2 groups ready")
+        wait_for_health(cluster, f"k2training/{training}", namespace, "Healthy", "Running: 2/2 workers ready")
+        wait_for_health(cluster, f"expertplacement/{serving}", namespace, "Progressing", "Applying: 0/4 ranks")
+        annotate_pods(cluster, namespace, ranks, "k2.ai/applied-placement-generation=1")
+        wait_for_health(cluster, f"expertplacement/{serving}", namespace, "Healthy", "Applied: 4/4 ranks")
+
+        patch(cluster, f"k2serving/{serving}", {"spec": {"suspend": True}}, namespace=namespace)
+        wait_for_health(cluster, f"k2serving/{serving}", namespace, "Suspended", "spec.suspend is true")
+        wait_for_health(cluster, f"expertplacement/{serving}", namespace, "Suspended", "suspended")
+        patch(cluster, f"k2serving/{serving}", {"spec": {"suspend": False}}, namespace=namespace)
+        wait_for_health(cluster, f"k2serving/{serving}", namespace, "Healthy", "Available: 2/2 groups ready")
+        # An invalid generation is Degraded, though the ranks still serve the previous one.
+        placement = get(cluster, f"expertplacement/{serving}", namespace=namespace)
+        layers = placement["spec"]["layers"]
+        layers[0]["slots"] = [[0] * len(row) for row in layers[0]["slots"]]  # experts 1..7 lose every replica
+        patch(cluster, f"expertplacement/{serving}", {"spec": {"generation": 2, "layers": layers}}, namespace=namespace)
+        wait_for_health(cluster, f"expertplacement/{serving}", namespace, "Degraded", "experts without a replica")
+
+        wait_for_health(cluster, f"k2training/{failing}", namespace, "Healthy", "Running")
+        annotate_pods(cluster, namespace, f"app.kubernetes.io/instance={failing}", "k2.ai/fake-fail=1")
+        wait_for_health(cluster, f"k2training/{failing}", namespace, "Degraded", "maxRestarts=0 reached")
+
+        patch(cluster, f"k2training/{training}", {"spec": {"suspend": True}}, namespace=namespace)
+        wait_for_health(cluster, f"k2training/{training}", namespace, "Suspended", "spec.suspend is true")
+        patch(cluster, f"k2training/{training}", {"spec": {"suspend": False}}, namespace=namespace)
+        wait_for_health(cluster, f"k2training/{training}", namespace, "Healthy", "Running")
+        annotate_pods(cluster, namespace, f"app.kubernetes.io/instance={training}", "k2.ai/fake-run-duration=1s")
+        wait_for_health(cluster, f"k2training/{training}", namespace, "Healthy", "Succeeded")
+
+        assert operator.errors() == [], operator.logs()

@@ -42,12 +42,12 @@ local applying = condition(status, "Applying")
 if is_true(invalid) then
   hs.status = "Degraded"
   hs.message = "Invalid: " .. describe(invalid, "the spec cannot be applied")
-elseif is_true(applied) then
-  hs.status = "Healthy"
-  hs.message = "Applied: " .. describe(applied, "every rank runs the placement")
 elseif status.totalRanks == 0 then
   hs.status = "Suspended"
   hs.message = "No rank to apply the placement (its K2Serving is suspended or gone)"
+elseif is_true(applied) then
+  hs.status = "Healthy"
+  hs.message = "Applied: " .. describe(applied, "every rank runs the placement")
 elseif is_true(applying) then
   hs.status = "Progressing"
   hs.message = "Applying: " .. describe(applying, "ranks are loading experts")
