@@ -234,14 +234,25 @@ CASES: dict[tuple[str, str], tuple[Build, str, str]] = {
 }
 
 
+PINNED_TIME = "2026-01-01T00:00:00Z"
+TIME_FIELDS = ("startTime", "completionTime", "lastAppliedTime")
+
+
 def for_testdata(obj: Object) -> Object:
-    """`obj` without the server's bookkeeping (managedFields, uid, resourceVersion, timestamps)."""
+    """`obj` without the server's bookkeeping (managedFields, uid, resourceVersion), its times pinned to
+    PINNED_TIME so that a rerun only shows real changes."""
     body = copy.deepcopy(obj)
     meta = body["metadata"]
     for key in ("managedFields", "uid", "resourceVersion", "creationTimestamp"):
         meta.pop(key, None)
     for ref in meta.get("ownerReferences", []):
         ref.pop("uid", None)
+    status = body.get("status", {})
+    for key in TIME_FIELDS:
+        if status.get(key):
+            status[key] = PINNED_TIME
+    for condition in status.get("conditions", []):
+        condition["lastTransitionTime"] = PINNED_TIME
     return body
 
 

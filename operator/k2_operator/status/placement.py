@@ -20,9 +20,10 @@ from pydantic import ValidationError
 from k2_api import ExpertPlacementSpec, PlacementConditionType, placement_problems
 from k2_api.contract import Annotations
 from k2_operator.conditions import Desired, merge, rfc3339
+from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_conditions
 
 P = PlacementConditionType
-CONDITION_TYPES = tuple(t.value for t in PlacementConditionType)
+CONDITION_TYPES = tuple(t.value for t in PlacementConditionType) + KSTATUS_TYPES
 OWNED_FIELDS = ("observedGeneration", "appliedGeneration", "appliedRanks", "totalRanks", "lastAppliedTime")
 
 
@@ -46,6 +47,19 @@ class PlacementPlan:
 def reported_generation(pod: dict[str, Any]) -> int | None:
     value = pod.get("metadata", {}).get("annotations", {}).get(Annotations.APPLIED_GENERATION)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def summary(problems_found: list[str], applied: bool, total_ranks: int, in_force: int | None, progress: str) -> Summary:
+    """Where the placement stands for kstatus: an invalid spec stalls it (only a new spec can fix it), no rank to
+    apply it (the serving suspended or gone) is idle, else Ready once every rank runs the generation in force."""
+    if problems_found:
+        return Summary(State.STALLED, "InvalidSpec", "; ".join(problems_found)[:4096])
+    if total_ranks == 0:
+        message = f"no rank to apply generation {in_force} (its K2Serving is suspended or gone)"
+        return Summary(State.IDLE, "NoRanks", message)
+    if applied:
+        return Summary(State.READY, "AllRanksApplied", progress)
+    return Summary(State.RECONCILING, "RanksLoading", progress)
 
 
 def plan(
@@ -74,6 +88,7 @@ def plan(
         Desired(P.APPLIED, applied, "AllRanksApplied" if applied else "NotAllRanksApplied", progress),
         Desired(P.APPLYING, in_force is not None and not applied, "RanksLoading" if not applied else "Idle", progress),
     ]
+    desired += kstatus_conditions(summary(found, applied, total_ranks, in_force, progress))
     status = {
         "observedGeneration": generation,
         "appliedGeneration": applied_generation,

@@ -11,9 +11,10 @@ from k2_api.contract import Labels
 from k2_operator.builders.placement import placement_name
 from k2_operator.builders.serving import endpoint, rank_selector
 from k2_operator.conditions import Desired, find, merge
+from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_conditions
 
 S = ServingConditionType
-CONDITION_TYPES = tuple(t.value for t in ServingConditionType)
+CONDITION_TYPES = tuple(t.value for t in ServingConditionType) + KSTATUS_TYPES
 OWNED_FIELDS = (
     "observedGeneration",
     "groups",
@@ -84,6 +85,20 @@ def _placement_view(placement: dict[str, Any] | None) -> tuple[int | None, float
     return applied, balance, rebalancing, message
 
 
+def summary(suspended: bool, available: Desired, progressing: Desired, degraded: Desired) -> Summary:
+    """Where the serving stands for kstatus: Ready once every group is ready and updated and the frontend routes;
+    a degraded serving is still being reconciled (the StatefulSets recreate its ranks). Rebalancing, which never
+    stops serving, does not count."""
+    if suspended:
+        return Summary(State.IDLE, "Suspended", "spec.suspend is true")
+    for condition in (degraded, progressing):
+        if condition.status:
+            return Summary(State.RECONCILING, condition.reason, condition.message)
+    if not available.status:
+        return Summary(State.RECONCILING, available.reason, available.message)
+    return Summary(State.READY, available.reason, available.message)
+
+
 def serving_status(
     serving: K2Serving,
     groups: list[GroupState],
@@ -138,6 +153,8 @@ def serving_status(
     rebalance = Desired(
         S.REBALANCING, rebalancing, "ApplyingPlacement" if rebalancing else "PlacementApplied", placement_message
     )
+    conditions = [available, progressing, degraded, rebalance]
+    state = summary(spec.suspend, available, progressing, degraded)
     return {
         "observedGeneration": generation,
         "groups": len(groups),
@@ -149,5 +166,5 @@ def serving_status(
         "placementName": placement_name(serving),
         "placementGeneration": applied,
         "balancedness": balance,
-        "conditions": merge(old_conditions, [available, progressing, degraded, rebalance], generation, now),
+        "conditions": merge(old_conditions, [*conditions, *kstatus_conditions(state)], generation, now),
     }

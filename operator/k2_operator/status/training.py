@@ -21,9 +21,10 @@ from k2_api import K2Training, TrainingConditionType
 from k2_api.contract import ExitCodes, Labels
 from k2_operator.builders.training import PREEMPTED_REASON, PREEMPTIONS_ANNOTATION, job_name
 from k2_operator.conditions import Condition, Desired, find, is_true, merge, rfc3339
+from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_conditions
 
 T = TrainingConditionType
-CONDITION_TYPES = tuple(t.value for t in TrainingConditionType)
+CONDITION_TYPES = tuple(t.value for t in TrainingConditionType) + KSTATUS_TYPES
 OWNED_FIELDS = ("observedGeneration", "restarts", "preemptions", "readyWorkers", "startTime", "completionTime")
 
 
@@ -104,6 +105,23 @@ def _parse_time(text: str | None) -> dt.datetime | None:
     if not text:
         return None
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def summary(conditions: dict[str, Desired]) -> Summary:
+    """Where the training stands for kstatus, from its own conditions: Failed stalls it, Succeeded and Running are
+    Ready, Suspended is idle, anything else is on its way (restarting, or waiting for its workers)."""
+    failed, running, restarting = conditions[T.FAILED], conditions[T.RUNNING], conditions[T.RESTARTING]
+    if failed.status:
+        return Summary(State.STALLED, failed.reason, failed.message)
+    if conditions[T.SUCCEEDED].status:
+        return Summary(State.READY, "Succeeded", "every worker finished spec.steps")
+    if conditions[T.SUSPENDED].status:
+        return Summary(State.IDLE, "Suspended", "spec.suspend is true")
+    if running.status:
+        return Summary(State.READY, running.reason, running.message)
+    if restarting.status:
+        return Summary(State.RECONCILING, restarting.reason, restarting.message)
+    return Summary(State.RECONCILING, running.reason, running.message)
 
 
 def plan(
@@ -194,6 +212,7 @@ def plan(
         Desired(T.FAILED, failed, failed_reason or "NotFailed", failed_message),
         Desired(T.SUSPENDED, spec.suspend, "Suspended" if spec.suspend else "NotSuspended"),
     ]
+    desired += kstatus_conditions(summary({d.type: d for d in desired}))
     status = {
         "observedGeneration": training.metadata.generation,
         "restarts": restarts,
