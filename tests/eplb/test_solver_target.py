@@ -148,3 +148,19 @@ def test_align_undoes_a_gpu_permutation_and_keeps_each_gpu_whole(problem: Proble
         gpus_of = [sorted(map(tuple, np.sort(p[layer], axis=1))) for p in (aligned, shuffled)]
         assert gpus_of[0] == gpus_of[1]
     np.testing.assert_allclose(balancedness(load, aligned), balancedness(load, shuffled), rtol=1e-12)
+
+
+def test_node_topology_is_passed_through_and_checked() -> None:
+    rng = np.random.default_rng(11)
+    load = rng.lognormal(0.0, 1.0, size=(2, 64)) * 100
+    current = solve(load, 16, 4)
+    shifted = load * rng.lognormal(0.0, 0.3, size=load.shape)
+    result = solve_to_target(shifted, 16, 4, current=current, epsilon=0.01, gpus_per_node=4)
+    check_result(result, shifted, current, 16, 4)
+    assert result.reached and 0 < result.moves <= result.fresh_moves_L.sum()
+    capped = solve_to_target(shifted, 16, 4, current=current, epsilon=0.0, max_moves=3, gpus_per_node=4)
+    expected = solve(shifted, 16, 4, current=current, max_moves=3, gpus_per_node=4)
+    np.testing.assert_array_equal(capped.placement, expected)
+    assert not capped.reached
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        solve_to_target(shifted, 16, 4, current=current, epsilon=0.01, gpus_per_node=3)
