@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from k2_api import ExpertPlacement, K2Serving
+from k2_api.contract import MetricLabels
 from k2_api.kube import Conflict, Kube, KubeError, Object
 from k2_eplb import convert
 from k2_eplb import kube as api
@@ -173,7 +174,9 @@ class Controller:
             )
         try:
             if url:
-                labels = {"serving": name} | ({self.namespace_label: namespace} if self.namespace_label else {})
+                labels = {MetricLabels.SERVING: name}
+                if self.namespace_label:
+                    labels[self.namespace_label] = namespace
                 reader = PrometheusLoadReader(url)
                 sample = reader.read(
                     labels,
@@ -186,7 +189,7 @@ class Controller:
             endpoints = list(self.endpoints(serving) if self.endpoints else api.rank_endpoints(self.kube, serving))
             read = self.scrape_reader.read_twice if self.one_shot else self.scrape_reader.read
             sample = read(
-                {"serving": name},
+                {MetricLabels.SERVING: name},
                 endpoints,
                 window_seconds=window,
                 num_layers=spec.num_layers,

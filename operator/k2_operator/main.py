@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from k2_api.contract import Ports
 from k2_api.kube import Kube
 from k2_operator import metrics
 from k2_operator.builders.common import KIND_LABEL, MANAGED_BY
@@ -28,7 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--namespace", "-n", action="append", default=[], help="watch only this namespace (repeatable); default: all"
     )
-    parser.add_argument("--metrics-port", type=int, default=8080, help="/metrics and /healthz port (0: off)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=Ports.OPERATOR_METRICS, help="/metrics and /healthz port (0: off)"
+    )
     parser.add_argument("--metrics-address", default="0.0.0.0", help="address of /metrics and /healthz")
     parser.add_argument("--standalone", action="store_true", help="no peering with other operator instances")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="period of the full resync (the timer)")
