@@ -6,13 +6,20 @@ then Stalled); the real library is not run here."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from k2_operator.conditions import Desired
 from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_conditions
+from tests.operator.harness import running_operator
 from tests.operator.health_objects import CASES
+from tests.operator.resources import kwok_example
+from tests.support.cluster import Cluster
+from tests.support.kube import apply, get, items, patch
+from tests.support.waits import wait_for
 
 # (kind, case) -> (kstatus, Ready)
 EXPECTED: dict[tuple[str, str], tuple[str, bool]] = {
@@ -80,3 +87,56 @@ def test_ready_carries_the_reason_of_the_state_it_is_not_in() -> None:
     assert [d.status for d in idle] == [False, False, False] and idle[0].reason == "Suspended"
     reconciling = kstatus_conditions(Summary(State.RECONCILING, "RollingUpdate", "1/2 groups updated"))
     assert [d.status for d in reconciling] == [False, True, False] and reconciling[1].reason == "RollingUpdate"
+
+
+# --- on the local control plane, with the operator running -------------------------------------------------------
+
+
+def kubectl_wait(cluster: Cluster, namespace: str, condition: str, *refs: str) -> None:
+    cluster.kubectl("wait", f"--for=condition={condition}", "-n", namespace, *refs, "--timeout=90s")
+
+
+def wait_for_kstatus(cluster: Cluster, namespace: str, ref: str, status: str) -> dict[str, Any]:
+    return wait_for(
+        f"{ref} {status}", lambda: (o := get(cluster, ref, namespace=namespace)) and kstatus_of(o) == status and o
+    )
+
+
+@pytest.mark.integration
+def test_kubectl_wait_and_kstatus_through_create_progress_failure_and_recovery(
+    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
+) -> None:
+    serving, training = "k2-debug-serve", "k2-debug-train"
+    placement = f"expertplacement/{serving}"
+    ranks = f"app.kubernetes.io/instance={serving},app.kubernetes.io/component=rank"
+    with running_operator(cluster, namespace, tmp_path) as operator:
+        apply(cluster, kwok_example("k2serving-debug.yaml"), namespace=namespace)
+        body = kwok_example("k2training-debug.yaml")
+        body["metadata"]["annotations"] = {"k2.ai/fake-run-duration": "600s"}
+        apply(cluster, body, namespace=namespace)
+        kubectl_wait(cluster, namespace, "Ready", f"k2serving/{serving}", f"k2training/{training}")
+        assert kstatus_of(get(cluster, placement, namespace=namespace)) == "InProgress"  # no rank reported yet
+
+        def report(generation: int) -> None:
+            for pod in items(cluster, "pods", namespace=namespace, selector=ranks):
+                name = f"pod/{pod['metadata']['name']}"
+                annotation = f"k2.ai/applied-placement-generation={generation}"
+                cluster.kubectl("annotate", "-n", namespace, name, annotation, "--overwrite")
+
+        report(1)
+        kubectl_wait(cluster, namespace, "Ready", placement)
+        assert kstatus_of(get(cluster, placement, namespace=namespace)) == "Current"
+
+        good = get(cluster, placement, namespace=namespace)["spec"]["layers"]
+        bad = copy.deepcopy(good)
+        bad[0]["slots"] = [[0] * len(row) for row in bad[0]["slots"]]  # experts 1..7 lose every replica
+        patch(cluster, placement, {"spec": {"generation": 2, "layers": bad}}, namespace=namespace)
+        kubectl_wait(cluster, namespace, "Stalled", placement)
+        assert kstatus_of(get(cluster, placement, namespace=namespace)) == "Failed"
+
+        patch(cluster, placement, {"spec": {"generation": 3, "layers": good}}, namespace=namespace)  # recovery
+        wait_for_kstatus(cluster, namespace, placement, "InProgress")
+        report(3)
+        kubectl_wait(cluster, namespace, "Ready", placement)
+        assert kstatus_of(get(cluster, placement, namespace=namespace)) == "Current"
+        assert operator.errors() == [], operator.logs()
