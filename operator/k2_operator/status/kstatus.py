@@ -1,9 +1,10 @@
 """The kstatus conditions every kind carries besides its own: Ready, Reconciling and Stalled.
 
-kstatus (sigs.k8s.io/cli-utils, used by Flux and `kubectl wait`) reads a custom resource as InProgress while
-`status.observedGeneration` is behind `metadata.generation` or `Reconciling` is True, Failed while `Stalled` is True,
-and Current otherwise; `Ready` is what `kubectl wait --for=condition=Ready` waits for. Each status planner decides one
-`Summary` and turns it into these three conditions here, so they never contradict each other.
+kstatus (sigs.k8s.io/cli-utils, used by Flux) reads a custom resource as InProgress while `status.observedGeneration`
+is behind `metadata.generation` or `Reconciling` is True, Failed while `Stalled` is True, then InProgress while
+`Ready` is False and Current once it is True; `Ready` is also what `kubectl wait --for=condition=Ready` waits for.
+Each status planner decides one `Summary` and turns it into these three conditions here, so they never contradict
+each other.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ class KStatusConditionType(enum.StrEnum):
 
 class State(enum.Enum):
     READY = "ready"
-    """At the desired state (for a training: running with every worker, or succeeded)."""
+    """At the state the spec asks for: running with every worker, succeeded, serving, applied, or suspended (kstatus
+    reads Ready False as InProgress, so a suspended resource, which has nothing left to do, is Ready)."""
     RECONCILING = "reconciling"
     """Working towards it: creating, rolling, restarting, loading experts."""
     STALLED = "stalled"
     """Cannot get there without a change of spec: failed, or an invalid spec."""
-    IDLE = "idle"
-    """Nothing to do and not ready: suspended."""
 
 
 KSTATUS_TYPES = tuple(t.value for t in KStatusConditionType)
@@ -43,7 +43,7 @@ class Summary:
 
 
 def kstatus_conditions(summary: Summary) -> list[Desired]:
-    """Ready, Reconciling and Stalled for `summary`: at most one of them True."""
+    """Ready, Reconciling and Stalled for `summary`: exactly one of them True."""
     state, reason, message = summary.state, summary.reason, summary.message
     return [
         Desired(KStatusConditionType.READY, state is State.READY, reason, message),

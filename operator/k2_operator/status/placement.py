@@ -51,12 +51,13 @@ def reported_generation(pod: dict[str, Any]) -> int | None:
 
 def summary(problems_found: list[str], applied: bool, total_ranks: int, in_force: int | None, progress: str) -> Summary:
     """Where the placement stands for kstatus: an invalid spec stalls it (only a new spec can fix it), no rank to
-    apply it (the serving suspended or gone) is idle, else Ready once every rank runs the generation in force."""
+    apply it (the serving suspended or gone) leaves nothing to do (Ready), else Ready once every rank runs the
+    generation in force."""
     if problems_found:
         return Summary(State.STALLED, "InvalidSpec", "; ".join(problems_found)[:4096])
     if total_ranks == 0:
         message = f"no rank to apply generation {in_force} (its K2Serving is suspended or gone)"
-        return Summary(State.IDLE, "NoRanks", message)
+        return Summary(State.READY, "NoRanks", message)
     if applied:
         return Summary(State.READY, "AllRanksApplied", progress)
     return Summary(State.RECONCILING, "RanksLoading", progress)

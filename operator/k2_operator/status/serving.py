@@ -90,7 +90,7 @@ def summary(suspended: bool, available: Desired, progressing: Desired, degraded:
     a degraded serving is still being reconciled (the StatefulSets recreate its ranks). Rebalancing, which never
     stops serving, does not count."""
     if suspended:
-        return Summary(State.IDLE, "Suspended", "spec.suspend is true")
+        return Summary(State.READY, "Suspended", "spec.suspend is true")
     for condition in (degraded, progressing):
         if condition.status:
             return Summary(State.RECONCILING, condition.reason, condition.message)

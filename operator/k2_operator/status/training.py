@@ -109,14 +109,14 @@ def _parse_time(text: str | None) -> dt.datetime | None:
 
 def summary(conditions: dict[str, Desired]) -> Summary:
     """Where the training stands for kstatus, from its own conditions: Failed stalls it, Succeeded and Running are
-    Ready, Suspended is idle, anything else is on its way (restarting, or waiting for its workers)."""
+    Ready, so is Suspended (nothing to do), anything else is on its way (restarting, or waiting for its workers)."""
     failed, running, restarting = conditions[T.FAILED], conditions[T.RUNNING], conditions[T.RESTARTING]
     if failed.status:
         return Summary(State.STALLED, failed.reason, failed.message)
     if conditions[T.SUCCEEDED].status:
         return Summary(State.READY, "Succeeded", "every worker finished spec.steps")
     if conditions[T.SUSPENDED].status:
-        return Summary(State.IDLE, "Suspended", "spec.suspend is true")
+        return Summary(State.READY, "Suspended", "spec.suspend is true")
     if running.status:
         return Summary(State.READY, running.reason, running.message)
     if restarting.status:
