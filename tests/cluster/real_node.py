@@ -15,18 +15,15 @@ from tests.support.cluster import Cluster, load_local_cluster, make_cluster
 from tests.support.paths import TOOLS_BIN
 
 lc = load_local_cluster()
-from localcluster import network, realnode  # noqa: E402
+from localcluster import kubelet, network, realnode  # noqa: E402
 
 TOOLBOX = "docker.io/k2-operator/toolbox:local"
 
 
-def running_real_node_cluster() -> Cluster | None:
-    """The `make cluster-up` cluster when it is healthy and has the real node, else None."""
-    layout = lc.Layout(lc.DEFAULT_DIR.resolve())
-    state = lc.State.load(layout)
-    if state is None or not state.real_node or not lc.is_healthy(layout.root):
-        return None
-    return make_cluster(layout.kubeconfig, state.server)
+def has_real_node(cluster: Cluster) -> bool:
+    """Whether `cluster` has the real node (a registered node named like the kubelet's)."""
+    result = cluster.kubectl("get", "node", kubelet.NODE_NAME, "-o", "name", check=False)
+    return result.returncode == 0
 
 
 def skip_unless_a_real_node_can_run() -> None:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.cluster.manifests import container
+from tests.cluster.manifests import container, kwok_pod_spec
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, condition, get, is_ready, items
 from tests.support.paths import TOOLS_BIN
@@ -53,7 +53,7 @@ def test_fake_gpu_nodes_have_gpus_and_topology(cluster: Cluster) -> None:
 
 def test_deployment_with_8_gpu_pods_runs_on_gpu_nodes(cluster: Cluster, namespace: str) -> None:
     labels = {"app": "gpu-workers"}
-    pod_spec = {"containers": [container(gpus=8)]}
+    pod_spec = kwok_pod_spec(container(gpus=8))
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.manifests import container
+from tests.cluster.manifests import container, kwok_pod_spec
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, condition, exists, get, is_ready, items
 from tests.support.waits import wait_for
@@ -47,7 +47,7 @@ def test_indexed_job_completes(cluster: Cluster, namespace: str) -> None:
             "parallelism": 3,
             "completionMode": "Indexed",
             "backoffLimit": 0,
-            "template": {"spec": {"restartPolicy": "Never", "containers": [container(gpus=1)]}},
+            "template": {"spec": kwok_pod_spec(container(gpus=1), restartPolicy="Never")},
         },
     }
     apply(cluster, job, namespace=namespace)
@@ -70,7 +70,7 @@ def test_fake_fail_annotation_fails_a_job_and_fake_run_duration_keeps_it_running
     cluster: Cluster, namespace: str
 ) -> None:
     def job(name: str, annotations: dict[str, str]) -> dict[str, Any]:
-        spec = {"restartPolicy": "Never", "containers": [container()]}
+        spec = kwok_pod_spec(restartPolicy="Never")
         template = {"metadata": {"annotations": annotations}, "spec": spec}
         return {
             "apiVersion": "batch/v1",
@@ -111,7 +111,7 @@ def test_statefulset_pods_become_ready(cluster: Cluster, namespace: str) -> None
             "serviceName": "ranks",
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container(gpus=4)]}},
+            "template": {"metadata": {"labels": labels}, "spec": kwok_pod_spec(container(gpus=4))},
         },
     }
     apply(cluster, statefulset, namespace=namespace)
@@ -132,7 +132,7 @@ def test_endpointslices_list_ready_pods(cluster: Cluster, namespace: str) -> Non
         "spec": {
             "replicas": 2,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container()]}},
+            "template": {"metadata": {"labels": labels}, "spec": kwok_pod_spec()},
         },
     }
     service = {
@@ -161,7 +161,7 @@ def test_namespace_deletion_completes(cluster: Cluster) -> None:
     cluster.kubectl("create", "namespace", name)
     wait_for("the default ServiceAccount", lambda: exists(cluster, "serviceaccount", "default", namespace=name))
     apply(cluster, _config_map("data"), namespace=name)
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [container()]}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": kwok_pod_spec()}
     apply(cluster, pod, namespace=name)
     wait_for("the pod to run", lambda: is_ready(get(cluster, "pod", "p", namespace=name)))
 

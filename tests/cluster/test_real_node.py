@@ -1,6 +1,7 @@
 """The real node: a kubelet with containerd runs pods for real, on a pod network that stays on this machine.
 
-The tests use the `make cluster-up` cluster when it has the real node, else they start their own (about 20 s); they
+The tests use the session's cluster (`make cluster-up`'s, or the one the `cluster` fixture started) when it has the
+real node, else they start their own (about 20 s); they
 work in a namespace of their own and talk to the cluster only through 127.0.0.1 (the API server, kubectl exec and
 port-forward). The pods talk to each other over the cluster's bridge.
 """
@@ -18,9 +19,9 @@ from typing import Any
 import pytest
 
 from tests.cluster.real_node import (
+    has_real_node,
     lc,
     real_node_cluster,
-    running_real_node_cluster,
     skip_unless_a_real_node_can_run,
     toolbox_pod,
 )
@@ -39,10 +40,9 @@ NS = f"t-real-node-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
-def real() -> Iterator[Cluster]:
-    running = running_real_node_cluster()
-    if running is not None:
-        yield from _with_pods(running)
+def real(cluster: Cluster) -> Iterator[Cluster]:
+    if has_real_node(cluster):
+        yield from _with_pods(cluster)
         return
     skip_unless_a_real_node_can_run()
     with real_node_cluster() as (cluster, _):

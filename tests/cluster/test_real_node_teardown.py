@@ -14,7 +14,9 @@ from tests.cluster.real_node import lc, real_node_cluster, skip_unless_a_real_no
 from tests.support.kube import apply
 from tests.support.waits import wait_for
 
-pytestmark = pytest.mark.integration
+# Each test starts a real-node cluster of its own, so none may hold the machine's real node meanwhile: `make test` runs
+# these in a pytest call of their own, before the main session (whose cluster takes the real node).
+pytestmark = [pytest.mark.integration, pytest.mark.realnode_exclusive]
 
 
 def _lines(*argv: str) -> list[str]:

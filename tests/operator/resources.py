@@ -36,3 +36,16 @@ def serving(**spec: Any) -> K2Serving:
     body = stored(example("k2serving-debug.yaml"))
     body["spec"].update(spec)
     return K2Serving.model_validate(body)
+
+
+# The kwok nodes' label (hack/localcluster/nodes.py). Pods faked with the k2.ai/fake-* annotations must stay off the
+# real node, whose kubelet would run them for real and ignore the annotations.
+KWOK_NODES = {"type": "kwok"}
+
+
+def kwok_example(name: str) -> dict[str, Any]:
+    """An example whose worker pods the scheduler may place only on the kwok nodes (spec.scheduling.nodeSelector)."""
+    body = example(name)
+    scheduling = body["spec"].setdefault("scheduling", {})
+    scheduling["nodeSelector"] = {**scheduling.get("nodeSelector", {}), **KWOK_NODES}
+    return body

@@ -14,7 +14,7 @@ import yaml
 
 from tests.operator import schemas
 from tests.operator.harness import running_operator
-from tests.operator.resources import example
+from tests.operator.resources import kwok_example
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, exists, has_condition, items
 from tests.support.paths import ROOT, TOOLS_BIN
@@ -184,8 +184,8 @@ def test_operator_runs_with_only_the_charts_rbac(
         token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
         kubeconfig = kubeconfig_for_token(cluster, token, tmp_path / "sa.kubeconfig")
         with running_operator(cluster, namespace, tmp_path, env={"KUBECONFIG": str(kubeconfig)}) as operator:
-            apply(cluster, example("k2serving-debug.yaml"), namespace=namespace)
-            training = example("k2training-debug.yaml")
+            apply(cluster, kwok_example("k2serving-debug.yaml"), namespace=namespace)
+            training = kwok_example("k2training-debug.yaml")
             training["metadata"]["annotations"] = {"k2.ai/fake-run-duration": "600s"}
             apply(cluster, training, namespace=namespace)
             wait_for(

@@ -15,7 +15,7 @@ import yaml
 from k2_api import ExpertPlacement, K2Serving, K2Training
 from tests.operator.harness import running_operator
 from tests.operator.health_objects import CASES, HEALTH, case_path
-from tests.operator.resources import example
+from tests.operator.resources import kwok_example
 from tests.operator.test_chart import CHART, documents, helm, render
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, get, items, patch
@@ -136,11 +136,11 @@ def test_health_of_the_kinds_through_the_real_operator(
     long_run = {"k2.ai/fake-run-duration": "600s"}
     ranks = f"app.kubernetes.io/instance={serving},app.kubernetes.io/component=rank"
     with running_operator(cluster, namespace, tmp_path) as operator:
-        apply(cluster, example("k2serving-debug.yaml"), namespace=namespace)
-        body = example("k2training-debug.yaml")
+        apply(cluster, kwok_example("k2serving-debug.yaml"), namespace=namespace)
+        body = kwok_example("k2training-debug.yaml")
         body["metadata"]["annotations"] = long_run
         apply(cluster, body, namespace=namespace)
-        body = example("k2training-debug.yaml")
+        body = kwok_example("k2training-debug.yaml")
         body["metadata"].update(name=failing, annotations=long_run)
         body["spec"]["failurePolicy"] = {"maxRestarts": 0}
         apply(cluster, body, namespace=namespace)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.operator.harness import RESYNC_SECONDS, Operator, env_of, running_operator
-from tests.operator.resources import example
+from tests.operator.resources import kwok_example
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, condition, exists, get, has_condition, items, patch
 from tests.support.waits import wait_for
@@ -39,13 +39,13 @@ def operator(cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Pat
 
 
 def serving_manifest(**spec: Any) -> dict[str, Any]:
-    body = example("k2serving-debug.yaml")
+    body = kwok_example("k2serving-debug.yaml")
     body["spec"].update(spec)
     return body
 
 
 def training_manifest(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
-    body = example("k2training-debug.yaml")
+    body = kwok_example("k2training-debug.yaml")
     body["spec"].update(spec)
     if annotations:
         body["metadata"]["annotations"] = annotations

@@ -17,7 +17,7 @@ import pytest
 
 from k2_api.contract import Annotations, ExitCodes
 from tests.operator.harness import Operator, running_operator
-from tests.operator.resources import example
+from tests.operator.resources import kwok_example
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, condition, get, has_condition, items
 from tests.support.waits import wait_for
@@ -42,7 +42,7 @@ def operator(cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Pat
 
 
 def manifest(annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
-    body = example("k2training-debug.yaml")
+    body = kwok_example("k2training-debug.yaml")
     body["spec"].update(spec)
     body["metadata"]["annotations"] = annotations
     return body

@@ -1,7 +1,8 @@
 """The pytest plugin (registered by the repository's conftest.py) with the control-plane fixtures:
 
 - `cluster` (session): the cluster of `make cluster-up` when `.cluster/kubeconfig` answers; otherwise one started in
-  a temporary directory for the session and stopped at its end;
+  a temporary directory for the session and stopped at its end, with the real node when this machine can run it
+  (under CI it must);
 - `namespace`: a fresh namespace per test, deleted afterwards;
 - `k2_crds` (session): the K2 CRDs, applied and Established.
 
@@ -53,16 +54,30 @@ def cluster() -> Iterator[Cluster]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    real_node = _real_node_can_run()
     # Not under pytest's basetemp: a later pytest session rotates those directories away.
     root = Path(tempfile.mkdtemp(prefix="k2-local-cluster-"))
     try:
-        state = local_cluster.up(root)
+        state = local_cluster.up(root, real_node=real_node)
     except local_cluster.ClusterError as error:
         pytest.fail(f"the local control plane did not start: {error}", pytrace=False)
     try:
         yield make_cluster(root / "kubeconfig", state.server)
     finally:
         local_cluster.down(root)
+
+
+def _real_node_can_run() -> bool:
+    """Whether the session's cluster gets the real node: when this machine has what it needs (under CI it must) and no
+    other cluster here holds it (one per machine)."""
+    from localcluster import network, realnode  # hack/ is on sys.path once load_local_cluster() ran
+
+    missing = realnode.missing_prerequisites(TOOLS_BIN)
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail("the real node cannot run here: " + "; ".join(missing) + " (run `make test`)", pytrace=False)
+        return False
+    return not network.bridge_exists()
 
 
 def _namespace_name(test_name: str) -> str:
