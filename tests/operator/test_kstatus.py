@@ -127,9 +127,14 @@ def kubectl_wait(cluster: Cluster, namespace: str, condition: str, *refs: str) -
 
 
 def wait_for_kstatus(cluster: Cluster, namespace: str, ref: str, status: str) -> dict[str, Any]:
-    return wait_for(
-        f"{ref} {status}", lambda: (o := get(cluster, ref, namespace=namespace)) and kstatus_of(o) == status and o
-    )
+    """Polls until kstatus (the real library when built, else `kstatus_of`) reads `ref` as `status`."""
+
+    def probe() -> dict[str, Any] | None:
+        obj = get(cluster, ref, namespace=namespace)
+        found = real_kstatus([obj]) or [kstatus_of(obj)]
+        return obj if found == [status] else None
+
+    return wait_for(f"{ref} {status}", probe, 90)
 
 
 @pytest.mark.integration
@@ -170,4 +175,21 @@ def test_kubectl_wait_and_kstatus_through_create_progress_failure_and_recovery(
         report(3)
         kubectl_wait(cluster, namespace, "Ready", placement)
         assert_kstatus(get(cluster, placement, namespace=namespace), "Current")
+
+        # Progress: a third group; `kubectl wait` alone would see the old Ready, kstatus sees the generation.
+        patch(cluster, f"k2serving/{serving}", {"spec": {"groups": 3}}, namespace=namespace)
+        assert_kstatus(get(cluster, f"k2serving/{serving}", namespace=namespace), "InProgress")
+        done = wait_for_kstatus(cluster, namespace, f"k2serving/{serving}", "Current")
+        assert done["status"]["readyGroups"] == 3
+
+        # Failure: a training whose only attempt fails stalls.
+        failing = kwok_example("k2training-debug.yaml")
+        failing["metadata"].update(name="k2-kstatus-fail", annotations={"k2.ai/fake-run-duration": "600s"})
+        failing["spec"]["failurePolicy"] = {"maxRestarts": 0}
+        apply(cluster, failing, namespace=namespace)
+        kubectl_wait(cluster, namespace, "Ready", "k2training/k2-kstatus-fail")
+        workers = items(cluster, "pods", namespace=namespace, selector="app.kubernetes.io/instance=k2-kstatus-fail")
+        cluster.kubectl("annotate", "-n", namespace, f"pod/{workers[0]['metadata']['name']}", "k2.ai/fake-fail=1")
+        kubectl_wait(cluster, namespace, "Stalled", "k2training/k2-kstatus-fail")
+        assert_kstatus(get(cluster, "k2training/k2-kstatus-fail", namespace=namespace), "Failed")
         assert operator.errors() == [], operator.logs()
