@@ -68,6 +68,15 @@ build_cni_plugins() {  # into .tools/cni/bin, the directory containerd's CRI plu
   stamp cni-plugins "$CNI_PLUGINS_VERSION"
 }
 
+build_kstatus() {  # the kstatus CLI of the tests (hack/kstatus: sigs.k8s.io/cli-utils' kstatus), keyed by its sources
+  local key
+  key=$(cat hack/kstatus/go.mod hack/kstatus/go.sum hack/kstatus/main.go | sha256sum | cut -c1-16)
+  fresh kstatus "$key" && return
+  echo "building kstatus ($key)"
+  (cd hack/kstatus && go build -trimpath -ldflags "-s -w" -o "$BIN/kstatus" .)
+  stamp kstatus "$key"
+}
+
 build_etcd
 install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
@@ -76,3 +85,4 @@ build_kubernetes
 build_cni_plugins
 install_tool coredns github.com/coredns/coredns "$COREDNS_VERSION"
 install_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION"
+build_kstatus
