@@ -162,6 +162,8 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
         if is_healthy(layout.root):
             state = State.load(layout)
             assert state is not None
+            if state.real_node:
+                realnode.import_worker_image(layout)  # a rebuilt image reaches the running node
             if state.real_node or not real_node:
                 return state
         if State.load(layout) is not None:

@@ -117,6 +117,13 @@ def _import_images(layout: Layout, files: NodeFiles) -> None:
     toolbox = images.build_toolbox(files.home)
     if toolbox is not None:
         import_image(files.containerd, toolbox)
+    import_worker_image(layout)
+
+
+def import_worker_image(layout: Layout) -> None:
+    """Imports `make image`'s archive when there is one; the import is skipped when containerd has that digest, so a
+    `make cluster-up` on a running cluster takes a rebuilt image in a second or two."""
+    files = NodeFiles(layout.node)
     if WORKER_ARCHIVE.is_file() and (WORKER_IMPORT / "__main__.py").is_file():
         log = layout.log("image-import")
         with log.open("ab") as out:
