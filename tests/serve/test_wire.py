@@ -19,10 +19,10 @@ from k2_workers.serve.wire import (
 
 
 def test_parameters_read_back_as_sent_with_the_temperature_in_micro_units() -> None:
-    params = GenerateParams(max_new_tokens=7, temperature=0.7000004, seed=123, top_k=5)
+    params = GenerateParams(max_new_tokens=7, temperature=0.7000004, seed=123, top_k=5, top_p=0.9)
     row = params_row(params, prompt_len=3)
-    assert len(row) == PARAMS_LEN and row == [3, 7, 700000, 123, 5]
-    assert params_from_row(row) == (3, GenerateParams(7, 0.7, 123, 5))
+    assert len(row) == PARAMS_LEN and row == [3, 7, 700000, 123, 5, 900000]
+    assert params_from_row(row) == (3, GenerateParams(7, 0.7, 123, 5, 0.9))
     assert params_from_row(params_row(GenerateParams(1), 1)) == (1, GenerateParams(1, 0.0, 0, None))
 
 

@@ -77,7 +77,9 @@ def sampler(params: GenerateParams, device: torch.device | str = "cpu") -> Sampl
     if params.temperature == 0:
         return sample_next
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    return functools.partial(sample_next, temperature=params.temperature, top_k=params.top_k, generator=generator)
+    return functools.partial(
+        sample_next, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, generator=generator
+    )
 
 
 class GroupEngine:

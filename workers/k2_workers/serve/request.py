@@ -19,12 +19,14 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class GenerateParams:
     """How one request decodes: greedy when `temperature` is 0, else sampled with its own generator seeded by
-    `seed`, from the `top_k` most likely tokens when set."""
+    `seed`, from the `top_k` most likely tokens when set and from the smallest set of tokens whose probability
+    reaches `top_p` when set (nucleus sampling)."""
 
     max_new_tokens: int
     temperature: float = 0.0
     seed: int = 0
     top_k: int | None = None
+    top_p: float | None = None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Every message starts with a header of `HEADER_LEN` int64: the op, then
 - `GENERATE`: the batch size B, the total prompt tokens N and the prefill chunk (tokens per prefill forward: it
   sets how many all-to-all calls a prefill makes, so every rank uses rank 0's), followed by B rows of `PARAMS_LEN`
-  int64 (prompt length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off) and the N prompt
-  ids, concatenated;
+  int64 (prompt length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off, top_p in
+  micro-units with 0 for off) and the N prompt ids, concatenated;
 - `APPLY_PLACEMENT`: the generation and the table shape [layers, ranks, slots], followed by the slot tables;
 - `STOP`: nothing; the followers return.
 - `HEARTBEAT`: nothing; rank 0 sends it while the group is idle, so the followers' wait for the next message never
@@ -30,8 +30,8 @@ from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.request import GenerateParams
 
 HEADER_LEN = 5
-PARAMS_LEN = 5
-TEMPERATURE_SCALE = 1_000_000  # temperatures travel as integers in micro-units
+PARAMS_LEN = 6
+TEMPERATURE_SCALE = 1_000_000  # temperatures and top_p travel as integers in micro-units
 
 
 class Op(enum.IntEnum):
@@ -65,13 +65,15 @@ Message = Batch | ActivePlacement | Stop | Heartbeat
 
 def params_row(params: GenerateParams, prompt_len: int) -> list[int]:
     temperature = round(params.temperature * TEMPERATURE_SCALE)
-    return [prompt_len, params.max_new_tokens, temperature, params.seed, params.top_k or 0]
+    top_p = round((params.top_p or 0) * TEMPERATURE_SCALE)
+    return [prompt_len, params.max_new_tokens, temperature, params.seed, params.top_k or 0, top_p]
 
 
 def params_from_row(row: Sequence[int]) -> tuple[int, GenerateParams]:
     """(prompt length, parameters) of one row."""
-    prompt_len, max_new_tokens, temperature, seed, top_k = row
-    return prompt_len, GenerateParams(max_new_tokens, temperature / TEMPERATURE_SCALE, seed, top_k or None)
+    prompt_len, max_new_tokens, temperature, seed, top_k, top_p = row
+    scale = TEMPERATURE_SCALE
+    return prompt_len, GenerateParams(max_new_tokens, temperature / scale, seed, top_k or None, top_p / scale or None)
 
 
 def decode_batch(rows_BP: Tensor, prompts_N: Tensor, prefill_chunk: int) -> Batch:
