@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from k2_api import K2Serving
+from k2_api.contract import PortNames
+from k2_operator.builders.serving import frontend_deployment, group_stateful_set
 from tests.operator import schemas
 from tests.operator.harness import running_operator
 from tests.operator.resources import kwok_example
@@ -83,7 +86,13 @@ def test_service_monitor_is_optional_and_namespaces_restrict_rbac() -> None:
     kinds = [d["kind"] for d in documents(render())]
     assert "ServiceMonitor" not in kinds and "ClusterRoleBinding" in kinds
     scoped = documents(
-        render("k2-system", "k2", "metrics.serviceMonitor.enabled=true", "watchNamespaces={team-a,team-b}")
+        render(
+            "k2-system",
+            "k2",
+            "metrics.serviceMonitor.enabled=true",
+            "watchNamespaces={team-a,team-b}",
+            "eplb.enabled=false",
+        )
     )
     assert [d["kind"] for d in scoped].count("ServiceMonitor") == 1
     roles = [d for d in scoped if d["kind"] == "Role"]
@@ -91,6 +100,112 @@ def test_service_monitor_is_optional_and_namespaces_restrict_rbac() -> None:
     deployment = next(d for d in scoped if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+EPLB_RULES = {
+    ("k2.ai", "k2servings", ("list",)),
+    ("k2.ai", "expertplacements", ("get", "patch")),
+    ("k2.ai", "expertplacements/status", ("patch",)),
+    ("", "events", ("create",)),
+    ("", "pods", ("list",)),
+}
+"""What k2_eplb.kube calls through the adapter: list servings, get and apply placements and their status, post
+Events, list rank pods for direct scraping. Nothing else (no watch, no create, no delete, no secrets)."""
+
+
+def rules_of(role: dict[str, Any]) -> set[tuple[str, str, tuple[str, ...]]]:
+    return {
+        (group, resource, tuple(sorted(rule["verbs"])))
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+
+
+def eplb_documents(*values: str) -> list[dict[str, Any]]:
+    return [d for d in documents(render("k2-system", "k2", *values)) if "-eplb" in d["metadata"]["name"]]
+
+
+def test_eplb_controller_rbac_is_exactly_what_it_calls() -> None:
+    cluster_wide = {d["kind"]: d for d in eplb_documents()}
+    assert rules_of(cluster_wide["ClusterRole"]) == EPLB_RULES
+    binding = cluster_wide["ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == cluster_wide["ClusterRole"]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "k2-k2-operator-eplb", "namespace": "k2-system"}]
+    scoped = {d["kind"]: d for d in eplb_documents("watchNamespaces={team-a}")}
+    assert "ClusterRole" not in scoped and scoped["Role"]["metadata"]["namespace"] == "team-a"
+    assert rules_of(scoped["Role"]) == EPLB_RULES
+    args = scoped["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args
+
+
+def test_eplb_controller_deployment_runs_the_controller_hardened_and_probed() -> None:
+    values = ("eplb.interval=5", "eplb.prometheusUrl=http://prom.monitoring:9090", "eplb.metrics.port=9191")
+    docs = {d["kind"]: d for d in eplb_documents(*values, "eplb.allowedPrometheusUrls={http://a:9090/,http://b/}")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert container["command"] == ["k2", "eplb", "run"]
+    assert container["args"] == [
+        "--interval=5",
+        "--metrics-port=9191",
+        "--healthz-intervals=10",
+        "--prometheus-url=http://prom.monitoring:9090",
+        "--allowed-prometheus-url=http://a:9090/",
+        "--allowed-prometheus-url=http://b/",
+    ]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9191, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    service = docs["Service"]
+    assert service["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == 9191
+    operator = next(
+        d for d in documents(render()) if d["kind"] == "Deployment" and "-eplb" not in d["metadata"]["name"]
+    )
+    operator_selector = operator["spec"]["selector"]["matchLabels"]
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert not operator_selector.items() <= pod_labels.items(), "the operator's selector must not match EPLB pods"
+
+
+def test_eplb_controller_is_optional_and_refuses_several_namespaces() -> None:
+    assert eplb_documents("eplb.enabled=false") == []
+    result = helm("template", "k2", str(CHART), "--set", "watchNamespaces={a,b}", check=False)
+    assert result.returncode != 0 and "at most one watchNamespaces entry" in result.stderr
+    for bad in ("eplb.interval=0", "eplb.metrics.port=70000", "eplb.prometheusUrl=prom:9090", "eplb.extra=1"):
+        result = helm("template", "k2", str(CHART), "--set", bad, check=False)
+        assert result.returncode != 0, f"{bad} was accepted"
+
+
+def test_pod_monitor_selects_the_rank_pods_metrics_port() -> None:
+    assert "PodMonitor" not in [d["kind"] for d in documents(render())]
+    (monitor,) = [
+        d
+        for d in documents(render("k2-system", "k2", "monitoring.podMonitor.enabled=true"))
+        if d["kind"] == "PodMonitor"
+    ]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": PortNames.METRICS, "path": "/metrics", "interval": "15s"}
+    ]
+    serving = K2Serving.model_validate(
+        kwok_example("k2serving-debug.yaml") | {"metadata": {"name": "s", "namespace": "n", "uid": "u"}}
+    )
+    rank_pod_labels = group_stateful_set(serving, 0)["spec"]["template"]["metadata"]["labels"]
+    frontend_labels = frontend_deployment(serving)["spec"]["template"]["metadata"]["labels"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= rank_pod_labels.items()
+    assert not selector.items() <= frontend_labels.items()
+    scoped = documents(render("k2-system", "k2", "monitoring.podMonitor.enabled=true", "watchNamespaces={team-a}"))
+    assert next(d for d in scoped if d["kind"] == "PodMonitor")["spec"]["namespaceSelector"] == {
+        "matchNames": ["team-a"]
+    }
 
 
 @pytest.mark.integration
@@ -127,9 +242,12 @@ def test_template_passes_kubeconform_strict(cluster: Cluster, tmp_path: Path) ->
 
 @pytest.mark.integration
 def test_server_side_dry_run_install(cluster: Cluster, namespace: str, k2_crds: list[str]) -> None:
-    result = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=render(namespace, "k2"))
-    created = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
-    assert len(created) == len(documents(render(namespace, "k2"))), result.stdout
+    for values in ((), (f"watchNamespaces={{{namespace}}}",)):
+        text = render(namespace, "k2", *values)
+        result = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=text)
+        created = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
+        assert len(created) == len(documents(text)), result.stdout
+        assert "deployment.apps/k2-k2-operator-eplb serverside-applied (server dry run)" in created, result.stdout
 
 
 def kubeconfig_for_token(cluster: Cluster, token: str, path: Path) -> Path:

@@ -70,3 +70,44 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
+
+{{/* The EPLB controller's own name and labels: a different app.kubernetes.io/name keeps its pods out of the
+operator's Deployment selector and Service. */}}
+{{- define "k2-operator.eplbName" -}}
+{{- printf "%s-eplb" (include "k2-operator.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "k2-operator.eplbSelectorLabels" -}}
+app.kubernetes.io/name: k2-eplb
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "k2-operator.eplbLabels" -}}
+{{ include "k2-operator.eplbSelectorLabels" . }}
+app.kubernetes.io/component: eplb-controller
+app.kubernetes.io/part-of: k2
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The EPLB controller's rules, exactly what k2_eplb.kube calls: list K2Servings (each pass lists them), get and
+apply (patch) ExpertPlacements and their status, create Events, list rank pods (direct scraping without
+Prometheus). */}}
+{{- define "k2-operator.eplbRules" -}}
+- apiGroups: ["k2.ai"]
+  resources: ["k2servings"]
+  verbs: ["list"]
+- apiGroups: ["k2.ai"]
+  resources: ["expertplacements"]
+  verbs: ["get", "patch"]
+- apiGroups: ["k2.ai"]
+  resources: ["expertplacements/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- end -}}
