@@ -88,6 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-connections", type=int, default=HttpLimits.max_connections, help="HTTP connections served at once"
     )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
+    parser.add_argument(
+        "--served-model-name", help="the model id of the OpenAI API (default: the K2Serving's metadata.name)"
+    )
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help=f"comma-separated group URLs (default: env {Env.GROUP_ENDPOINTS})")
     args = parser.parse_args(argv)

@@ -1,8 +1,10 @@
 """HTTP endpoints of a serving rank and of the frontend (stdlib `http.server`, one thread per connection).
 
-Rank 0 of a group: `POST /v1/generate`, `GET /v1/placement`, `GET /healthz`. Other ranks: `GET /healthz` only (the
-readiness probe). A bad request gets 400 with `{"error": ...}`, an unready rank 503, an unexpected failure 500; the
-server itself never stops on a bad request.
+Rank 0 of a group: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`, our `POST /v1/generate`,
+`GET /v1/placement`, `GET /healthz`. Other ranks: `GET /healthz` only (the readiness probe). A bad request gets 400,
+an unready rank 503, an unexpected failure 500; the server itself never stops on a bad request. Errors on our own
+paths (`LEGACY_PATHS`) are `{"error": message}`, on every other path OpenAI's error JSON. A route answers a JSON
+document, or a `Stream` of server-sent events, written with chunked transfer encoding.
 
 The edge is bounded (`HttpLimits`): a body larger than `max_body_bytes` gets 413, and a missing-body length that is
 not a non-negative integer (or a chunked body) 400; either way the connection is closed, so an unread body is never
@@ -18,19 +20,35 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from k2_api.contract import HttpPaths
+from k2_workers.serve.openai_response import error_document
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 GENERATE_PATH = "/v1/generate"  # rank 0 and the frontend
 PLACEMENT_PATH = "/v1/placement"  # rank 0
+COMPLETIONS_PATH = "/v1/completions"  # OpenAI's, on rank 0 and the frontend
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
 
-Route = Callable[[bytes], tuple[int, dict[str, Any]]]  # body -> (status, JSON document)
+LEGACY_PATHS = frozenset({GENERATE_PATH, PLACEMENT_PATH, HttpPaths.HEALTHZ})  # errors as {"error": message}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A 200 answer sent as server-sent events: each item is one or more whole `data: ...\n\n` events."""
+
+    events: Iterable[bytes]
+
+
+Route = Callable[[bytes], "tuple[int, dict[str, Any]] | Stream"]  # body -> (status, JSON document) or a stream
 
 LINGER_S = 1.0  # how long a closing connection discards what the client still sends
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
@@ -46,10 +64,22 @@ class HttpLimits:
 class HttpError(Exception):
     """An answer other than 200: `status`, `{"error": message}` and extra `headers` (e.g. Retry-After)."""
 
-    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: HTTPStatus,
+        message: str,
+        headers: dict[str, str] | None = None,
+        document: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers or {}
+        self.document = document  # the answer as is (an upstream's error passed on), instead of one from `message`
+
+
+def error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """The error JSON of `path`: ours on LEGACY_PATHS, OpenAI's elsewhere."""
+    return {"error": message} if path in LEGACY_PATHS else error_document(status, message)
 
 
 def body_length(content_length: str | None, transfer_encoding: str | None, limit: int) -> int:
@@ -140,8 +170,9 @@ def serve_routes(
 
         def _answer(self, method: str) -> None:
             headers: dict[str, str] = {}
+            path = self.path.split("?", 1)[0]
             try:
-                route = routes.get((method, self.path.split("?", 1)[0]))
+                route = routes.get((method, path))
                 length = body_length(
                     self.headers.get("Content-Length"), self.headers.get("Transfer-Encoding"), limits.max_body_bytes
                 )
@@ -150,19 +181,25 @@ def serve_routes(
                     raise HttpError(HTTPStatus.BAD_REQUEST, "body: shorter than its Content-Length")
                 if route is None:
                     raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method} {self.path}")
-                status, document = route(body)
+                answer = route(body)
+                if isinstance(answer, Stream):
+                    self._stream(answer)
+                    return
+                status, document = answer
             except (TimeoutError, ConnectionError):  # the client went silent or away mid-body
                 self.close_connection = True
                 return
             except HttpError as error:
-                status, document, headers = error.status, {"error": str(error)}, error.headers
+                status, headers = error.status, error.headers
+                document = error.document or error_body(path, status, str(error))
                 if status in (HTTPStatus.BAD_REQUEST, HTTPStatus.LENGTH_REQUIRED, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
                     self.close_connection = True  # the body may be unread: it must not be taken for a request
             except ValueError as error:
-                status, document = HTTPStatus.BAD_REQUEST, {"error": str(error)}
+                status, document = HTTPStatus.BAD_REQUEST, error_body(path, HTTPStatus.BAD_REQUEST, str(error))
             except Exception as error:
                 log.exception("request %s %s failed", method, self.path)
-                status, document = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {error}"}
+                status = HTTPStatus.INTERNAL_SERVER_ERROR
+                document = error_body(path, status, f"internal error: {error}")
             payload = json.dumps(document).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -175,6 +212,22 @@ def serve_routes(
             self.wfile.write(payload)
             if self.close_connection:
                 self._linger()
+
+        def _stream(self, stream: Stream) -> None:
+            """Send the events as they come, one chunk each; a client gone midway ends it (and the connection)."""
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for chunk in stream.events:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
 
         def _linger(self) -> None:
             """Half-close, then discard what the client still sends for a moment: closing with unread bytes would

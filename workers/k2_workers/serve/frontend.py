@@ -7,6 +7,9 @@ connection without an answer (it died: its work is lost and cannot finish). Anyt
 (every group would say the same), a 500 or 504 of a group that ran the request, or our 504 when a group that took
 the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere would double
 the work). 503 (or 429 when every group's queue is full) only when no group took it.
+Routed paths: our `POST /v1/generate` and OpenAI's `POST /v1/completions` and `POST /v1/chat/completions`; `GET
+/v1/models` asks the groups in the same order. A group's stream is read whole, then passed on as the same events
+(a group sends a stream only once its completion is decoded, so nothing is delayed by it).
 The frontend only proxies HTTP: this module and everything it imports stay free of torch, so the frontend process
 starts fast and small (`benchmarks/frontend_start.py`).
 """
@@ -25,7 +28,17 @@ from http import HTTPStatus
 from typing import Any
 
 from k2_api.contract import HttpPaths
-from k2_workers.serve.endpoints import GENERATE_PATH, HttpError, HttpLimits, Route, serve_routes
+from k2_workers.serve.endpoints import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    GENERATE_PATH,
+    MODELS_PATH,
+    HttpError,
+    HttpLimits,
+    Route,
+    Stream,
+    serve_routes,
+)
 from k2_workers.serve.scheduler import DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -48,19 +61,35 @@ class GroupRouter:
 
     def forward(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """The answer of the first group that takes the request, with `"group"` added when it succeeded."""
+        endpoint, status, payload, _ = self.send(path, body)
+        document = json.loads(payload or b"{}")
+        return status, {**document, "group": endpoint} if status == HTTPStatus.OK else document
+
+    def proxy(self, path: str, body: bytes | None) -> tuple[int, dict[str, Any]] | Stream:
+        """An OpenAI request's answer as the group sent it: a JSON document, or its events."""
+        _, status, payload, content_type = self.send(path, body)
+        if status == HTTPStatus.OK and content_type.startswith("text/event-stream"):
+            return Stream([payload])
+        if status != HTTPStatus.OK:  # the group's OpenAI error JSON, passed on as it is
+            raise HttpError(HTTPStatus(status), "upstream error", document=json.loads(payload or b"{}"))
+        return status, json.loads(payload)
+
+    def send(self, path: str, body: bytes | None) -> tuple[str, int, bytes, str]:
+        """(endpoint, status, body, content type) of the first group that takes the request (POST `body`, or GET
+        when None)."""
         with self._lock:
             start = next(self._next)
         failures, statuses = [], []
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
-            request = urllib.request.Request(endpoint + path, data=body, method="POST")
+            request = urllib.request.Request(endpoint + path, data=body, method="GET" if body is None else "POST")
             request.add_header("Content-Type", "application/json")
             try:
                 with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
-                    return response.status, {**json.loads(response.read()), "group": endpoint}
+                    return endpoint, response.status, response.read(), response.headers.get("Content-Type", "")
             except urllib.error.HTTPError as error:
                 if error.code not in NOT_TAKEN:
-                    return error.code, json.loads(error.read() or b"{}")
+                    return endpoint, error.code, error.read(), error.headers.get("Content-Type", "")
                 failures.append(f"{endpoint}: HTTP {error.code}")
                 statuses.append(error.code)
             except urllib.error.URLError as error:  # raised before the request was sent: refused, unresolvable
@@ -83,7 +112,13 @@ def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
     def generate(body: bytes) -> tuple[int, dict[str, Any]]:
         return router.forward(GENERATE_PATH, body)
 
-    return {("GET", HttpPaths.HEALTHZ): healthz, ("POST", GENERATE_PATH): generate}
+    def openai(path: str, method: str) -> Route:
+        return lambda body: router.proxy(path, body if method == "POST" else None)
+
+    routes: dict[tuple[str, str], Route] = {("GET", HttpPaths.HEALTHZ): healthz, ("POST", GENERATE_PATH): generate}
+    for method, path in (("POST", COMPLETIONS_PATH), ("POST", CHAT_PATH), ("GET", MODELS_PATH)):
+        routes[(method, path)] = openai(path, method)
+    return routes
 
 
 def run_frontend(

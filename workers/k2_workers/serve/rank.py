@@ -27,10 +27,12 @@ from prometheus_client import CollectorRegistry
 from k2_api import K2Serving
 from k2_api.contract import Env, Ports, TorchrunEnv
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
+from k2_workers.serve.chat import load_chat_template
 from k2_workers.serve.device import group_backend, serving_device, serving_dtype
 from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
+from k2_workers.serve.openai_routes import openai_routes
 from k2_workers.serve.placement import ActivePlacement, GroupShape, read_placement
 from k2_workers.serve.rank_routes import rank_routes
 from k2_workers.serve.report import AppliedGenerationReporter
@@ -127,7 +129,11 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         shape=shape,
     )
     limits = HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
-    server = serve_routes(rank_routes(engine, args.max_new_tokens), args.host, args.port or Ports.RANK_HTTP, limits)
+    routes = rank_routes(engine, args.max_new_tokens)
+    if rank == 0:
+        model_name = args.served_model_name or name
+        routes |= openai_routes(engine, args.max_new_tokens, model_name, load_chat_template(checkpoint))
+    server = serve_routes(routes, args.host, args.port or Ports.RANK_HTTP, limits)
     log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)
     try:
         if rank == 0:

@@ -1,6 +1,7 @@
 """The HTTP routes of a serving rank, as functions of its engine (no sockets here).
 
-Every rank: `GET /healthz` (the readiness probe). Rank 0 also: `POST /v1/generate` and `GET /v1/placement`. A
+Every rank: `GET /healthz` (the readiness probe). Rank 0 also: `POST /v1/generate` and `GET /v1/placement` (and
+OpenAI's routes, `openai_routes`, built on `complete`). A
 generate request meeting a full queue gets 429 with `Retry-After`, one past its deadline 504; while the rank cannot
 serve (no placement yet, a broken group, stopping) /healthz and generate answer 503.
 """
@@ -12,8 +13,8 @@ from typing import Any
 
 from k2_api.contract import HttpPaths
 from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route
-from k2_workers.serve.engine import GroupBroken, GroupEngine
-from k2_workers.serve.request import parse_generate
+from k2_workers.serve.engine import Completion, GroupBroken, GroupEngine
+from k2_workers.serve.request import GenerateParams, parse_generate
 from k2_workers.serve.scheduler import DeadlineExceeded, QueueFull, Stopping
 
 RETRY_AFTER_S = 1  # what a 429 (queue full) asks the client to wait
@@ -42,18 +43,7 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
         if (reason := engine.unready) is not None:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, reason)
         prompt_ids = engine.tokenizer.encode(request.prompt)
-        try:
-            completion = engine.generate(prompt_ids, request.params)
-        except QueueFull as error:
-            raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
-        except DeadlineExceeded as error:
-            raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
-        except Stopping as error:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
-        except RuntimeError as error:
-            if isinstance(error.__cause__, GroupBroken):  # queued on a group that broke: it never ran
-                raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__)) from None
-            raise
+        completion = complete(engine, prompt_ids, request.params)
         return HTTPStatus.OK, {
             "text": engine.tokenizer.decode(completion.tokens),
             "tokens": completion.tokens,
@@ -66,3 +56,22 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
     if engine.rank == 0:
         routes |= {("GET", PLACEMENT_PATH): placement, ("POST", GENERATE_PATH): generate}
     return routes
+
+
+def complete(engine: GroupEngine, prompt_ids: list[int], params: GenerateParams) -> Completion:
+    """`engine.generate`, its refusals as HTTP errors: 503 while unready or stopping, 429 with Retry-After on a full
+    queue, 504 past the deadline."""
+    if (reason := engine.unready) is not None:
+        raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, reason)
+    try:
+        return engine.generate(prompt_ids, params)
+    except QueueFull as error:
+        raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
+    except DeadlineExceeded as error:
+        raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
+    except Stopping as error:
+        raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
+    except RuntimeError as error:
+        if isinstance(error.__cause__, GroupBroken):  # queued on a group that broke: it never ran
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__)) from None
+        raise

@@ -1,0 +1,122 @@
+"""OpenAI request parsing and answer building, pure: any JSON body parses or is refused naming its field, stop
+sequences cut the completion, streams carry the whole text, and chat prompts follow the template or ChatML."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from k2_workers.serve.chat import default_chat_prompt, load_chat_template, render_chat
+from k2_workers.serve.openai_request import Message, parse_chat, parse_completions
+from k2_workers.serve.openai_response import error_document, finish
+from k2_workers.serve.request import GenerateParams, RequestError
+from k2_workers.tokenizer import ByteTokenizer
+
+LIMIT = 64
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream"]
+FIELDS += ["stream_options", "logprobs", "best_of", "echo", "presence_penalty", "logit_bias", "tools", "user"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), json_values, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies)
+def test_any_json_body_parses_or_is_refused_naming_a_field(document: dict[str, Any]) -> None:
+    for parse in (parse_completions, parse_chat):
+        try:
+            request = parse(json.dumps(document).encode(), LIMIT)
+        except RequestError as error:
+            named = [*document, *FIELDS, "body"]
+            assert any(str(error).startswith((f"{f}: ", f"{f}[", f"{f}.")) for f in named), error
+        else:
+            assert 1 <= request.params.max_new_tokens <= LIMIT
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=40))
+def test_any_bytes_parse_or_are_refused(body: bytes) -> None:
+    for parse in (parse_completions, parse_chat):
+        with contextlib.suppress(RequestError):
+            parse(body, LIMIT)
+
+
+def test_supported_fields_become_generate_params() -> None:
+    body = {"model": "m", "prompt": ["hi"], "max_tokens": 5, "temperature": 0, "top_p": 0.5, "seed": 7, "stop": "x"}
+    request = parse_completions(json.dumps(body).encode(), LIMIT)
+    assert request.prompt == "hi" and request.model == "m" and request.stop == ("x",)
+    assert request.params == GenerateParams(5, 0.0, 7, None, 0.5)
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "max_completion_tokens": 3}
+    parsed = parse_chat(json.dumps({**chat, "stream": True, "stream_options": {"include_usage": True}}).encode(), 9)
+    assert parsed.messages == (Message("user", "a"),) and parsed.params.max_new_tokens == 3
+    assert parsed.stream and parsed.include_usage and parsed.params.top_p is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"n": 2}, "n"),
+        ({"best_of": 3}, "best_of"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"1": 2}}, "logit_bias"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_unsupported_values_are_refused_naming_the_field(extra: dict[str, Any], field: str) -> None:
+    with pytest.raises(RequestError, match=f"^{field}: "):
+        parse_completions(json.dumps({"prompt": "p", **extra}).encode(), LIMIT)
+    assert error_document(400, f"{field}: nope")["error"]["param"] == field
+
+
+def test_ignored_fields_do_not_change_the_request() -> None:
+    plain = parse_completions(b'{"prompt": "p"}', LIMIT)
+    assert parse_completions(b'{"prompt": "p", "user": "u", "n": 1, "logprobs": null}', LIMIT) == plain
+
+
+def test_stop_sequences_cut_the_text_and_count_the_tokens_up_to_the_stop() -> None:
+    tokenizer = ByteTokenizer()
+    tokens = tokenizer.encode("hello world. more")
+    output = finish(tokens, tokenizer.decode, tokenizer.eos_id, ["o w", "."])
+    assert output.text == "hell" and output.finish_reason == "stop"
+    assert output.completion_tokens == len("hello w") and "".join(output.pieces) == "hell"
+    eos = finish([*tokens[:3], tokenizer.eos_id, 1], tokenizer.decode, tokenizer.eos_id, [])
+    assert (eos.finish_reason, eos.completion_tokens) == ("length", 5)
+    ended = finish([*tokens[:3], tokenizer.eos_id], tokenizer.decode, tokenizer.eos_id, [])
+    assert (ended.text, ended.finish_reason, ended.completion_tokens) == ("hel", "stop", 4)
+
+
+def test_a_stream_carries_whole_characters_and_the_whole_text() -> None:
+    tokenizer = ByteTokenizer()
+    tokens = [*tokenizer.encode("né €"), 0xFF]
+    output = finish(tokens, tokenizer.decode, tokenizer.eos_id, [])
+    assert "".join(output.pieces) == output.text and output.pieces[:4] == ("n", "é", " ", "€")
+
+
+def test_chat_prompts_follow_the_checkpoint_template_or_chatml(tmp_path: Path) -> None:
+    messages = [Message("system", "be brief"), Message("user", "hi")]
+    assert default_chat_prompt(messages) == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert load_chat_template(tmp_path) is None and render_chat(messages, None) == default_chat_prompt(messages)
+    template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    assert render_chat(messages, load_chat_template(tmp_path)) == "[system]be brief[user]hi>"
+    with pytest.raises(ValueError, match=r"^messages: no"):
+        render_chat(messages, "{{ raise_exception('no') }}")
