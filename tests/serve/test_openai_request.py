@@ -1,21 +1,26 @@
 """OpenAI request parsing and answer building, pure: any JSON body parses or is refused naming its field, stop
-sequences cut the completion, streams carry the whole text, and chat prompts follow the template or ChatML."""
+sequences cut the completion, streams carry the whole text, chat prompts follow the template or ChatML, and the
+routes over a stub engine answer refusals as OpenAI errors."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2_workers.serve.chat import default_chat_prompt, load_chat_template, render_chat
+from k2_workers.serve.endpoints import HttpError, Stream, error_body
+from k2_workers.serve.engine import Completion, GroupEngine
 from k2_workers.serve.openai_request import Message, parse_chat, parse_completions
 from k2_workers.serve.openai_response import error_document, finish
+from k2_workers.serve.openai_routes import openai_routes
 from k2_workers.serve.request import GenerateParams, RequestError
+from k2_workers.serve.scheduler import QueueFull, Stopping
 from k2_workers.tokenizer import ByteTokenizer
 
 LIMIT = 64
@@ -120,3 +125,48 @@ def test_chat_prompts_follow_the_checkpoint_template_or_chatml(tmp_path: Path) -
     assert render_chat(messages, load_chat_template(tmp_path)) == "[system]be brief[user]hi>"
     with pytest.raises(ValueError, match=r"^messages: no"):
         render_chat(messages, "{{ raise_exception('no') }}")
+
+
+class StubEngine:
+    """What OpenAI's routes use of an engine: `unready`, `tokenizer`, `generate` (here refusing or answering)."""
+
+    def __init__(self, unready: str | None = None, error: Exception | None = None) -> None:
+        self.unready, self.error, self.tokenizer = unready, error, ByteTokenizer()
+
+    def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
+        if self.error is not None:
+            raise self.error
+        return Completion(self.tokenizer.encode("ok!"), 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("engine", "status", "kind", "retry_after"),
+    [
+        (StubEngine(error=QueueFull("the queue is full")), 429, "rate_limit_error", "1"),
+        (StubEngine(unready="no placement applied yet"), 503, "service_unavailable_error", None),
+        (StubEngine(error=Stopping("stopping")), 503, "service_unavailable_error", None),
+    ],
+)
+def test_refusals_are_openai_errors_with_their_status(
+    engine: StubEngine, status: int, kind: str, retry_after: str | None
+) -> None:
+    routes = openai_routes(cast(GroupEngine, engine), LIMIT, "m", None)
+    with pytest.raises(HttpError) as refused:
+        routes[("POST", "/v1/completions")](b'{"prompt": "p"}')
+    assert refused.value.status == status and refused.value.headers.get("Retry-After") == retry_after
+    assert error_body("/v1/completions", status, str(refused.value))["error"]["type"] == kind
+
+
+def test_routes_answer_documents_and_streams() -> None:
+    routes = openai_routes(cast(GroupEngine, StubEngine()), LIMIT, "m", None)
+    status, document = cast(tuple[int, dict[str, Any]], routes[("POST", "/v1/completions")](b'{"prompt": "p"}'))
+    assert status == 200 and document["choices"][0]["text"] == "ok!" and document["usage"]["prompt_tokens"] == 1
+    stream = routes[("POST", "/v1/chat/completions")](
+        b'{"messages": [{"role": "user", "content": "p"}], "stream": true, "stream_options": {"include_usage": true}}'
+    )
+    assert isinstance(stream, Stream)
+    events = list(stream.events)
+    assert events[-1] == b"data: [DONE]\n\n" and all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "ok!"
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
