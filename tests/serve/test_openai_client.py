@@ -141,3 +141,16 @@ def test_errors_are_openai_error_json(urls: dict[str, str], via: str) -> None:
     status, body = raw_post(base + "/v1/nope", {})
     assert status == 404 and "no route" in body["error"]["message"]
     assert request(base + "/v1/completions", b"x" * (2 << 20))[0] == 413
+
+
+def test_top_p_and_seed_reach_the_sampler(urls: dict[str, str]) -> None:
+    api = client(urls["rank"])
+    greedy = shown(engine_tokens(urls["rank"], PROMPT))
+
+    def sampled(**fields: Any) -> str:
+        answer = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.5, **fields)
+        return answer.choices[0].text
+
+    assert sampled(top_p=1e-6, seed=3) == greedy  # a nucleus of one token: the most likely one
+    assert sampled(seed=5) == sampled(seed=5)  # each request samples with its own generator
+    assert len({sampled(seed=s) for s in range(4)}) > 1

@@ -170,3 +170,18 @@ def test_routes_answer_documents_and_streams() -> None:
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "ok!"
     assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+@settings(max_examples=150, deadline=None)
+@given(bodies)
+def test_any_body_gets_an_answer_or_a_4xx_from_the_routes(document: dict[str, Any]) -> None:
+    routes = openai_routes(cast(GroupEngine, StubEngine()), LIMIT, "m", None)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        try:
+            answer = routes[("POST", path)](json.dumps(document).encode())
+        except HttpError as error:
+            assert 400 <= error.status < 500, error
+        except ValueError as error:  # the HTTP layer answers 400
+            assert str(error), error
+        else:
+            assert isinstance(answer, Stream) or answer[0] == 200
