@@ -4,13 +4,23 @@ silent client is disconnected, and connections beyond the bound are turned away 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from k2_workers.serve.endpoints import BoundedHTTPServer, HttpError, HttpLimits, body_length, serve_routes
+from k2_workers.serve.endpoints import (
+    BoundedHTTPServer,
+    HttpError,
+    HttpLimits,
+    body_length,
+    client_gone,
+    serve_routes,
+)
+from tests.support.waits import wait_for
 
 CLIENT_TIMEOUT_S = 20  # the tests fail, rather than hang, when the server never closes
 
@@ -101,3 +111,28 @@ def test_body_length_refuses_what_it_cannot_bound(content_length: str, encoding:
 
 def test_body_length_of_a_good_request() -> None:
     assert body_length(None, None, 1024) == 0 and body_length(" 1024", None, 1024) == 1024
+
+
+def test_a_route_notices_its_client_closing_the_connection() -> None:
+    seen: list[bool] = []
+    entered = threading.Event()
+
+    def wait_for_the_client(_: bytes) -> tuple[int, dict[str, Any]]:
+        seen.append(client_gone())
+        entered.set()
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while not client_gone() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.append(client_gone())
+        return 200, {}
+
+    server = serve_routes({("POST", "/wait"): wait_for_the_client}, "127.0.0.1", 0, HttpLimits())
+    try:
+        with connect(server) as sock:
+            sock.sendall(b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            assert entered.wait(CLIENT_TIMEOUT_S)
+        wait_for("the route to see the client gone", lambda: len(seen) == 2)
+        assert seen == [False, True] and not client_gone()  # outside a request: False
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,6 +4,7 @@ error, and stop drains the queue."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from k2_workers.model import K2Config, K2ForCausalLM, generate
 from k2_workers.serve import engine as engine_module
 from k2_workers.serve.endpoints import serve_routes
 from k2_workers.serve.engine import Completion, GroupEngine
+from k2_workers.serve.openai_routes import openai_routes
 from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.rank_routes import rank_routes
 from k2_workers.serve.request import GenerateParams
@@ -198,7 +200,8 @@ def test_a_broken_group_is_not_ready_and_refuses_requests_with_503(engine: Group
     # A seam: a broken group needs a failed collective between ranks (test_group_faults.py kills real ranks, whose
     # processes then exit); here the engine is marked broken as its collective wrapper would mark it.
     routes = rank_routes(engine, 64)
-    assert routes[("GET", "/healthz")](b"")[0] == 200
+    healthy = routes[("GET", "/healthz")](b"")
+    assert isinstance(healthy, tuple) and healthy[0] == 200
     engine.broken = "RuntimeError: Connection closed by peer"
     server = serve_routes(routes, "127.0.0.1", 0)
     try:
@@ -210,3 +213,28 @@ def test_a_broken_group_is_not_ready_and_refuses_requests_with_503(engine: Group
     assert health == (503, {"error": "the group is broken: RuntimeError: Connection closed by peer"})
     assert generated[0] == 503 and "broken" in generated[1]["error"]
     engine.broken = None  # the fixture stops the engine
+
+
+def test_a_client_that_disconnects_while_queued_takes_its_request_out_of_the_queue(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(batch_wait_s=0.0)
+    server = serve_routes(openai_routes(engine, 64, "m", None), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_port}/v1/completions"
+    answers: list[tuple[int, dict[str, Any]]] = []
+    body = b'{"prompt": "b", "max_tokens": 2, "stream": true}'
+    try:
+        with engine._group_lock:  # the group is busy: the first request's batch waits, the second stays queued
+            first = threading.Thread(target=lambda: answers.append(request(url, {"prompt": "a", "max_tokens": 2})))
+            first.start()
+            wait_for("the first request taken into a batch", lambda: engine.scheduler.in_batch == 1)
+            with socket.create_connection(("127.0.0.1", server.server_port), timeout=20) as client:
+                client.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                wait_for("the second request queued", lambda: engine.scheduler.queued == 1)
+            wait_for("the disconnected request to leave the queue", lambda: engine.scheduler.queued == 0)
+            assert engine.scheduler.in_batch == 1  # still held: the second request never ran
+        first.join(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [status for status, _ in answers] == [200]

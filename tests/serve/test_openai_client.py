@@ -149,7 +149,7 @@ def test_top_p_and_seed_reach_the_sampler(urls: dict[str, str]) -> None:
 
     def sampled(**fields: Any) -> str:
         answer = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.5, **fields)
-        return answer.choices[0].text
+        return str(answer.choices[0].text)
 
     assert sampled(top_p=1e-6, seed=3) == greedy  # a nucleus of one token: the most likely one
     assert sampled(seed=5) == sampled(seed=5)  # each request samples with its own generator

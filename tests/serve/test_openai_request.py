@@ -133,7 +133,7 @@ class StubEngine:
     def __init__(self, unready: str | None = None, error: Exception | None = None) -> None:
         self.unready, self.error, self.tokenizer = unready, error, ByteTokenizer()
 
-    def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
+    def generate(self, prompt_ids: list[int], params: GenerateParams, cancelled: object = None) -> Completion:
         if self.error is not None:
             raise self.error
         return Completion(self.tokenizer.encode("ok!"), 1, 1)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from k2_workers.serve.scheduler import BatchScheduler, DeadlineExceeded, QueueFull
+from k2_workers.serve.scheduler import BatchScheduler, Cancelled, DeadlineExceeded, QueueFull
 from tests.support.waits import wait_for
 
 
@@ -134,4 +134,23 @@ def test_a_job_past_its_deadline_leaves_the_queue_and_never_runs() -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert results == {1: 2} and run.batches == [[1]]
+    scheduler.stop()
+
+
+def test_a_job_cancelled_while_queued_leaves_the_queue_and_never_runs() -> None:
+    run = Recorder()
+    scheduler: BatchScheduler[int, int] = BatchScheduler(run, max_batch_size=1, batch_wait_s=0)
+    run.release.clear()
+    threads, results = submit_all(scheduler, [1])
+    wait_for("the first batch to start", lambda: run.batches)
+    gone = threading.Event()
+    threading.Timer(0.2, gone.set).start()
+    with pytest.raises(Cancelled):
+        scheduler.submit(2, cancelled=gone.is_set)
+    assert scheduler.queued == 0
+    run.release.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {1: 2} and run.batches == [[1]]
+    assert scheduler.submit(3, cancelled=lambda: False) == 6  # not cancelled: answered as usual
     scheduler.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
 import socket
 import sys
 import threading
@@ -75,6 +76,22 @@ class HttpError(Exception):
         self.status = status
         self.headers = headers or {}
         self.document = document  # the answer as is (an upstream's error passed on), instead of one from `message`
+
+
+_serving = threading.local()  # the connection of the request the current handler thread serves
+
+
+def client_gone() -> bool:
+    """Whether the client of the request this thread serves has closed its connection (False outside a request):
+    a route's way to notice a caller that went away while it waits."""
+    connection: socket.socket | None = getattr(_serving, "connection", None)
+    if connection is None:
+        return False
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def error_body(path: str, status: int, message: str) -> dict[str, Any]:
@@ -163,9 +180,11 @@ def serve_routes(
 
         def _dispatch(self, method: str) -> None:
             self.server.begin_request()
+            _serving.connection = self.connection
             try:
                 self._answer(method)
             finally:
+                _serving.connection = None
                 self.server.end_request()
 
         def _answer(self, method: str) -> None:

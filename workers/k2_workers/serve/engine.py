@@ -166,17 +166,20 @@ class GroupEngine:
         finally:
             self._group_lock.release()
 
-    def generate(self, prompt_ids: list[int], params: GenerateParams) -> Completion:
+    def generate(
+        self, prompt_ids: list[int], params: GenerateParams, cancelled: Callable[[], bool] | None = None
+    ) -> Completion:
         """The completion of one prompt. Thread-safe: callers wait while the decoding thread runs their request in
         a batch with the others queued at the time; a failed batch raises a RuntimeError in each of its callers,
-        a full queue `QueueFull`, and a request not done within `request_timeout_s` `DeadlineExceeded`."""
+        a full queue `QueueFull`, a request not done within `request_timeout_s` `DeadlineExceeded`, and one
+        whose `cancelled()` turns true while it is queued `Cancelled` (it never reaches the other ranks)."""
         if self.placement is None:
             raise RuntimeError("no placement applied yet")
         if not prompt_ids:  # refused here, before any other rank sees it
             raise ValueError("prompt: must encode to at least one token")
         positions = self.model.config.max_position_embeddings
         check_prompt_length(len(prompt_ids), params.max_new_tokens, self.max_prompt_tokens, positions)
-        return self.scheduler.submit(_Job(prompt_ids, params), self.request_timeout_s)
+        return self.scheduler.submit(_Job(prompt_ids, params), self.request_timeout_s, cancelled)
 
     def stop(self) -> None:
         """Finish the queued requests, then release the other ranks (unless the group is broken)."""

@@ -2,8 +2,8 @@
 `POST /v1/chat/completions` (both with `stream`) and `GET /v1/models`.
 
 The engine decodes a request's whole completion in its batch (static batching, the group in lockstep), so a stream
-is sent once the completion is decoded: its first token comes as late as the last. For the same reason a client that
-disconnects does not cancel its request: the batch it is in runs to its end; the disconnect only ends the stream.
+is sent once the completion is decoded: its first token comes as late as the last. A client that disconnects while
+its request is queued takes it out of the queue (`complete`); once in a batch, the request runs to the batch's end.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from http import HTTPStatus
 from typing import Any
 
 from k2_api.contract import HttpPaths
-from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route
+from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route, client_gone
 from k2_workers.serve.engine import Completion, GroupBroken, GroupEngine
 from k2_workers.serve.request import GenerateParams, parse_generate
-from k2_workers.serve.scheduler import DeadlineExceeded, QueueFull, Stopping
+from k2_workers.serve.scheduler import Cancelled, DeadlineExceeded, QueueFull, Stopping
 
 RETRY_AFTER_S = 1  # what a 429 (queue full) asks the client to wait
 
@@ -60,16 +60,16 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
 
 def complete(engine: GroupEngine, prompt_ids: list[int], params: GenerateParams) -> Completion:
     """`engine.generate`, its refusals as HTTP errors: 503 while unready or stopping, 429 with Retry-After on a full
-    queue, 504 past the deadline."""
+    queue, 504 past the deadline. A request whose client disconnects while it is queued leaves the queue."""
     if (reason := engine.unready) is not None:
         raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, reason)
     try:
-        return engine.generate(prompt_ids, params)
+        return engine.generate(prompt_ids, params, client_gone)
     except QueueFull as error:
         raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
     except DeadlineExceeded as error:
         raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
-    except Stopping as error:
+    except (Stopping, Cancelled) as error:  # nobody reads the answer to a cancelled request
         raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
     except RuntimeError as error:
         if isinstance(error.__cause__, GroupBroken):  # queued on a group that broke: it never ran

@@ -7,7 +7,9 @@ thread), runs the batch function on them and hands each caller its result. A bat
 arrives meanwhile waits for the next batch. The queue is bounded (`max_queue`: a job beyond it is refused with
 `QueueFull`), and a caller may give a deadline: a job still queued when it passes is dropped from the queue
 (`DeadlineExceeded`); one already in a batch runs to the batch's end (the group decodes in lockstep), and its
-caller is answered at the deadline. Nothing here knows what a job is (no torch).
+caller is answered at the deadline. A caller may also give `cancelled` (its client went away), asked every
+`CANCEL_POLL_S` while the job waits: a job still queued then leaves the queue (`Cancelled`); one in a batch runs to
+its end, as with a deadline. Nothing here knows what a job is (no torch).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_S = 0.002
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
+CANCEL_POLL_S = 0.1  # how often a waiting caller asks whether it was cancelled
 
 
 class QueueFull(RuntimeError):
@@ -33,6 +36,10 @@ class QueueFull(RuntimeError):
 
 class DeadlineExceeded(RuntimeError):
     """The job's deadline passed before its result was ready."""
+
+
+class Cancelled(RuntimeError):
+    """The caller cancelled the job while it was queued: it never ran."""
 
 
 class Stopping(RuntimeError):
@@ -93,11 +100,12 @@ class BatchScheduler(Generic[J, R]):
         with self._queue_changed:
             return self._running
 
-    def submit(self, job: J, timeout_s: float | None = None) -> R:
+    def submit(self, job: J, timeout_s: float | None = None, cancelled: Callable[[], bool] | None = None) -> R:
         """The result of `job`, once a batch has run it. Thread-safe. A failed batch raises a RuntimeError from
         its error in each of its callers (a server-side failure, whatever its type: a ValueError would read as a
         bad request). Raises `QueueFull` when `max_queue` jobs wait already, `DeadlineExceeded` after
-        `timeout_s` (the job leaves the queue if no batch took it yet)."""
+        `timeout_s` (the job leaves the queue if no batch took it yet), `Cancelled` when `cancelled()` turns true
+        while the job is queued."""
         pending: _Pending[J, R] = _Pending(job)
         with self._queue_changed:
             if self._stopping:
@@ -109,17 +117,31 @@ class BatchScheduler(Generic[J, R]):
                 self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
                 self._thread.start()
             self._queue_changed.notify()
-        if not pending.done.wait(timeout_s):
-            with self._queue_changed:
-                queued = pending in self._queue
-                if queued:
-                    self._queue.remove(pending)
-            where = "in the queue" if queued else "while its batch ran"
-            raise DeadlineExceeded(f"the request's deadline of {timeout_s} s passed {where}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not pending.done.is_set():
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if cancelled is not None:
+                wait_s = CANCEL_POLL_S if wait_s is None else min(wait_s, CANCEL_POLL_S)
+            if pending.done.wait(wait_s):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                queued = self._dequeue(pending)
+                where = "in the queue" if queued else "while its batch ran"
+                raise DeadlineExceeded(f"the request's deadline of {timeout_s} s passed {where}")
+            if cancelled is not None and cancelled() and self._dequeue(pending):
+                raise Cancelled("the request was cancelled while queued")
         if pending.error is not None:
             raise RuntimeError(f"decoding failed: {pending.error}") from pending.error
         assert pending.result is not None
         return pending.result
+
+    def _dequeue(self, pending: _Pending[J, R]) -> bool:
+        """Take `pending` out of the queue; False when a batch took it already."""
+        with self._queue_changed:
+            queued = pending in self._queue
+            if queued:
+                self._queue.remove(pending)
+            return queued
 
     def stop(self) -> None:
         """Refuse new jobs, finish the queued ones, then return."""
