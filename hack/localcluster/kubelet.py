@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from k2_api.contract import Labels
+
 from . import pki
 from .network import GATEWAY
 from .nodes import GPU_PRODUCT, GPUS_PER_NODE
@@ -15,7 +17,7 @@ NODE_LABELS = {
     "node.kubernetes.io/instance-type": "gpu-8x-h100",
     "topology.kubernetes.io/region": "local",
     "topology.kubernetes.io/zone": "zone-real",
-    "k2.ai/rack": "rack-real",
+    Labels.RACK: "rack-real",
     "nvidia.com/gpu.present": "true",
     "nvidia.com/gpu.product": GPU_PRODUCT,
     "nvidia.com/gpu.count": str(GPUS_PER_NODE),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from k2_api.contract import Labels
+
 # Address plan. The fake ranges are never contacted: only 127.0.0.1 carries traffic.
 SERVICE_CIDR = "10.96.0.0/16"  # ClusterIPs allocated by the apiserver
 POD_CIDR = "10.244.0.0/16"  # kwok's fallback pool; node i owns 10.244.i.0/24
@@ -44,7 +46,7 @@ def gpu_node_manifest(index: int) -> dict[str, Any]:
                 "node.kubernetes.io/instance-type": "gpu-8x-h100",
                 "topology.kubernetes.io/region": "local",
                 "topology.kubernetes.io/zone": zone,
-                "k2.ai/rack": f"rack-{rack}",
+                Labels.RACK: f"rack-{rack}",
                 "nvidia.com/gpu.present": "true",
                 "nvidia.com/gpu.product": GPU_PRODUCT,
                 "nvidia.com/gpu.count": str(GPUS_PER_NODE),
