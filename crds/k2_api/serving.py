@@ -98,6 +98,15 @@ class Rollout(ApiModel):
     )
 
 
+class NetworkPolicy(ApiModel):
+    """Ingress NetworkPolicies the operator creates for the serving's pods (enforced only by a CNI that implements
+    them): each group's rendezvous and rank HTTP ports admit only that group's ranks and the serving's frontend, the
+    ranks' metrics port only the operator's monitoring namespaces (`--monitoring-namespace`), the frontend port the
+    serving's namespace (anyone, for a NodePort or LoadBalancer frontend)."""
+
+    enabled: bool = Field(default=True, description="Create the NetworkPolicies; false deletes them.")
+
+
 class K2ServingSpec(ApiModel):
     """Desired state of a K2Serving."""
 
@@ -143,6 +152,7 @@ class K2ServingSpec(ApiModel):
     frontend: Frontend = subobject(Frontend, "The request router in front of the groups.")
     eplb: Eplb = subobject(Eplb, "Expert-parallel load balancing.")
     rollout: Rollout = subobject(Rollout, "Rolling update of groups.")
+    network_policy: NetworkPolicy = subobject(NetworkPolicy, "Ingress NetworkPolicies of the rank and frontend pods.")
     suspend: bool = Field(default=False, description="True scales every group and the frontend to zero.")
 
     @model_validator(mode="after")

@@ -45,6 +45,7 @@ RESOURCES: dict[str, Resource] = {
     "Job": Resource("batch/v1", "jobs", status_subresource=True),
     "StatefulSet": Resource("apps/v1", "statefulsets", status_subresource=True),
     "Deployment": Resource("apps/v1", "deployments", status_subresource=True),
+    "NetworkPolicy": Resource("networking.k8s.io/v1", "networkpolicies"),
     K2Training.KIND: Resource(API_VERSION, K2Training.PLURAL, status_subresource=True),
     K2Serving.KIND: Resource(API_VERSION, K2Serving.PLURAL, status_subresource=True),
     ExpertPlacement.KIND: Resource(API_VERSION, ExpertPlacement.PLURAL, status_subresource=True),
