@@ -18,6 +18,7 @@ from k2_api.contract import Ports
 from k2_api.kube import Kube
 from k2_operator import metrics
 from k2_operator.builders.common import KIND_LABEL, MANAGED_BY
+from k2_operator.builders.network_policy import MONITORING_NAMESPACE
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, resync_forever
 
@@ -35,6 +36,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-address", default="0.0.0.0", help="address of /metrics and /healthz")
     parser.add_argument("--standalone", action="store_true", help="no peering with other operator instances")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="period of the full resync (the timer)")
+    parser.add_argument(
+        "--monitoring-namespace",
+        action="append",
+        default=[],
+        metavar="NAMESPACE",
+        help="a namespace whose pods may scrape the serving ranks' metrics port through the NetworkPolicies "
+        f"(repeatable; default: {MONITORING_NAMESPACE})",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -82,6 +91,7 @@ def main(argv: list[str], kube: Kube | None = None) -> int:
         RUNTIME.kube = AsyncKube(kube)
     RUNTIME.namespaces = list(args.namespace)
     RUNTIME.resync_seconds = args.resync_seconds
+    RUNTIME.monitoring_namespaces = list(args.monitoring_namespace) or [MONITORING_NAMESPACE]
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     kopf.run(

@@ -20,6 +20,7 @@ from typing import Any
 
 from k2_api.kube import NotFound, ObjectRef
 from k2_operator import metrics
+from k2_operator.builders.network_policy import MONITORING_NAMESPACE
 from k2_operator.conditions import changed, normalized, transitions
 from k2_operator.kube import AsyncKube
 
@@ -35,6 +36,8 @@ class Runtime:
     namespaces: list[str] = field(default_factory=list)
     """Empty: every namespace."""
     resync_seconds: float = 30.0
+    monitoring_namespaces: list[str] = field(default_factory=lambda: [MONITORING_NAMESPACE])
+    """Namespaces whose pods may reach the ranks' metrics port (--monitoring-namespace)."""
     reconcilers: dict[str, Reconcile] = field(default_factory=dict)
     running: set[tuple[str, str, str]] = field(default_factory=set)
     pending: set[tuple[str, str, str]] = field(default_factory=set)

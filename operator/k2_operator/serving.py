@@ -10,10 +10,12 @@ import kopf
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
 from k2_api.contract import FieldManagers
 from k2_operator.builders.common import KIND_LABEL
+from k2_operator.builders.network_policy import KIND as NETWORK_POLICY
+from k2_operator.builders.network_policy import network_policies
 from k2_operator.builders.placement import expert_placement, placement_name
 from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT, children, frontend_name
 from k2_operator.kube import AsyncKube
-from k2_operator.runtime import controller_owner, now, owned_by, register, trigger, write_status
+from k2_operator.runtime import RUNTIME, controller_owner, now, owned_by, register, trigger, write_status
 from k2_operator.status.serving import (
     CONDITION_TYPES,
     GroupState,
@@ -70,6 +72,15 @@ async def restart_groups(
                 await kube.delete("Pod", namespace, pod["metadata"]["name"])
 
 
+async def delete_owned(kube: AsyncKube, serving: K2Serving, kind: str) -> None:
+    """Deletes the serving's children of `kind` (its labels and its controller owner reference)."""
+    namespace, name = serving.metadata.namespace, serving.metadata.name
+    assert namespace is not None and name is not None
+    for obj in await kube.list(kind, namespace, {"app.kubernetes.io/instance": name, KIND_LABEL: KIND}):
+        if owned_by(obj, serving.metadata.uid):
+            await kube.delete(kind, namespace, obj["metadata"]["name"])
+
+
 @register(KIND)
 async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     body = await kube.get(KIND, namespace, name)
@@ -87,9 +98,14 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
             stateful_sets[index] = applied
         elif manifest["kind"] == "Deployment" and manifest["metadata"]["name"] == frontend_name(serving):
             frontend = applied
+    policies = network_policies(serving, RUNTIME.monitoring_namespaces)
+    for manifest in policies:
+        await kube.apply(manifest)
+    if not policies:  # spec.networkPolicy.enabled is false: the ones it created before go
+        await delete_owned(kube, serving, NETWORK_POLICY)
     # Scale down: groups beyond spec.groups go (their pods are garbage-collected).
     selector = {"app.kubernetes.io/instance": name, KIND_LABEL: KIND, "app.kubernetes.io/component": RANK_COMPONENT}
-    for kind in ("StatefulSet", "Service"):
+    for kind in ("StatefulSet", "Service", NETWORK_POLICY):
         for obj in await kube.list(kind, namespace, selector):
             index = group_index(obj)
             if index is not None and index >= spec.groups and owned_by(obj, serving.metadata.uid):

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from k2_api import ExpertPlacement, Preset, placement_problems
-from k2_api.contract import PRESET_SHAPES, Env, ExitCodes, Files
+from k2_api.contract import PRESET_SHAPES, Env, ExitCodes, Files, Labels, Ports
+from k2_operator.builders import network_policy as policy_builder
 from k2_operator.builders import placement as placement_builder
 from k2_operator.builders import serving as serving_builder
 from k2_operator.builders import training as training_builder
@@ -62,10 +63,63 @@ def test_serving_children_golden() -> None:
     )
 
 
+def test_serving_network_policies_golden() -> None:
+    check_golden("k2serving-debug-network-policies", policy_builder.network_policies(serving(), ["monitoring"]))
+
+
+def ingress_ports(policy: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Port -> the peers that may reach it, over all of a policy's ingress rules."""
+    peers: dict[int, list[dict[str, Any]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            peers.setdefault(port["port"], []).extend(rule.get("from", [{"anyone": True}]))
+    return peers
+
+
+def test_rank_ports_admit_only_their_group_and_the_frontend_and_metrics_only_monitoring() -> None:
+    group1 = policy_builder.group_network_policy(serving(), 1, ["prom", "monitoring", "prom"])
+    ranks = {"app.kubernetes.io/instance": "k2-debug-serve", "app.kubernetes.io/component": "rank", Labels.GROUP: "1"}
+    frontend = {"app.kubernetes.io/instance": "k2-debug-serve", "app.kubernetes.io/component": "frontend"}
+    assert group1["spec"]["podSelector"] == {"matchLabels": ranks}
+    assert group1["spec"]["policyTypes"] == ["Ingress"]
+    monitoring = {
+        "namespaceSelector": {
+            "matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring", "prom"]}
+            ]
+        }
+    }
+    assert ingress_ports(group1) == {
+        Ports.RENDEZVOUS: [{"podSelector": {"matchLabels": ranks}}],
+        Ports.RANK_HTTP: [{"podSelector": {"matchLabels": ranks}}, {"podSelector": {"matchLabels": frontend}}],
+        Ports.METRICS: [monitoring],
+    }
+    closed = policy_builder.group_network_policy(serving(), 0, [])
+    assert Ports.METRICS not in ingress_ports(closed)
+
+
+def test_frontend_port_admits_the_namespace_or_anyone_when_exposed() -> None:
+    inside = policy_builder.frontend_network_policy(serving(frontend={"port": 9000}))
+    assert ingress_ports(inside) == {9000: [{"podSelector": {}}]}
+    exposed = policy_builder.frontend_network_policy(serving(frontend={"serviceType": "LoadBalancer"}))
+    assert ingress_ports(exposed) == {Ports.FRONTEND: [{"anyone": True}]}
+
+
+def test_network_policies_follow_spec() -> None:
+    assert [p["metadata"]["name"] for p in policy_builder.network_policies(serving(groups=3), ["m"])] == [
+        "k2-debug-serve-g0",
+        "k2-debug-serve-g1",
+        "k2-debug-serve-g2",
+        "k2-debug-serve-frontend",
+    ]
+    assert policy_builder.network_policies(serving(networkPolicy={"enabled": False}), ["m"]) == []
+
+
 def all_children() -> list[dict[str, Any]]:
     return [
         *training_builder.children(training(), 0),
         *serving_builder.children(serving()),
+        *policy_builder.network_policies(serving(), ["monitoring"]),
         placement_builder.expert_placement(serving()),
     ]
 

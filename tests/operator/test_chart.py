@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,28 @@ def test_eplb_controller_is_optional_and_refuses_several_namespaces() -> None:
         assert result.returncode != 0, f"{bad} was accepted"
 
 
+def operator_args(*values: str) -> list[str]:
+    deployment = next(
+        d
+        for d in documents(render("k2-system", "k2", *values))
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "k2-k2-operator"
+    )
+    return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_operator_manages_network_policies_for_the_monitoring_namespaces() -> None:
+    role = next(
+        d for d in documents(render()) if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "k2-k2-operator"
+    )
+    assert ("networking.k8s.io", "networkpolicies", ("create", "delete", "list", "patch")) in rules_of(role)
+    flags = [a for a in operator_args() if a.startswith("--monitoring-namespace=")]
+    assert flags == ["--monitoring-namespace=monitoring", "--monitoring-namespace=k2-system"]  # EPLB scrapes directly
+    with_prometheus = operator_args(
+        "eplb.prometheusUrl=http://prom.obs:9090", "networkPolicy.monitoringNamespaces={obs}"
+    )
+    assert [a for a in with_prometheus if a.startswith("--monitoring-namespace=")] == ["--monitoring-namespace=obs"]
+
+
 def test_pod_monitor_selects_the_rank_pods_metrics_port() -> None:
     assert "PodMonitor" not in [d["kind"] for d in documents(render())]
     (monitor,) = [
@@ -272,6 +295,21 @@ def kubeconfig_for_token(cluster: Cluster, token: str, path: Path) -> Path:
     return path
 
 
+def run_eplb_once_as(
+    cluster: Cluster, namespace: str, account: str, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """One pass of the EPLB controller (`k2 eplb run --once`) authenticated as the chart's EPLB ServiceAccount: it
+    lists the servings, reads the placement and writes its status with that RBAC only (with a Prometheus that refuses
+    connections, so that the pass ends at once instead of scraping kwok pods for a window)."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+    kubeconfig = kubeconfig_for_token(cluster, token, tmp_path / "eplb.kubeconfig")
+    argv = [sys.executable, "-m", "k2_api.cli", "eplb", "run", "--once", "--namespace", namespace]
+    argv += ["--prometheus-url", "http://127.0.0.1:9"]
+    return subprocess.run(
+        [*argv, "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("scoped", [False, True], ids=["cluster-wide", "watchNamespaces"])
 def test_operator_runs_with_only_the_charts_rbac(
@@ -287,7 +325,9 @@ def test_operator_runs_with_only_the_charts_rbac(
     text = "\n---\n".join(yaml.safe_dump(d) for d in rbac)
     cluster.kubectl("apply", "--server-side", "-f", "-", input=text)
     try:
-        account = next(d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount")
+        accounts = [d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount"]
+        (account,) = [a for a in accounts if not a.endswith("-eplb")]
+        (eplb_account,) = [a for a in accounts if a.endswith("-eplb")]
         can = cluster.kubectl(
             "auth",
             "can-i",
@@ -323,5 +363,27 @@ def test_operator_runs_with_only_the_charts_rbac(
             assert len(workers) == 2  # the workers' Roles, granted by the operator
             assert operator.errors() == [], operator.logs()
             assert "403" not in operator.logs()
+            assert len(items(cluster, "networkpolicies", namespace=namespace)) == 3  # 2 groups and the frontend
+            eplb = run_eplb_once_as(cluster, namespace, eplb_account, tmp_path)
+            assert eplb.returncode == 0, eplb.stdout + eplb.stderr
+            assert "403" not in eplb.stderr and "Forbidden" not in eplb.stderr, eplb.stderr
+            placement = cluster.kubectl("get", "expertplacement/k2-debug-serve", "-n", namespace, "-o", "json")
+            conditions = json.loads(placement.stdout)["status"]["conditions"]
+            # Planned is the controller's alone: its pass got as far as writing status (kwok ranks never report the
+            # first generation applied, so it waits: ApplyPending).
+            planned = next(c for c in conditions if c["type"] == "Planned")
+            assert planned["reason"] == "ApplyPending", (planned, eplb.stderr)
+            who = f"--as=system:serviceaccount:{namespace}:{eplb_account}"
+            for verb, what, allowed in (
+                ("list", "pods", "yes"),
+                ("patch", "expertplacements.k2.ai/status", "yes"),
+                ("create", "events", "yes"),
+                ("create", "pods", "no"),
+                ("delete", "expertplacements.k2.ai", "no"),
+                ("patch", "k2servings.k2.ai", "no"),
+                ("get", "secrets", "no"),
+            ):
+                can = cluster.kubectl("auth", "can-i", verb, what, who, "-n", namespace, check=False)
+                assert can.stdout.strip() == allowed, (verb, what)
     finally:
         cluster.kubectl("delete", "-f", "-", "--ignore-not-found", "--wait=false", input=text, check=False)

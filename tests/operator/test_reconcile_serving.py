@@ -3,10 +3,14 @@ spec then belongs to the EPLB controller), status written only on change, scale-
 
 from __future__ import annotations
 
+import pytest
+
 from k2_api import ExpertPlacement, K2Serving
-from k2_api.contract import FieldManagers
+from k2_api.contract import FieldManagers, Ports
 from k2_eplb.controller import Controller
 from k2_eplb.planner import Reason
+from k2_operator.main import parse_args
+from k2_operator.runtime import RUNTIME
 from k2_operator.serving import REVISION_LABEL, reconcile
 from tests.eplb.helpers import field_managers
 from tests.operator.fake_env import NS, Env, condition, controller_owner_uid, rank_pod
@@ -64,6 +68,48 @@ def test_scale_down_deletes_the_groups_beyond_spec_groups() -> None:
     assert env.names("StatefulSet") == [f"{NAME}-g0"]
     assert f"{NAME}-g1" not in env.names("Service") and f"{NAME}-g0" in env.names("Service")
     assert env.get(K2Serving.KIND, NAME)["status"]["groups"] == 1
+
+
+def test_network_policies_are_applied_when_enabled_and_deleted_when_disabled() -> None:
+    env = Env()
+    uid = env.create_example(FILE)["metadata"]["uid"]
+    env.run(reconcile, NAME)
+    assert env.names("NetworkPolicy") == [f"{NAME}-frontend", f"{NAME}-g0", f"{NAME}-g1"]
+    assert all(controller_owner_uid(p) == uid for p in env.user.list("NetworkPolicy", NS))
+    metrics_rule = env.get("NetworkPolicy", f"{NAME}-g0")["spec"]["ingress"][2]
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring"]
+    env.patch_spec(K2Serving.KIND, NAME, groups=1)
+    env.run(reconcile, NAME)
+    assert env.names("NetworkPolicy") == [f"{NAME}-frontend", f"{NAME}-g0"]
+    foreign = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "user", "namespace": NS},
+    }
+    env.user.create({**foreign, "spec": {"podSelector": {}}})
+    env.patch_spec(K2Serving.KIND, NAME, networkPolicy={"enabled": False})
+    env.run(reconcile, NAME)
+    assert env.names("NetworkPolicy") == ["user"]  # only the serving's own went
+    assert env.names("StatefulSet") == [f"{NAME}-g0"]
+    env.patch_spec(K2Serving.KIND, NAME, networkPolicy={"enabled": True})
+    env.run(reconcile, NAME)
+    assert sorted(env.names("NetworkPolicy")) == [f"{NAME}-frontend", f"{NAME}-g0", "user"]
+
+
+def test_the_monitoring_namespaces_come_from_the_operator_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(RUNTIME, "monitoring_namespaces", ["observability"])
+    env = Env()
+    env.create_example(FILE)
+    env.run(reconcile, NAME)
+    metrics_rule = env.get("NetworkPolicy", f"{NAME}-g1")["spec"]["ingress"][2]
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["observability"]
+    assert metrics_rule["ports"] == [{"port": Ports.METRICS, "protocol": "TCP"}]
+
+
+def test_the_monitoring_namespace_flag() -> None:
+    assert parse_args([]).monitoring_namespace == []
+    args = parse_args(["--monitoring-namespace", "a", "--monitoring-namespace", "b"])
+    assert args.monitoring_namespace == ["a", "b"]
 
 
 def test_an_outdated_group_restarts_one_at_a_time() -> None:
