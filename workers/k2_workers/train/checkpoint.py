@@ -14,6 +14,10 @@ Resuming (`restore`) tries the complete-looking checkpoints newest first. One th
 counted for `keep_last` again, and reported: `Resume.skipped` and `Resume.status()`, the record the status reporter
 and the operator turn into an Event. A checkpoint that reads fine but does not fit the model raises: that is a
 configuration error, and the older checkpoints would not fit either.
+
+The ranks of a gang must share the checkpoint root (a PersistentVolumeClaim or bucket mount): `is_shared` checks it
+at start, with a probe file `.shared-probe-<token>` that rank 0 writes and every rank reads back. When they do not
+(an emptyDir per pod), the trainer runs without checkpoints rather than failing in its first save.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +51,12 @@ TIMEOUT_ENV = "K2_CHECKPOINT_TIMEOUT_S"
 MIN_THROUGHPUT_ENV = "K2_CHECKPOINT_MIN_MBPS"
 BASE_TIMEOUT_S = 300.0
 DEFAULT_MIN_THROUGHPUT_MBPS = 25.0
+PROBE_PREFIX = ".shared-probe-"
+NOT_SHARED_REASON = (
+    "the checkpoint directory {root} is not shared by the gang's ranks (an emptyDir per pod?): "
+    "checkpoints are off for this run; set spec.checkpointing.claimName or uri to keep them"
+)
+_T = TypeVar("_T")
 
 
 def _is_dist() -> bool:
@@ -176,6 +187,30 @@ class CheckpointManager:
                 log.info("checkpoint collectives wait up to %.0f s", timeout_s)
         return self._group
 
+    def is_shared(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Collective: whether every rank sees the same directory at `root`. Rank 0 writes a probe file named after a
+        random token and holding it, every rank reads it back, and all agree (False if any rank misses it); the probe
+        is removed. Always True in a single-process world. Call it before the first `restore` or `save`."""
+        if _world_size() == 1:
+            return True
+        rank = _rank()
+        group = self._collectives(model, optimizer)
+        token = _broadcast(uuid.uuid4().hex if rank == 0 else None, group)
+        probe = self.root / f"{PROBE_PREFIX}{token}"  # a name no rank looked up before: no stale (NFS) lookup cache
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            files.write_durably(probe, token)
+            files.fsync_dir(self.root)
+        _barrier(group)
+        try:
+            sees = probe.read_text() == token
+        except OSError:
+            sees = False
+        shared = _all_true(sees, group)  # every rank has read the probe once this returns
+        if rank == 0:
+            probe.unlink(missing_ok=True)
+        return shared
+
     def save(
         self,
         step: int,
@@ -238,7 +273,8 @@ class CheckpointManager:
                 files.delete_dir(child)
 
     def clean(self) -> list[str]:
-        """Removes what interrupted saves and deletions left (`.deleting-*`, `step-N.tmp`); returns their names.
+        """Removes what interrupted saves, deletions and probes left (`.deleting-*`, `step-N.tmp`, `.shared-probe-*`);
+        returns their names.
         Only when no rank is saving: `restore` calls it on rank 0 before any checkpoint is written."""
         if not self.root.is_dir():
             return []
@@ -246,6 +282,8 @@ class CheckpointManager:
         for child in sorted(self.root.iterdir()):
             if child.name.startswith(files.DELETING_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)
+            elif child.name.startswith(PROBE_PREFIX):  # a crash during `is_shared`
+                child.unlink(missing_ok=True)
             elif _TMP_DIR.match(child.name):
                 files.delete_dir(child)
             else:
@@ -338,15 +376,24 @@ class _ShardSplit:
         return replicated, shards
 
 
-def _broadcast(candidates: list[tuple[int, str]] | None, group: dist.ProcessGroup | None) -> list[tuple[int, str]]:
-    """Collective: rank 0's list of candidates, so every rank tries the same checkpoints in the same order."""
+def _broadcast(value: _T | None, group: dist.ProcessGroup | None) -> _T:
+    """Collective: rank 0's value (e.g. the checkpoints to try, so every rank tries the same ones in the same order)."""
     if not _is_dist():
-        assert candidates is not None
-        return candidates
-    box = [candidates]
+        assert value is not None
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0, group=group)  # between the gang's ranks, never read from the volume
     assert box[0] is not None
     return box[0]
+
+
+def _all_true(flag: bool, group: dist.ProcessGroup | None) -> bool:
+    """Collective: whether `flag` holds on every rank."""
+    if not _is_dist():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)  # the checkpoint group is gloo: a CPU tensor
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
 
 
 def _gather_errors(error: str | None, group: dist.ProcessGroup | None) -> list[str | None]:

@@ -27,7 +27,7 @@ from k2_api.contract import ExitCodes
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained, update_router_biases
 from k2_workers.optim import MuonClip
 from k2_workers.tokenizer import Tokenizer, load_tokenizer
-from k2_workers.train.checkpoint import CheckpointManager
+from k2_workers.train.checkpoint import NOT_SHARED_REASON, CheckpointManager
 from k2_workers.train.config import RunConfig
 from k2_workers.train.data import DataLoader, SampleOrder, load_dataset
 from k2_workers.train.distributed import (
@@ -111,10 +111,18 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
         self.checkpoint_fallback: dict[str, Any] | None = None  # Resume.status() of the last resume, for status
+        self.checkpoints_disabled_reason: str | None = None  # why this run has no checkpoints, for status
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def resume(self) -> None:
+        """Restores the newest usable checkpoint; first turns checkpoints off when the ranks do not share their
+        directory (each would write only its own files: the first save would fail on every attempt)."""
         if self.checkpoints is None:
+            return
+        if not self.checkpoints.is_shared(self.model, self.optimizer):
+            self.checkpoints_disabled_reason = NOT_SHARED_REASON.format(root=self.checkpoints.root)
+            log.warning("%s", self.checkpoints_disabled_reason)
+            self.checkpoints = None
             return
         resumed = self.checkpoints.restore(self.model, self.optimizer, self.plan.shard_tag)
         self.checkpoint_fallback = resumed.status()
