@@ -21,6 +21,7 @@ from tests.serve.worker_process import request, serve_processes, wait_healthy, w
 from tests.support.ports import free_port
 
 COLLECTIVE_TIMEOUT_S = 3  # short, so that an idle wait or a dead rank shows within seconds
+LONG_TOKENS = 1500  # a request that decodes for seconds even on an idle machine, so a drain can be watched
 
 
 @contextmanager
@@ -100,17 +101,22 @@ def test_sigterm_answers_the_request_in_flight_and_refuses_new_ones_with_503(tmp
     write_placement(placement, 1, [[list(range(NUM_EXPERTS))]] * NUM_MOE_LAYERS, NUM_EXPERTS)
     argv = ["--config", str(manifest(tmp_path, 1, 0)), "--placement", str(placement), "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    with serve_processes([[*argv, "--metrics-port", "-1"]], [{"RANK": "0", "WORLD_SIZE": "1"}]) as (worker,):
+    with serve_processes(
+        [[*argv, "--metrics-port", "-1", "--max-new-tokens", str(LONG_TOKENS)]], [{"RANK": "0", "WORLD_SIZE": "1"}]
+    ) as (worker,):
         wait_healthy(url, worker)
         assert request(url + "/v1/generate", {"prompt": "warm up", "max_new_tokens": 2})[0] == 200
         in_flight: list[tuple[int, dict[str, Any]]] = []
         long = threading.Thread(
-            target=lambda: in_flight.append(request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 256}))
+            target=lambda: in_flight.append(
+                request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": LONG_TOKENS}, timeout=300)
+            )
         )
         long.start()
         time.sleep(1.0)  # the long request is decoding
         worker.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # the rank has begun to drain
+        assert long.is_alive(), "the long request ended before the drain could be seen: make LONG_TOKENS larger"
         late = request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 2})
         long.join(timeout=300)
         assert worker.wait(timeout=60) == 0
