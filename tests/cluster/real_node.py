@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ import pytest
 
 from tests.support.cluster import Cluster, load_local_cluster, make_cluster
 from tests.support.paths import TOOLS_BIN
+from tests.support.prerequisites import skip_or_fail
 
 lc = load_local_cluster()
 from localcluster import kubelet, network, realnode  # noqa: E402
@@ -33,9 +33,7 @@ def skip_unless_a_real_node_can_run() -> None:
         missing.append("/bin/busybox (Debian package busybox-static, for the toolbox image)")
     if missing:
         message = "a real node cannot run here: " + "; ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     if Path(f"/sys/class/net/{network.BRIDGE}").exists():
         pytest.skip(f"another real node runs on this machine ({network.BRIDGE} exists); one per machine")
 

@@ -11,7 +11,6 @@ pod.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from tests.operator.harness import running_operator
 from tests.operator.resources import example
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, get, has_condition, is_ready, items
+from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,9 +38,7 @@ def real(cluster: Cluster, k2_crds: list[str]) -> Iterator[Cluster]:
     if not has_real_node(cluster):
         skip_unless_a_real_node_can_run()
         message = "the running cluster has no real node: `make cluster-down && make cluster-up` starts one"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     yield cluster
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import load_local_cluster
+from tests.support.prerequisites import skip_or_fail
 
 lc = load_local_cluster()
 from localcluster import nodes, processes  # noqa: E402  (on sys.path once the entry script is loaded)
@@ -151,7 +152,7 @@ def test_refuses_to_remove_a_foreign_directory(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
     if not (lc.TOOLS_BIN / "kube-apiserver").is_file():
-        pytest.skip("the control-plane binaries are not built: run `make tools`")
+        skip_or_fail("the control-plane binaries are not built: run `make tools`")
     root = tmp_path / "cluster"
     layout = lc.Layout(root.resolve())
     state = lc.up(root, num_nodes=1)

@@ -29,6 +29,7 @@ from tests.support.cluster import Cluster
 from tests.support.kube import apply, exists, get
 from tests.support.paths import TOOLS_BIN
 from tests.support.ports import free_port
+from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -225,7 +226,7 @@ print(os.environ["KUBERNETES_SERVICE_HOST"], answer["status"]["userInfo"]["usern
 def test_a_pods_service_account_token_authenticates_to_the_api_server(real: Cluster) -> None:
     images = {name for image in get(real, "node/real-node-0")["status"]["images"] for name in image.get("names") or []}
     if WORKER_IMAGE not in images:
-        pytest.skip(f"{WORKER_IMAGE} is not imported: run `make image`, then start the cluster again")
+        skip_or_fail(f"{WORKER_IMAGE} is not imported: run `make image`, then start the cluster again")
     container = {
         "name": "main",
         "image": WORKER_IMAGE,

@@ -18,6 +18,7 @@ import pytest
 from tests.cluster.real_node import real_node_cluster, skip_unless_a_real_node_can_run, toolbox_pod
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, condition, exists, get, items, patch
+from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -97,7 +98,7 @@ def test_the_worker_image_runs_k2_help_and_its_log_is_read_through_the_api(real:
     """The project image under Pod Security `restricted`: as 65532, read-only root, no capabilities, seccomp."""
     images = {name for image in get(real, f"node/{real_node}")["status"]["images"] for name in image.get("names") or []}
     if WORKER_IMAGE not in images:
-        pytest.skip(f"{WORKER_IMAGE} is not imported: run `make image`, then start the cluster again")
+        skip_or_fail(f"{WORKER_IMAGE} is not imported: run `make image`, then start the cluster again")
     container = {"name": "main", "image": WORKER_IMAGE, "imagePullPolicy": "IfNotPresent", "args": ["--help"]}
     pod = {
         "apiVersion": "v1",

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.ports import free_port
+from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -73,7 +74,7 @@ scrape_configs:
 def running_prometheus(directory: Path) -> Iterator[Prometheus]:
     """Start Prometheus in `directory` (config, targets, TSDB); skip the test when the package is missing."""
     if not PROMETHEUS.exists() and shutil.which("prometheus") is None:
-        pytest.skip("prometheus is not installed (Debian package `prometheus`, /usr/bin/prometheus)")
+        skip_or_fail("prometheus is not installed (Debian package `prometheus`, /usr/bin/prometheus)")
     binary = str(PROMETHEUS) if PROMETHEUS.exists() else str(shutil.which("prometheus"))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "targets.json").write_text("[]")

@@ -13,8 +13,6 @@ from k2_workers.model import K2Config, load_pretrained
 from k2_workers.model.rope import rope_frequencies, softmax_scale
 from tests.model.hf_reference import TINY_CONFIGS, save_hf_checkpoint
 
-pytest.importorskip("transformers")
-
 TOLERANCE = 1e-4
 
 

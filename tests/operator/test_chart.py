@@ -22,6 +22,7 @@ from tests.operator.resources import kwok_example
 from tests.support.cluster import Cluster
 from tests.support.kube import apply, exists, has_condition, items
 from tests.support.paths import ROOT, TOOLS_BIN
+from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
 CHART = ROOT / "charts" / "k2-operator"
@@ -30,7 +31,7 @@ CHART = ROOT / "charts" / "k2-operator"
 def tool(name: str) -> str:
     path = TOOLS_BIN / name
     if not path.is_file():
-        pytest.skip(f"{name} is not built in {TOOLS_BIN}: run `make tools`")
+        skip_or_fail(f"{name} is not built in {TOOLS_BIN}: run `make tools`")
     return str(path)
 
 

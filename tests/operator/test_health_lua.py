@@ -21,8 +21,6 @@ from tests.support.cluster import Cluster
 from tests.support.kube import apply, get, items, patch
 from tests.support.waits import wait_for
 
-lupa = pytest.importorskip("lupa")
-
 KINDS = (K2Training.KIND, K2Serving.KIND, ExpertPlacement.KIND)
 LUA_VERSIONS = ("lua51", "lua54")
 STATES = {"Healthy", "Progressing", "Degraded", "Suspended"}

@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.cluster import Cluster, crd_files, install_crds, load_local_cluster, make_cluster
 from tests.support.paths import TOOLS_BIN
+from tests.support.prerequisites import skip_or_fail
 
 CLUSTER_FIXTURES = {"cluster", "namespace", "k2_crds"}
 CLUSTER_TOOLS = ("etcd", "kube-apiserver", "kubectl", "kwok")
@@ -51,9 +52,7 @@ def cluster() -> Iterator[Cluster]:
     missing = [name for name in CLUSTER_TOOLS if not (TOOLS_BIN / name).is_file()]
     if missing:
         message = f"{', '.join(missing)} not built in {TOOLS_BIN}: run `make tools` (or `make test`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     real_node = _real_node_can_run()
     # Not under pytest's basetemp: a later pytest session rotates those directories away.
     root = Path(tempfile.mkdtemp(prefix="k2-local-cluster-"))
@@ -106,5 +105,5 @@ def k2_crds(cluster: Cluster) -> list[str]:
     """Applies crds/*.k2.ai.yaml server-side and waits until every CRD is Established; returns the CRD names."""
     files = crd_files()
     if not files:
-        pytest.skip("no crds/*.k2.ai.yaml yet: generate them with `make crds`")
+        skip_or_fail("no crds/*.k2.ai.yaml yet: generate them with `make crds`")
     return install_crds(cluster, files)
