@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from k2_api import ExpertPlacement, K2Serving
-from k2_api.contract import MetricLabels
+from k2_api.contract import Annotations, MetricLabels
 from k2_api.kube import Conflict, Kube, KubeError, Object
 from k2_eplb import convert
 from k2_eplb import kube as api
@@ -148,7 +148,7 @@ class Controller:
     def _plan(self, serving: K2Serving, placement: ExpertPlacement, now: float) -> Decision:
         spec = placement.spec
         sample, error = self._read_load(serving, placement)
-        last = api.parse_rfc3339(placement.metadata.annotations.get(api.REBALANCED_AT, ""))
+        last = api.parse_rfc3339(placement.metadata.annotations.get(Annotations.REBALANCED_AT, ""))
         return plan(
             convert.policy_from_spec(serving.spec.eplb, spec.ranks * spec.slots_per_rank),
             convert.placement_state(placement, last),

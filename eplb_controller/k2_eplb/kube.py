@@ -18,8 +18,6 @@ from k2_api.contract import Annotations, FieldManagers, PortNames
 from k2_api.kube import Kube, Object, ObjectRef
 
 FIELD_MANAGER = FieldManagers.EPLB
-REBALANCED_AT = Annotations.REBALANCED_AT
-"""When the controller last wrote a generation (RFC 3339); the cooldown clock."""
 
 
 def connect(kubeconfig: Path | None = None) -> Kube:
@@ -61,7 +59,7 @@ def write_placement(kube: Kube, placement: ExpertPlacement, spec: dict[str, Any]
                 "name": meta.name,
                 "namespace": meta.namespace,
                 "resourceVersion": meta.resource_version,
-                "annotations": {REBALANCED_AT: rfc3339(at)},
+                "annotations": {Annotations.REBALANCED_AT: rfc3339(at)},
             },
             "spec": spec,
         }

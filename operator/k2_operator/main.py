@@ -14,10 +14,10 @@ from typing import Any
 
 import kopf
 
-from k2_api.contract import Ports
+from k2_api.contract import Labels, Ports
 from k2_api.kube import Kube
 from k2_operator import metrics
-from k2_operator.builders.common import KIND_LABEL, MANAGED_BY
+from k2_operator.builders.common import MANAGED_BY
 from k2_operator.builders.network_policy import MONITORING_NAMESPACE
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, resync_forever
@@ -59,10 +59,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Child watches are filtered by the API server: only the operator's own Jobs, StatefulSets, Deployments, rank Pods.
     managed = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     selectors = settings.watching.label_selectors
-    selectors["batch", "v1", "jobs"] = f"{managed},{KIND_LABEL}=K2Training"
-    selectors["apps", "v1", "statefulsets"] = f"{managed},{KIND_LABEL}=K2Serving"
-    selectors["apps", "v1", "deployments"] = f"{managed},{KIND_LABEL}=K2Serving"
-    selectors["", "v1", "pods"] = f"{managed},{KIND_LABEL}=K2Serving,app.kubernetes.io/component=rank"
+    selectors["batch", "v1", "jobs"] = f"{managed},{Labels.KIND}=K2Training"
+    selectors["apps", "v1", "statefulsets"] = f"{managed},{Labels.KIND}=K2Serving"
+    selectors["apps", "v1", "deployments"] = f"{managed},{Labels.KIND}=K2Serving"
+    selectors["", "v1", "pods"] = f"{managed},{Labels.KIND}=K2Serving,app.kubernetes.io/component=rank"
     if RUNTIME.kube is None:
         RUNTIME.kube = AsyncKube.connect()
     memo["resync"] = asyncio.create_task(resync_forever(), name="k2-resync")

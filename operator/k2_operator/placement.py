@@ -7,9 +7,9 @@ from typing import Any
 import kopf
 
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
-from k2_operator.builders.common import KIND_LABEL
+from k2_api.contract import Labels
 from k2_operator.builders.placement import active_config_map, active_config_name, active_generation
-from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT
+from k2_operator.builders.serving import RANK_COMPONENT
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import controller_owner, now, register, trigger, write_status
 from k2_operator.status.placement import CONDITION_TYPES, plan
@@ -31,7 +31,7 @@ async def rank_pods(kube: AsyncKube, namespace: str, serving_name: str | None) -
     pods = [
         p
         for p in await kube.list("Pod", namespace, selector)
-        if int(p["metadata"].get("labels", {}).get(GROUP_LABEL, "-1")) in range(spec.groups)
+        if int(p["metadata"].get("labels", {}).get(Labels.GROUP, "-1")) in range(spec.groups)
         and not p["metadata"].get("deletionTimestamp")
     ]
     return pods, spec.groups * spec.ranks_per_group
@@ -57,7 +57,7 @@ async def on_placement(namespace: str | None, name: str, **_: Any) -> None:
     await trigger(KIND, namespace, name)
 
 
-@kopf.on.event("", "v1", "pods", labels={KIND_LABEL: K2Serving.KIND, "app.kubernetes.io/component": RANK_COMPONENT})
+@kopf.on.event("", "v1", "pods", labels={Labels.KIND: K2Serving.KIND, "app.kubernetes.io/component": RANK_COMPONENT})
 async def on_rank_pod(body: kopf.Body, **_: Any) -> None:
     """A rank's report (its applied-generation annotation) or its readiness changed."""
     await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))

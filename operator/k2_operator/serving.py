@@ -8,12 +8,11 @@ from typing import Any
 import kopf
 
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
-from k2_api.contract import FieldManagers
-from k2_operator.builders.common import KIND_LABEL
+from k2_api.contract import FieldManagers, Labels
 from k2_operator.builders.network_policy import KIND as NETWORK_POLICY
 from k2_operator.builders.network_policy import network_policies
 from k2_operator.builders.placement import expert_placement, placement_name
-from k2_operator.builders.serving import GROUP_LABEL, RANK_COMPONENT, children, frontend_name
+from k2_operator.builders.serving import RANK_COMPONENT, children, frontend_name
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, controller_owner, now, owned_by, register, trigger, write_status
 from k2_operator.status.serving import (
@@ -63,7 +62,7 @@ async def restart_groups(
         selector = {
             "app.kubernetes.io/instance": name,
             "app.kubernetes.io/component": RANK_COMPONENT,
-            GROUP_LABEL: str(group),
+            Labels.GROUP: str(group),
         }
         for pod in await kube.list("Pod", namespace, selector):
             labels = pod["metadata"].get("labels", {})
@@ -76,7 +75,7 @@ async def delete_owned(kube: AsyncKube, serving: K2Serving, kind: str) -> None:
     """Deletes the serving's children of `kind` (its labels and its controller owner reference)."""
     namespace, name = serving.metadata.namespace, serving.metadata.name
     assert namespace is not None and name is not None
-    for obj in await kube.list(kind, namespace, {"app.kubernetes.io/instance": name, KIND_LABEL: KIND}):
+    for obj in await kube.list(kind, namespace, {"app.kubernetes.io/instance": name, Labels.KIND: KIND}):
         if owned_by(obj, serving.metadata.uid):
             await kube.delete(kind, namespace, obj["metadata"]["name"])
 
@@ -104,7 +103,7 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     if not policies:  # spec.networkPolicy.enabled is false: the ones it created before go
         await delete_owned(kube, serving, NETWORK_POLICY)
     # Scale down: groups beyond spec.groups go (their pods are garbage-collected).
-    selector = {"app.kubernetes.io/instance": name, KIND_LABEL: KIND, "app.kubernetes.io/component": RANK_COMPONENT}
+    selector = {"app.kubernetes.io/instance": name, Labels.KIND: KIND, "app.kubernetes.io/component": RANK_COMPONENT}
     for kind in ("StatefulSet", "Service", NETWORK_POLICY):
         for obj in await kube.list(kind, namespace, selector):
             index = group_index(obj)
@@ -127,8 +126,8 @@ async def on_serving(namespace: str | None, name: str, **_: Any) -> None:
     await trigger(KIND, namespace, name)
 
 
-@kopf.on.event("apps", "v1", "statefulsets", labels={KIND_LABEL: KIND})
-@kopf.on.event("apps", "v1", "deployments", labels={KIND_LABEL: KIND})
+@kopf.on.event("apps", "v1", "statefulsets", labels={Labels.KIND: KIND})
+@kopf.on.event("apps", "v1", "deployments", labels={Labels.KIND: KIND})
 async def on_child(body: kopf.Body, **_: Any) -> None:
     await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))
 

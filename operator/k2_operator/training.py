@@ -8,7 +8,8 @@ from typing import Any
 import kopf
 
 from k2_api import GROUP, VERSION, K2Training
-from k2_operator.builders.common import KIND_LABEL, TEMPLATE_HASH, content_hash
+from k2_api.contract import Annotations, Labels
+from k2_operator.builders.common import content_hash
 from k2_operator.builders.training import children
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import now, owned_by, register, trigger, write_status
@@ -21,7 +22,7 @@ log = logging.getLogger("k2_operator.training")
 def _with_template_hash(job: dict[str, Any]) -> dict[str, Any]:
     """The Job labelled with a hash of its immutable parts: a changed template means delete and recreate."""
     immutable = {k: v for k, v in job["spec"].items() if k not in ("suspend", "parallelism")}
-    job["metadata"]["labels"][TEMPLATE_HASH] = content_hash(immutable)
+    job["metadata"]["labels"][Annotations.TEMPLATE_HASH] = content_hash(immutable)
     return job
 
 
@@ -31,7 +32,7 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
     training = K2Training.model_validate(body)
-    selector = {"app.kubernetes.io/instance": name, KIND_LABEL: KIND}
+    selector = {"app.kubernetes.io/instance": name, Labels.KIND: KIND}
     jobs = [j for j in await kube.list("Job", namespace, selector) if owned_by(j, training.metadata.uid)]
     pods = await kube.list("Pod", namespace, selector)  # their termination messages explain a failed Job
     decision = plan(training, jobs, now(), pods)
@@ -47,8 +48,8 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
             if manifest["kind"] == "Job":
                 manifest = _with_template_hash(manifest)
                 old = existing.get(manifest["metadata"]["name"])
-                old_hash = (old or {}).get("metadata", {}).get("labels", {}).get(TEMPLATE_HASH)
-                if old is not None and old_hash != manifest["metadata"]["labels"][TEMPLATE_HASH]:
+                old_hash = (old or {}).get("metadata", {}).get("labels", {}).get(Annotations.TEMPLATE_HASH)
+                if old is not None and old_hash != manifest["metadata"]["labels"][Annotations.TEMPLATE_HASH]:
                     # Job templates are immutable: the gang restarts with the new spec (from the checkpoint).
                     await kube.delete("Job", namespace, manifest["metadata"]["name"])
                     continue
@@ -63,6 +64,6 @@ async def on_training(namespace: str | None, name: str, **_: Any) -> None:
     await trigger(KIND, namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={KIND_LABEL: KIND})
+@kopf.on.event("batch", "v1", "jobs", labels={Labels.KIND: KIND})
 async def on_job(body: kopf.Body, **_: Any) -> None:
     await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))

@@ -10,13 +10,14 @@ import pytest
 
 from k2_api import API_VERSION, ExpertPlacement, K2Serving, ModelSpec, round_robin
 from k2_api.common import Condition, ConditionStatus
+from k2_api.contract import Annotations
 from k2_api.kube import Conflict, Object, Unavailable
 from k2_api.kube.fake import FakeCluster
 from k2_api.serving import Eplb
 from k2_eplb import convert
 from k2_eplb.controller import Controller
 from k2_eplb.controller_metrics import ControllerMetrics
-from k2_eplb.kube import FIELD_MANAGER, REBALANCED_AT, parse_rfc3339
+from k2_eplb.kube import FIELD_MANAGER, parse_rfc3339
 from k2_eplb.planner import Decision, Reason
 from k2_eplb.scrape_reader import ScrapeLoadReader
 from tests.eplb.helpers import assert_valid_placement, field_managers
@@ -147,7 +148,7 @@ def test_first_pass_has_too_few_samples_then_it_rebalances() -> None:
     assert setup.spec_writes() == ["k2"]
     written = setup.placement()
     assert written.spec.generation == 2
-    assert parse_rfc3339(written.metadata.annotations[REBALANCED_AT]) == NOW + 30
+    assert parse_rfc3339(written.metadata.annotations[Annotations.REBALANCED_AT]) == NOW + 30
     assert written.status is not None
     assert written.status.moved_bytes == decision.moved_experts * KIMI_K2_FP8_EXPERT_BYTES
     assert setup.events() == [("Normal", "Rebalanced")]

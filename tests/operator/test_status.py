@@ -7,8 +7,9 @@ import datetime as dt
 from typing import Any
 
 from k2_api import K2Training
+from k2_api.contract import Labels
 from k2_operator.builders import placement as placement_builder
-from k2_operator.builders.training import ATTEMPT_LABEL, PREEMPTED_REASON, PREEMPTIONS_ANNOTATION, job_name
+from k2_operator.builders.training import PREEMPTED_REASON, PREEMPTIONS_ANNOTATION, job_name
 from k2_operator.conditions import Desired, changed, merge, normalized, transitions
 from k2_operator.status import placement as placement_status
 from k2_operator.status import training as training_status
@@ -27,7 +28,7 @@ def job(resource: K2Training, attempt: int, condition: str | None = None, ready:
     if condition:
         status["conditions"] = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded"}]
     return {
-        "metadata": {"name": job_name(resource, attempt), "labels": {ATTEMPT_LABEL: str(attempt)}},
+        "metadata": {"name": job_name(resource, attempt), "labels": {Labels.ATTEMPT: str(attempt)}},
         "status": status,
     }
 

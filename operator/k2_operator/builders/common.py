@@ -17,9 +17,6 @@ from k2_api.contract import Annotations, FieldManagers, Labels
 MANAGED_BY = FieldManagers.OPERATOR
 PART_OF = "k2"
 NON_ROOT_UID = 1000
-# Kept for the reconcilers that import them from here; new code imports k2_api.contract.
-KIND_LABEL = Labels.KIND
-TEMPLATE_HASH = Annotations.TEMPLATE_HASH
 
 Manifest = dict[str, Any]
 

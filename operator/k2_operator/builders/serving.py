@@ -35,7 +35,6 @@ from k2_operator.builders.placement import active_config_name, placement_name
 
 RANK_COMPONENT = "rank"
 FRONTEND_COMPONENT = "frontend"
-GROUP_LABEL = Labels.GROUP  # kept for the reconcilers that import it from here
 POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
 
 

@@ -34,7 +34,6 @@ from k2_operator.builders.common import (
 )
 
 COMPONENT = "trainer"
-ATTEMPT_LABEL = Labels.ATTEMPT  # kept for the code that imports it from here
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 PREEMPTED_REASON = "PodFailurePolicy"
 """The Job's Failed reason when a podFailurePolicy rule matched: all our FailJob rules are preemptions."""

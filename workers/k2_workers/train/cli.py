@@ -14,7 +14,6 @@ from k2_workers.train.config import RunConfig, load_manifest, resolve_config
 from k2_workers.train.termination import crash_message, write_termination_message
 
 log = logging.getLogger("k2_workers.train")
-METRICS_PORT_ENV = Env.METRICS_PORT  # the default of --metrics-port
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--metrics-port",
         dest="metrics_port",
         type=int,
-        help=f"Prometheus port on rank 0; 0 = off (default ${METRICS_PORT_ENV} or 0)",
+        help=f"Prometheus port on rank 0; 0 = off (default ${Env.METRICS_PORT} or 0)",
     )
     parser.add_argument(
         "--pg-timeout",
@@ -63,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     manifest = load_manifest(args.config) if args.config else None
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "nproc_per_node")}
-    if overrides["metrics_port"] is None and os.environ.get(METRICS_PORT_ENV):
-        overrides["metrics_port"] = int(os.environ[METRICS_PORT_ENV])
+    if overrides["metrics_port"] is None and os.environ.get(Env.METRICS_PORT):
+        overrides["metrics_port"] = int(os.environ[Env.METRICS_PORT])
     return resolve_config(manifest, overrides, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
 
 
