@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -108,11 +107,3 @@ def running_operator(
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def pythonpath_env() -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join(str(repo_root() / p) for p in ("crds", "operator", "eplb_controller"))}
