@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from pydantic.alias_generators import to_camel
 
+from k2_api import uris
+
 GROUP = "k2.ai"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -52,6 +54,18 @@ class ApiModel(BaseModel):
 def subobject(model: type[BaseModel], description: str) -> Any:
     """A nested object that defaults to `{}` so that the API server fills in its own field defaults."""
     return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+
+
+def storage_uri_field(field: str, description: str, min_length: int | None = None) -> Any:
+    """An optional storage-URI string (k2_api.uris) whose CEL rules name `field`; the model checks it with
+    `uris.parse` too."""
+    return Field(
+        default=None,
+        min_length=min_length,
+        max_length=2048,
+        description=description,
+        json_schema_extra={"x-kubernetes-validations": uris.cel_rules(field)},  # type: ignore[dict-item]
+    )
 
 
 def name_rule() -> dict[str, JsonValue]:
@@ -237,6 +251,9 @@ class InlineModelConfig(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+CHECKPOINT_URI_FIELD = "spec.model.checkpointUri"
+
+
 class ModelSpec(ApiModel):
     """Which model to run: a built-in preset or an inline HF config, plus optional weights."""
 
@@ -252,11 +269,11 @@ class ModelSpec(ApiModel):
     )
     preset: Preset | None = Field(default=None, description="Built-in configuration: kimi-k2, deepseek-v3 or k2-debug.")
     config: InlineModelConfig | None = Field(default=None, description="Inline Hugging Face style config.json.")
-    checkpoint_uri: str | None = Field(
-        default=None,
-        max_length=2048,
-        description="Weights to load (HF safetensors directory): file:///path or pvc://<claim>/<path>."
-        " Empty: random initialisation (training) or random weights (serving tests).",
+    checkpoint_uri: str | None = storage_uri_field(
+        CHECKPOINT_URI_FIELD,
+        "Weights to load (HF safetensors directory): file:///path (or /path) inside the pod, or "
+        "pvc://<claim>/<path> in a PersistentVolumeClaim of the namespace, which the operator mounts read-only on "
+        "every worker pod. Empty: random initialisation (training) or random weights (serving tests).",
     )
     dtype: DType = Field(default=DType.BF16, description="Parameter dtype: bf16, fp8 (e4m3, 128x128 blocks) or fp32.")
 
@@ -264,6 +281,8 @@ class ModelSpec(ApiModel):
     def _exactly_one(self) -> ModelSpec:
         if (self.preset is None) == (self.config is None):
             raise ValueError("spec.model: exactly one of spec.model.preset or spec.model.config must be set")
+        if self.checkpoint_uri is not None:
+            uris.parse(self.checkpoint_uri, CHECKPOINT_URI_FIELD)
         return self
 
 

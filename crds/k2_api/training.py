@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from k2_api import uris
 from k2_api.common import (
     ApiModel,
     Condition,
@@ -18,6 +19,7 @@ from k2_api.common import (
     Scheduling,
     cel,
     conditions_field,
+    storage_uri_field,
     subobject,
 )
 
@@ -94,6 +96,10 @@ class Optimizer(ApiModel):
     )
 
 
+DATA_URI_FIELD = "spec.data.uri"
+CHECKPOINT_DIR_FIELD = "spec.checkpointing.uri"
+
+
 class Data(ApiModel):
     """The training text: a corpus bundled in the worker image or a URI, cut into sequences of seqLen tokens."""
 
@@ -110,11 +116,12 @@ class Data(ApiModel):
     corpus: str | None = Field(
         default=None, min_length=1, max_length=253, description="Name of a corpus bundled in the worker image."
     )
-    uri: str | None = Field(
-        default=None,
+    uri: str | None = storage_uri_field(
+        DATA_URI_FIELD,
+        "Text or token files to read (a .txt file, or a directory of token shards with index.json): file:///path "
+        "(or /path) inside the pod, or pvc://<claim>/<path> in a PersistentVolumeClaim of the namespace, which the "
+        "operator mounts read-only on every worker pod.",
         min_length=1,
-        max_length=2048,
-        description="Text or token files to read: file:///path or pvc://<claim>/<path>.",
     )
     seq_len: int = Field(default=4096, ge=8, le=1_048_576, description="Tokens per training sequence.")
     batch_size: int = Field(default=1, ge=1, le=65536, description="Sequences per rank per step (micro-batch).")
@@ -124,6 +131,8 @@ class Data(ApiModel):
     def _exactly_one(self) -> Data:
         if (self.corpus is None) == (self.uri is None):
             raise ValueError("spec.data: exactly one of spec.data.corpus or spec.data.uri must be set")
+        if self.uri is not None:
+            uris.parse(self.uri, DATA_URI_FIELD)
         return self
 
 
@@ -144,7 +153,9 @@ class Checkpointing(ApiModel):
         default=None,
         min_length=1,
         max_length=2048,
-        description="Checkpoint directory the workers can reach, e.g. file:///shared/ckpt.",
+        description="Checkpoint directory the workers can reach, e.g. file:///shared/ckpt (a local path: for a "
+        "claim use claimName).",
+        json_schema_extra={"x-kubernetes-validations": uris.local_cel_rules(CHECKPOINT_DIR_FIELD)},  # type: ignore[dict-item]
     )
     claim_name: str | None = Field(
         default=None,
@@ -165,6 +176,8 @@ class Checkpointing(ApiModel):
             raise ValueError(
                 "spec.checkpointing: set at most one of spec.checkpointing.uri or spec.checkpointing.claimName"
             )
+        if self.uri is not None:
+            uris.local_only(self.uri, CHECKPOINT_DIR_FIELD)
         return self
 
 
