@@ -19,6 +19,7 @@ KUBECONFORM_VERSION=v0.7.0
 CNI_PLUGINS_VERSION=v1.6.2   # the real node's pod network: bridge, host-local, loopback, portmap
 COREDNS_VERSION=v1.15.0      # the real node's cluster DNS
 CRICTL_VERSION=v1.34.0       # CRI client: cluster-down removes the real node's pod sandboxes with it
+PROMETHEUS_VERSION=v0.316.0  # Prometheus 3.16.0 (the Go module's v0.3xx); keep in step with hack/tools/prometheus/go.mod
 
 fresh() {  # fresh NAME VERSION: true when NAME was already built at VERSION
   [[ -x "$BIN/$1" && "$(cat "$STAMPS/$1" 2>/dev/null)" == "$2" ]]
@@ -47,6 +48,17 @@ build_etcd() {
   echo "building etcd $ETCD_VERSION"
   (cd hack/tools/etcd && go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3)
   stamp etcd "$ETCD_VERSION"
+}
+
+build_prometheus() {  # the local cluster's Prometheus, with Kubernetes service discovery only and no web UI assets
+  fresh prometheus "$PROMETHEUS_VERSION" && return
+  echo "building prometheus $PROMETHEUS_VERSION (kubernetes_sd_configs only)"
+  local v=github.com/prometheus/common/version m=${PROMETHEUS_VERSION#v0.}; m=${m%%.*}  # v0.316.0 is release 3.16.0
+  local release="${m:0:1}.${m:1}.${PROMETHEUS_VERSION##*.}"
+  (cd hack/tools/prometheus && nice -n 10 go build -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+    -ldflags "-s -w -X $v.Version=$release -X $v.Revision=$PROMETHEUS_VERSION -X $v.Branch=HEAD" \
+    -o "$BIN/prometheus" github.com/prometheus/prometheus/cmd/prometheus)
+  stamp prometheus "$PROMETHEUS_VERSION"
 }
 
 install_tool() {  # install_tool NAME PACKAGE VERSION [LDFLAGS]
@@ -86,3 +98,4 @@ build_cni_plugins
 install_tool coredns github.com/coredns/coredns "$COREDNS_VERSION"
 install_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION"
 build_kstatus
+build_prometheus

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from prometheus_client import CollectorRegistry
 
-from k2_api import K2Serving
+from k2_api import K2Serving, uris
 from k2_api.contract import Env, Ports, TorchrunEnv
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
 from k2_workers.serve.chat import load_chat_template
@@ -38,7 +38,6 @@ from k2_workers.serve.rank_routes import rank_routes
 from k2_workers.serve.report import AppliedGenerationReporter
 from k2_workers.serve.resharding import CheckpointExpertWeights, ExpertWeights, ResidentExpertWeights
 from k2_workers.tokenizer import load_tokenizer
-from k2_workers.train.config import local_path
 
 log = logging.getLogger("k2_workers.serve")
 
@@ -92,7 +91,7 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     rank = int(env.get(TorchrunEnv.RANK, "0"))
     world_size = int(env.get(TorchrunEnv.WORLD_SIZE, str(spec.ranks_per_group)))
     checkpoint = args.checkpoint or (
-        local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri") if spec.model.checkpoint_uri else None
+        uris.local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri") if spec.model.checkpoint_uri else None
     )
     backend = group_backend(torch.cuda.is_available())
     device = serving_device(backend, int(env.get(TorchrunEnv.LOCAL_RANK, "0")))

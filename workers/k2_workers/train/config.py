@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import yaml
 
+from k2_api import uris
 from k2_api.training import K2Training
 
 
@@ -76,16 +76,6 @@ class RunConfig:
             raise ValueError("process_group_timeout_s must be > 0")
 
 
-def local_path(uri: str, field: str) -> str:
-    """A filesystem path from `file:///p` or a plain path; other schemes are rejected naming the field."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return parsed.path
-    if parsed.scheme == "":
-        return uri
-    raise ValueError(f"{field}: the worker reads file:// URIs or paths, got {uri!r}")
-
-
 def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, Any]:
     """RunConfig fields from a K2Training manifest (validated by the API model, so errors name the field)."""
     training = K2Training.model_validate(manifest)
@@ -95,7 +85,7 @@ def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, A
         "namespace": training.metadata.namespace or "",
         "model_preset": spec.model.preset,
         "model_hf_config": spec.model.config.model_dump() if spec.model.config is not None else None,
-        "dataset": f"builtin:{spec.data.corpus}" if spec.data.corpus else spec.data.uri,
+        "dataset": f"builtin:{spec.data.corpus}" if spec.data.corpus else _data_path(spec.data.uri),
         "seq_len": spec.data.seq_len,
         "micro_batch_size": spec.data.batch_size,
         "seed": spec.data.seed,
@@ -116,12 +106,17 @@ def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, A
         "keep_last": spec.checkpointing.keep_last,
     }
     if spec.model.checkpoint_uri:
-        values["model_checkpoint"] = local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri")
+        values["model_checkpoint"] = uris.local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri")
     if spec.checkpointing.uri is not None:
-        values["checkpoint_dir"] = local_path(spec.checkpointing.uri, "spec.checkpointing.uri")
+        values["checkpoint_dir"] = uris.local_only(spec.checkpointing.uri, "spec.checkpointing.uri")
     elif in_cluster:  # the operator mounts the claim (or an emptyDir) there
         values["checkpoint_dir"] = spec.checkpointing.mount_path
     return values
+
+
+def _data_path(uri: str | None) -> str:
+    assert uri is not None, "the API guarantees a corpus or a uri"
+    return uris.local_path(uri, "spec.data.uri")
 
 
 def resolve_config(
