@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .cluster import describe_nodes, down, is_healthy, up
 from .errors import ClusterError
-from .layout import DEFAULT_DIR, Layout
+from .layout import DEFAULT_DIR, Layout, State
 from .nodes import NUM_NODES
 
 
@@ -22,7 +22,13 @@ def _print_up(layout: Layout, num_nodes: int, real_node: bool) -> None:
     print(f"  nodes:      {describe_nodes(layout, state)}")
     print(f"  kubeconfig: {layout.kubeconfig}")
     print(f"  logs:       {layout.logs}/")
+    _print_prometheus(state)
     print(f"  try:        .tools/bin/kubectl --kubeconfig {layout.kubeconfig} get nodes")
+
+
+def _print_prometheus(state: State | None) -> None:
+    if state is not None and state.prometheus_url:
+        print(f"  prometheus: {state.prometheus_url} (from the real node's pods: {state.prometheus_pod_url})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             healthy = is_healthy(layout.root)
             print("up" if healthy else "down")
+            if healthy:
+                _print_prometheus(State.load(layout))
             return 0 if healthy else 1
     except (ClusterError, ValueError) as error:
         print(f"local cluster: {error}", file=sys.stderr)

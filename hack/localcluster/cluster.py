@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from . import api, processes, realnode
-from .controlplane import COMPONENTS, command_lines, free_ports, health_urls
+from . import api, monitoring, processes, realnode
+from .controlplane import COMPONENTS, command_lines, free_port_set, free_ports, health_urls
 from .errors import ClusterError
 from .layout import DEFAULT_DIR, TOOLS_BIN, Layout, State
 from .nodes import MAX_NODES, NUM_NODES, gpu_node_manifest, node_ready, summarize
@@ -26,12 +26,16 @@ from .pki import kubeconfig_for, make_pki
 
 def owner(layout: Layout) -> processes.Owner:
     """Recognises this cluster's component processes (the real node's and containerd's shims included)."""
-    return processes.Owner(layout.root, (*COMPONENTS, *realnode.REAL_NODE_COMPONENTS, realnode.SHIM))
+    programs = (*COMPONENTS, *realnode.REAL_NODE_COMPONENTS, realnode.SHIM, monitoring.PROGRAM)
+    return processes.Owner(layout.root, programs)
 
 
 def components(state: State) -> tuple[str, ...]:
     """The components that `state`'s cluster runs, in start order."""
-    return (*COMPONENTS, *realnode.REAL_NODE_COMPONENTS) if state.real_node else COMPONENTS
+    if not state.real_node:
+        return COMPONENTS
+    prometheus = (monitoring.PROGRAM,) if state.prometheus_url else ()  # clusters started before it existed lack it
+    return (*COMPONENTS, *realnode.REAL_NODE_COMPONENTS, *prometheus)
 
 
 def leftovers(layout: Layout) -> list[str]:
@@ -104,6 +108,15 @@ def _spawn(
     return process
 
 
+def _start_prometheus(layout: Layout, state: State, tools: Path) -> None:
+    """Prometheus for the real node's rank pods, reachable from this machine and from the pods; recorded in state."""
+    port = free_port_set(1)[0]
+    files = monitoring.PrometheusFiles.of(layout)
+    process = monitoring.start(layout, state.server, files, port, tools, on_gateway=True)
+    state.ports[monitoring.PROGRAM], state.pids[monitoring.PROGRAM] = port, process.pid
+    state.save(layout)
+
+
 def _start(layout: Layout, num_nodes: int, tools: Path, real_node: bool) -> State:
     _check_owned(layout)
     if real_node:
@@ -144,6 +157,7 @@ def _start(layout: Layout, num_nodes: int, tools: Path, real_node: bool) -> Stat
     )
     if real_node:
         realnode.start(layout, state, tools, lambda name, argv, env: _spawn(name, argv, layout, state, env))
+        _start_prometheus(layout, state, tools)
     state.ready = True
     state.save(layout)
     return state
@@ -164,6 +178,8 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
             assert state is not None
             if state.real_node:
                 realnode.import_worker_image(layout)  # a rebuilt image reaches the running node
+                if state.prometheus_url is None:  # a cluster started before the local Prometheus existed
+                    _start_prometheus(layout, state, tools)
             if state.real_node or not real_node:
                 return state
         if State.load(layout) is not None:
@@ -180,6 +196,9 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
 def _stop(layout: Layout, remove: bool, tools: Path = TOOLS_BIN) -> None:
     state = State.load(layout)
     ours = owner(layout)
+    if state is not None and monitoring.PROGRAM in state.pids:
+        port = state.ports[monitoring.PROGRAM]
+        monitoring.stop(state.pids[monitoring.PROGRAM], monitoring.PrometheusFiles.of(layout), port, on_gateway=True)
     if layout.node.exists():  # this cluster had a real node (even if state.json was lost)
         realnode.stop(layout, state, tools)
     if state is not None:

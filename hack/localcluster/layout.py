@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .network import GATEWAY
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / ".cluster"
 TOOLS_BIN = ROOT / ".tools" / "bin"
@@ -39,6 +41,11 @@ class Layout:
         """The real node's files: containerd, kubelet, kube-proxy, CoreDNS, CNI."""
         return self.root / "node"
 
+    @property
+    def prometheus(self) -> Path:
+        """Prometheus' configuration and TSDB (it runs with the real node)."""
+        return self.root / "prometheus"
+
     def log(self, component: str) -> Path:
         return self.logs / f"{component}.log"
 
@@ -56,6 +63,18 @@ class State:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def prometheus_url(self) -> str | None:
+        """The cluster's Prometheus as this machine reaches it; None when the cluster runs none."""
+        port = self.ports.get("prometheus")
+        return None if port is None else f"http://127.0.0.1:{port}"
+
+    @property
+    def prometheus_pod_url(self) -> str | None:
+        """The same Prometheus as the real node's pods reach it (the bridge gateway, rewritten to 127.0.0.1)."""
+        port = self.ports.get("prometheus")
+        return None if port is None else f"http://{GATEWAY}:{port}"
 
     def save(self, layout: Layout) -> None:
         tmp = layout.state.with_suffix(".tmp")

@@ -5,7 +5,8 @@ Every change is undone by `teardown`, which works from names alone (it also runs
   - `unreachable` routes for kwok's fake pod and node ranges, and the Service range routed to the bridge, so that
     a dial to an address nothing serves fails here instead of following the default route off the machine;
   - the chains K2-FORWARD (pods talk only to pods and the host) and K2-PREROUTING (the `kubernetes` Service
-    address 10.96.0.1:443 is rewritten to the apiserver on 127.0.0.1, allowed by route_localnet on the bridge);
+    address 10.96.0.1:443 is rewritten to the apiserver on 127.0.0.1, allowed by route_localnet on the bridge; so is
+    GATEWAY:PORT for each loopback server exposed to pods, e.g. the cluster's Prometheus);
   - the chains that kubelet, kube-proxy and the portmap plugin add (KUBE-*, CNI-*), and the nft tables that
     iptables-nft created for them.
 """
@@ -54,6 +55,25 @@ COMMIT
 -I PREROUTING 1 -j K2-PREROUTING
 COMMIT
 """
+
+
+def gateway_dnat(port: int) -> list[str]:
+    """The K2-PREROUTING rule that takes pods' connections to GATEWAY:`port` to the host's 127.0.0.1:`port`."""
+    match = ["-i", BRIDGE, "-d", f"{GATEWAY}/32", "-p", "tcp", "--dport", str(port)]
+    return [*match, "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}"]
+
+
+def expose_on_gateway(port: int) -> None:
+    """Lets the real node's pods reach a host server listening on 127.0.0.1:`port` at GATEWAY:`port` (as the
+    `kubernetes` Service reaches the apiserver); the host's other loopback ports stay closed to pods. Idempotent."""
+    rule = gateway_dnat(port)
+    if _run("iptables", "-t", "nat", "-C", "K2-PREROUTING", *rule, check=False).returncode != 0:
+        _run("iptables", "-t", "nat", "-A", "K2-PREROUTING", *rule)
+
+
+def withdraw_from_gateway(port: int) -> None:
+    """Undoes `expose_on_gateway` (teardown also flushes K2-PREROUTING); a no-op when the rule is gone."""
+    _run("iptables", "-t", "nat", "-D", "K2-PREROUTING", *gateway_dnat(port), check=False)
 
 
 def cleanup_rules(saved: str) -> str:
