@@ -177,6 +177,16 @@ def round_robin(num_layers: int, num_experts: int, ranks: int, slots_per_rank: i
     return [LayerPlacement(layer=layer, slots=[list(row) for row in table]) for layer in range(num_layers)]
 
 
+class RankReport(ApiModel):
+    """What one rank pod reports: the placement generation it serves with."""
+
+    pod: str = Field(min_length=1, max_length=253, description="The rank's pod.")
+    group: int | None = Field(default=None, ge=0, description="Its expert-parallel group (label k2.ai/group).")
+    generation: int | None = Field(
+        default=None, ge=0, description="spec.generation it serves with (none: it has not reported one yet)."
+    )
+
+
 class ExpertPlacementStatus(ApiModel):
     """What the serving ranks did with the placement."""
 
@@ -188,6 +198,11 @@ class ExpertPlacementStatus(ApiModel):
     )
     applied_ranks: int = Field(default=0, ge=0, description="Ranks (over all groups) running spec.generation.")
     total_ranks: int = Field(default=0, ge=0, description="Ranks (over all groups) that must apply it.")
+    ranks: list[RankReport] = Field(
+        default_factory=list,
+        max_length=MAX_RANKS * 64,
+        description="Every running rank pod and the generation it reports, sorted by pod name.",
+    )
     predicted_balancedness: float | None = Field(
         default=None, ge=0, le=1, description="Mean/max GPU load the planner predicted for spec (1 is perfect)."
     )

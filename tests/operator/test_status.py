@@ -284,6 +284,27 @@ def test_placement_applied_when_every_rank_reports_it() -> None:
     assert condition(done.status, "Applied")["status"] == "True"
 
 
+def test_placement_status_lists_each_running_rank_and_the_generation_it_reports() -> None:
+    def named(name: str, group: str, generation: int | None, phase: str = "Running") -> dict[str, Any]:
+        body = pod(generation)
+        body["metadata"].update(name=name, labels={"k2.ai/group": group})
+        body["status"]["phase"] = phase
+        return body
+
+    ranks = [
+        named("s-g1-0", "1", 2),
+        named("s-g0-1", "0", None),
+        named("s-g0-0", "0", 1),
+        named("x", "0", 1, "Pending"),
+    ]
+    status = placement_status.plan(placement_body(), 1, ranks, 3, T0).status
+    assert status["ranks"] == [
+        {"pod": "s-g0-0", "group": 0, "generation": 1},
+        {"pod": "s-g0-1", "group": 0, "generation": None},
+        {"pod": "s-g1-0", "group": 1, "generation": 2},
+    ]
+
+
 def test_invalid_placement_keeps_the_previous_generation_in_force() -> None:
     body = placement_body()
     body["status"] = {"appliedGeneration": 1}

@@ -18,13 +18,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from k2_api import ExpertPlacementSpec, PlacementConditionType, placement_problems
-from k2_api.contract import Annotations
+from k2_api.contract import Annotations, Labels
 from k2_operator.conditions import Desired, merge, rfc3339
 from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_conditions
 
 P = PlacementConditionType
 CONDITION_TYPES = tuple(t.value for t in PlacementConditionType) + KSTATUS_TYPES
-OWNED_FIELDS = ("observedGeneration", "appliedGeneration", "appliedRanks", "totalRanks", "lastAppliedTime")
+OWNED_FIELDS = ("observedGeneration", "appliedGeneration", "appliedRanks", "totalRanks", "ranks", "lastAppliedTime")
 
 
 def problems(spec: dict[str, Any]) -> list[str]:
@@ -47,6 +47,23 @@ class PlacementPlan:
 def reported_generation(pod: dict[str, Any]) -> int | None:
     value = pod.get("metadata", {}).get("annotations", {}).get(Annotations.APPLIED_GENERATION)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def rank_reports(running: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """status.ranks: each running rank pod, its group and the generation it reports, sorted by pod name."""
+    reports = []
+    for pod in sorted(running, key=lambda p: str(p["metadata"].get("name", ""))):
+        if not pod["metadata"].get("name"):
+            continue
+        group = pod["metadata"].get("labels", {}).get(Labels.GROUP, "")
+        reports.append(
+            {
+                "pod": pod["metadata"]["name"],
+                "group": int(group) if group.isdigit() else None,
+                "generation": reported_generation(pod),
+            }
+        )
+    return reports
 
 
 def summary(problems_found: list[str], applied: bool, total_ranks: int, in_force: int | None, progress: str) -> Summary:
@@ -95,6 +112,7 @@ def plan(
         "appliedGeneration": applied_generation,
         "appliedRanks": applied_ranks,
         "totalRanks": total_ranks,
+        "ranks": rank_reports(running),
         "lastAppliedTime": last_applied,
         "conditions": merge(previous.get("conditions", []), desired, generation, now),
     }
