@@ -108,11 +108,14 @@ def _spawn(
     return process
 
 
-def _start_prometheus(layout: Layout, state: State, tools: Path) -> None:
-    """Prometheus for the real node's rank pods, reachable from this machine and from the pods; recorded in state."""
+def start_prometheus(layout: Layout, state: State, tools: Path) -> None:
+    """Starts the cluster's Prometheus and records its port and pid in state.json; `down` stops it.
+
+    It is reachable from this machine, and from the real node's pods when `state` has the real node.
+    """
     port = free_port_set(1)[0]
     files = monitoring.PrometheusFiles.of(layout)
-    process = monitoring.start(layout, state.server, files, port, tools, on_gateway=True)
+    process = monitoring.start(layout, state.server, files, port, tools, on_gateway=state.real_node)
     state.ports[monitoring.PROGRAM], state.pids[monitoring.PROGRAM] = port, process.pid
     state.save(layout)
 
@@ -157,7 +160,7 @@ def _start(layout: Layout, num_nodes: int, tools: Path, real_node: bool) -> Stat
     )
     if real_node:
         realnode.start(layout, state, tools, lambda name, argv, env: _spawn(name, argv, layout, state, env))
-        _start_prometheus(layout, state, tools)
+        start_prometheus(layout, state, tools)
     state.ready = True
     state.save(layout)
     return state
@@ -179,7 +182,7 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
             if state.real_node:
                 realnode.import_worker_image(layout)  # a rebuilt image reaches the running node
                 if state.prometheus_url is None:  # a cluster started before the local Prometheus existed
-                    _start_prometheus(layout, state, tools)
+                    start_prometheus(layout, state, tools)
             if state.real_node or not real_node:
                 return state
         if State.load(layout) is not None:
@@ -198,7 +201,8 @@ def _stop(layout: Layout, remove: bool, tools: Path = TOOLS_BIN) -> None:
     ours = owner(layout)
     if state is not None and monitoring.PROGRAM in state.pids:
         port = state.ports[monitoring.PROGRAM]
-        monitoring.stop(state.pids[monitoring.PROGRAM], monitoring.PrometheusFiles.of(layout), port, on_gateway=True)
+        files = monitoring.PrometheusFiles.of(layout)
+        monitoring.stop(state.pids[monitoring.PROGRAM], files, port, on_gateway=state.real_node)
     if layout.node.exists():  # this cluster had a real node (even if state.json was lost)
         realnode.stop(layout, state, tools)
     if state is not None:

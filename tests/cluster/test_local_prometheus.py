@@ -109,6 +109,27 @@ def test_a_missing_binary_names_make_tools(tmp_path: Path) -> None:
     assert not files.config.exists()
 
 
+@pytest.mark.prometheus
+def test_the_cluster_records_its_prometheus_and_down_stops_it(tmp_path: Path) -> None:
+    if not (TOOLS_BIN / monitoring.PROGRAM).is_file():
+        skip_or_fail(f"{TOOLS_BIN / monitoring.PROGRAM} is missing: run `make tools`")
+    layout = lc.Layout(tmp_path / "cluster")
+    layout.logs.mkdir(parents=True)
+    lc.make_pki(layout.pki)
+    state = lc.State(ports={"apiserver": free_port()})  # nothing answers there: discovery retries, Prometheus serves
+    state.save(layout)
+    cluster.start_prometheus(layout, state, TOOLS_BIN)
+    recorded = lc.State.load(layout)
+    assert recorded is not None and recorded.prometheus_url == state.prometheus_url is not None
+    assert api.get(f"{recorded.prometheus_url}/-/ready")[0] == 200
+    status, body = api.get(f"{recorded.prometheus_url}/api/v1/status/config")
+    assert status == 200 and "kubernetes_sd_configs" in json.loads(body)["data"]["yaml"]
+    assert cluster.leftover_pids(layout) == [recorded.pids[monitoring.PROGRAM]]
+    assert (layout.prometheus / "data").is_dir() and layout.log(monitoring.PROGRAM).is_file()
+    lc.down(layout.root)
+    assert not cluster.leftover_pids(layout) and not layout.root.exists()
+
+
 # --- live, on the real node ---------------------------------------------------------------------------------------
 
 
