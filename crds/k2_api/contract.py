@@ -44,6 +44,9 @@ class Annotations:
     """Set by each serving rank on its own Pod once it serves with that ExpertPlacement generation."""
     TEMPLATE_HASH: Final = "k2.ai/template-hash"
     """Hash of a serving group's pod template inputs; a change restarts the group."""
+    GANG: Final = "k2.ai/gang"
+    """On a serving group's StatefulSet: the operator's record of the group's gang (members, restarts, backoff), JSON
+    (`k2_operator.gang.GangRecord`)."""
     CONFIG_HASH: Final = "k2.ai/config-hash"
     """Hash of a training's mounted config; a change rolls the Job's pods."""
     REBALANCED_AT: Final = "eplb.k2.ai/rebalanced-at"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from datetime import datetime
 from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -170,6 +171,26 @@ class K2ServingSpec(ApiModel):
         return -(-num_experts // self.ranks_per_group) + self.redundant_slots_per_rank
 
 
+class GroupStatus(ApiModel):
+    """One expert-parallel group as the operator last saw it, gang restarts included."""
+
+    group: int = Field(ge=0, description="Group index (the k2.ai/group label).")
+    ready: bool = Field(default=False, description="Every rank is ready and the group is not restarting.")
+    ready_ranks: int = Field(default=0, ge=0, description="Ready rank pods of the group.")
+    restarting: bool = Field(
+        default=False,
+        description="A rank failed: the group's rank pods are being restarted together (or wait out the backoff).",
+    )
+    restarts: int = Field(default=0, ge=0, description="Gang restarts of the group after a rank failed.")
+    last_restart_time: datetime | None = Field(default=None, description="When the last gang restart began.")
+    last_restart_reason: str | None = Field(
+        default=None, max_length=1024, description="Why: the rank pod that failed and how (exit code, deletion)."
+    )
+    next_restart_time: datetime | None = Field(
+        default=None, description="While the restart backoff holds a gang restart back: when it runs."
+    )
+
+
 class K2ServingStatus(ApiModel):
     """Observed state of a K2Serving."""
 
@@ -191,6 +212,12 @@ class K2ServingStatus(ApiModel):
     )
     balancedness: float | None = Field(
         default=None, ge=0, le=1, description="Measured mean/max GPU load of the placement in force (1 is perfect)."
+    )
+    group_statuses: list[GroupStatus] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Per group: readiness and gang restarts (a rank's failure restarts its whole group).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["group"]},
     )
 
 

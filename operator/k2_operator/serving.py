@@ -1,31 +1,36 @@
-"""K2Serving handlers: one level-based reconcile, triggered on create, update, resume, child events and the resync."""
+"""K2Serving handlers: one level-based reconcile, triggered on create, update, resume, child events (rank pods
+included) and the resync, plus a timer while a gang restart waits out its backoff.
+
+Each reconcile reads the groups' StatefulSets and rank pods, decides per group (a gang restart after a rank
+failed, `k2_operator.gang`; a rolling update of outdated groups), applies the children with each group's gang
+record on its StatefulSet, deletes the pods the decisions name, writes status, then posts the Events.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import logging
 from typing import Any
 
 import kopf
 
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
-from k2_api.contract import FieldManagers, Labels
+from k2_api.contract import Annotations, FieldManagers, Labels
+from k2_api.kube import ObjectRef
+from k2_operator import gang
 from k2_operator.builders.network_policy import KIND as NETWORK_POLICY
 from k2_operator.builders.network_policy import network_policies
 from k2_operator.builders.placement import expert_placement, placement_name
 from k2_operator.builders.serving import RANK_COMPONENT, children, frontend_name
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, controller_owner, now, owned_by, register, trigger, write_status
-from k2_operator.status.serving import (
-    CONDITION_TYPES,
-    GroupState,
-    group_index,
-    group_state,
-    groups_to_restart,
-    serving_status,
-)
+from k2_operator.status.serving import CONDITION_TYPES, group_index, group_state, groups_to_restart, serving_status
 
 KIND = K2Serving.KIND
 REVISION_LABEL = "controller-revision-hash"
+GROUP_RESTART = "GroupRestart"
+"""Reason of the Warning Event posted when a group's rank pods are restarted together."""
 log = logging.getLogger("k2_operator.serving")
 
 
@@ -51,24 +56,78 @@ async def ensure_placement(kube: AsyncKube, serving: K2Serving) -> dict[str, Any
     return current
 
 
-async def restart_groups(
-    kube: AsyncKube, serving: K2Serving, groups: list[int], stateful_sets: dict[int, dict[str, Any]]
-) -> None:
-    """Deletes the outdated pods of `groups`; their StatefulSets recreate them from the new template (OnDelete)."""
-    namespace, name = serving.metadata.namespace, serving.metadata.name
-    assert namespace is not None and name is not None
-    for group in groups:
-        revision = stateful_sets[group].get("status", {}).get("updateRevision")
-        selector = {
-            "app.kubernetes.io/instance": name,
-            "app.kubernetes.io/component": RANK_COMPONENT,
-            Labels.GROUP: str(group),
-        }
-        for pod in await kube.list("Pod", namespace, selector):
-            labels = pod["metadata"].get("labels", {})
-            if revision and labels.get(REVISION_LABEL) != revision and not pod["metadata"].get("deletionTimestamp"):
-                log.info("%s/%s: restarting group %d (pod %s)", namespace, name, group, pod["metadata"]["name"])
-                await kube.delete("Pod", namespace, pod["metadata"]["name"])
+def rank_selector(name: str) -> dict[str, str]:
+    """The serving's rank pods (their StatefulSets and Services also carry `Labels.KIND`)."""
+    return {"app.kubernetes.io/instance": name, "app.kubernetes.io/component": RANK_COMPONENT}
+
+
+def by_group(objects: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for obj in objects:
+        index = group_index(obj)
+        if index is not None:
+            grouped.setdefault(index, []).append(obj)
+    return grouped
+
+
+def gang_record(stateful_set: dict[str, Any] | None) -> gang.GangRecord:
+    annotations = (stateful_set or {}).get("metadata", {}).get("annotations", {}) or {}
+    return gang.GangRecord.from_annotation(annotations.get(Annotations.GANG))
+
+
+def outdated_pods(stateful_set: dict[str, Any], pods: list[dict[str, Any]]) -> list[str]:
+    """Rank pods not at the StatefulSet's updateRevision (a rolling update deletes them; OnDelete recreates them
+    from the new template)."""
+    revision = stateful_set.get("status", {}).get("updateRevision")
+    if not revision:
+        return []
+    return [
+        p["metadata"]["name"]
+        for p in pods
+        if p["metadata"].get("labels", {}).get(REVISION_LABEL) != revision
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def plan_groups(
+    serving: K2Serving,
+    stateful_sets: dict[int, dict[str, Any]],
+    pods: dict[int, list[dict[str, Any]]],
+    at: dt.datetime,
+) -> dict[int, gang.GangPlan]:
+    """Per group of the spec: its gang plan, with the rolling update folded in for the groups it restarts now."""
+    spec = serving.spec
+    ranks = 0 if spec.suspend else spec.ranks_per_group
+    rank_pods = {g: [gang.RankPod.from_pod(p) for p in pods.get(g, [])] for g in range(spec.groups)}
+    plans = {g: gang.plan(gang_record(stateful_sets.get(g)), rank_pods[g], ranks, at) for g in range(spec.groups)}
+    if spec.suspend:
+        return plans
+    states = [group_state(g, stateful_sets.get(g), spec.ranks_per_group, plans[g]) for g in range(spec.groups)]
+    for g in groups_to_restart(states, spec.rollout.max_unavailable_groups):
+        outdated = outdated_pods(stateful_sets[g], pods.get(g, []))
+        if outdated:
+            plans[g] = gang.roll(plans[g], rank_pods[g], outdated)
+    return plans
+
+
+def with_record(manifest: dict[str, Any], record: gang.GangRecord) -> dict[str, Any]:
+    """The group's StatefulSet carrying its gang record (applied with it, so the one field manager keeps owning it)."""
+    if record.is_empty():
+        return manifest
+    meta = manifest["metadata"]
+    return {
+        **manifest,
+        "metadata": {**meta, "annotations": {**meta.get("annotations", {}), Annotations.GANG: record.to_annotation()}},
+    }
+
+
+def restart_message(group: int, plan: gang.GangPlan) -> str:
+    assert plan.failure is not None
+    record = plan.record
+    return (
+        f"group {group}: {plan.failure.message()}; restarting its rank pods together "
+        f"(gang restart {record.restarts}, {record.streak} in a row; deleting {', '.join(plan.delete) or 'none'})"
+    )
 
 
 async def delete_owned(kube: AsyncKube, serving: K2Serving, kind: str) -> None:
@@ -87,12 +146,23 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
         return
     serving = K2Serving.model_validate(body)
     spec = serving.spec
+    at = now()
+    children_selector = {**rank_selector(name), Labels.KIND: KIND}
+    observed = {
+        index: s
+        for index, sets in by_group(await kube.list("StatefulSet", namespace, children_selector)).items()
+        for s in sets
+        if owned_by(s, serving.metadata.uid)
+    }
+    plans = plan_groups(serving, observed, by_group(await kube.list("Pod", namespace, rank_selector(name))), at)
     placement = await ensure_placement(kube, serving)
     stateful_sets: dict[int, dict[str, Any]] = {}
     frontend: dict[str, Any] | None = None
     for manifest in children(serving):
+        index = group_index(manifest)
+        if manifest["kind"] == "StatefulSet" and index in plans:
+            manifest = with_record(manifest, plans[index].record)
         applied = await kube.apply(manifest)
-        index = group_index(applied)
         if manifest["kind"] == "StatefulSet" and index is not None:
             stateful_sets[index] = applied
         elif manifest["kind"] == "Deployment" and manifest["metadata"]["name"] == frontend_name(serving):
@@ -103,20 +173,68 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     if not policies:  # spec.networkPolicy.enabled is false: the ones it created before go
         await delete_owned(kube, serving, NETWORK_POLICY)
     # Scale down: groups beyond spec.groups go (their pods are garbage-collected).
-    selector = {"app.kubernetes.io/instance": name, Labels.KIND: KIND, "app.kubernetes.io/component": RANK_COMPONENT}
     for kind in ("StatefulSet", "Service", NETWORK_POLICY):
-        for obj in await kube.list(kind, namespace, selector):
+        for obj in await kube.list(kind, namespace, children_selector):
             index = group_index(obj)
             if index is not None and index >= spec.groups and owned_by(obj, serving.metadata.uid):
                 await kube.delete(kind, namespace, obj["metadata"]["name"])
-    groups: list[GroupState] = [group_state(g, stateful_sets.get(g), spec.ranks_per_group) for g in range(spec.groups)]
-    if not spec.suspend:
-        await restart_groups(
-            kube, serving, groups_to_restart(groups, spec.rollout.max_unavailable_groups), stateful_sets
-        )
+    # The records are written: a restart interrupted from here on resumes on the next reconcile.
+    for group, plan in plans.items():
+        for pod in plan.delete:
+            log.info("%s/%s: group %d: deleting rank pod %s", namespace, name, group, pod)
+            await kube.delete("Pod", namespace, pod)
+    groups = [group_state(g, stateful_sets.get(g), spec.ranks_per_group, plans.get(g)) for g in range(spec.groups)]
     frontend_ready = int((frontend or {}).get("status", {}).get("readyReplicas", 0) or 0)
-    status = serving_status(serving, groups, frontend_ready, placement, now())
+    status = serving_status(serving, groups, frontend_ready, placement, at)
     await write_status(kube, body, status, CONDITION_TYPES)
+    ref = ObjectRef(body["apiVersion"], KIND, namespace, name, serving.metadata.uid)
+    for group, plan in plans.items():
+        if plan.restarting_now:
+            message = restart_message(group, plan)
+            log.warning("%s/%s: %s", namespace, name, message)
+            try:
+                await kube.event(ref, "Warning", GROUP_RESTART, message)
+            except Exception:  # an Event is best effort; the record and status tell the same
+                log.warning("%s/%s: could not post the %s event", namespace, name, GROUP_RESTART)
+    held = [p.held_until for p in plans.values() if p.held_until is not None]
+    if held:
+        REQUEUES.at(namespace, name, min(held))
+
+
+class Requeues:
+    """One timer per K2Serving that reconciles it again at a given time (a gang restart held back by its backoff):
+    an earlier request replaces a later one, a later one leaves an earlier one in place."""
+
+    def __init__(self) -> None:
+        self.timers: dict[tuple[str, str], tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def at(self, namespace: str, name: str, when: dt.datetime) -> None:
+        loop = asyncio.get_running_loop()
+        fire_at = loop.time() + max(0.0, (when - now()).total_seconds())
+        key = (namespace, name)
+        current = self.timers.get(key)
+        if current is not None and current[0] is loop and not current[1].cancelled():
+            if current[1].when() <= fire_at:
+                return
+            current[1].cancel()
+        self.timers[key] = (loop, loop.call_at(fire_at, self._fire, namespace, name))
+
+    def _fire(self, namespace: str, name: str) -> None:
+        self.timers.pop((namespace, name), None)
+        task = asyncio.ensure_future(self._reconcile(namespace, name))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _reconcile(namespace: str, name: str) -> None:
+        try:
+            await trigger(KIND, namespace, name)
+        except Exception as error:  # counted in k2_operator_reconcile_errors_total; the resync retries
+            log.warning("%s/%s: requeued reconcile failed: %r", namespace, name, error)
+
+
+REQUEUES = Requeues()
 
 
 @kopf.on.resume(GROUP, VERSION, K2Serving.PLURAL)
@@ -129,6 +247,12 @@ async def on_serving(namespace: str | None, name: str, **_: Any) -> None:
 @kopf.on.event("apps", "v1", "statefulsets", labels={Labels.KIND: KIND})
 @kopf.on.event("apps", "v1", "deployments", labels={Labels.KIND: KIND})
 async def on_child(body: kopf.Body, **_: Any) -> None:
+    await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))
+
+
+@kopf.on.event("", "v1", "pods", labels={Labels.KIND: KIND, "app.kubernetes.io/component": RANK_COMPONENT})
+async def on_group_pod(body: kopf.Body, **_: Any) -> None:
+    """A rank pod changed (a container ended, the pod was deleted or recreated): its group may need a gang restart."""
     await trigger(KIND, body.metadata.namespace, body.metadata.labels.get("app.kubernetes.io/instance"))
 
 

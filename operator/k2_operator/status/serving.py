@@ -1,4 +1,5 @@
-"""Group readiness, the group-by-group rollout decision and the status of a K2Serving, from its observed children."""
+"""Group readiness, the group-by-group rollout decision and the status of a K2Serving, from its observed children
+and each group's gang plan (`k2_operator.gang`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from k2_api import K2Serving, ServingConditionType
 from k2_api.contract import Labels
 from k2_operator.builders.placement import placement_name
 from k2_operator.builders.serving import endpoint, rank_selector
-from k2_operator.conditions import Desired, find, merge
+from k2_operator.conditions import Desired, find, merge, rfc3339
+from k2_operator.gang import GangPlan
 from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_conditions
 
 S = ServingConditionType
@@ -26,6 +28,7 @@ OWNED_FIELDS = (
     "placementName",
     "placementGeneration",
     "balancedness",
+    "groupStatuses",
 )
 
 
@@ -39,18 +42,65 @@ class GroupState:
     """Some rank still runs an older pod template (or the StatefulSet has not caught up with its spec yet)."""
     settled: bool
     """The StatefulSet controller has observed the latest spec, so `outdated` can be trusted."""
+    gang: GangPlan | None = None
+    """The group's gang plan of this reconcile: restarts, backoff, whether it is re-forming."""
+
+    @property
+    def restarting(self) -> bool:
+        return self.gang is not None and self.gang.restarting
 
 
-def group_state(index: int, stateful_set: dict[str, Any] | None, ranks_per_group: int) -> GroupState:
+def group_state(
+    index: int, stateful_set: dict[str, Any] | None, ranks_per_group: int, gang: GangPlan | None = None
+) -> GroupState:
+    """A group is ready when its StatefulSet counts every rank ready and no gang restart is under way (a broken
+    group's ranks may still look ready for a moment)."""
     if stateful_set is None:
-        return GroupState(index, 0, ready=False, outdated=False, settled=False)
+        return GroupState(index, 0, ready=False, outdated=False, settled=False, gang=gang)
     status = stateful_set.get("status", {})
     settled = status.get("observedGeneration") == stateful_set["metadata"].get("generation")
     ready_ranks = int(status.get("readyReplicas", 0) or 0)
     replicas = int(stateful_set.get("spec", {}).get("replicas", 0) or 0)
     updated = int(status.get("updatedReplicas", 0) or 0)
     outdated = settled and replicas > 0 and updated < replicas
-    return GroupState(index, ready_ranks, ready=ready_ranks >= ranks_per_group, outdated=outdated, settled=settled)
+    restarting = gang is not None and gang.restarting
+    ready = ready_ranks >= ranks_per_group and not restarting
+    return GroupState(index, ready_ranks, ready=ready, outdated=outdated, settled=settled, gang=gang)
+
+
+def group_status(group: GroupState) -> dict[str, Any]:
+    """One entry of status.groupStatuses (only the fields that have a value)."""
+    entry: dict[str, Any] = {
+        "group": group.index,
+        "ready": group.ready,
+        "readyRanks": group.ready_ranks,
+        "restarting": group.restarting,
+        "restarts": 0,
+    }
+    if group.gang is None:
+        return entry
+    record = group.gang.record
+    entry["restarts"] = record.restarts
+    if record.restarted_at is not None:
+        entry["lastRestartTime"] = rfc3339(record.restarted_at)
+    if record.reason is not None:
+        entry["lastRestartReason"] = record.reason
+    if group.gang.held_until is not None:
+        entry["nextRestartTime"] = rfc3339(group.gang.held_until)
+    return entry
+
+
+def restarting_message(groups: list[GroupState]) -> str:
+    """`; group 1 restarting (rank pod x-g1-0 exited with code 3 (Error))` for each group restarting, else ''."""
+    parts = []
+    for group in groups:
+        if group.gang is None or not group.restarting:
+            continue
+        failure = group.gang.failure
+        why = failure.message() if failure is not None else group.gang.record.reason
+        held = "" if group.gang.held_until is None else f", restart backoff until {rfc3339(group.gang.held_until)}"
+        parts.append(f"group {group.index} restarting ({why}{held})")
+    return "".join(f"; {part}" for part in parts)
 
 
 def groups_to_restart(groups: list[GroupState], max_unavailable: int) -> list[int]:
@@ -116,6 +166,7 @@ def serving_status(
     frontend_ok = spec.frontend.replicas == 0 or frontend_ready > 0
     applied, balance, rebalancing, placement_message = _placement_view(placement)
     counts = f"{ready_groups}/{spec.groups} groups ready, {updated_groups}/{spec.groups} updated"
+    counts += restarting_message(groups)
 
     if spec.suspend:
         available = Desired(S.AVAILABLE, False, "Suspended", "spec.suspend is true")
@@ -166,5 +217,6 @@ def serving_status(
         "placementName": placement_name(serving),
         "placementGeneration": applied,
         "balancedness": balance,
+        "groupStatuses": [group_status(g) for g in groups],
         "conditions": merge(old_conditions, [*conditions, *kstatus_conditions(state)], generation, now),
     }
