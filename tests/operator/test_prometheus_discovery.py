@@ -1,8 +1,8 @@
 """The local cluster's Prometheus scrape job (hack/localcluster/prometheus.py): `kubernetes_sd_configs` relabelling
 that keeps exactly the serving ranks' metrics ports.
 
-Not shown here: a live discovery through the local API server. Debian's Prometheus (2.42+ds) is built without
-Kubernetes service discovery and refuses the job, and no other Prometheus build can be installed on this machine."""
+The live discovery through the local API server, with the Prometheus that `make tools` builds (Debian's has no
+Kubernetes discovery), is tests/cluster/test_local_prometheus.py."""
 
 from __future__ import annotations
 
