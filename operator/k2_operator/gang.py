@@ -228,11 +228,12 @@ class GangPlan:
 
 def broken(record: GangRecord, pods: Iterable[RankPod]) -> Failure | None:
     """The first member (by pod name) that failed since the gang formed, if any."""
-    by_uid = {p.uid: p for p in pods}
+    pods = list(pods)
+    by_uid, names = {p.uid: p for p in pods}, {p.name for p in pods}
     for name, member in sorted(record.members.items()):
         pod = by_uid.get(member.uid)
         if pod is None:
-            return Failure(name, "is gone")
+            return Failure(name, "was deleted and recreated" if name in names else "is gone")
         if pod.deleting:
             return Failure(name, "is being deleted")
         if pod.failed:
