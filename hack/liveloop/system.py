@@ -98,6 +98,7 @@ class Serving:
     eplb_window_s: int = 20
     eplb_cooldown_s: int = 10
     min_improvement: float = 0.02
+    frontend_port: int = 8000
 
     def manifest(self) -> dict[str, Any]:
         model: dict[str, Any] = {"preset": "k2-debug", "dtype": "fp32"}
@@ -111,7 +112,7 @@ class Serving:
             "gpusPerRank": 1,
             "redundantSlotsPerRank": 1,
             "resources": {"cpu": self.cpu, "memory": self.memory},
-            "frontend": {"replicas": 1, "port": 8000},
+            "frontend": {"replicas": 1, "port": self.frontend_port},
             "eplb": {
                 "enabled": True,
                 "intervalSeconds": self.eplb_interval_s,

@@ -1,0 +1,96 @@
+"""One rebalance, observed from outside: the skew shows in Prometheus, the EPLB controller writes a new generation,
+every rank applies it, and a window later Prometheus shows the balancedness before and after and the expert bytes
+the ranks took in, by source."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from k2_api.contract import Annotations, WeightSources
+from liveloop.observe import bars
+from liveloop.session import Live
+from liveloop.system import wait_for
+
+SKEW = 2.0
+"""Hottest expert / mean expert tokens in some layer: the load counts as clearly skewed from here."""
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    generation: int
+    spec_managers: frozenset[str]
+    """Field managers of the placement's spec: the EPLB controller alone."""
+    skew: float
+    written_at: float
+    applied_at: float
+    before: float
+    after: float
+    peer_bytes: float
+    storage_bytes: float
+    loads_after: tuple[str, ...]
+
+    @property
+    def apply_seconds(self) -> float:
+        return self.applied_at - self.written_at
+
+    def __str__(self) -> str:
+        return (
+            f"generation {self.generation}: balancedness {self.before:.3f} -> {self.after:.3f}, applied by every "
+            f"rank {self.apply_seconds:.1f} s after it was written, expert bytes in: {self.peer_bytes:.0f} from "
+            f"peers, {self.storage_bytes:.0f} from storage"
+        )
+
+
+def rfc3339_seconds(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float = 240.0) -> Rebalance:
+    """Waits for the next generation after `previous` and measures it (the traffic must be running)."""
+    ranks = live.serving.groups * live.serving.ranks
+    skew = wait_for(
+        "expert load skew in Prometheus",
+        lambda: (s := live.series.expert_skew(window_s)) is not None and s >= SKEW and s,
+        timeout_s,
+    )
+    bytes_before = live.series.weight_bytes()
+    placement = wait_for(
+        f"a generation after {previous}",
+        lambda: (p := live.placement())["spec"]["generation"] > previous and p,
+        timeout_s,
+    )
+    generation = int(placement["spec"]["generation"])
+    written_at = rfc3339_seconds(placement["metadata"]["annotations"][Annotations.REBALANCED_AT])
+    managers = frozenset(
+        entry["manager"] for entry in placement["metadata"]["managedFields"] if "f:spec" in entry.get("fieldsV1", {})
+    )
+
+    def applied_everywhere() -> dict[str, Any] | None:
+        status: dict[str, Any] = live.placement().get("status", {})
+        reports = status.get("ranks", [])
+        everywhere = len(reports) == ranks and all(r.get("generation") == generation for r in reports)
+        return status if everywhere and status.get("appliedGeneration") == generation else None
+
+    wait_for(f"every rank on generation {generation}", applied_everywhere, timeout_s, every_s=0.5)
+    applied_at = time.time()
+    time.sleep(window_s + 6)  # a whole window of traffic under the new placement, and one more scrape
+    before = live.series.balancedness(window_s, at=written_at)
+    after = live.series.balancedness(window_s)
+    assert before is not None and after is not None, "Prometheus has no slot load for the serving"
+    bytes_after = live.series.weight_bytes()
+    moved = {s: bytes_after.get(s, 0.0) - bytes_before.get(s, 0.0) for s in WeightSources.ALL}
+    return Rebalance(
+        generation=generation,
+        spec_managers=managers,
+        skew=skew,
+        written_at=written_at,
+        applied_at=applied_at,
+        before=before,
+        after=after,
+        peer_bytes=moved[WeightSources.PEER],
+        storage_bytes=moved[WeightSources.STORAGE],
+        loads_after=tuple(bars(live.series.gpu_loads(window_s))),
+    )
