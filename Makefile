@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TOOLS := .tools/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv tools system-packages image cluster-up cluster-down crds chart-crds lint test test-unit clean
+.PHONY: venv tools system-packages image cluster-up cluster-down demo demo-down crds chart-crds lint test test-unit clean
 
 # The virtualenv is rebuilt only when pyproject.toml changes; pip downloads come from the user's pip cache.
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,13 @@ cluster-up: venv tools system-packages image
 
 cluster-down:
 	$(BIN)/python hack/local_cluster.py down
+
+# The README's main job: the local cluster with its real node, the chart, both examples and skewed traffic, with a
+# live summary of each rebalance (hack/liveloop/demo.py). The cluster stays up for kubectl; `make demo-down` stops it.
+demo: cluster-up
+	$(BIN)/python hack/liveloop/demo.py $(DEMO_ARGS)
+
+demo-down: cluster-down
 
 # The CRD YAML is generated from the pydantic models in crds/k2_api; the chart carries a copy.
 crds: venv
