@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
+from k2_api import uris
 from k2_api.common import Resource, Scheduling
-from k2_api.contract import Annotations, FieldManagers, Labels
+from k2_api.contract import Annotations, FieldManagers, Files, Labels
 
 MANAGED_BY = FieldManagers.OPERATOR
 PART_OF = "k2"
@@ -124,6 +126,32 @@ def content_hash(value: Any) -> str:
 def writable_tmp() -> tuple[dict[str, Any], dict[str, Any]]:
     """(volume, mount) of an emptyDir at /tmp: the root filesystem is read-only."""
     return {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
+
+
+def claims_of(uri_fields: Mapping[str, str | None]) -> list[str]:
+    """The distinct claims that the storage URIs `{field: uri}` name (`pvc://<claim>/...`), sorted."""
+    claims = {uris.claim_of(uri, field) for field, uri in uri_fields.items()}
+    return sorted(claim for claim in claims if claim is not None)
+
+
+def claim_volumes(
+    claims: list[str], existing: Mapping[str, str] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) that mount every claim read-only at `Files.CLAIMS_ROOT/<claim>`.
+
+    A claim the pod already has as a volume (`existing`: claim -> volume name, e.g. a training's checkpoint claim)
+    gets only the read-only mount of that volume; every other claim a `claim-<i>` volume.
+    """
+    existing = existing or {}
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for index, claim in enumerate(claims):
+        name = existing.get(claim)
+        if name is None:
+            name = f"claim-{index}"
+            volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": uris.claim_mount_path(claim, Files.CLAIMS_ROOT), "readOnly": True})
+    return volumes, mounts
 
 
 def worker_rbac(resource: Resource, name: str, component: str, rules: list[dict[str, Any]]) -> list[Manifest]:

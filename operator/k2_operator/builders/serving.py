@@ -20,6 +20,8 @@ from k2_api import K2Serving
 from k2_api.contract import Annotations, Env, Files, HttpPaths, Labels, PortNames, Ports, TorchrunEnv, moe_shape
 from k2_operator.builders.common import (
     Manifest,
+    claim_volumes,
+    claims_of,
     container_security_context,
     content_hash,
     metadata,
@@ -150,6 +152,11 @@ def rank_template_hash(serving: K2Serving) -> str:
     )
 
 
+def _model_claims(serving: K2Serving) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of the claim spec.model.checkpointUri names, if any (mounted read-only)."""
+    return claim_volumes(claims_of({"spec.model.checkpointUri": serving.spec.model.checkpoint_uri}))
+
+
 def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
     spec = serving.spec
     first_rank = f"{group_name(serving, group)}-0.{group_name(serving, group)}.{serving.metadata.namespace}.svc"
@@ -192,6 +199,7 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
             {"name": "config", "mountPath": Files.CONFIG_DIR, "readOnly": True},
             {"name": "placement", "mountPath": Files.PLACEMENT_DIR, "readOnly": True},
             tmp_mount,
+            *_model_claims(serving)[1],
         ],
     }
 
@@ -229,6 +237,7 @@ def group_stateful_set(serving: K2Serving, group: int) -> Manifest:
                             "configMap": {"name": active_config_name(placement_name(serving)), "optional": True},
                         },
                         tmp_volume,
+                        *_model_claims(serving)[0],
                     ],
                 },
             },
@@ -256,6 +265,7 @@ def frontend_deployment(serving: K2Serving) -> Manifest:
                 "spec": {
                     "securityContext": pod_security_context(),
                     "automountServiceAccountToken": False,
+                    **scheduling_fields(spec.scheduling),
                     "containers": [
                         {
                             "name": FRONTEND_COMPONENT,

@@ -21,6 +21,8 @@ from k2_api import K2Training
 from k2_api.contract import Annotations, Env, ExitCodes, Files, Labels, PortNames, Ports, TorchrunEnv
 from k2_operator.builders.common import (
     Manifest,
+    claim_volumes,
+    claims_of,
     container_security_context,
     content_hash,
     metadata,
@@ -34,6 +36,7 @@ from k2_operator.builders.common import (
 )
 
 COMPONENT = "trainer"
+CHECKPOINT_VOLUME = "checkpoints"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 PREEMPTED_REASON = "PodFailurePolicy"
 """The Job's Failed reason when a podFailurePolicy rule matched: all our FailJob rules are preemptions."""
@@ -169,7 +172,16 @@ def _checkpoint_volume(training: K2Training) -> tuple[dict[str, Any], dict[str, 
     source: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": ckpt.claim_name}} if ckpt.claim_name else {"emptyDir": {}}
     )
-    return {"name": "checkpoints", **source}, {"name": "checkpoints", "mountPath": ckpt.mount_path}
+    return {"name": CHECKPOINT_VOLUME, **source}, {"name": CHECKPOINT_VOLUME, "mountPath": ckpt.mount_path}
+
+
+def _input_claims(training: K2Training) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of the claims spec.model.checkpointUri and spec.data.uri name, mounted read-only; the
+    checkpoint claim, when one of them, keeps its one volume (mounted read-write at mountPath as well)."""
+    spec = training.spec
+    claims = claims_of({"spec.model.checkpointUri": spec.model.checkpoint_uri, "spec.data.uri": spec.data.uri})
+    claim_name = spec.checkpointing.claim_name
+    return claim_volumes(claims, {claim_name: CHECKPOINT_VOLUME} if claim_name else None)
 
 
 def job(training: K2Training, attempt: int, preemptions: int = 0) -> Manifest:
@@ -185,6 +197,9 @@ def job(training: K2Training, attempt: int, preemptions: int = 0) -> Manifest:
     if checkpoint is not None:
         volumes.append(checkpoint[0])
         mounts.append(checkpoint[1])
+    input_volumes, input_mounts = _input_claims(training)
+    volumes += input_volumes
+    mounts += input_mounts
     annotations = {
         **propagated_annotations(training),
         Annotations.CONFIG_HASH: content_hash(config_document(training)),
