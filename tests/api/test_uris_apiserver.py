@@ -37,8 +37,9 @@ def _with(kind: str, path: tuple[str, str], value: str) -> dict[str, Any]:
 
 
 def _server_accepts(cluster: Cluster, body: dict[str, Any]) -> tuple[bool, str]:
+    text = yaml.safe_dump(body)
     result = cluster.kubectl(
-        "apply", "--server-side", "--dry-run=server", "-n", "default", "-f", "-", input=yaml.safe_dump(body), check=False
+        "apply", "--server-side", "--dry-run=server", "-n", "default", "-f", "-", input=text, check=False
     )
     return result.returncode == 0, result.stderr
 
