@@ -16,6 +16,7 @@ ETCD_VERSION=v3.6.16         # keep in step with hack/tools/etcd/go.mod
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
 KUBECONFORM_VERSION=v0.7.0
+KUSTOMIZE_VERSION=v5.7.1     # the kustomize base (deploy/kustomize); kubectl 1.34 embeds the same version
 CNI_PLUGINS_VERSION=v1.6.2   # the real node's pod network: bridge, host-local, loopback, portmap
 COREDNS_VERSION=v1.15.0      # the real node's cluster DNS
 CRICTL_VERSION=v1.34.0       # CRI client: cluster-down removes the real node's pod sandboxes with it
@@ -93,6 +94,7 @@ build_etcd
 install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 install_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
+install_tool kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION"
 build_kubernetes
 build_cni_plugins
 install_tool coredns github.com/coredns/coredns "$COREDNS_VERSION"
