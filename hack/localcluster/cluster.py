@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import api, monitoring, processes, realnode
+from . import api, kubelet, monitoring, processes, realnode, storage
 from .controlplane import COMPONENTS, command_lines, free_port_set, free_ports, health_urls
 from .errors import ClusterError
 from .layout import DEFAULT_DIR, TOOLS_BIN, Layout, State
@@ -160,6 +160,7 @@ def _start(layout: Layout, num_nodes: int, tools: Path, real_node: bool) -> Stat
     )
     if real_node:
         realnode.start(layout, state, tools, lambda name, argv, env: _spawn(name, argv, layout, state, env))
+        storage.ensure(layout, state, kubelet.NODE_NAME)
         start_prometheus(layout, state, tools)
     state.ready = True
     state.save(layout)
@@ -181,6 +182,7 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
             assert state is not None
             if state.real_node:
                 realnode.import_worker_image(layout)  # a rebuilt image reaches the running node
+                storage.ensure(layout, state, kubelet.NODE_NAME)  # idempotent; a cluster started before it gets it
                 if state.prometheus_url is None:  # a cluster started before the local Prometheus existed
                     start_prometheus(layout, state, tools)
             if state.real_node or not real_node:
