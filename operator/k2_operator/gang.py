@@ -13,6 +13,9 @@ since is kept. Their uids stay in the record (`stale`) until the next gang forms
 way deletes the rest and one run again mid-restart deletes nothing twice. Until every rank is ready at once, the
 group is forming: a rank that fails meanwhile is restarted in place by the kubelet, and nothing is deleted.
 
+Not failures: a rolling update (`roll`), a group scaled to zero (suspend) or to fewer ranks re-form the gang without
+counting a restart.
+
 Rate: the first restart runs at once; each further one in a row waits `Backoff.delay` after the previous one (10 s,
 doubling, capped at 5 min); a gang that served `Backoff.stable_s` (10 min) before it broke starts the count afresh.
 While a restart is held back, the plan says until when (`held_until`) and deletes nothing.
@@ -244,6 +247,12 @@ def broken(record: GangRecord, pods: Iterable[RankPod]) -> Failure | None:
     return None
 
 
+def _ordinal(pod_name: str) -> int:
+    """A StatefulSet pod's ordinal: the number its name ends with."""
+    tail = pod_name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 def plan(
     record: GangRecord,
     pods: Iterable[RankPod],
@@ -271,6 +280,10 @@ def plan(
             )
             return GangPlan(formed)
         return GangPlan(record, resume)
+    if any(_ordinal(name) >= ranks for name in record.members):
+        # Fewer ranks (spec.ranksPerGroup): the StatefulSet removes the highest ones, and the rest cannot serve at
+        # the old world size. The gang re-forms at its new size, as in a rolling update: no failure is counted.
+        return roll(GangPlan(record, resume), pods, ())
     failure = broken(record, pods)
     if failure is None:
         return GangPlan(record, resume)

@@ -204,6 +204,17 @@ def test_a_rolling_update_restarts_the_gang_without_counting_a_failure() -> None
     assert plan(rolled.record, ranks(pod(0, deleting=True), pod(1, deleting=True)), RANKS, at(61)).delete == ()
 
 
+def test_fewer_ranks_per_group_re_form_the_gang_without_a_failure() -> None:
+    members = {f"s-g0-{r}": Member(f"s-g0-{r}-a", 0) for r in range(4)}
+    four = GangRecord(members=members, formed_at=T0)
+    pods = ranks(pod(0), pod(1), pod(2, deleting=True), pod(3, deleting=True))  # the StatefulSet scaled down
+    resized = plan(four, pods, 2, at(60))
+    assert resized.delete == ("s-g0-0", "s-g0-1") and resized.failure is None and not resized.restarting
+    assert resized.record.members == {} and resized.record.restarts == 0
+    grown = plan(formed(), ranks(pod(0), pod(1), pod(2, ready=False), pod(3, ready=False)), 4, at(60))
+    assert grown == GangPlan(formed())  # more ranks: the old gang serves until the rolling update replaces it
+
+
 def test_the_record_survives_its_annotation_and_a_garbled_one_is_empty() -> None:
     record = dataclasses.replace(
         formed(7), stale=frozenset({"x"}), restarts=3, streak=2, restarted_at=at(5), reason="rank pod p is gone"
