@@ -3,8 +3,8 @@
 Style: each group of names is a class used as a namespace (never instantiated) whose attributes are plain `str` or
 `int` constants, so they go straight into manifests, env lists and PromQL: `Annotations.APPLIED_GENERATION`,
 `Labels.GROUP`, `Ports.METRICS`, `Env.GROUP`, `Files.PLACEMENT`, `Metrics.EXPERT_TOKENS.name`,
-`FieldManagers.EPLB`. Per-preset model numbers are frozen dataclasses in `PRESET_SHAPES`; `moe_shape(spec)` resolves
-any `ModelSpec` (preset or inline config) the way the workers build it.
+`TrainingMetrics.STEP_SECONDS.name`, `FieldManagers.EPLB`. Per-preset model numbers are frozen dataclasses in
+`PRESET_SHAPES`; `moe_shape(spec)` resolves any `ModelSpec` (preset or inline config) the way the workers build it.
 
 This module imports no torch and nothing of ours but `k2_api.common`: the operator and the EPLB controller read it
 without the workers installed. `tests/model/test_contract_bytes.py` builds every preset's model and checks the shapes
@@ -123,7 +123,7 @@ class Env:
     COLLECTIVE_TIMEOUT_S: Final = "K2_COLLECTIVE_TIMEOUT_S"
     """Seconds a serving rank's collectives may block (default 120); not set by the operator."""
     LISTEN_HOST: Final = "K2_LISTEN_HOST"
-    """Address a serving process listens on (default 0.0.0.0); not set by the operator."""
+    """Address a serving process or training rank 0's /metrics listens on (default 0.0.0.0); not set by the operator."""
     TERMINATION_LOG: Final = "K2_TERMINATION_LOG"
     """Where a training worker writes why it stopped (the pod's terminationMessagePath); unset: nowhere."""
 
@@ -196,6 +196,8 @@ class MetricLabels:
     """Slot index on the rank."""
     SOURCE: Final = "source"
     """Where expert weights came from: one of `WeightSources`."""
+    TRAINING: Final = "training"
+    """Name of the K2Training a training rank 0 exports metrics for."""
 
 
 class WeightSources:
@@ -238,6 +240,40 @@ class Metrics:
         "k2_expert_weight_bytes_total",
         (*_RANK, MetricLabels.SOURCE),
         "Bytes of expert weights taken in to apply placements, by source (peer rank or storage).",
+    )
+
+
+_TRAINING = (MetricLabels.TRAINING,)
+
+
+class TrainingMetrics:
+    """What rank 0 of a training gang exports on `Ports.METRICS` (gauges describe the last completed step)."""
+
+    STEP: Final = MetricSpec("k2_train_step", _TRAINING, "Last completed optimizer step.")
+    STEPS: Final = MetricSpec("k2_train_steps", _TRAINING, "Optimizer steps of the whole run (spec.steps).")
+    LOSS: Final = MetricSpec("k2_train_loss", _TRAINING, "Training loss of the last step (mean over ranks).")
+    LEARNING_RATE: Final = MetricSpec("k2_train_learning_rate", _TRAINING, "Learning rate of the last step.")
+    STEP_SECONDS: Final = MetricSpec(
+        "k2_train_step_seconds", _TRAINING, "Wall time of the last optimizer step (forward, backward, update)."
+    )
+    TOKENS_PER_SECOND: Final = MetricSpec(
+        "k2_train_tokens_per_second", _TRAINING, "Global training throughput of the last step (all ranks)."
+    )
+    MAX_ATTENTION_LOGIT: Final = MetricSpec(
+        "k2_train_max_attention_logit", _TRAINING, "Largest pre-softmax attention logit of the last step."
+    )
+    QK_CLIPPED_HEADS: Final = MetricSpec(
+        "k2_train_qk_clipped_heads", _TRAINING, "Attention heads QK-Clip rescaled in the last step."
+    )
+    GRAD_NORM: Final = MetricSpec("k2_train_grad_norm", _TRAINING, "Global gradient norm before clipping.")
+    LAST_CHECKPOINT_STEP: Final = MetricSpec(
+        "k2_train_last_checkpoint_step", _TRAINING, "Step of the newest complete checkpoint."
+    )
+    TOKENS: Final = MetricSpec("k2_train_tokens_total", _TRAINING, "Tokens trained on (all ranks).")
+    EXPERT_TOKENS: Final = MetricSpec(
+        "k2_train_expert_tokens_total",
+        (*_TRAINING, MetricLabels.LAYER, MetricLabels.EXPERT),
+        "Tokens routed to a logical expert during training (all ranks).",
     )
 
 

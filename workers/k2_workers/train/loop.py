@@ -5,12 +5,12 @@ One step on every rank: forward (bf16 autocast on GPU) and backward on its own b
 global gradient-norm clipping, the learning rate of the WSD schedule, a MuonClip step whose QK-Clip sees the per-head
 max attention logits max-reduced over ranks, then the loss-free router-bias update from the expert token counts
 summed over ranks (every rank applies the same update to the same bias, so the biases stay identical). Rank 0 prints
-one JSON line per step on stdout; logs go to stderr.
+one JSON line per step on stdout (a progress bar on a terminal: train/progress.py); logs go to stderr. A run that
+reaches `steps` writes its Hugging Face-format export (train/export.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -38,8 +38,10 @@ from k2_workers.train.distributed import (
     init_distributed,
     shutdown,
 )
+from k2_workers.train.export import export_finished_run
 from k2_workers.train.metrics import TrainMetrics
 from k2_workers.train.parallel import clip_gradients_, expert_parameter_names, make_plan, shard_experts, sync_gradients_
+from k2_workers.train.progress import step_output
 from k2_workers.train.schedule import WSDSchedule, wsd_for_run
 from k2_workers.train.signals import StopFlag
 from k2_workers.train.status import StatusReporter, progress_record, reporter_from_env
@@ -103,7 +105,8 @@ class Trainer:
         order = SampleOrder(load_dataset(cfg.dataset, self.tokenizer), cfg.seq_len, cfg.seed)
         self.loader = DataLoader(order, cfg.micro_batch_size, env.rank, env.world_size)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last) if cfg.checkpoint_dir else None
-        self.metrics = TrainMetrics(cfg.name, cfg.metrics_port) if env.is_main else None
+        self.metrics = TrainMetrics(cfg.name, cfg.metrics_port, steps=cfg.steps) if env.is_main else None
+        self.output = step_output(cfg.progress_bar, out, cfg.steps) if env.is_main else None
         self.status: StatusReporter | None = (
             reporter_from_env(min_interval_s=cfg.status_interval_s) if env.is_main else None
         )
@@ -196,6 +199,7 @@ class Trainer:
             "max_attn_logit": max_logits_LH.max().item() if max_logits_LH.numel() else 0.0,
             "clipped_heads": self.optimizer.last_clipped_heads,
             "grad_norm": grad_norm.item(),
+            "step_s": elapsed,
         }
         if aux is not None:
             record["aux_loss"] = aux.item()
@@ -208,8 +212,8 @@ class Trainer:
         last = self.cfg.steps if self.cfg.stop_after is None else min(self.cfg.steps, self.cfg.stop_after)
         while self.step < last:
             record, stop = self.train_step()
-            if self.env.is_main:
-                print(json.dumps(record), file=self.out, flush=True)
+            if self.output is not None:
+                self.output.step(record)
             every = self.cfg.checkpoint_every
             if stop or self.step == last or (every and self.step % every == 0):
                 self.save()
@@ -229,9 +233,13 @@ class Trainer:
                 log.warning("%s", message)
                 write_termination_message(message)
                 return ExitCodes.PREEMPTED
+        if self.step == self.cfg.steps:  # also after a restart that resumed at the last step
+            export_finished_run(self.model, self.plan, self.cfg, self.step, self.env.is_main)
         return ExitCodes.SUCCEEDED
 
     def close(self) -> None:
+        if self.output is not None:
+            self.output.close()
         if self.status is not None:
             self.status.close()
         if self.metrics is not None:
