@@ -34,12 +34,14 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
     K2Training.KIND: [
         _column("Ready", ".status.readyWorkers", "integer", "Worker pods running and ready."),
         _column("Step", ".status.progress.step", "integer", "Last completed optimizer step."),
+        _column("Steps", ".spec.steps", "integer", "Optimizer steps to run."),
         _column("Loss", ".status.progress.loss", "number", "Training loss at that step."),
+        _column("Tokens/s", ".status.progress.tokensPerSecond", "number", "Gang throughput."),
         _column("Restarts", ".status.restarts", "integer", "Gang restarts so far."),
         _AGE,
         _column("Nodes", ".spec.numNodes", "integer", "Worker pods in the gang.", priority=1),
-        _column("Tokens/s", ".status.progress.tokensPerSecond", "number", "Gang throughput.", priority=1),
         _column("Checkpoint", ".status.progress.lastCheckpoint", "string", "Latest checkpoint.", priority=1),
+        _column("Export", ".status.export.uri", "string", "Trained model (a checkpointUri).", priority=1),
     ],
     K2Serving.KIND: [
         _column("Groups", ".spec.groups", "integer", "Desired expert-parallel groups."),

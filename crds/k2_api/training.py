@@ -12,6 +12,7 @@ from k2_api import uris
 from k2_api.common import (
     ApiModel,
     Condition,
+    DType,
     ModelSpec,
     PullPolicy,
     RankResources,
@@ -304,6 +305,20 @@ class Progress(ApiModel):
     updated_at: datetime | None = Field(default=None, description="When rank 0 wrote this progress.")
 
 
+class Export(ApiModel):
+    """The trained model in Hugging Face format, written by rank 0 when the training reached spec.steps."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="Directory of config.json and sharded safetensors (DeepSeek-V3 / Kimi-K2 tensor names): "
+        "file:///path or pvc://<claim>/<path>, as a K2Serving's spec.model.checkpointUri takes it.",
+    )
+    step: int = Field(ge=0, description="Optimizer step of the exported weights.")
+    dtype: DType = Field(description="Dtype the weights are stored in (fp8 runs export bf16).")
+    written_at: datetime | None = Field(default=None, description="When rank 0 finished writing the export.")
+
+
 class K2TrainingStatus(ApiModel):
     """Observed state of a K2Training, written by the operator (and progress by rank 0)."""
 
@@ -320,6 +335,7 @@ class K2TrainingStatus(ApiModel):
     )
     ready_workers: int = Field(default=0, ge=0, description="Worker pods running and ready.")
     progress: Progress | None = Field(default=None, description="Step, loss, throughput, checkpoint.")
+    export: Export | None = Field(default=None, description="The trained model, once the training Succeeded.")
     start_time: datetime | None = Field(default=None, description="When the gang first started running.")
     completion_time: datetime | None = Field(default=None, description="When the training Succeeded or Failed.")
 

@@ -8,7 +8,6 @@ record on its StatefulSet, deletes the pods the decisions name, writes status, t
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from typing import Any
@@ -18,7 +17,7 @@ import kopf
 from k2_api import GROUP, VERSION, ExpertPlacement, K2Serving
 from k2_api.contract import Annotations, FieldManagers, Labels
 from k2_api.kube import ObjectRef
-from k2_operator import gang
+from k2_operator import gang, requeue
 from k2_operator.builders.network_policy import KIND as NETWORK_POLICY
 from k2_operator.builders.network_policy import network_policies
 from k2_operator.builders.placement import expert_placement, placement_name
@@ -198,43 +197,7 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
                 log.warning("%s/%s: could not post the %s event", namespace, name, GROUP_RESTART)
     held = [p.held_until for p in plans.values() if p.held_until is not None]
     if held:
-        REQUEUES.at(namespace, name, min(held))
-
-
-class Requeues:
-    """One timer per K2Serving that reconciles it again at a given time (a gang restart held back by its backoff):
-    an earlier request replaces a later one, a later one leaves an earlier one in place."""
-
-    def __init__(self) -> None:
-        self.timers: dict[tuple[str, str], tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def at(self, namespace: str, name: str, when: dt.datetime) -> None:
-        loop = asyncio.get_running_loop()
-        fire_at = loop.time() + max(0.0, (when - now()).total_seconds())
-        key = (namespace, name)
-        current = self.timers.get(key)
-        if current is not None and current[0] is loop and not current[1].cancelled():
-            if current[1].when() <= fire_at:
-                return
-            current[1].cancel()
-        self.timers[key] = (loop, loop.call_at(fire_at, self._fire, namespace, name))
-
-    def _fire(self, namespace: str, name: str) -> None:
-        self.timers.pop((namespace, name), None)
-        task = asyncio.ensure_future(self._reconcile(namespace, name))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    @staticmethod
-    async def _reconcile(namespace: str, name: str) -> None:
-        try:
-            await trigger(KIND, namespace, name)
-        except Exception as error:  # counted in k2_operator_reconcile_errors_total; the resync retries
-            log.warning("%s/%s: requeued reconcile failed: %r", namespace, name, error)
-
-
-REQUEUES = Requeues()
+        requeue.REQUEUES.at(KIND, namespace, name, min(held))
 
 
 @kopf.on.resume(GROUP, VERSION, K2Serving.PLURAL)

@@ -113,7 +113,7 @@ def test_names_subresources_and_columns() -> None:
         kind: [c["name"] for c in v["additionalPrinterColumns"] if "priority" not in c] for kind, v in versions.items()
     }
     assert columns == {
-        "K2Training": ["Ready", "Step", "Loss", "Restarts", "Age"],
+        "K2Training": ["Ready", "Step", "Steps", "Loss", "Tokens/s", "Restarts", "Age"],
         "K2Serving": ["Groups", "Ready", "Balance", "Generation", "Age"],
         "ExpertPlacement": ["Generation", "Applied", "Balance", "Age"],
     }

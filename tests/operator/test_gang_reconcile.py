@@ -13,9 +13,11 @@ import pytest
 from k2_api import K2Serving
 from k2_api.contract import Annotations, Labels
 from k2_api.kube import errors
+from k2_operator import requeue
 from k2_operator import serving as serving_module
 from k2_operator.gang import GangRecord
-from k2_operator.serving import GROUP_RESTART, REVISION_LABEL, Requeues, reconcile
+from k2_operator.requeue import Requeues
+from k2_operator.serving import GROUP_RESTART, REVISION_LABEL, reconcile
 from tests.operator.fake_env import NS, Env, condition
 
 FILE = "k2serving-debug.yaml"  # 2 groups of 2 ranks
@@ -39,7 +41,8 @@ class RecordedRequeues:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dt.datetime]] = []
 
-    def at(self, namespace: str, name: str, when: dt.datetime) -> None:
+    def at(self, kind: str, namespace: str, name: str, when: dt.datetime) -> None:
+        assert kind == K2Serving.KIND
         self.calls.append((namespace, name, when))
 
 
@@ -53,7 +56,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 @pytest.fixture
 def requeues(monkeypatch: pytest.MonkeyPatch) -> RecordedRequeues:
     recorded = RecordedRequeues()
-    monkeypatch.setattr(serving_module, "REQUEUES", recorded)
+    monkeypatch.setattr(requeue, "REQUEUES", recorded)
     return recorded
 
 
@@ -290,22 +293,23 @@ def test_requeues_keep_the_earliest_timer_and_fire_a_reconcile(monkeypatch: pyte
     async def trigger(kind: str, namespace: str | None, name: str | None) -> None:
         fired.append((kind, namespace, name))
 
-    monkeypatch.setattr(serving_module, "trigger", trigger)
-    monkeypatch.setattr(serving_module, "now", lambda: T0)
+    monkeypatch.setattr(requeue, "trigger", trigger)
+    monkeypatch.setattr(requeue, "now", lambda: T0)
+    key = (K2Serving.KIND, NS, "a")
 
     async def scenario() -> None:
         requeues = Requeues()
-        requeues.at(NS, "a", T0 + dt.timedelta(seconds=300))
-        first = requeues.timers[(NS, "a")][1]
-        requeues.at(NS, "a", T0 + dt.timedelta(seconds=600))  # later: the earlier timer stays
-        assert requeues.timers[(NS, "a")][1] is first and not first.cancelled()
-        requeues.at(NS, "a", T0)  # earlier: replaces it, and fires at once
+        requeues.at(*key, T0 + dt.timedelta(seconds=300))
+        first = requeues.timers[key][1]
+        requeues.at(*key, T0 + dt.timedelta(seconds=600))  # later: the earlier timer stays
+        assert requeues.timers[key][1] is first and not first.cancelled()
+        requeues.at(*key, T0)  # earlier: replaces it, and fires at once
         assert first.cancelled()
         for _ in range(20):
             await asyncio.sleep(0)
             if fired:
                 break
-        assert (NS, "a") not in requeues.timers
+        assert key not in requeues.timers
 
     asyncio.run(scenario())
-    assert fired == [(K2Serving.KIND, NS, "a")]
+    assert fired == [key]

@@ -11,6 +11,7 @@ import yaml
 
 from k2_api.contract import Env, ExitCodes, TorchrunEnv
 from k2_workers.train.config import RunConfig, load_manifest, resolve_config
+from k2_workers.train.export_target import local_export_target
 from k2_workers.train.termination import crash_message, write_termination_message
 
 log = logging.getLogger("k2_workers.train")
@@ -51,6 +52,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"Prometheus port on rank 0; 0 = off (default ${Env.METRICS_PORT} or 0)",
     )
     parser.add_argument(
+        "--export-dir",
+        dest="export_dir",
+        help="write the Hugging Face-format model here when the run reaches --steps (default: <checkpoints>/export "
+        "when spec.checkpointing has a uri or claimName)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON line per step on stdout even on a terminal (pods; without a terminal this is the default)",
+    )
+    parser.add_argument(
         "--pg-timeout",
         dest="process_group_timeout_s",
         type=float,
@@ -59,9 +71,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace, stdout_is_tty: bool = False) -> RunConfig:
     manifest = load_manifest(args.config) if args.config else None
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "nproc_per_node")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "nproc_per_node", "json")}
+    overrides["progress_bar"] = stdout_is_tty and not args.json
+    if args.export_dir is not None:
+        target = local_export_target(args.export_dir)
+        overrides["export_dir"], overrides["export_uri"] = target.dir, target.uri
     if overrides["metrics_port"] is None and os.environ.get(Env.METRICS_PORT):
         overrides["metrics_port"] = int(os.environ[Env.METRICS_PORT])
     return resolve_config(manifest, overrides, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
@@ -89,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, stdout_is_tty=sys.stdout.isatty())
     except (OSError, ValueError, yaml.YAMLError) as error:
         log.error("invalid configuration: %s", error)
         write_termination_message(f"invalid configuration: {crash_message(error)}")

@@ -17,6 +17,7 @@ import yaml
 
 from k2_api import uris
 from k2_api.training import K2Training
+from k2_workers.train.export_target import export_dtype, export_target
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,15 @@ class RunConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # 0 = only at the end and on SIGTERM
     keep_last: int = 2
+    # the Hugging Face-format export written when `steps` is reached (train/export.py); no export_dir: none
+    export_dir: str | None = None
+    export_uri: str | None = None  # what status.export.uri says (default file://export_dir)
+    export_dtype: str = "fp32"
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     metrics_port: int = 0  # 0 = no metrics server
     status_interval_s: float = 10.0
+    progress_bar: bool = False  # a terminal's progress bar instead of one JSON line per step (train/progress.py)
     process_group_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -74,6 +80,8 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.process_group_timeout_s <= 0:
             raise ValueError("process_group_timeout_s must be > 0")
+        if self.export_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"export_dtype must be fp32 or bf16, got {self.export_dtype!r}")
 
 
 def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, Any]:
@@ -111,6 +119,10 @@ def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, A
         values["checkpoint_dir"] = uris.local_only(spec.checkpointing.uri, "spec.checkpointing.uri")
     elif in_cluster:  # the operator mounts the claim (or an emptyDir) there
         values["checkpoint_dir"] = spec.checkpointing.mount_path
+    target = export_target(spec.checkpointing, values.get("checkpoint_dir"))
+    if target is not None:
+        values["export_dir"], values["export_uri"] = target.dir, target.uri
+    values["export_dtype"] = export_dtype(spec.model.dtype).value
     return values
 
 

@@ -1,39 +1,52 @@
-"""Prometheus metrics of a training run, served by rank 0 (port 0 disables them; -1 picks a free port)."""
+"""Prometheus metrics of a training run, served by rank 0 (port 0 disables them; -1 picks a free port).
+
+Names, labels and help texts are `k2_api.contract.TrainingMetrics`; the HTTP endpoint (/metrics and /healthz) is the
+control plane's shared one, `k2_api.metrics_server.serve_metrics`.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import os
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from k2_api.contract import Env, MetricLabels, MetricSpec, TrainingMetrics
+from k2_api.metrics_server import serve_metrics
 
 
 class TrainMetrics:
     """One registry per run (not the process-global one), so tests can build several."""
 
-    def __init__(self, training: str, port: int = 0, addr: str = "0.0.0.0") -> None:
+    def __init__(self, training: str, port: int = 0, addr: str | None = None, steps: int | None = None) -> None:
+        """`addr` default: $K2_LISTEN_HOST, else every interface."""
         self.registry = CollectorRegistry()
-        labels = ["training"]
-        self._labels = {"training": training}
+        self._labels = {MetricLabels.TRAINING: training}
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=self.registry)
+        def gauge(spec: MetricSpec) -> Gauge:
+            return Gauge(spec.name, spec.help, spec.labels, registry=self.registry)
 
-        self.step = gauge("k2_train_step", "Last completed optimizer step")
-        self.loss = gauge("k2_train_loss", "Training loss of the last step (mean over ranks)")
-        self.lr = gauge("k2_train_learning_rate", "Learning rate of the last step")
-        self.tokens_per_second = gauge("k2_train_tokens_per_second", "Global training throughput of the last step")
-        self.max_attention_logit = gauge("k2_train_max_attention_logit", "Largest pre-softmax attention logit")
-        self.clipped_heads = gauge("k2_train_qk_clipped_heads", "Attention heads QK-Clip rescaled in the last step")
-        self.grad_norm = gauge("k2_train_grad_norm", "Global gradient norm before clipping")
-        self.last_checkpoint_step = gauge("k2_train_last_checkpoint_step", "Step of the newest complete checkpoint")
-        self.tokens = Counter("k2_train_tokens", "Tokens trained on (all ranks)", labels, registry=self.registry)
-        self.expert_tokens = Counter(
-            "k2_train_expert_tokens",
-            "Tokens routed to a logical expert (all ranks)",
-            [*labels, "layer", "expert"],
-            registry=self.registry,
-        )
-        self._server = None
+        def counter(spec: MetricSpec) -> Counter:
+            return Counter(spec.family, spec.help, spec.labels, registry=self.registry)
+
+        self.step = gauge(TrainingMetrics.STEP)
+        self.steps = gauge(TrainingMetrics.STEPS)
+        self.loss = gauge(TrainingMetrics.LOSS)
+        self.lr = gauge(TrainingMetrics.LEARNING_RATE)
+        self.step_seconds = gauge(TrainingMetrics.STEP_SECONDS)
+        self.tokens_per_second = gauge(TrainingMetrics.TOKENS_PER_SECOND)
+        self.max_attention_logit = gauge(TrainingMetrics.MAX_ATTENTION_LOGIT)
+        self.clipped_heads = gauge(TrainingMetrics.QK_CLIPPED_HEADS)
+        self.grad_norm = gauge(TrainingMetrics.GRAD_NORM)
+        self.last_checkpoint_step = gauge(TrainingMetrics.LAST_CHECKPOINT_STEP)
+        self.tokens = counter(TrainingMetrics.TOKENS)
+        self.expert_tokens = counter(TrainingMetrics.EXPERT_TOKENS)
+        if steps is not None:
+            self.steps.labels(**self._labels).set(steps)
+        self._server: ThreadingHTTPServer | None = None
         if port:
-            self._server, _ = start_http_server(max(port, 0), addr=addr, registry=self.registry)
+            host = addr or os.environ.get(Env.LISTEN_HOST, "0.0.0.0")
+            self._server = serve_metrics(self.registry, max(port, 0), host, thread_name="k2-train-metrics")
 
     @property
     def port(self) -> int | None:
@@ -47,10 +60,13 @@ class TrainMetrics:
             self._server = None
 
     def observe_step(self, record: dict[str, float], num_tokens: int, expert_counts: list[list[float]] | None) -> None:
+        """One step's JSON record (`step_s` is optional: records of older callers lack it)."""
         labels = self._labels
         self.step.labels(**labels).set(record["step"])
         self.loss.labels(**labels).set(record["loss"])
         self.lr.labels(**labels).set(record["lr"])
+        if "step_s" in record:
+            self.step_seconds.labels(**labels).set(record["step_s"])
         self.tokens_per_second.labels(**labels).set(record["tokens_per_s"])
         self.max_attention_logit.labels(**labels).set(record["max_attn_logit"])
         self.clipped_heads.labels(**labels).set(record["clipped_heads"])
@@ -59,7 +75,8 @@ class TrainMetrics:
         for layer, row in enumerate(expert_counts or []):
             for expert, count in enumerate(row):
                 if count:
-                    self.expert_tokens.labels(**labels, layer=str(layer), expert=str(expert)).inc(count)
+                    where = {MetricLabels.LAYER: str(layer), MetricLabels.EXPERT: str(expert)}
+                    self.expert_tokens.labels(**labels, **where).inc(count)
 
     def observe_checkpoint(self, step: int) -> None:
         self.last_checkpoint_step.labels(**self._labels).set(step)
