@@ -1,9 +1,9 @@
 """Gang restarts of a serving group: when a rank of a formed group fails, every rank pod of the group goes, so that
 its StatefulSet recreates them together and they rendezvous afresh. Pure: pods and a record in, a plan out.
 
-A group *forms* when the operator sees all its rank pods ready at once; the gang's members (pod uid -> container
-restarts) are then recorded in the `k2.ai/gang` annotation of the group's StatefulSet, which survives an operator
-restart. A member breaks the gang when
+A group *forms* when the operator sees all its rank pods ready at once; the gang's members (each pod's name, uid
+and container restarts) are then recorded in the `k2.ai/gang` annotation of the group's StatefulSet, which survives
+an operator restart. A member breaks the gang when
 - one of its containers terminated since the group formed (its restart count grew: exit 3 when the group broke, a
   crash, an OOM kill),
 - its pod Failed, is being deleted, or is gone (a pod of the same name with another uid is its replacement).
@@ -16,7 +16,7 @@ group is forming: a rank that fails meanwhile is restarted in place by the kubel
 Not failures: a rolling update (`roll`), a group scaled to zero (suspend) or to fewer ranks re-form the gang without
 counting a restart.
 
-Rate: the first restart runs at once; each further one in a row waits `Backoff.delay` after the previous one (10 s,
+Rate: the first restart runs at once; each further one in a row waits `Backoff.delay_s` after the previous one (10 s,
 doubling, capped at 5 min); a gang that served `Backoff.stable_s` (10 min) before it broke starts the count afresh.
 While a restart is held back, the plan says until when (`held_until`) and deletes nothing.
 """
@@ -308,7 +308,7 @@ def plan(
 def roll(current: GangPlan, pods: Iterable[RankPod], outdated: Iterable[str]) -> GangPlan:
     """`current` plus a restart the operator chose (a rolling update deleting the `outdated` pods): the gang and
     those pods go, and nothing counts against the backoff."""
-    names = set(outdated)
+    pods, names = list(pods), set(outdated)
     uids = {p.uid for p in pods if p.name in names}
     record = dataclasses.replace(
         current.record,
