@@ -165,8 +165,10 @@ class SizeResult:
     objects: int
     latency_p50_s: float
     latency_p99_s: float
-    ready_s: float
-    """From the first create to every resource Ready."""
+    ready_s: float | None
+    """From the first create to every resource Ready; None when not all were within the timeout."""
+    ready: int
+    """Resources Ready (for their current generation) at that moment, or at the timeout."""
     requests_to_ready: float
     """Operator write requests from the first create to all Ready."""
     steady_operator_requests_per_min: float
@@ -189,6 +191,16 @@ def table(results: list[SizeResult]) -> str:
     def per_object(result: SizeResult, value: float) -> float:
         return value / result.objects
 
+    def ready(result: SizeResult) -> str:
+        if result.ready_s is None:
+            return f"not all in time ({result.ready} of {result.objects})"
+        return f"{result.ready_s:.1f} s"
+
+    def ready_ratio(result: SizeResult) -> str:
+        if result.ready_s is None or base.ready_s is None:
+            return "-"
+        return ratio(per_object(result, result.ready_s), per_object(base, base.ready_s))
+
     rows = [
         f"| N each | p50 apply-to-children | p99 | all Ready | per object vs N={base.size} | operator write requests "
         "to Ready (per object) | steady write requests/min (operator / all) | steady etcd writes/min "
@@ -197,8 +209,7 @@ def table(results: list[SizeResult]) -> str:
     ]
     for r in results:
         rows.append(
-            f"| {r.size} | {r.latency_p50_s:.2f} s | {r.latency_p99_s:.2f} s | {r.ready_s:.1f} s"
-            f" | {ratio(per_object(r, r.ready_s), per_object(base, base.ready_s))}"
+            f"| {r.size} | {r.latency_p50_s:.2f} s | {r.latency_p99_s:.2f} s | {ready(r)} | {ready_ratio(r)}"
             f" | {r.requests_to_ready:.0f} ({per_object(r, r.requests_to_ready):.1f})"
             f" | {r.steady_operator_requests_per_min:.0f} / {r.steady_requests_per_min:.0f}"
             f" | {r.steady_storage_writes_per_min:.0f}"
@@ -386,6 +397,26 @@ def list_objects(api: Any, namespace: str, plural: str) -> list[dict[str, Any]]:
     return list(answer["items"])
 
 
+def wait_ready(
+    api: Any, watch: ChildWatch, namespace: str, created: Mapping[str, tuple[float, int]], deadline: float
+) -> tuple[dict[str, float], float | None, int]:
+    """Polls until every created resource has its children and is Ready, or the deadline: (apply-to-children
+    latency by resource, when all were Ready or None, how many were Ready)."""
+    latencies: dict[str, float] = {}
+    while True:
+        for key, (created_at, expected) in created.items():
+            seen = watch.children_at(key, expected)
+            if key not in latencies and seen is not None:
+                latencies[key] = seen - created_at
+        items = [i for plural in PLURALS.values() for i in list_objects(api, namespace, plural)]
+        ready = sum(map(is_ready, items))
+        if len(latencies) == len(created) and ready == len(created):
+            return latencies, time.monotonic(), ready
+        if time.monotonic() > deadline:
+            return latencies, None, ready
+        time.sleep(0.25)
+
+
 def measure(plane: Plane, size: int, resync_s: float, steady_s: float, timeout_s: float, logs: Path) -> SizeResult:
     namespace = f"bench-{size}"
     plane.kubectl("create", "namespace", namespace)
@@ -405,23 +436,7 @@ def measure(plane: Plane, size: int, resync_s: float, steady_s: float, timeout_s
             for body, children in ((serving, serving["spec"]["groups"]), (training, 1)):
                 api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[body["kind"]], body)
                 created[f"{body['kind']}/{body['metadata']['name']}"] = (time.monotonic(), children)
-        latencies: dict[str, float] = {}
-        ready_at = None
-        deadline = begin + timeout_s
-        while ready_at is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"size {size}: not all Ready within {timeout_s:.0f}s ({len(latencies)} with children)"
-                )
-            for key, (created_at, expected) in created.items():
-                seen = watch.children_at(key, expected)
-                if key not in latencies and seen is not None:
-                    latencies[key] = seen - created_at
-            items = [i for plural in PLURALS.values() for i in list_objects(api, namespace, plural)]
-            if len(latencies) == len(created) and len(items) == len(created) and all(map(is_ready, items)):
-                ready_at = time.monotonic()
-            else:
-                time.sleep(0.25)
+        latencies, ready_at, ready_count = wait_ready(api, watch, namespace, created, begin + timeout_s)
         at_ready = plane.writes()
         time.sleep(resync_s + 2)  # one full resync after Ready, so that the window below is steady
         steady_before = plane.writes()
@@ -436,9 +451,10 @@ def measure(plane: Plane, size: int, resync_s: float, steady_s: float, timeout_s
     return SizeResult(
         size=size,
         objects=len(created),
-        latency_p50_s=percentile(latencies.values(), 50),
-        latency_p99_s=percentile(latencies.values(), 99),
-        ready_s=ready_at - begin,
+        latency_p50_s=percentile(latencies.values(), 50) if latencies else math.nan,
+        latency_p99_s=percentile(latencies.values(), 99) if latencies else math.nan,
+        ready_s=None if ready_at is None else ready_at - begin,
+        ready=ready_count,
         requests_to_ready=split_writes(write_delta(before, at_ready)).operator_requests,
         steady_operator_requests_per_min=steady_split.operator_requests * per_min,
         steady_requests_per_min=steady_split.requests * per_min,
