@@ -190,6 +190,8 @@ class Preset(enum.StrEnum):
     KIMI_K2 = "kimi-k2"
     DEEPSEEK_V3 = "deepseek-v3"
     K2_DEBUG = "k2-debug"
+    MIXTRAL_8X7B = "mixtral-8x7b"
+    MIXTRAL_DEBUG = "mixtral-debug"
 
 
 class DType(enum.StrEnum):
@@ -267,7 +269,10 @@ class ModelSpec(ApiModel):
             ]
         }
     )
-    preset: Preset | None = Field(default=None, description="Built-in configuration: kimi-k2, deepseek-v3 or k2-debug.")
+    preset: Preset | None = Field(
+        default=None,
+        description="Built-in configuration: kimi-k2, deepseek-v3, mixtral-8x7b, k2-debug or mixtral-debug.",
+    )
     config: InlineModelConfig | None = Field(default=None, description="Inline Hugging Face style config.json.")
     checkpoint_uri: str | None = storage_uri_field(
         CHECKPOINT_URI_FIELD,

@@ -356,6 +356,22 @@ PRESET_SHAPES: Final = {
         hidden_size=64,
         moe_intermediate_size=32,
     ),
+    Preset.MIXTRAL_8X7B: MoeShape(
+        num_hidden_layers=32,
+        first_k_dense_replace=0,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        hidden_size=4096,
+        moe_intermediate_size=14336,
+    ),
+    Preset.MIXTRAL_DEBUG: MoeShape(
+        num_hidden_layers=3,
+        first_k_dense_replace=0,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        hidden_size=64,
+        moe_intermediate_size=32,
+    ),
 }
 """The MoE shape of each preset (k2_workers.model.K2Config.from_preset builds its MoE from these)."""
 

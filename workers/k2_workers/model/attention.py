@@ -29,11 +29,16 @@ MAX_LOGIT_CHUNK_ELEMENTS = 1 << 24  # logits materialised at once while recordin
 
 @torch.no_grad()
 def causal_max_logits(
-    q_BHSK: Tensor, k_BHTK: Tensor, scale: float, past: int = 0, chunk_elements: int = MAX_LOGIT_CHUNK_ELEMENTS
+    q_BHSK: Tensor,
+    k_BHTK: Tensor,
+    scale: float,
+    past: int = 0,
+    chunk_elements: int = MAX_LOGIT_CHUNK_ELEMENTS,
+    window: int | None = None,
 ) -> Tensor:
     """The largest causal pre-softmax logit `scale · q·k` of every head, [H] in fp32, computed over query chunks.
 
-    Query i (absolute position past + i) sees keys 0..past + i.
+    Query i (absolute position past + i) sees keys 0..past + i, and with a sliding `window` only the last `window`.
     """
     b, h, s, _ = q_BHSK.shape
     t = k_BHTK.shape[2]
@@ -44,7 +49,10 @@ def causal_max_logits(
         q_BHCK = q_BHSK[:, :, start : start + rows]
         logits_BHCT = torch.matmul(q_BHCK, k_BHTK.transpose(-1, -2)).float() * scale
         queries_C = torch.arange(start, start + q_BHCK.shape[2], device=q_BHSK.device) + past
-        logits_BHCT.masked_fill_(keys_T[None, :] > queries_C[:, None], float("-inf"))
+        hidden_CT = keys_T[None, :] > queries_C[:, None]
+        if window is not None:
+            hidden_CT |= queries_C[:, None] - keys_T[None, :] >= window
+        logits_BHCT.masked_fill_(hidden_CT, float("-inf"))
         best_H = torch.maximum(best_H, logits_BHCT.amax(dim=(0, 2, 3)))
     return best_H
 

@@ -1,7 +1,10 @@
-"""The state-dict adapter: Hugging Face safetensors checkpoints (DeepSeek-V3 / Kimi-K2 names) <-> `K2ForCausalLM`.
+"""The state-dict adapter: Hugging Face safetensors checkpoints (DeepSeek-V3 / Kimi-K2 or Mixtral names) <->
+`K2ForCausalLM`.
 
-On disk every routed expert has its own tensors (`model.layers.L.mlp.experts.E.gate_proj.weight`); in memory they
-are stacked (`model.layers.L.mlp.experts.gate_proj[slot]`). All other names are identical. Loading opens the shards
+On disk every routed expert has its own tensors (`model.layers.L.mlp.experts.E.gate_proj.weight`, Mixtral's
+`model.layers.L.block_sparse_moe.experts.E.w1.weight`); in memory they are stacked
+(`model.layers.L.mlp.experts.gate_proj[slot]`). All other names are identical, except Mixtral's router
+(`block_sparse_moe.gate`, see `hf_mixtral`). Loading opens the shards
 with `safe_open` (memory-mapped) and reads only the tensors the model holds, so a rank that holds some experts reads
 only those. FP8 weights with a `weight_scale_inv` companion are dequantised on load.
 """
@@ -20,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from k2_workers.model import hf_mixtral
 from k2_workers.model.config import K2Config
 from k2_workers.model.experts import RoutedExperts
 from k2_workers.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_fp8
@@ -66,6 +70,18 @@ class CheckpointError(ValueError):
 
 def expert_tensor_name(prefix: str, expert_id: int, projection: str) -> str:
     return f"{prefix}.{expert_id}.{projection}.weight"
+
+
+def checkpoint_expert_name(config: K2Config, prefix: str, expert_id: int, projection: str) -> str:
+    """The checkpoint name of one expert's projection; `prefix` is the experts module (`model.layers.L.mlp.experts`)."""
+    if config.model_type == hf_mixtral.MODEL_TYPE:
+        return hf_mixtral.expert_tensor_name(prefix, expert_id, projection)
+    return expert_tensor_name(prefix, expert_id, projection)
+
+
+def checkpoint_name(config: K2Config, name: str) -> str:
+    """The checkpoint name of a (non-expert) tensor of the model's state dict."""
+    return hf_mixtral.tensor_name(name) if config.model_type == hf_mixtral.MODEL_TYPE else name
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -172,6 +188,7 @@ def load_pretrained(
                     config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, expert_ids=expert_ids
                 )
     model.to_empty(device=device)
+    model.tie_weights()
     model.to(dtype)
     for moe in model.moe_blocks():
         if moe.gate.e_score_correction_bias is not None:
@@ -195,7 +212,7 @@ def _fill(model: K2ForCausalLM, reader: CheckpointReader, device: torch.device |
             continue
         stacked = _STACKED.match(name)
         if stacked is None:
-            tensor.copy_(reader.read(name, tensor.shape, tensor.dtype, device))
+            tensor.copy_(reader.read(checkpoint_name(model.config, name), tensor.shape, tensor.dtype, device))
             continue
         prefix, projection = stacked.groups()
         held = modules[prefix]
@@ -206,7 +223,7 @@ def _fill(model: K2ForCausalLM, reader: CheckpointReader, device: torch.device |
                 tensor[slot].copy_(tensor[first_slot[expert_id]])
                 continue
             first_slot[expert_id] = slot
-            source = expert_tensor_name(prefix, expert_id, projection)
+            source = checkpoint_expert_name(model.config, prefix, expert_id, projection)
             tensor[slot].copy_(reader.read(source, tensor.shape[1:], tensor.dtype, device))
 
 
@@ -219,7 +236,7 @@ def hf_state_dict(model: K2ForCausalLM) -> Iterator[tuple[str, Tensor]]:
             continue
         stacked = _STACKED.match(name)
         if stacked is None:
-            yield name, tensor
+            yield checkpoint_name(model.config, name), tensor
             continue
         prefix, projection = stacked.groups()
         held = modules[prefix]
@@ -228,7 +245,7 @@ def hf_state_dict(model: K2ForCausalLM) -> Iterator[tuple[str, Tensor]]:
         for slot, expert_id in enumerate(held.expert_ids):
             if expert_id not in seen:
                 seen.add(expert_id)
-                yield expert_tensor_name(prefix, expert_id, projection), tensor[slot]
+                yield checkpoint_expert_name(model.config, prefix, expert_id, projection), tensor[slot]
 
 
 def _shards(tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int) -> list[dict[str, Tensor]]:

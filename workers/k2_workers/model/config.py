@@ -1,5 +1,8 @@
 """`K2Config`: the model hyper-parameters, with the field names of the Hugging Face DeepSeek-V3 / Kimi-K2 config.json.
 
+Two attention designs: `mla` (DeepSeek-V3 / K2) and `gqa` (grouped-query attention, as Mixtral). A Mixtral
+config.json (`model_type: mixtral`) is translated by `hf_mixtral`, in both directions.
+
 A config is validated when it is built (from a preset, from a config.json or by hand); a bad value raises a
 `ValueError` that names the field.
 """
@@ -13,12 +16,14 @@ from typing import Any
 
 from k2_api.common import Preset
 from k2_api.contract import PRESET_SHAPES
+from k2_workers.model import hf_mixtral
 
 ROUTER_SCORING_FUNCS = ("sigmoid", "softmax")
 # noaux_tc: DeepSeek-V3 / K2 (bias-corrected choice, top-2-sum group score); greedy: plain top-k (Mixtral/Switch);
 # group_limited_greedy: DeepSeek-V2 (max group score, no bias).
 ROUTER_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ROPE_SCALING_TYPES = ("yarn",)
+ATTENTION_TYPES = ("mla", "gqa")
 
 # HF keys that describe the file rather than the model; to_hf_config writes them, from_hf_config ignores them.
 _HF_BOOKKEEPING_KEYS = frozenset(
@@ -53,6 +58,10 @@ class K2Config:
     num_hidden_layers: int = _KIMI_K2.num_hidden_layers
     num_attention_heads: int = 64
     num_key_value_heads: int = 64
+    attention_type: str = "mla"  # "mla", or "gqa": grouped-query attention with RoPE over the whole head
+    # GQA
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    sliding_window: int | None = None  # each query attends to its last `sliding_window` tokens (itself included)
     # MLA
     q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
@@ -73,6 +82,9 @@ class K2Config:
     routed_scaling_factor: float = 2.827
     aux_loss_alpha: float = 0.001
     seq_aux: bool = True
+    # Switch-style expert capacity: each expert takes at most ceil(capacity_factor · tokens · top-k / experts)
+    # assignments of a forward; the overflow (in routing order) is dropped. None: no capacity.
+    capacity_factor: float | None = None
     # positions
     rope_theta: float = 50000.0
     rope_scaling: dict[str, Any] | None = field(default_factory=_kimi_k2_rope_scaling)
@@ -101,7 +113,19 @@ class K2Config:
     # --- derived sizes -------------------------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
+        """Width of one head's query and key: nope + rope dims (MLA) or the head dim (GQA)."""
+        if self.attention_type == "gqa":
+            return self.gqa_head_dim
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Dims that RoPE rotates: MLA's decoupled rope dims, or the whole GQA head."""
+        return self.gqa_head_dim if self.attention_type == "gqa" else self.qk_rope_head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` has an MoE block (else a dense SwiGLU), as in the DeepSeek-V3 remote code."""
@@ -114,7 +138,8 @@ class K2Config:
     # --- constructors --------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str) -> K2Config:
-        """A built-in configuration: `kimi-k2`, `deepseek-v3` or `k2-debug` (tiny, for CPU tests)."""
+        """A built-in configuration: `kimi-k2`, `deepseek-v3`, `mixtral-8x7b`, or the tiny `k2-debug` and
+        `mixtral-debug` (for CPU tests)."""
         try:
             overrides = _PRESETS[name]
         except KeyError:
@@ -123,7 +148,11 @@ class K2Config:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> K2Config:
-        """Build from a Hugging Face config.json dict (Kimi-K2, DeepSeek-V3, or one written by transformers 5.x)."""
+        """Build from a Hugging Face config.json dict (Kimi-K2, DeepSeek-V3, Mixtral, or one written by
+        transformers 5.x)."""
+        if hf_mixtral.is_mixtral(hf):
+            fields, extra = hf_mixtral.fields_from_hf(dict(hf))
+            return cls(**fields, extra=extra)
         hf = copy.deepcopy(dict(hf))
         if "rope_parameters" in hf:  # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters
             params = dict(hf.pop("rope_parameters") or {})
@@ -137,6 +166,8 @@ class K2Config:
             hf["torch_dtype"] = hf["dtype"]
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in hf.items() if k in known}
+        if kwargs.get("attention_type", "mla") == "mla":  # DeepSeek-V3's config.json writes head_dim = rope dims
+            kwargs.pop("head_dim", None)
         extra = {k: v for k, v in hf.items() if k not in known and k not in _HF_BOOKKEEPING_KEYS}
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
@@ -146,13 +177,26 @@ class K2Config:
         return cls(**kwargs, extra=extra)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The config.json dict (legacy `rope_theta` + `rope_scaling` form, as the published checkpoints use)."""
+        """The config.json dict (legacy `rope_theta` + `rope_scaling` form, as the published checkpoints use):
+        Mixtral's keys for `model_type: mixtral`, else DeepSeek-V3's plus any non-default field of ours."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if self.model_type == hf_mixtral.MODEL_TYPE:
+            return hf_mixtral.hf_from_fields(fields, self.extra)
         out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"]}
         out.update(copy.deepcopy(self.extra))
-        for f in dataclasses.fields(self):
-            if f.name != "extra":
-                out[f.name] = copy.deepcopy(getattr(self, f.name))
+        for name, value in fields.items():
+            if name not in _OMITTED_AT_DEFAULT or value != _OMITTED_AT_DEFAULT[name]:
+                out[name] = copy.deepcopy(value)
         return out
+
+
+# Fields DeepSeek-V3's config.json does not have: written only when set, so K2 / DeepSeek files stay as published.
+_OMITTED_AT_DEFAULT: dict[str, Any] = {
+    "attention_type": "mla",
+    "head_dim": None,
+    "sliding_window": None,
+    "capacity_factor": None,
+}
 
 
 # --- presets -----------------------------------------------------------------------------------------------------
@@ -215,6 +259,41 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 257,
         "torch_dtype": "float32",
     },
+    # Mixtral-8x7B-v0.1's published config.json.
+    Preset.MIXTRAL_8X7B.value: {
+        **hf_mixtral.FIXED_FIELDS,
+        **hf_mixtral.ROUTING_DEFAULTS,
+        **_moe(Preset.MIXTRAL_8X7B),
+        "intermediate_size": PRESET_SHAPES[Preset.MIXTRAL_8X7B].moe_intermediate_size,
+        "vocab_size": 32000,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 1e6,
+        "rope_scaling": None,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "aux_loss_alpha": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # Tiny Mixtral: GQA (4 query heads, 2 KV heads), 8 experts softmax top-2, no dense layer; byte tokenizer.
+    Preset.MIXTRAL_DEBUG.value: {
+        **hf_mixtral.FIXED_FIELDS,
+        **hf_mixtral.ROUTING_DEFAULTS,
+        **_moe(Preset.MIXTRAL_DEBUG),
+        "intermediate_size": PRESET_SHAPES[Preset.MIXTRAL_DEBUG].moe_intermediate_size,
+        "vocab_size": 258,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 1e6,
+        "rope_scaling": None,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "aux_loss_alpha": 0.02,
+        "bos_token_id": 256,
+        "eos_token_id": 257,
+        "torch_dtype": "float32",
+    },
 }
 
 PRESET_NAMES = tuple(_PRESETS)
@@ -254,9 +333,27 @@ def _validate(c: K2Config) -> None:
     _require(c.q_lora_rank is None or c.q_lora_rank > 0, "q_lora_rank", f"must be None or > 0, got {c.q_lora_rank}")
     _require(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even (RoPE pairs), got {c.qk_rope_head_dim}")
     _require(
-        c.num_key_value_heads == c.num_attention_heads,
-        "num_key_value_heads",
-        f"MLA needs num_key_value_heads == num_attention_heads ({c.num_attention_heads}), got {c.num_key_value_heads}",
+        c.attention_type in ATTENTION_TYPES,
+        "attention_type",
+        f"unknown attention {c.attention_type!r}; known: {list(ATTENTION_TYPES)}",
+    )
+    if c.attention_type == "mla":
+        _require(
+            c.num_key_value_heads == c.num_attention_heads,
+            "num_key_value_heads",
+            f"MLA needs num_key_value_heads == num_attention_heads ({c.num_attention_heads}),"
+            f" got {c.num_key_value_heads}",
+        )
+        _require(c.sliding_window is None, "sliding_window", "only GQA attention has a sliding window")
+    else:
+        _validate_gqa(c)
+    if c.model_type == hf_mixtral.MODEL_TYPE:
+        for name, value in hf_mixtral.FIXED_FIELDS.items():
+            _require(getattr(c, name) == value, name, f"a Mixtral config has {value!r}, got {getattr(c, name)!r}")
+    _require(
+        c.capacity_factor is None or (isinstance(c.capacity_factor, int | float) and c.capacity_factor > 0),
+        "capacity_factor",
+        f"must be None or > 0, got {c.capacity_factor!r}",
     )
     _require(
         c.first_k_dense_replace <= c.num_hidden_layers,
@@ -303,6 +400,30 @@ def _validate(c: K2Config) -> None:
         f"{c.num_experts_per_tok} exceeds the {c.topk_group * experts_per_group} experts of {c.topk_group} groups",
     )
     _validate_rope_scaling(c.rope_scaling)
+
+
+def _validate_gqa(c: K2Config) -> None:
+    kv_heads = c.num_key_value_heads
+    _require(isinstance(kv_heads, int) and kv_heads > 0, "num_key_value_heads", f"must be > 0, got {kv_heads!r}")
+    _require(
+        c.num_attention_heads % kv_heads == 0,
+        "num_key_value_heads",
+        f"must divide num_attention_heads {c.num_attention_heads}, got {kv_heads}",
+    )
+    if c.head_dim is None:
+        _require(
+            c.hidden_size % c.num_attention_heads == 0,
+            "head_dim",
+            f"unset, and hidden_size {c.hidden_size} is not divisible by num_attention_heads {c.num_attention_heads}",
+        )
+    else:
+        _require(c.head_dim > 0, "head_dim", f"must be None or > 0, got {c.head_dim}")
+    _require(c.gqa_head_dim % 2 == 0, "head_dim", f"must be even (RoPE pairs), got {c.gqa_head_dim}")
+    _require(
+        c.sliding_window is None or c.sliding_window > 0,
+        "sliding_window",
+        f"must be None or > 0, got {c.sliding_window}",
+    )
 
 
 def _validate_rope_scaling(rope_scaling: dict[str, Any] | None) -> None:

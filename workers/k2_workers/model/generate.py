@@ -1,8 +1,9 @@
-"""Autoregressive decoding with the MLA latent cache: greedy, or sampled with temperature / top-k / top-p.
+"""Autoregressive decoding with the attention's cache (MLA latent or GQA keys and values): greedy, or sampled with
+temperature / top-k / top-p.
 
 The prompt is prefilled in one forward, then one token per step attends to the cached latents. `generate_batch`
 decodes prompts of different lengths together: each is prefilled alone, their caches are joined right-aligned
-(`MLACache.join`), and every step is one forward for all of them, so padding never passes through the model (nor
+(`TokenCache.join`), and every step is one forward for all of them, so padding never passes through the model (nor
 through the MoE routers, whose token counts feed the load balancer).
 Shape legend: B = batch, S = prompt length, N = new tokens, V = vocabulary.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from k2_workers.model.kv_cache import MLACache
+from k2_workers.model.kv_cache import KVCache, join_caches, new_cache
 from k2_workers.model.model import K2ForCausalLM
 
 
@@ -68,7 +69,7 @@ def generate(
         return input_ids
     batch, prompt_len = input_ids.shape
     dtype = model.lm_head.weight.dtype
-    cache = MLACache(model.config, batch, prompt_len + max_new_tokens, device=input_ids.device, dtype=dtype)
+    cache = new_cache(model.config, batch, prompt_len + max_new_tokens, device=input_ids.device, dtype=dtype)
     logits_BSV = model(input_ids, cache=cache).logits
     tokens = [input_ids]
     done_B = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
@@ -110,14 +111,15 @@ def generate_batch(
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
     dtype, device = model.lm_head.weight.dtype, prompts[0].device
-    caches, last_logits = [], []
+    caches: list[KVCache] = []
+    last_logits: list[Tensor] = []
     for prompt in prompts:
-        cache = MLACache(model.config, 1, prompt.numel(), device=device, dtype=dtype)
+        cache = new_cache(model.config, 1, prompt.numel(), device=device, dtype=dtype)
         for chunk in torch.split(prompt, prefill_chunk or prompt.numel()):
             logits_1SV = model(chunk[None], cache=cache).logits
         last_logits.append(logits_1SV[:, -1])
         caches.append(cache)
-    cache = MLACache.join(caches, max(p.numel() for p in prompts) + max_new_tokens)
+    cache = join_caches(caches, max(p.numel() for p in prompts) + max_new_tokens)
     logits_BV = torch.cat(last_logits)
     new_tokens: list[Tensor] = []
     for step in range(max_new_tokens):

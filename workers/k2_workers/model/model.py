@@ -1,4 +1,5 @@
-"""`K2ForCausalLM`: the Kimi-K2 / DeepSeek-V3 decoder (MLA attention, dense then MoE feed-forward blocks).
+"""`K2ForCausalLM`: the Kimi-K2 / DeepSeek-V3 decoder (MLA attention, dense then MoE feed-forward blocks), and the
+Mixtral decoder with the same modules but grouped-query attention (`config.attention_type == "gqa"`).
 
 Only the modelling lives here; checkpoints (`checkpoint.load_pretrained`, `save_pretrained`) and decoding
 (`generate.generate`, `generate_batch`) are functions that take the model.
@@ -21,11 +22,14 @@ from torch import Tensor, nn
 from k2_workers.model.attention import MLAttention
 from k2_workers.model.config import K2Config
 from k2_workers.model.experts import RoutedExperts
-from k2_workers.model.kv_cache import MLACache
+from k2_workers.model.gqa import GQAttention
+from k2_workers.model.kv_cache import GQACache, KVCache, MLACache
 from k2_workers.model.mlp import SwiGLU
 from k2_workers.model.moe import MoE
 from k2_workers.model.norm import RMSNorm
 from k2_workers.model.rope import RotaryEmbedding
+
+Attention = MLAttention | GQAttention
 
 
 @dataclass
@@ -38,18 +42,25 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: K2Config, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLAttention(config, layer_idx)
+        self.self_attn: Attention = (
+            GQAttention(config, layer_idx) if config.attention_type == "gqa" else MLAttention(config, layer_idx)
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MoE | SwiGLU = (
             MoE(config) if config.is_moe_layer(layer_idx) else SwiGLU(config.hidden_size, config.intermediate_size)
         )
 
     def forward(
-        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None, record_max_logits: bool
+        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, record_max_logits: bool
     ) -> Tensor:
-        attn_BSD: Tensor = self.self_attn(
-            self.input_layernorm(x_BSD), cos, sin, cache=cache, record_max_logits=record_max_logits
-        )
+        normed_BSD = self.input_layernorm(x_BSD)
+        attn_BSD: Tensor
+        if isinstance(self.self_attn, GQAttention):
+            assert cache is None or isinstance(cache, GQACache), f"GQA attention with a {type(cache).__name__}"
+            attn_BSD = self.self_attn(normed_BSD, cos, sin, cache=cache, record_max_logits=record_max_logits)
+        else:
+            assert cache is None or isinstance(cache, MLACache), f"MLA attention with a {type(cache).__name__}"
+            attn_BSD = self.self_attn(normed_BSD, cos, sin, cache=cache, record_max_logits=record_max_logits)
         h_BSD = x_BSD + attn_BSD
         ffn_BSD: Tensor = self.mlp(self.post_attention_layernorm(h_BSD))
         return h_BSD + ffn_BSD
@@ -67,7 +78,7 @@ class K2Model(nn.Module):
         self,
         input_ids_BS: Tensor,
         position_ids_BS: Tensor | None = None,
-        cache: MLACache | None = None,
+        cache: KVCache | None = None,
         record_max_logits: bool = False,
     ) -> Tensor:
         x_BSD = self.embed_tokens(input_ids_BS)
@@ -92,8 +103,7 @@ class K2ForCausalLM(nn.Module):
         self.config = config
         self.model = K2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         # None: record the attention max logits in training mode only; True/False forces it.
         self.record_attention_logits: bool | None = None
         self.init_weights()
@@ -105,7 +115,7 @@ class K2ForCausalLM(nn.Module):
         labels: Tensor | None = None,
         *,
         position_ids: Tensor | None = None,
-        cache: MLACache | None = None,
+        cache: KVCache | None = None,
     ) -> K2Output:
         """Logits [B, S, V]; with `labels` [B, S] also the mean next-token cross-entropy (labels are shifted here,
         as in transformers: position t predicts labels[t + 1]; -100 is ignored)."""
@@ -118,16 +128,22 @@ class K2ForCausalLM(nn.Module):
             loss = F.cross_entropy(predicted, labels[:, 1:].flatten(), ignore_index=-100)
         return K2Output(logits=logits_BSV, loss=loss)
 
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head when the config ties them (again after `to_empty`,
+        which gives each module its own tensor)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     # --- training hooks ------------------------------------------------------------------------------------------
     def moe_blocks(self) -> Iterator[MoE]:
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 yield layer.mlp
 
-    def attention_layers(self) -> Iterator[MLAttention]:
+    def attention_layers(self) -> Iterator[Attention]:
         for layer in self.model.layers:
             attn = layer.self_attn
-            assert isinstance(attn, MLAttention)
+            assert isinstance(attn, MLAttention | GQAttention)
             yield attn
 
     def max_attention_logits(self) -> Tensor:

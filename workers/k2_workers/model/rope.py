@@ -1,4 +1,5 @@
-"""Rotary position embedding for MLA's decoupled rope dims: plain RoPE or YaRN, and the YaRN softmax-scale correction.
+"""Rotary position embedding for MLA's decoupled rope dims (or a whole GQA head): plain RoPE or YaRN, and the YaRN
+softmax-scale correction.
 
 The frequencies follow DeepSeek-V3 `precompute_freqs_cis` (= transformers' `_compute_yarn_parameters` with truncation):
 pairs below the correction range keep θ_i = base^(-2i/d), pairs above it are divided by `factor`, with a linear ramp
@@ -26,7 +27,7 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_positions: 
 
 def rope_frequencies(config: K2Config) -> tuple[Tensor, float]:
     """Inverse frequencies [P] (fp32) and the multiplier applied to cos/sin."""
-    dim, base = config.qk_rope_head_dim, config.rope_theta
+    dim, base = config.rope_head_dim, config.rope_theta
     pos_freqs_P = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     scaling = config.rope_scaling
     if scaling is None:
