@@ -62,7 +62,8 @@ def spec_managers(obj: dict[str, Any]) -> set[str]:
 
 
 def user_entry(obj: dict[str, Any]) -> dict[str, Any]:
-    (entry,) = [e for e in obj["metadata"]["managedFields"] if e["manager"] == GITOPS]
+    entries: list[dict[str, Any]] = [e for e in obj["metadata"]["managedFields"] if e["manager"] == GITOPS]
+    (entry,) = entries
     return entry
 
 
