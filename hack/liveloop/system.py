@@ -78,7 +78,9 @@ class Chart:
         )
 
     def uninstall(self, kubectl: Kubectl) -> None:
-        kubectl.helm("uninstall", self.release, f"--namespace={self.namespace}", "--wait", "--timeout=120s")
+        kubectl.helm(
+            "uninstall", self.release, f"--namespace={self.namespace}", "--ignore-not-found", "--wait", "--timeout=120s"
+        )
 
 
 @dataclass(frozen=True)
