@@ -89,11 +89,14 @@ def write_export(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Writes the export of `model` (all experts held, as with expertParallel 1) to `directory`; returns it."""
+    stored = DType(dtype)
+    if stored not in TORCH_DTYPES:
+        raise ValueError(f"dtype: an export stores fp32 or bf16 (an fp8 run exports bf16), got {stored.value}")
     final = Path(directory)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():  # what an interrupted export left
         shutil.rmtree(tmp)
-    save_pretrained(model, tmp, dtype=TORCH_DTYPES[DType(dtype)], max_shard_bytes=max_shard_bytes)
+    save_pretrained(model, tmp, dtype=TORCH_DTYPES[stored], max_shard_bytes=max_shard_bytes)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             source = Path(tokenizer_dir) / name
