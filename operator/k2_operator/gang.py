@@ -269,7 +269,7 @@ def plan(
     resume = tuple(sorted(p.name for p in live if p.uid in record.stale))
     if not record.members:
         gang = [p for p in live if p.uid not in record.stale]
-        if not resume and len(gang) == ranks and all(p.ready for p in gang):
+        if not resume and len(gang) == ranks and all(p.ready and not p.failed for p in gang):
             formed = GangRecord(
                 members={p.name: Member(p.uid, p.restarts) for p in gang},
                 formed_at=now,
