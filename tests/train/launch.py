@@ -34,11 +34,15 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    """torchrun --standalone (rendezvous on localhost) with the worker module; stdout holds rank 0's JSON lines."""
+def torchrun(
+    args: list[str], nproc: int = 2, timeout_s: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """torchrun --standalone (rendezvous on localhost) with the worker module; stdout holds rank 0's JSON lines.
+    `env` is added to the ranks' environment (e.g. another OMP_NUM_THREADS)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["--master-addr=127.0.0.1", "-m", "k2_workers.train", "--config", str(MANIFEST), *args]
-    return subprocess.run(command, env=base_env(), capture_output=True, text=True, timeout=timeout_s, check=False)
+    environment = base_env() | (env or {})
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
 def start_ranks(args: list[str], world_size: int, log_dir: Path) -> list[subprocess.Popen[str]]:

@@ -79,6 +79,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def adopt_thread_count(saved: int | None) -> None:
+    """Use the checkpoint's intra-op thread count: CPU kernels split their reductions by thread, so a gang restarted
+    where its ranks see another number of CPUs would otherwise round differently and not resume bit for bit."""
+    if saved is not None and saved != torch.get_num_threads():
+        log.warning(
+            "using the checkpoint's %d intra-op threads instead of %d (exact resume)", saved, torch.get_num_threads()
+        )
+        torch.set_num_threads(saved)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     version, internal, gauss = state["python"]
@@ -136,6 +146,7 @@ class Trainer:
         self.step = state.step
         self.loader.load_state_dict(state.extra["data"])
         set_rng_state(state.extra["rng"])
+        adopt_thread_count(state.extra.get("threads"))
         if state.extra["scheduler"]["schedule"] != asdict(self.schedule):
             log.warning("the WSD schedule differs from the checkpoint's; continuing with the new one")
         self.last_checkpoint, self.last_checkpoint_step = str(resumed.path), self.step
@@ -149,6 +160,7 @@ class Trainer:
             "scheduler": {"schedule": asdict(self.schedule), "step": self.step},
             "data": self.loader.state_dict(),
             "rng": rng_state(),
+            "threads": torch.get_num_threads(),
         }
         path = self.checkpoints.save(
             self.step, self.model, self.optimizer, extra, shard_tag=self.plan.shard_tag, sharded=self.sharded
