@@ -157,6 +157,19 @@ class K2ForCausalLM(nn.Module):
             return torch.zeros(0, self.config.n_routed_experts, dtype=torch.long)
         return torch.stack([moe.last_tokens_per_expert_E for moe in blocks])
 
+    def dropped_token_counts(self) -> Tensor:
+        """[num_moe_layers]: (token, slot) assignments dropped for expert capacity in the last forward."""
+        device = self.lm_head.weight.device
+        blocks = list(self.moe_blocks())
+        if not blocks:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return torch.stack([moe.last_dropped.to(device) for moe in blocks])
+
+    def dropped_token_rate(self) -> float:
+        """Fraction of the last forward's routed assignments, over all MoE layers, dropped for capacity."""
+        routed = sum(moe.last_assignments for moe in self.moe_blocks())
+        return float(self.dropped_token_counts().sum().item()) / routed if routed else 0.0
+
     def aux_loss(self) -> Tensor:
         """Sum over MoE layers of the Switch balance loss N·Σ f_i·P_i (alpha = 1) of the last training forward."""
         losses = [moe.last_aux_loss for moe in self.moe_blocks() if moe.last_aux_loss is not None]
@@ -191,6 +204,7 @@ class K2ForCausalLM(nn.Module):
             attn.last_max_logits_H.zero_()
         for moe in self.moe_blocks():
             moe.last_tokens_per_expert_E.zero_()
+            moe.last_dropped.zero_()
             experts = moe.experts
             if isinstance(experts, RoutedExperts) and experts.slot_of_expert is not None:
                 table = torch.full_like(experts.slot_of_expert, experts.num_slots)
