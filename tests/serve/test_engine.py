@@ -108,7 +108,7 @@ def test_a_failed_batch_fails_each_of_its_callers_as_a_server_error(
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("a rank stopped answering")
 
-    monkeypatch.setattr(engine_module, "generate_batch", broken)
+    monkeypatch.setattr(engine_module, "prefill_batch", broken)
     asks = [(ByteTokenizer().encode(text), GenerateParams(max_new_tokens=2)) for text in PROMPTS[:2]]
     results = _concurrently(engine, asks)
     for result in results:  # RuntimeError, not the ValueError inside, which the HTTP layer would answer with 400

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from k2_workers.serve.chat import default_chat_prompt, load_chat_template, render_chat
 from k2_workers.serve.endpoints import HttpError, Stream, error_body
-from k2_workers.serve.engine import Completion, GroupEngine
+from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.openai_request import Message, parse_chat, parse_completions
 from k2_workers.serve.openai_response import error_document, finish
 from k2_workers.serve.openai_routes import openai_routes
 from k2_workers.serve.request import GenerateParams, RequestError
 from k2_workers.serve.scheduler import QueueFull, Stopping
+from k2_workers.serve.token_stream import TokenStream
 from k2_workers.tokenizer import ByteTokenizer
 
 LIMIT = 64
@@ -99,8 +100,8 @@ def test_stop_sequences_cut_the_text_and_count_the_tokens_up_to_the_stop() -> No
     output = finish(tokens, tokenizer.decode, tokenizer.eos_id, ["o w", "."])
     assert output.text == "hell" and output.finish_reason == "stop"
     assert output.completion_tokens == len("hello w") and "".join(output.pieces) == "hell"
-    eos = finish([*tokens[:3], tokenizer.eos_id, 1], tokenizer.decode, tokenizer.eos_id, [])
-    assert (eos.finish_reason, eos.completion_tokens) == ("length", 5)
+    eos = finish([*tokens[:3], tokenizer.eos_id, 1], tokenizer.decode, tokenizer.eos_id, [])  # EOS ends it
+    assert (eos.text, eos.finish_reason, eos.completion_tokens) == ("hel", "stop", 4)
     ended = finish([*tokens[:3], tokenizer.eos_id], tokenizer.decode, tokenizer.eos_id, [])
     assert (ended.text, ended.finish_reason, ended.completion_tokens) == ("hel", "stop", 4)
 
@@ -128,15 +129,20 @@ def test_chat_prompts_follow_the_checkpoint_template_or_chatml(tmp_path: Path) -
 
 
 class StubEngine:
-    """What OpenAI's routes use of an engine: `unready`, `tokenizer`, `generate` (here refusing or answering)."""
+    """What OpenAI's routes use of an engine: `unready`, `tokenizer`, `stream` (here refusing or answering)."""
 
     def __init__(self, unready: str | None = None, error: Exception | None = None) -> None:
         self.unready, self.error, self.tokenizer = unready, error, ByteTokenizer()
 
-    def generate(self, prompt_ids: list[int], params: GenerateParams, cancelled: object = None) -> Completion:
+    def stream(self, prompt_ids: list[int], params: GenerateParams, cancelled: object = None) -> TokenStream:
         if self.error is not None:
             raise self.error
-        return Completion(self.tokenizer.encode("ok!"), 1, 1)
+        stream = TokenStream()
+        stream.begin(1, 1)
+        for token in self.tokenizer.encode("ok!"):
+            stream.put(token)
+        stream.end()
+        return stream
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,22 @@ def generate_batch(
         raise ValueError(f"samplers: {len(samplers)} for {len(prompts)} prompts")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
+    cache, logits_BV = prefill_batch(model, prompts, max_new_tokens, prefill_chunk=prefill_chunk)
+    new_tokens: list[Tensor] = []
+    for step in range(max_new_tokens):
+        next_B = torch.cat([sample(logits_BV[row : row + 1]) for row, sample in enumerate(samplers)])
+        new_tokens.append(next_B)
+        if step + 1 < max_new_tokens:
+            logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
+    return list(torch.stack(new_tokens, dim=1).unbind(0))
+
+
+@torch.no_grad()
+def prefill_batch(
+    model: K2ForCausalLM, prompts: Sequence[Tensor], max_new_tokens: int, *, prefill_chunk: int | None = None
+) -> tuple[KVCache, Tensor]:
+    """Each 1-D prompt prefilled alone (`prefill_chunk` tokens per forward when set), their caches joined with room
+    for `max_new_tokens` more, and each prompt's last logits [B, V]: the start of a batched decode."""
     dtype, device = model.lm_head.weight.dtype, prompts[0].device
     caches: list[KVCache] = []
     last_logits: list[Tensor] = []
@@ -119,12 +135,5 @@ def generate_batch(
             logits_1SV = model(chunk[None], cache=cache).logits
         last_logits.append(logits_1SV[:, -1])
         caches.append(cache)
-    cache = join_caches(caches, max(p.numel() for p in prompts) + max_new_tokens)
-    logits_BV = torch.cat(last_logits)
-    new_tokens: list[Tensor] = []
-    for step in range(max_new_tokens):
-        next_B = torch.cat([sample(logits_BV[row : row + 1]) for row, sample in enumerate(samplers)])
-        new_tokens.append(next_B)
-        if step + 1 < max_new_tokens:
-            logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
-    return list(torch.stack(new_tokens, dim=1).unbind(0))
+    joined = join_caches(caches, max(p.numel() for p in prompts) + max_new_tokens)
+    return joined, torch.cat(last_logits)

@@ -247,6 +247,10 @@ def serve_routes(
                 self.wfile.flush()
             except (ConnectionError, TimeoutError):
                 self.close_connection = True
+            finally:  # a client gone midway: the events' source learns it now (a request stops decoding)
+                close = getattr(stream.events, "close", None)
+                if close is not None:
+                    close()
 
         def _linger(self) -> None:
             """Half-close, then discard what the client still sends for a moment: closing with unread bytes would

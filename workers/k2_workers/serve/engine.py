@@ -13,10 +13,12 @@ raised), that rank marks the group broken for good (`broken`; its /healthz turns
 that the group's pods restart together (`k2_workers.serve.rank`). While the group is idle, rank 0 sends a heartbeat
 now and then, so the followers' wait for the next message never reaches the collective timeout.
 
-Every rank decodes exactly the batch's largest `max_new_tokens` steps (each completion is cut to its own length and
-after EOS on rank 0) so that all ranks make the same number of all-to-all calls even if floating-point noise made
-their samples differ. Each request samples with its own seeded generator, so a completion does not depend on what
-else shared its batch.
+Tokens leave as they are decoded: each request has a `TokenStream` that rank 0 fills step by step. Rank 0 samples,
+and sends every step's tokens with the rows that stay (`RankWire.share_step`): a row leaves the batch after its own
+`max_new_tokens`, after EOS, or when its caller stopped reading (a client gone, a deadline passed), and the batch
+ends when no row is left. Every rank feeds rank 0's tokens and drops the same rows, so all ranks make the same
+all-to-all calls even if floating-point noise would have made their samples differ. Each request samples with its
+own seeded generator, so a completion does not depend on what else shared its batch.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from k2_workers.model import K2ForCausalLM, generate_batch, sample_next
-from k2_workers.model.generate import Sampler
+from k2_workers.model import K2ForCausalLM, sample_next
+from k2_workers.model.generate import Sampler, prefill_batch
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
 from k2_workers.serve.placement import ActivePlacement, GroupShape, check_shape
@@ -48,7 +50,9 @@ from k2_workers.serve.scheduler import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
     BatchScheduler,
+    Pending,
 )
+from k2_workers.serve.token_stream import TokenStream
 from k2_workers.serve.wire import Batch, Heartbeat, RankWire, Stop
 from k2_workers.tokenizer import Tokenizer
 
@@ -70,6 +74,7 @@ class Completion:
 class _Job:
     prompt_ids: list[int]
     params: GenerateParams
+    stream: TokenStream
 
 
 def sampler(params: GenerateParams, device: torch.device | str = "cpu") -> Sampler:
@@ -125,6 +130,7 @@ class GroupEngine:
         self.broken: str | None = None  # why the group lost its lockstep, once it has
         self.placement: ActivePlacement | None = None
         self.placement_error: str | None = None  # why the newest placement file is not applied, if it is not
+        self.cancelled_requests = 0  # requests whose caller stopped reading before their end (queued or decoding)
 
     @property
     def generation(self) -> int | None:
@@ -169,17 +175,42 @@ class GroupEngine:
     def generate(
         self, prompt_ids: list[int], params: GenerateParams, cancelled: Callable[[], bool] | None = None
     ) -> Completion:
-        """The completion of one prompt. Thread-safe: callers wait while the decoding thread runs their request in
-        a batch with the others queued at the time; a failed batch raises a RuntimeError in each of its callers,
-        a full queue `QueueFull`, a request not done within `request_timeout_s` `DeadlineExceeded`, and one
-        whose `cancelled()` turns true while it is queued `Cancelled` (it never reaches the other ranks)."""
+        """The completion of one prompt (`stream`'s tokens, all of them), once its row left the batch."""
+        stream = self.stream(prompt_ids, params, cancelled)
+        tokens = list(stream)
+        return Completion(tokens, stream.batch_size, stream.placement_generation)
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        params: GenerateParams,
+        cancelled: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> TokenStream:
+        """The tokens of one prompt as they are decoded (cut after EOS). Thread-safe: the request waits in the
+        queue, then decodes in a batch with the others queued at the time. Raises here a ValueError for a bad
+        prompt, `QueueFull`, `Stopping`; while iterating, a RuntimeError when the batch failed,
+        `DeadlineExceeded` past `request_timeout_s` (or the caller's shorter `timeout_s`), and `Cancelled` once
+        `cancelled()` turns true. Leaving the
+        iteration early takes the request out of the queue, or its row out of the batch at the next step."""
         if self.placement is None:
             raise RuntimeError("no placement applied yet")
         if not prompt_ids:  # refused here, before any other rank sees it
             raise ValueError("prompt: must encode to at least one token")
         positions = self.model.config.max_position_embeddings
         check_prompt_length(len(prompt_ids), params.max_new_tokens, self.max_prompt_tokens, positions)
-        return self.scheduler.submit(_Job(prompt_ids, params), self.request_timeout_s, cancelled)
+        pending: Pending[_Job, Completion] | None = None
+
+        def dequeue() -> bool:
+            return pending is not None and self.scheduler.dequeue(pending)
+
+        timeouts = [t for t in (self.request_timeout_s, timeout_s) if t is not None]
+        stream = TokenStream(min(timeouts, default=None), cancelled, dequeue, self._count_cancelled)
+        pending = self.scheduler.enqueue(_Job(prompt_ids, params, stream))
+        return stream
+
+    def _count_cancelled(self) -> None:
+        self.cancelled_requests += 1  # only ever read as a count: a lost update under a race is harmless
 
     def stop(self) -> None:
         """Finish the queued requests, then release the other ranks (unless the group is broken)."""
@@ -190,20 +221,22 @@ class GroupEngine:
                     self._wire.send_stop()
 
     def _run_batch(self, jobs: list[_Job]) -> list[Completion]:
-        """Decode `jobs` on every rank (the scheduler's batch function)."""
-        with self._group_lock, self._collective():
-            prompts, params = [j.prompt_ids for j in jobs], [j.params for j in jobs]
-            batch = self._wire.send_batch(prompts, params, self.prefill_chunk_tokens)
-            completions = self._decode(batch)
-            assert self.placement is not None
-            generation = self.placement.generation
-        eos = self.tokenizer.eos_id
-        results = []
-        for job, tokens in zip(jobs, completions, strict=True):
-            tokens = tokens[: job.params.max_new_tokens]
-            tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-            results.append(Completion(tokens, len(jobs), generation))
-        return results
+        """Decode `jobs` on every rank (the scheduler's batch function); their streams get the tokens meanwhile."""
+        streams = [j.stream for j in jobs]
+        try:
+            with self._group_lock, self._collective():
+                assert self.placement is not None
+                generation = self.placement.generation
+                for stream in streams:
+                    stream.begin(len(jobs), generation)
+                prompts, params = [j.prompt_ids for j in jobs], [j.params for j in jobs]
+                batch = self._wire.send_batch(prompts, params, self.prefill_chunk_tokens)
+                completions = self._decode(batch, streams)
+        except BaseException as error:  # every caller must wake up; a stream that ended already reads no more
+            for stream in streams:
+                stream.end(error)
+            raise
+        return [Completion(tokens, len(jobs), generation) for tokens in completions]
 
     # --- ranks > 0 -----------------------------------------------------------------------------------------------
     def follow(self) -> None:
@@ -215,7 +248,7 @@ class GroupEngine:
                 if isinstance(message, Stop):
                     return
                 if isinstance(message, Batch):
-                    self._decode(message)
+                    self._decode(message, None)
                 elif not isinstance(message, Heartbeat):
                     self._apply(message)
 
@@ -245,12 +278,41 @@ class GroupEngine:
             self._on_applied(placement.generation)
 
     @torch.no_grad()
-    def _decode(self, batch: Batch) -> list[list[int]]:
-        """The batch's completions, each `max_new_tokens` of the batch long."""
+    def _decode(self, batch: Batch, streams: list[TokenStream] | None) -> list[list[int]]:
+        """The batch's completions, each cut after its `max_new_tokens` or EOS. Rank 0 (with the `streams`) samples
+        each step and decides which rows stay; the followers (`streams` None) take its decisions."""
         max_new_tokens = max(p.max_new_tokens for p in batch.params)
-        samplers = [sampler(p, self.device) for p in batch.params]
-        completions = generate_batch(
-            self.model, batch.prompts, max_new_tokens, samplers, prefill_chunk=batch.prefill_chunk
-        )
+        cache, logits_BV = prefill_batch(self.model, batch.prompts, max_new_tokens, prefill_chunk=batch.prefill_chunk)
+        samplers = [sampler(p, self.device) for p in batch.params] if streams is not None else []
+        rows = list(range(len(batch.prompts)))  # the batch index of each row still decoding
+        tokens: list[list[int]] = [[] for _ in rows]
+        while True:
+            if streams is not None:
+                next_B = torch.cat([samplers[r](logits_BV[i : i + 1]) for i, r in enumerate(rows)])
+                sampled = zip(rows, next_B.tolist(), strict=True)
+                keep = [self._stays(batch.params[r], tokens[r], token, streams[r]) for r, token in sampled]
+                step_2B = torch.stack([next_B, torch.tensor(keep, dtype=torch.long, device=next_B.device)])
+            else:
+                step_2B = torch.zeros(2, len(rows), dtype=torch.long, device=self.device)
+            step_2B = self._wire.share_step(step_2B)
+            kept = [i for i, stays in enumerate(step_2B[1].tolist()) if stays]
+            for i, (row, token) in enumerate(zip(rows, step_2B[0].tolist(), strict=True)):
+                tokens[row].append(token)
+                if streams is not None:
+                    streams[row].put(token)
+                    if i not in kept:
+                        streams[row].end()
+            if not kept:
+                break
+            next_B = step_2B[0]
+            if len(kept) < len(rows):  # finished or cancelled rows leave the batch
+                index = torch.tensor(kept, device=next_B.device)
+                cache.keep_rows(index)
+                next_B, rows = next_B[index], [rows[i] for i in kept]
+            logits_BV = self.model(next_B[:, None], cache=cache).logits[:, -1]
         self._load.flush()
-        return [c.tolist() for c in completions]
+        return tokens
+
+    def _stays(self, params: GenerateParams, tokens: list[int], token: int, stream: TokenStream) -> bool:
+        """Whether a row decodes another token after `token` (not yet in `tokens`)."""
+        return len(tokens) + 1 < params.max_new_tokens and token != self.tokenizer.eos_id and stream.wanted

@@ -8,22 +8,26 @@ connection without an answer (it died: its work is lost and cannot finish). Anyt
 the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere would double
 the work). 503 (or 429 when every group's queue is full) only when no group took it.
 Routed paths: our `POST /v1/generate` and OpenAI's `POST /v1/completions` and `POST /v1/chat/completions`; `GET
-/v1/models` asks the groups in the same order. A group's stream is read whole, then passed on as the same events
-(a group sends a stream only once its completion is decoded, so nothing is delayed by it).
+/v1/models` asks the groups in the same order. A group's stream is relayed as it comes (each event when the group
+sends it, that is as its tokens are decoded); a client that goes away closes the group's connection, which cancels
+the request there.
 The frontend only proxies HTTP: this module and everything it imports stay free of torch, so the frontend process
 starts fast and small (`benchmarks/frontend_start.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
 import logging
+import queue
+import socket
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -37,14 +41,67 @@ from k2_workers.serve.endpoints import (
     HttpLimits,
     Route,
     Stream,
+    client_gone,
     serve_routes,
 )
-from k2_workers.serve.scheduler import DEFAULT_REQUEST_TIMEOUT_S
+from k2_workers.serve.scheduler import CANCEL_POLL_S, DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 DEFAULT_UPSTREAM_TIMEOUT_S = DEFAULT_REQUEST_TIMEOUT_S + 30  # past the rank's own deadline, which answers 504 first
+RELAY_BYTES = 1 << 16  # at most this much of a stream read at once (a chunk of the group's is relayed whole)
 NOT_TAKEN = frozenset({HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS})  # the group did not run it
+
+
+@dataclass
+class Upstream:
+    """A group's answer, its body not read yet: `read` it, or `relay` it (a stream); either closes the connection."""
+
+    endpoint: str
+    status: int
+    content_type: str
+    response: http.client.HTTPResponse
+    connection: http.client.HTTPConnection
+
+    def read(self) -> bytes:
+        try:
+            return self.response.read()
+        finally:
+            self.connection.close()
+
+    def relay(self) -> Generator[bytes, None, None]:
+        """The body piece by piece as it arrives. A thread reads the group's connection, so that this one can notice
+        meanwhile that our client went away (`client_gone`): the group's connection is then shut, which cancels the
+        request there. A group that breaks the stream midway ends it with a ConnectionError."""
+        pieces: queue.SimpleQueue[bytes | Exception | None] = queue.SimpleQueue()
+
+        def read() -> None:
+            try:
+                while piece := self.response.read1(RELAY_BYTES):
+                    pieces.put(piece)
+                pieces.put(None)
+            except Exception as error:  # shut by us, a timeout, or the group gone
+                pieces.put(error)
+
+        threading.Thread(target=read, name="relay", daemon=True).start()
+        try:
+            while True:
+                try:
+                    item = pieces.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if client_gone():
+                        return
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise ConnectionError(f"{self.endpoint}: the stream broke: {item}")
+                yield item
+        finally:
+            if self.connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    self.connection.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
+            self.connection.close()
 
 
 class GroupRouter:
@@ -61,45 +118,53 @@ class GroupRouter:
 
     def forward(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """The answer of the first group that takes the request, with `"group"` added when it succeeded."""
-        endpoint, status, payload, _ = self.send(path, body)
-        document = json.loads(payload or b"{}")
-        return status, {**document, "group": endpoint} if status == HTTPStatus.OK else document
+        upstream = self.open(path, body)
+        document = json.loads(upstream.read() or b"{}")
+        return upstream.status, {**document, "group": upstream.endpoint} if upstream.status == 200 else document
 
     def proxy(self, path: str, body: bytes | None) -> tuple[int, dict[str, Any]] | Stream:
-        """An OpenAI request's answer as the group sent it: a JSON document, or its events."""
-        _, status, payload, content_type = self.send(path, body)
-        if status == HTTPStatus.OK and content_type.startswith("text/event-stream"):
-            return Stream([payload])
-        if status != HTTPStatus.OK:  # the group's OpenAI error JSON, passed on as it is
-            raise HttpError(HTTPStatus(status), "upstream error", document=json.loads(payload or b"{}"))
-        return status, json.loads(payload)
+        """An OpenAI request's answer as the group sent it: a JSON document, or its events as they come."""
+        upstream = self.open(path, body)
+        if upstream.status == HTTPStatus.OK and upstream.content_type.startswith("text/event-stream"):
+            return Stream(upstream.relay())
+        payload = upstream.read()
+        if upstream.status != HTTPStatus.OK:  # the group's OpenAI error JSON, passed on as it is
+            raise HttpError(HTTPStatus(upstream.status), "upstream error", document=json.loads(payload or b"{}"))
+        return upstream.status, json.loads(payload)
 
-    def send(self, path: str, body: bytes | None) -> tuple[str, int, bytes, str]:
-        """(endpoint, status, body, content type) of the first group that takes the request (POST `body`, or GET
-        when None)."""
+    def open(self, path: str, body: bytes | None) -> Upstream:
+        """The answer of the first group that takes the request (POST `body`, or GET when None)."""
         with self._lock:
             start = next(self._next)
         failures, statuses = [], []
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
-            request = urllib.request.Request(endpoint + path, data=body, method="GET" if body is None else "POST")
-            request.add_header("Content-Type", "application/json")
+            url = urllib.parse.urlsplit(endpoint)
+            connection = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=self._timeout_s)
+            method = "GET" if body is None else "POST"
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
-                    return endpoint, response.status, response.read(), response.headers.get("Content-Type", "")
-            except urllib.error.HTTPError as error:
-                if error.code not in NOT_TAKEN:
-                    return endpoint, error.code, error.read(), error.headers.get("Content-Type", "")
-                failures.append(f"{endpoint}: HTTP {error.code}")
-                statuses.append(error.code)
-            except urllib.error.URLError as error:  # raised before the request was sent: refused, unresolvable
-                failures.append(f"{endpoint}: {error.reason}")
+                connection.request(method, url.path + path, body, {"Content-Type": "application/json"})
+            except OSError as error:  # before the request was sent: refused, unresolvable
+                connection.close()
+                failures.append(f"{endpoint}: {error}")
+                continue
+            try:
+                response = connection.getresponse()
             except TimeoutError as error:  # taken, and still running there: never run it twice
-                raise HttpError(
-                    HTTPStatus.GATEWAY_TIMEOUT, f"{endpoint}: no answer within {self._timeout_s}s"
-                ) from error
+                connection.close()
+                message = f"{endpoint}: no answer within {self._timeout_s}s"
+                raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, message) from error
             except (http.client.RemoteDisconnected, ConnectionError) as error:  # the group died with it
+                connection.close()
                 failures.append(f"{endpoint}: closed without an answer ({error})")
+                continue
+            content_type = response.headers.get("Content-Type", "")
+            upstream = Upstream(endpoint, response.status, content_type, response, connection)
+            if response.status not in NOT_TAKEN:
+                return upstream
+            upstream.read()
+            failures.append(f"{endpoint}: HTTP {response.status}")
+            statuses.append(response.status)
         status = HTTPStatus.TOO_MANY_REQUESTS if statuses and set(statuses) == {429} else HTTPStatus.SERVICE_UNAVAILABLE
         headers = {"Retry-After": "1"} if status == HTTPStatus.TOO_MANY_REQUESTS else {}
         raise HttpError(status, "no group could serve the request: " + "; ".join(failures), headers)

@@ -1,14 +1,16 @@
 """OpenAI's routes on rank 0 of a group, as functions of its engine: `POST /v1/completions`,
 `POST /v1/chat/completions` (both with `stream`) and `GET /v1/models`.
 
-The engine decodes a request's whole completion in its batch (static batching, the group in lockstep), so a stream
-is sent once the completion is decoded: its first token comes as late as the last. A client that disconnects while
-its request is queued takes it out of the queue (`complete`); once in a batch, the request runs to the batch's end.
+A stream sends each token's text as the engine decodes it (`TokenStream`), and a document is the concatenation of the
+same pieces. The request stops decoding once its completion ended: EOS, `max_tokens`, a stop sequence, or a client
+that went away (queued, it leaves the queue; decoding, its row leaves the batch at the next step).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Generator, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -17,13 +19,17 @@ from k2_workers.serve.endpoints import CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH,
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.openai_request import OpenAIRequest, parse_chat, parse_completions
 from k2_workers.serve.openai_response import (
+    CompletionText,
+    StreamError,
     chat_document,
     chat_events,
     completion_document,
     completion_events,
-    finish,
+    text_pieces,
 )
-from k2_workers.serve.rank_routes import complete
+from k2_workers.serve.rank_routes import open_stream, read_tokens
+
+log = logging.getLogger(__name__)
 
 
 def openai_routes(
@@ -36,13 +42,15 @@ def openai_routes(
         if request.model is not None and request.model != model:
             raise HttpError(HTTPStatus.NOT_FOUND, f"model: {request.model!r} is not served here; {model!r} is")
         prompt_ids = tokenizer.encode(prompt)
-        completion = complete(engine, prompt_ids, request.params)
-        output = finish(completion.tokens, tokenizer.decode, tokenizer.eos_id, request.stop)
+        tokens = read_tokens(open_stream(engine, prompt_ids, request.params))
+        text = CompletionText(tokenizer.decode, tokenizer.eos_id, request.stop)
         if request.stream:
             events = chat_events if chat else completion_events
-            return Stream(events(model, len(prompt_ids), output, request.include_usage))
+            return Stream(events(model, len(prompt_ids), stream_pieces(tokens, text), text, request.include_usage))
+        for _ in text_pieces(tokens, text):
+            pass
         document = chat_document if chat else completion_document
-        return HTTPStatus.OK, document(model, len(prompt_ids), output)
+        return HTTPStatus.OK, document(model, len(prompt_ids), text.output())
 
     def completions(body: bytes) -> tuple[int, dict[str, Any]] | Stream:
         request = parse_completions(body, max_new_tokens_limit)
@@ -63,3 +71,14 @@ def openai_routes(
         ("POST", CHAT_PATH): chat_completions,
         ("GET", MODELS_PATH): models,
     }
+
+
+def stream_pieces(tokens: Iterator[int], text: CompletionText) -> Generator[str, None, None]:
+    """`text_pieces`, with the errors met after the stream began as `StreamError`s (an error event)."""
+    try:
+        yield from text_pieces(tokens, text)
+    except HttpError as error:
+        raise StreamError(error.status, str(error)) from None
+    except Exception as error:
+        log.exception("a streamed request failed")
+        raise StreamError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {error}") from None

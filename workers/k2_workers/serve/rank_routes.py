@@ -1,13 +1,14 @@
 """The HTTP routes of a serving rank, as functions of its engine (no sockets here).
 
 Every rank: `GET /healthz` (the readiness probe). Rank 0 also: `POST /v1/generate` and `GET /v1/placement` (and
-OpenAI's routes, `openai_routes`, built on `complete`). A
+OpenAI's routes, `openai_routes`, built on `open_stream` and `read_tokens`). A
 generate request meeting a full queue gets 429 with `Retry-After`, one past its deadline 504; while the rank cannot
 serve (no placement yet, a broken group, stopping) /healthz and generate answer 503.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from http import HTTPStatus
 from typing import Any
 
@@ -16,6 +17,7 @@ from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError,
 from k2_workers.serve.engine import Completion, GroupBroken, GroupEngine
 from k2_workers.serve.request import GenerateParams, parse_generate
 from k2_workers.serve.scheduler import Cancelled, DeadlineExceeded, QueueFull, Stopping
+from k2_workers.serve.token_stream import TokenStream
 
 RETRY_AFTER_S = 1  # what a 429 (queue full) asks the client to wait
 
@@ -59,19 +61,44 @@ def rank_routes(engine: GroupEngine, max_new_tokens_limit: int) -> dict[tuple[st
 
 
 def complete(engine: GroupEngine, prompt_ids: list[int], params: GenerateParams) -> Completion:
-    """`engine.generate`, its refusals as HTTP errors: 503 while unready or stopping, 429 with Retry-After on a full
-    queue, 504 past the deadline. A request whose client disconnects while it is queued leaves the queue."""
+    """`engine.generate`, its refusals as HTTP errors (`open_stream`, `read_tokens`)."""
+    stream = open_stream(engine, prompt_ids, params)
+    tokens = list(read_tokens(stream))
+    return Completion(tokens, stream.batch_size, stream.placement_generation)
+
+
+def open_stream(engine: GroupEngine, prompt_ids: list[int], params: GenerateParams) -> TokenStream:
+    """`engine.stream` for this thread's HTTP client (a client that disconnects cancels it), its refusals as HTTP
+    errors: 503 while unready or stopping, 429 with Retry-After on a full queue."""
     if (reason := engine.unready) is not None:
         raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, reason)
     try:
-        return engine.generate(prompt_ids, params, client_gone)
-    except QueueFull as error:
-        raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
-    except DeadlineExceeded as error:
-        raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error)) from None
-    except (Stopping, Cancelled) as error:  # nobody reads the answer to a cancelled request
-        raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error)) from None
-    except RuntimeError as error:
-        if isinstance(error.__cause__, GroupBroken):  # queued on a group that broke: it never ran
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__)) from None
-        raise
+        return engine.stream(prompt_ids, params, client_gone)
+    except Exception as error:
+        if (refusal := http_error(error)) is None:
+            raise
+        raise refusal from None
+
+
+def read_tokens(stream: TokenStream) -> Generator[int, None, None]:
+    """The stream's tokens; its failures as HTTP errors: 504 past the deadline, 503 when cancelled or when the group
+    broke before the request ran. Closing it early cancels the request."""
+    try:
+        yield from stream
+    except Exception as error:
+        if (refusal := http_error(error)) is None:
+            raise
+        raise refusal from None
+
+
+def http_error(error: Exception) -> HttpError | None:
+    """The HTTP error that answers an engine's refusal or failure; None for any other error (a 400 or a 500)."""
+    if isinstance(error, QueueFull):
+        return HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(error), {"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(error, DeadlineExceeded):
+        return HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error))
+    if isinstance(error, Stopping | Cancelled):  # nobody reads the answer to a cancelled request
+        return HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
+    if isinstance(error, RuntimeError) and isinstance(error.__cause__, GroupBroken):  # queued on a broken group
+        return HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__))
+    return None

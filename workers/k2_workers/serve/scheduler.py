@@ -9,7 +9,8 @@ arrives meanwhile waits for the next batch. The queue is bounded (`max_queue`: a
 (`DeadlineExceeded`); one already in a batch runs to the batch's end (the group decodes in lockstep), and its
 caller is answered at the deadline. A caller may also give `cancelled` (its client went away), asked every
 `CANCEL_POLL_S` while the job waits: a job still queued then leaves the queue (`Cancelled`); one in a batch runs to
-its end, as with a deadline. Nothing here knows what a job is (no torch).
+its end, as with a deadline. A caller that follows its job some other way (the engine's token streams) `enqueue`s
+it instead, and may `dequeue` it while no batch took it. Nothing here knows what a job is (no torch).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ R = TypeVar("R")  # its result
 
 
 @dataclass(eq=False)  # identity: a job leaves the queue by `remove`
-class _Pending(Generic[J, R]):
+class Pending(Generic[J, R]):
     job: J
     done: threading.Event = field(default_factory=threading.Event)
     result: R | None = None
@@ -78,7 +79,7 @@ class BatchScheduler(Generic[J, R]):
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue
         self._run_batch = run_batch
-        self._queue: list[_Pending[J, R]] = []
+        self._queue: list[Pending[J, R]] = []
         self._queue_changed = threading.Condition()
         self._stopping = False
         self._running = 0
@@ -106,7 +107,29 @@ class BatchScheduler(Generic[J, R]):
         bad request). Raises `QueueFull` when `max_queue` jobs wait already, `DeadlineExceeded` after
         `timeout_s` (the job leaves the queue if no batch took it yet), `Cancelled` when `cancelled()` turns true
         while the job is queued."""
-        pending: _Pending[J, R] = _Pending(job)
+        pending = self.enqueue(job)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not pending.done.is_set():
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if cancelled is not None:
+                wait_s = CANCEL_POLL_S if wait_s is None else min(wait_s, CANCEL_POLL_S)
+            if pending.done.wait(wait_s):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                queued = self.dequeue(pending)
+                where = "in the queue" if queued else "while its batch ran"
+                raise DeadlineExceeded(f"the request's deadline of {timeout_s} s passed {where}")
+            if cancelled is not None and cancelled() and self.dequeue(pending):
+                raise Cancelled("the request was cancelled while queued")
+        if pending.error is not None:
+            raise RuntimeError(f"decoding failed: {pending.error}") from pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def enqueue(self, job: J) -> Pending[J, R]:
+        """Queue `job` without waiting for it (its batch function reports its progress some other way); raises
+        `QueueFull` or `Stopping` as `submit` does. `dequeue` takes it back while no batch took it."""
+        pending: Pending[J, R] = Pending(job)
         with self._queue_changed:
             if self._stopping:
                 raise Stopping("the server is stopping: no new requests")
@@ -117,25 +140,9 @@ class BatchScheduler(Generic[J, R]):
                 self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
                 self._thread.start()
             self._queue_changed.notify()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not pending.done.is_set():
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if cancelled is not None:
-                wait_s = CANCEL_POLL_S if wait_s is None else min(wait_s, CANCEL_POLL_S)
-            if pending.done.wait(wait_s):
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                queued = self._dequeue(pending)
-                where = "in the queue" if queued else "while its batch ran"
-                raise DeadlineExceeded(f"the request's deadline of {timeout_s} s passed {where}")
-            if cancelled is not None and cancelled() and self._dequeue(pending):
-                raise Cancelled("the request was cancelled while queued")
-        if pending.error is not None:
-            raise RuntimeError(f"decoding failed: {pending.error}") from pending.error
-        assert pending.result is not None
-        return pending.result
+        return pending
 
-    def _dequeue(self, pending: _Pending[J, R]) -> bool:
+    def dequeue(self, pending: Pending[J, R]) -> bool:
         """Take `pending` out of the queue; False when a batch took it already."""
         with self._queue_changed:
             queued = pending in self._queue
@@ -166,7 +173,7 @@ class BatchScheduler(Generic[J, R]):
             with self._queue_changed:
                 self._running = 0
 
-    def _run(self, batch: list[_Pending[J, R]]) -> None:
+    def _run(self, batch: list[Pending[J, R]]) -> None:
         try:
             results = self._run_batch([p.job for p in batch])
             assert len(results) == len(batch), f"{len(results)} results for {len(batch)} jobs"

@@ -10,6 +10,9 @@ Every message starts with a header of `HEADER_LEN` int64: the op, then
 - `HEARTBEAT`: nothing; rank 0 sends it while the group is idle, so the followers' wait for the next message never
   reaches the collective timeout.
 
+While a batch decodes, rank 0 also sends every step (`share_step`): the tokens it sampled and which rows stay, so
+that every rank feeds the same tokens and drops the same rows (a finished or cancelled request) at the same step.
+
 Rank 0 decodes the batch from its wire form too (`send_batch` returns it), so every rank runs exactly the same
 parameters (a temperature rounded to micro-units included). A one-rank group sends nothing. Every tensor is made on
 the wire's `device` (the GPU under nccl, which takes no CPU tensors); slot tables come back to the CPU.
@@ -116,6 +119,12 @@ class RankWire:
         tables = placement_tables(placement).to(self.device)
         self._send_header(Op.APPLY_PLACEMENT, placement.generation, list(tables.shape))
         self._broadcast(tables)
+
+    def share_step(self, step_2B: Tensor) -> Tensor:
+        """One decoding step of a batch of B rows, as rank 0 decided it: [2, B] int64, its sampled tokens and whether
+        each row stays in the batch. Rank 0 sends its own; a follower passes zeros of that shape and gets rank 0's."""
+        self._broadcast(step_2B)
+        return step_2B
 
     def send_stop(self) -> None:
         self._send_header(Op.STOP, 0, [])
