@@ -1,0 +1,22 @@
+"""The checked-in generated messages (`generation_pb2.py`, `.pyi`) are what grpcio-tools makes of `generation.proto`
+now: regenerate with the command in `GENERATE` when this fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grpc_tools import protoc
+
+WORKERS = Path(__file__).resolve().parents[2] / "workers"
+PROTO = Path("k2_workers/serve/proto/generation.proto")
+GENERATE = f"python -m grpc_tools.protoc -Iworkers --python_out=workers --pyi_out=workers workers/{PROTO}"
+
+
+def test_the_generated_messages_match_the_proto(tmp_path: Path) -> None:
+    status = protoc.main(
+        ["protoc", f"-I{WORKERS}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", str(WORKERS / PROTO)]
+    )
+    assert status == 0
+    for suffix in ("_pb2.py", "_pb2.pyi"):
+        name = PROTO.with_name(PROTO.stem + suffix)
+        assert (tmp_path / name).read_text() == (WORKERS / name).read_text(), f"{name} drifted: run {GENERATE}"
