@@ -4,8 +4,8 @@ its StatefulSet recreates them together and they rendezvous afresh. Pure: pods a
 A group *forms* when the operator sees all its rank pods ready at once; the gang's members (each pod's name, uid
 and container restarts) are then recorded in the `k2.ai/gang` annotation of the group's StatefulSet, which survives
 an operator restart. A member breaks the gang when
-- one of its containers terminated since the group formed (its restart count grew: exit 3 when the group broke, a
-  crash, an OOM kill),
+- one of its containers terminated since the group formed (it is terminated now, or its restart count grew: exit 3
+  when the group broke, a crash, an OOM kill),
 - its pod Failed, is being deleted, or is gone (a pod of the same name with another uid is its replacement).
 
 The operator then deletes every member still alive: they all predate the failure, while a replacement created
@@ -85,8 +85,15 @@ class RankPod:
     failed: bool
     """phase Failed (evicted, node shut down): the kubelet will not restart it."""
     failure_reason: str | None = None
+    stopped: bool = False
+    """A container is terminated now (the kubelet has not restarted it yet)."""
     termination: Termination | None = None
     """The latest container termination (current state or last state), if any."""
+
+    @property
+    def up(self) -> bool:
+        """Ready, and nothing in it has stopped: it may join a gang."""
+        return self.ready and not (self.deleting or self.failed or self.stopped)
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> RankPod:
@@ -114,6 +121,7 @@ class RankPod:
             deleting=bool(meta.get("deletionTimestamp")),
             failed=status.get("phase") == "Failed",
             failure_reason=status.get("reason"),
+            stopped=any((s.get("state") or {}).get("terminated") for s in statuses),
             termination=latest,
         )
 
@@ -241,7 +249,7 @@ def broken(record: GangRecord, pods: Iterable[RankPod]) -> Failure | None:
             return Failure(name, "is being deleted")
         if pod.failed:
             return Failure(name, f"failed ({pod.failure_reason or 'phase Failed'})")
-        if pod.restarts > member.restarts:
+        if pod.stopped or pod.restarts > member.restarts:
             what, code = _exited(pod.termination)
             return Failure(name, what, code)
     return None
@@ -269,7 +277,7 @@ def plan(
     resume = tuple(sorted(p.name for p in live if p.uid in record.stale))
     if not record.members:
         gang = [p for p in live if p.uid not in record.stale]
-        if not resume and len(gang) == ranks and all(p.ready and not p.failed for p in gang):
+        if not resume and len(gang) == ranks and all(p.up for p in gang):
             formed = GangRecord(
                 members={p.name: Member(p.uid, p.restarts) for p in gang},
                 formed_at=now,
