@@ -40,6 +40,9 @@ class TrainingConditionType(enum.StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    CHECKPOINT_FALLBACK = "CheckpointFallback"
+    """True while the running gang resumed from an older checkpoint because newer ones could not be read (set once
+    rank 0 reports it in status.progress.checkpointFallback; absent until a fallback ever happened)."""
 
 
 class Parallelism(ApiModel):
@@ -291,6 +294,24 @@ class K2TrainingSpec(ApiModel):
         return self.world_size // self.parallelism.expert_parallel
 
 
+class SkippedCheckpoint(ApiModel):
+    """A checkpoint that looked complete but could not be read (moved aside to `<path>.corrupt-<unix time>`)."""
+
+    step: int = Field(ge=0, description="Step of the skipped checkpoint.")
+    path: str = Field(max_length=4096, description="Where it was.")
+    reason: str = Field(max_length=4096, description="Why it could not be read (per rank when ranks disagreed).")
+
+
+class CheckpointFallback(ApiModel):
+    """The gang's last resume skipped unreadable checkpoints and fell back to an older one (or to step 0)."""
+
+    resumed_from: str | None = Field(default=None, description="The checkpoint resumed from; null: from step 0.")
+    resumed_step: int | None = Field(default=None, ge=0, description="Its step; null: started from step 0.")
+    skipped: list[SkippedCheckpoint] = Field(
+        default_factory=list, max_length=100, description="The newer checkpoints skipped, newest first."
+    )
+
+
 class Progress(ApiModel):
     """Training progress that rank 0 of the gang writes through the status subresource."""
 
@@ -303,6 +324,11 @@ class Progress(ApiModel):
     last_checkpoint: str | None = Field(default=None, description="URI or path of the latest checkpoint.")
     last_checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the latest checkpoint.")
     updated_at: datetime | None = Field(default=None, description="When rank 0 wrote this progress.")
+    checkpoint_fallback: CheckpointFallback | None = Field(
+        default=None,
+        description="Set when this gang's resume fell back past unreadable checkpoints (the operator posts a "
+        "CheckpointFallback Warning event); null when it resumed from the newest.",
+    )
 
 
 class Export(ApiModel):
@@ -325,7 +351,9 @@ class K2TrainingStatus(ApiModel):
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the operator last reconciled."
     )
-    conditions: list[Condition] = conditions_field("Created, Running, Restarting, Succeeded, Failed, Suspended")
+    conditions: list[Condition] = conditions_field(
+        "Created, Running, Restarting, Succeeded, Failed, Suspended, CheckpointFallback"
+    )
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far (compared with maxRestarts).")
     preemptions: int = Field(
         default=0,

@@ -27,7 +27,7 @@ from k2_operator.kube import AsyncKube
 log = logging.getLogger("k2_operator")
 
 Reconcile = Callable[[AsyncKube, str, str], Awaitable[None]]
-WARNING_WHEN_TRUE = {"Failed", "Restarting", "Degraded", "Invalid", "Stalled"}
+WARNING_WHEN_TRUE = {"Failed", "Restarting", "Degraded", "Invalid", "Stalled", "CheckpointFallback"}
 
 
 @dataclass

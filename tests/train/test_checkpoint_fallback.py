@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import torch
 
+from k2_workers.train import loop
 from k2_workers.train.checkpoint import CheckpointManager, complete_checkpoints
 from k2_workers.train.checkpoint_files import COMPLETE_MARKER
 from k2_workers.train.config import RunConfig
 from k2_workers.train.loop import train
+from k2_workers.train.status import StatusReporter
 
 from .launch import step_lines, torchrun
 
@@ -32,12 +34,22 @@ def _biggest_file(path: Path) -> Path:
     return max((f for f in path.iterdir() if f.name != COMPLETE_MARKER), key=lambda f: f.stat().st_size)
 
 
+@pytest.fixture
+def reported(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every status.progress the trainer's reporter sends (as in a pod, without the API server)."""
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(loop, "reporter_from_env", lambda min_interval_s: StatusReporter(sent.append, 0))
+    return sent
+
+
 def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, reported: list[dict[str, Any]]
 ) -> None:
     ckpt = tmp_path / "ckpt"
     first = _run(ckpt, steps=6, stop_after=4, checkpoint_every=2, keep_last=3)
     assert [s for s, _ in complete_checkpoints(ckpt)] == [2, 4]
+    assert reported and all(p["checkpointFallback"] is None for p in reported)  # nothing was skipped
+    reported.clear()
     shard = _biggest_file(ckpt / "step-4")
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
@@ -51,6 +63,12 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_trunca
     # the unusable one was moved aside (kept for inspection, never resumed or counted for keepLast again)
     assert [p.name.split(".")[0] for p in ckpt.glob("step-4.corrupt-*")] == ["step-4"]
     assert [s for s, _ in complete_checkpoints(ckpt)] == [2, 4, 6]
+    # status.progress says so, for the operator's CheckpointFallback condition and Warning event
+    fallback = reported[0]["checkpointFallback"]
+    assert fallback is not None and (fallback["resumedFrom"], fallback["resumedStep"]) == (str(ckpt / "step-2"), 2)
+    [skipped] = fallback["skipped"]
+    assert skipped["step"] == 4 and skipped["path"] == str(ckpt / "step-4") and shard.name in skipped["reason"]
+    assert all(p["checkpointFallback"] == fallback for p in reported)
 
 
 def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -115,7 +133,7 @@ def test_restore_skips_a_corrupt_newest_checkpoint_and_reports_it(
     [skipped] = resumed.skipped
     assert skipped.step == 20 and skipped.path == str(newest) and expected_words in skipped.reason
     status = resumed.status()
-    assert status is not None and status["reason"] == "CheckpointFallback"
+    assert status is not None and status["resumedFrom"] == str(tmp_path / "step-10")
     assert status["resumedStep"] == 10 and status["skipped"] == [
         {"step": 20, "path": str(newest), "reason": skipped.reason}
     ]

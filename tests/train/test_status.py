@@ -62,6 +62,7 @@ def test_progress_is_merge_patched_into_the_status_subresource(api_server: Any, 
                 "lastCheckpoint": "/checkpoints/step-5",
                 "lastCheckpointStep": 5,
                 "updatedAt": "2026-11-23T01:02:03Z",
+                "checkpointFallback": None,  # sent as null: a clean resume clears an earlier attempt's record
             }
         }
     }

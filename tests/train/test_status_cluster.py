@@ -65,4 +65,18 @@ def test_progress_is_written_to_the_k2training_status(
     reporter.close()
 
     status = json.loads(kubectl("get", "k2training", "train-test", "-n", namespace, "-o", "json").stdout)["status"]
-    assert status["progress"] == progress
+    assert status["progress"] == {k: v for k, v in progress.items() if v is not None}  # null: cleared
+
+    # A resume that fell back: the CRD keeps the whole record; the next gang's clean resume (null) removes it.
+    fallback = {
+        "resumedFrom": "/checkpoints/step-10",
+        "resumedStep": 10,
+        "skipped": [{"step": 20, "path": "/checkpoints/step-20", "reason": "tensors.safetensors: SHA-256 differs"}],
+    }
+    for record, expected in ((fallback, fallback), (None, None)):
+        reporter = reporter_from_env(env, min_interval_s=0, service_account_dir=service_account)
+        assert reporter is not None
+        reporter.report(progress_record(12, 3.25, 4321.0, 17.5, checkpoint_fallback=record), force=True)
+        reporter.close()
+        stored = json.loads(kubectl("get", "k2training", "train-test", "-n", namespace, "-o", "json").stdout)
+        assert stored["status"]["progress"].get("checkpointFallback") == expected

@@ -8,6 +8,11 @@ failure starts attempt N+1 while restarts < maxRestarts, else the training is Fa
 messages carry the failed pod's termination message. Only a Complete Job (every worker reached spec.steps)
 is Succeeded. Succeeded and Failed are terminal: no new gang is created and the status stays as it is, until
 ttlSecondsAfterFinished deletes the resource.
+
+Checkpoint fallback: when rank 0 reports that its resume skipped unreadable checkpoints
+(`status.progress.checkpointFallback`), the CheckpointFallback condition turns True with what was skipped and why,
+and its transition posts a Warning event; a later gang that resumes from its newest checkpoint reports null, which
+clears it. The condition appears only once a fallback ever happened.
 """
 
 from __future__ import annotations
@@ -105,6 +110,23 @@ def _parse_time(text: str | None) -> dt.datetime | None:
     if not text:
         return None
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def checkpoint_fallback(training: K2Training, old_conditions: Sequence[Condition]) -> Desired | None:
+    """The CheckpointFallback condition from rank 0's `status.progress.checkpointFallback`; None while no fallback
+    ever happened (the condition is then left out)."""
+    progress = training.status.progress if training.status else None
+    fallback = progress.checkpoint_fallback if progress is not None else None
+    if fallback is None:
+        if find(list(old_conditions), T.CHECKPOINT_FALLBACK) is None:
+            return None
+        return Desired(T.CHECKPOINT_FALLBACK, False, "ResumedFromNewest")
+    skipped = "; ".join(f"step {s.step} at {s.path} ({s.reason})" for s in fallback.skipped)
+    if fallback.resumed_step is None:
+        target = "no readable checkpoint was left: started again from step 0"
+    else:
+        target = f"resumed from step {fallback.resumed_step} ({fallback.resumed_from})"
+    return Desired(T.CHECKPOINT_FALLBACK, True, "UnreadableCheckpoint", f"{target}; skipped {skipped}")
 
 
 def summary(conditions: dict[str, Desired]) -> Summary:
@@ -213,6 +235,9 @@ def plan(
         Desired(T.SUSPENDED, spec.suspend, "Suspended" if spec.suspend else "NotSuspended"),
     ]
     desired += kstatus_conditions(summary({d.type: d for d in desired}))
+    fallback = checkpoint_fallback(training, old_conditions)
+    if fallback is not None:
+        desired.append(fallback)
     status = {
         "observedGeneration": training.metadata.generation,
         "restarts": restarts,

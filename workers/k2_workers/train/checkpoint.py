@@ -138,7 +138,8 @@ class SkippedCheckpoint:
     reason: str
 
 
-FALLBACK_REASON = "CheckpointFallback"
+MAX_REASON = 4096  # the API's bounds on a skipped checkpoint's path and reason, and on how many are listed
+MAX_SKIPPED = 100
 
 
 @dataclass(frozen=True)
@@ -150,14 +151,17 @@ class Resume:
     skipped: tuple[SkippedCheckpoint, ...] = ()  # newer checkpoints that could not be read, newest first
 
     def status(self) -> dict[str, Any] | None:
-        """None when nothing was skipped; else the fallback as a camelCase record (for status and an Event)."""
+        """None when nothing was skipped; else `status.progress.checkpointFallback` of the K2Training API (camelCase;
+        the operator turns it into the CheckpointFallback condition and its Warning event)."""
         if not self.skipped:
             return None
         return {
-            "reason": FALLBACK_REASON,
             "resumedFrom": str(self.path) if self.path is not None else None,
             "resumedStep": self.state.step if self.state is not None else None,
-            "skipped": [{"step": s.step, "path": s.path, "reason": s.reason} for s in self.skipped],
+            "skipped": [
+                {"step": s.step, "path": s.path[:MAX_REASON], "reason": s.reason[:MAX_REASON]}
+                for s in self.skipped[:MAX_SKIPPED]
+            ],
         }
 
     def message(self) -> str:

@@ -237,6 +237,7 @@ class Trainer:
                     record["max_attn_logit"],
                     self.last_checkpoint,
                     self.last_checkpoint_step,
+                    checkpoint_fallback=self.checkpoint_fallback,
                 )
                 self.status.report(progress, force=self.last_checkpoint_step == self.step)
             if stop and self.step < last:

@@ -35,8 +35,11 @@ def progress_record(
     last_checkpoint: str | None = None,
     last_checkpoint_step: int | None = None,
     now: datetime.datetime | None = None,
+    checkpoint_fallback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `status.progress` object (camelCase, as in the K2Training API)."""
+    """The `status.progress` object (camelCase, as in the K2Training API). `checkpoint_fallback` (`Resume.status()`
+    of this run's resume) is always sent, null included: a gang that resumed from its newest checkpoint clears the
+    record an earlier attempt left, and with it the operator's CheckpointFallback condition."""
     updated = now or datetime.datetime.now(datetime.UTC)
     progress: dict[str, Any] = {
         "step": step,
@@ -48,6 +51,7 @@ def progress_record(
     if last_checkpoint is not None:
         progress["lastCheckpoint"] = last_checkpoint
         progress["lastCheckpointStep"] = last_checkpoint_step
+    progress["checkpointFallback"] = checkpoint_fallback
     return progress
 
 
