@@ -68,7 +68,9 @@ def test_deleting_a_rank_pod_restarts_its_group_and_leaves_the_other_serving(
         assert uids(cluster, namespace, 1) == before[1], "the other group's pods were touched"
         assert group_statuses(cluster, namespace)[1]["restarts"] == 0
         status = group_statuses(cluster, namespace)[0]
-        assert status["lastRestartReason"] in {f"rank pod {victim} is being deleted", f"rank pod {victim} is gone"}
+        # Which one the operator saw first depends on how fast kwok lets the pod go and the StatefulSet replaces it.
+        whats = ("is being deleted", "is gone", "was deleted and recreated")
+        assert status["lastRestartReason"] in {f"rank pod {victim} {what}" for what in whats}
         events = items(cluster, "events", namespace=namespace)
         restarts = [e for e in events if e.get("reason") == "GroupRestart"]
         assert len(restarts) == 1 and restarts[0]["type"] == "Warning", restarts
