@@ -68,6 +68,8 @@ def check_layout(attentions: Sequence[nn.Module], layout: MLAHeadLayout) -> None
     q_rows = layout.num_heads * (layout.qk_nope_head_dim + layout.qk_rope_head_dim)
     kv_rows = layout.num_heads * (layout.qk_nope_head_dim + layout.v_head_dim)
     for i, attn in enumerate(attentions):
+        if hasattr(attn, "clip_heads_"):  # GQA: the module applies its own rule (k2_workers.model.gqa)
+            continue
         if query_projection(attn).out_features != q_rows:
             raise ValueError(
                 f"layer {i}: query projection has {query_projection(attn).out_features} rows, want {q_rows}"
@@ -117,5 +119,9 @@ def qk_clip_(attentions: Sequence[nn.Module], layout: MLAHeadLayout, max_logits_
     clipped_LH = gamma_LH < 1
     for attn, gamma_H, clipped_H in zip(attentions, gamma_LH, clipped_LH, strict=True):
         if bool(clipped_H.any()):
-            apply_qk_clip_(attn, gamma_H, layout)
+            own_rule = getattr(attn, "clip_heads_", None)  # GQA's shared-key rule (k2_workers.model.gqa)
+            if callable(own_rule):
+                own_rule(gamma_H)
+            else:
+                apply_qk_clip_(attn, gamma_H, layout)
     return int(clipped_LH.sum())

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from k2_workers.model import K2ForCausalLM
-from k2_workers.model.checkpoint import CheckpointReader, expert_tensor_name
+from k2_workers.model.checkpoint import CheckpointReader, checkpoint_expert_name
 from k2_workers.model.experts import RoutedExperts
 
 ExpertTensors = tuple[Tensor, Tensor, Tensor]  # gate_proj [n, I, D], up_proj [n, I, D], down_proj [n, D, I]
@@ -59,7 +59,7 @@ class CheckpointExpertWeights:
         stacked = {
             projection: torch.stack(
                 [
-                    self._reader.read(f"{expert_tensor_name(prefix, e, projection)}", shape, self._dtype)
+                    self._reader.read(checkpoint_expert_name(config, prefix, e, projection), shape, self._dtype)
                     for e in expert_ids
                 ]
             )
