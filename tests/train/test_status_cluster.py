@@ -1,17 +1,26 @@
-"""Rank 0's progress reaches a real K2Training status through the status subresource, with a ServiceAccount token."""
+"""Rank 0's progress reaches a real K2Training status through the status subresource, with a ServiceAccount token;
+a checkpoint fallback it reports becomes the operator's Warning event."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
+from k2_workers.train import loop
+from k2_workers.train.config import RunConfig
+from k2_workers.train.loop import train
 from k2_workers.train.status import progress_record, reporter_from_env
+from tests.operator.harness import running_operator
 from tests.support.cluster import Cluster
+from tests.support.kube import items
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +44,9 @@ subjects:
 """
 
 
-def test_progress_is_written_to_the_k2training_status(
-    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
-) -> None:
+def as_trainer(cluster: Cluster, namespace: str, tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The env and ServiceAccount directory of rank 0 in a pod of the K2Training `train-test` (created here), with
+    the worker Role's permissions."""
     kubectl = cluster.kubectl
     kubectl("apply", "-n", namespace, "-f", "-", input=MANIFEST.read_text())
     kubectl("create", "serviceaccount", "trainer", "-n", namespace)
@@ -57,7 +66,14 @@ def test_progress_is_written_to_the_k2training_status(
         "KUBERNETES_SERVICE_PORT": str(server.port),
         "K2_TRAINING_NAME": "train-test",
     }
+    return env, service_account
 
+
+def test_progress_is_written_to_the_k2training_status(
+    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path
+) -> None:
+    kubectl = cluster.kubectl
+    env, service_account = as_trainer(cluster, namespace, tmp_path)
     reporter = reporter_from_env(env, min_interval_s=0, service_account_dir=service_account)
     assert reporter is not None
     progress = progress_record(12, 3.25, 4321.0, 17.5, "/checkpoints/step-10", 10)
@@ -80,3 +96,35 @@ def test_progress_is_written_to_the_k2training_status(
         reporter.close()
         stored = json.loads(kubectl("get", "k2training", "train-test", "-n", namespace, "-o", "json").stdout)
         assert stored["status"]["progress"].get("checkpointFallback") == expected
+
+
+def test_a_trainer_that_falls_back_makes_the_operator_post_a_warning_event(
+    cluster: Cluster, namespace: str, k2_crds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole chain on the real API server: the tree's trainer resumes past a truncated checkpoint and reports it
+    with its ServiceAccount; the operator (a subprocess on this namespace) posts the CheckpointFallback event."""
+    ckpt = tmp_path / "ckpt"
+    cfg = {"seq_len": 32, "micro_batch_size": 2, "warmup_steps": 1, "decay_steps": 2, "device": "cpu"}
+    cfg |= {"checkpoint_dir": str(ckpt), "steps": 6, "checkpoint_every": 2, "keep_last": 3}
+    assert train(RunConfig(**cfg, stop_after=4), io.StringIO()) == 0
+    newest = ckpt / "step-4" / "tensors.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-7])
+
+    env, service_account = as_trainer(cluster, namespace, tmp_path)
+    monkeypatch.setattr(
+        loop, "reporter_from_env", lambda min_interval_s: reporter_from_env(env, 0, service_account_dir=service_account)
+    )
+    with running_operator(cluster, namespace, tmp_path) as operator:
+        assert train(RunConfig(**cfg), io.StringIO()) == 0
+
+        def warning() -> dict[str, Any] | None:
+            events = items(cluster, "events", namespace=namespace)
+            return next((e for e in events if e["reason"] == "CheckpointFallback"), None)
+
+        event = wait_for("the CheckpointFallback event", warning, 60)
+        assert operator.errors() == [], operator.logs()
+    assert event["type"] == "Warning" and event["involvedObject"]["name"] == "train-test"
+    assert event["message"].startswith(f"resumed from step 2 ({ckpt}/step-2); skipped step 4 at {ckpt}/step-4 (")
+    assert "tensors.safetensors" in event["message"], event["message"]
+    stored = json.loads(cluster.kubectl("get", "k2training", "train-test", "-n", namespace, "-o", "json").stdout)
+    assert stored["status"]["progress"]["checkpointFallback"]["resumedStep"] == 2
