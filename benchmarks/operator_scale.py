@@ -470,7 +470,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="N of each kind per step")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="the operator's --resync-seconds")
     parser.add_argument("--steady-s", type=float, default=60.0, help="steady-state window for writes/min")
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="per size, until all Ready")
+    parser.add_argument(
+        "--timeout-s", type=float, default=900.0, help="per size, until all Ready (then measured anyway)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the control plane and operator are stopped
