@@ -84,6 +84,8 @@ class Ports:
     """Prometheus /metrics of serving ranks and training rank 0."""
     FRONTEND: Final = 8000
     """Default port of a serving's frontend (spec.frontend.port)."""
+    GRPC: Final = 50051
+    """gRPC of a serving rank (grpc.health.v1, reflection; rank 0 also k2.serve.v1.Generation) and of the frontend."""
     OPERATOR_METRICS: Final = 8080
     """Default /metrics and /healthz port of the operator process."""
 
@@ -93,6 +95,7 @@ class PortNames:
 
     RENDEZVOUS: Final = "rendezvous"
     HTTP: Final = "http"
+    GRPC: Final = "grpc"
     METRICS: Final = "metrics"
 
 

@@ -126,7 +126,7 @@ def test_a_frontend_needs_a_group() -> None:
 def test_the_frontend_process_serves_without_importing_torch(tmp_path: Path) -> None:
     port, group = free_port(), f"http://127.0.0.1:{free_port()}"
     argv = [sys.executable, "-X", "importtime", "-m", "k2_workers.serve", "--frontend", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--endpoints", group]
+    argv += ["--port", str(port), "--endpoints", group, "--grpc-port", "0"]
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, text=True)

@@ -69,7 +69,7 @@ def serve_processes(
             full_env.pop("KUBERNETES_SERVICE_HOST", None)
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "k2_workers.serve", "--host", "127.0.0.1", *argv],
+                    [sys.executable, "-m", "k2_workers.serve", "--host", "127.0.0.1", "--grpc-port", "0", *argv],
                     env=full_env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 from k2_api.contract import Env, Ports
@@ -43,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--port", type=int, help=f"HTTP port (default: rank {Ports.RANK_HTTP}, frontend {Ports.FRONTEND})"
     )
     parser.add_argument("--metrics-port", type=int, default=Ports.METRICS, help="Prometheus port, -1: off")
+    parser.add_argument(
+        "--grpc-port", type=int, default=Ports.GRPC, help="gRPC port (health, reflection, generation), 0: any, -1: off"
+    )
     parser.add_argument("--placement-poll-seconds", type=float, default=2.0)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the largest max_new_tokens a request may ask")
     parser.add_argument(
@@ -93,6 +97,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help=f"comma-separated group URLs (default: env {Env.GROUP_ENDPOINTS})")
+    parser.add_argument(
+        "--grpc-endpoints",
+        help=f"comma-separated host:port of the groups' gRPC (default: --endpoints' hosts, port {Ports.GRPC})",
+    )
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
@@ -108,6 +116,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def grpc_targets(endpoints: list[str]) -> list[str]:
+    """The groups' gRPC host:port from their HTTP URLs: the same host, port `Ports.GRPC`."""
+    hosts = [urllib.parse.urlsplit(e.strip()).hostname for e in endpoints if e.strip()]
+    return [f"{host}:{Ports.GRPC}" for host in hosts if host]
+
+
 def http_limits(args: argparse.Namespace) -> HttpLimits:
     return HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
 
@@ -120,7 +134,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.frontend:
         endpoints = (args.endpoints or os.environ.get(Env.GROUP_ENDPOINTS, "")).split(",")
-        return run_frontend(endpoints, args.host, args.port or Ports.FRONTEND, stop, http_limits(args))
+        grpc_endpoints = args.grpc_endpoints.split(",") if args.grpc_endpoints else grpc_targets(endpoints)
+        grpc = (args.grpc_port, grpc_endpoints) if args.grpc_port >= 0 else None
+        return run_frontend(endpoints, args.host, args.port or Ports.FRONTEND, stop, http_limits(args), grpc)
     if args.config is None:
         print("k2 worker serve: --config is required (the K2Serving manifest)", file=sys.stderr)
         return 2

@@ -44,11 +44,13 @@ from k2_workers.serve.endpoints import (
     client_gone,
     serve_routes,
 )
+from k2_workers.serve.grpc_start import start_frontend_grpc
 from k2_workers.serve.scheduler import CANCEL_POLL_S, DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 DEFAULT_UPSTREAM_TIMEOUT_S = DEFAULT_REQUEST_TIMEOUT_S + 30  # past the rank's own deadline, which answers 504 first
+DRAIN_GRACE_S = 10.0  # how long a stopping frontend lets its gRPC calls in flight finish
 RELAY_BYTES = 1 << 16  # at most this much of a stream read at once (a chunk of the group's is relayed whole)
 NOT_TAKEN = frozenset({HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS})  # the group did not run it
 
@@ -187,12 +189,21 @@ def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
 
 
 def run_frontend(
-    endpoints: Sequence[str], host: str, port: int, stop: threading.Event, limits: HttpLimits | None = None
+    endpoints: Sequence[str],
+    host: str,
+    port: int,
+    stop: threading.Event,
+    limits: HttpLimits | None = None,
+    grpc: tuple[int, Sequence[str]] | None = None,
 ) -> int:
-    """Serve the frontend on host:port until `stop` is set."""
+    """Serve the frontend on host:port until `stop` is set, and gRPC when `grpc` = (port, the groups' host:port)."""
     router = GroupRouter([e for e in endpoints if e.strip()])
     server = serve_routes(frontend_routes(router), host, port, limits or HttpLimits())
     log.info("frontend on %s:%d routing across %d groups", host, server.server_port, len(router.endpoints))
+    grpc_server = None if grpc is None else start_frontend_grpc(host, *grpc)
     stop.wait()
+    if grpc_server is not None:
+        grpc_server.drain()
+        grpc_server.stop(DRAIN_GRACE_S)
     server.shutdown()
     return 0

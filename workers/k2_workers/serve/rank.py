@@ -31,6 +31,7 @@ from k2_workers.serve.chat import load_chat_template
 from k2_workers.serve.device import group_backend, serving_device, serving_dtype
 from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.grpc_start import start_rank_grpc
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
 from k2_workers.serve.openai_routes import openai_routes
 from k2_workers.serve.placement import ActivePlacement, GroupShape, read_placement
@@ -129,17 +130,20 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     )
     limits = HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
     routes = rank_routes(engine, args.max_new_tokens)
+    model_name = args.served_model_name or name
     if rank == 0:
-        model_name = args.served_model_name or name
         routes |= openai_routes(engine, args.max_new_tokens, model_name, load_chat_template(checkpoint))
     server = serve_routes(routes, args.host, args.port or Ports.RANK_HTTP, limits)
     log.info("rank %d/%d of group %s listening on %s:%d", rank, world_size, group, args.host, server.server_port)
+    grpc = start_rank_grpc(args.host, args.grpc_port, engine, args.max_new_tokens, model_name, group)
     try:
         if rank == 0:
             initial = ActivePlacement.round_robin(num_layers, config.n_routed_experts, world_size, slots_per_rank)
             try:
                 lead(engine, args.placement, initial, args.placement_poll_seconds, stop)
             finally:  # stopping or broken: /healthz and new requests 503, the queued requests finish (or fail fast)
+                if grpc is not None:
+                    grpc.drain()
                 engine.stop()  # then the followers are told to stop, unless the group is broken
                 server.drain(DRAIN_TIMEOUT_S)  # the answers in flight are written before the process exits
         else:
@@ -149,6 +153,8 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
             raise
     finally:
         server.shutdown()
+        if grpc is not None:
+            grpc.stop(DRAIN_TIMEOUT_S)
         if metrics is not None:
             metrics.close()
         if engine.broken is None:  # a broken group's collectives may hang: the process exits instead
