@@ -92,6 +92,7 @@ def test_rank_ports_admit_only_their_group_and_the_frontend_and_metrics_only_mon
     assert ingress_ports(group1) == {
         Ports.RENDEZVOUS: [{"podSelector": {"matchLabels": ranks}}],
         Ports.RANK_HTTP: [{"podSelector": {"matchLabels": ranks}}, {"podSelector": {"matchLabels": frontend}}],
+        Ports.GRPC: [{"podSelector": {"matchLabels": frontend}}],
         Ports.METRICS: [monitoring],
     }
     closed = policy_builder.group_network_policy(serving(), 0, [])
@@ -100,9 +101,9 @@ def test_rank_ports_admit_only_their_group_and_the_frontend_and_metrics_only_mon
 
 def test_frontend_port_admits_the_namespace_or_anyone_when_exposed() -> None:
     inside = policy_builder.frontend_network_policy(serving(frontend={"port": 9000}))
-    assert ingress_ports(inside) == {9000: [{"podSelector": {}}]}
+    assert ingress_ports(inside) == {9000: [{"podSelector": {}}], Ports.GRPC: [{"podSelector": {}}]}
     exposed = policy_builder.frontend_network_policy(serving(frontend={"serviceType": "LoadBalancer"}))
-    assert ingress_ports(exposed) == {Ports.FRONTEND: [{"anyone": True}]}
+    assert ingress_ports(exposed) == {Ports.FRONTEND: [{"anyone": True}], Ports.GRPC: [{"anyone": True}]}
 
 
 def test_network_policies_follow_spec() -> None:

@@ -48,7 +48,7 @@ def group_network_policy(serving: K2Serving, group: int, monitoring_namespaces: 
     ranks = selector_labels(serving, RANK_COMPONENT, **group_label)
     ingress = [
         {"from": [pods(ranks)], "ports": tcp(Ports.RENDEZVOUS, Ports.RANK_HTTP)},
-        {"from": [pods(selector_labels(serving, FRONTEND_COMPONENT))], "ports": tcp(Ports.RANK_HTTP)},
+        {"from": [pods(selector_labels(serving, FRONTEND_COMPONENT))], "ports": tcp(Ports.RANK_HTTP, Ports.GRPC)},
     ]
     if monitoring_namespaces:  # none: the metrics port admits no one
         ingress.append({"from": [namespaces(monitoring_namespaces)], "ports": tcp(Ports.METRICS)})
@@ -62,7 +62,7 @@ def group_network_policy(serving: K2Serving, group: int, monitoring_namespaces: 
 
 def frontend_network_policy(serving: K2Serving) -> Manifest:
     frontend = serving.spec.frontend
-    rule: dict[str, Any] = {"ports": tcp(frontend.port)}
+    rule: dict[str, Any] = {"ports": tcp(frontend.port, Ports.GRPC)}
     if frontend.service_type == ServiceType.CLUSTER_IP:
         rule["from"] = [{"podSelector": {}}]  # every pod of the serving's namespace
     return {

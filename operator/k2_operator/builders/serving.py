@@ -131,6 +131,7 @@ def group_service(serving: K2Serving, group: int) -> Manifest:
                     "protocol": "TCP",
                 },
                 {"name": PortNames.HTTP, "port": Ports.RANK_HTTP, "targetPort": Ports.RANK_HTTP, "protocol": "TCP"},
+                {"name": PortNames.GRPC, "port": Ports.GRPC, "targetPort": Ports.GRPC, "protocol": "TCP"},
             ],
         },
     }
@@ -188,6 +189,7 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
         "ports": [
             {"name": PortNames.RENDEZVOUS, "containerPort": Ports.RENDEZVOUS, "protocol": "TCP"},
             {"name": PortNames.HTTP, "containerPort": Ports.RANK_HTTP, "protocol": "TCP"},
+            {"name": PortNames.GRPC, "containerPort": Ports.GRPC, "protocol": "TCP"},
             {"name": PortNames.METRICS, "containerPort": Ports.METRICS, "protocol": "TCP"},
         ],
         "readinessProbe": {"httpGet": {"path": HttpPaths.HEALTHZ, "port": PortNames.HTTP}, "periodSeconds": 5},
@@ -273,7 +275,10 @@ def frontend_deployment(serving: K2Serving) -> Manifest:
                             "imagePullPolicy": spec.image_pull_policy,
                             "command": ["k2", "worker", "serve", "--frontend", "--port", str(spec.frontend.port)],
                             "env": [{"name": Env.GROUP_ENDPOINTS, "value": groups}],
-                            "ports": [{"name": PortNames.HTTP, "containerPort": spec.frontend.port, "protocol": "TCP"}],
+                            "ports": [
+                                {"name": PortNames.HTTP, "containerPort": spec.frontend.port, "protocol": "TCP"},
+                                {"name": PortNames.GRPC, "containerPort": Ports.GRPC, "protocol": "TCP"},
+                            ],
                             "readinessProbe": {
                                 "httpGet": {"path": HttpPaths.HEALTHZ, "port": PortNames.HTTP},
                                 "periodSeconds": 5,
@@ -304,7 +309,8 @@ def frontend_service(serving: K2Serving) -> Manifest:
                     "port": serving.spec.frontend.port,
                     "targetPort": PortNames.HTTP,
                     "protocol": "TCP",
-                }
+                },
+                {"name": PortNames.GRPC, "port": Ports.GRPC, "targetPort": PortNames.GRPC, "protocol": "TCP"},
             ],
         },
     }
