@@ -44,7 +44,8 @@ LEGACY_PATHS = frozenset({GENERATE_PATH, PLACEMENT_PATH, HttpPaths.HEALTHZ})  # 
 
 @dataclass(frozen=True)
 class Stream:
-    """A 200 answer sent as server-sent events: each item is one or more whole `data: ...\n\n` events."""
+    """A 200 answer sent as server-sent events, each item as one chunk when it comes (whole `data: ...\n\n`
+    events, or pieces of them relayed from a group); `events` is closed when the answer ends or its client left."""
 
     events: Iterable[bytes]
 
