@@ -4,7 +4,8 @@ storage.
 
 Runs on the local cluster of `make cluster-up` (its real node and its Prometheus), inside the live-loop setup of the
 e2e tests (hack/liveloop/session.py: the chart, a K2Serving of 2 x 2 k2-debug ranks on a claim-held checkpoint, the
-frontend forwarded to 127.0.0.1). The traffic alternates between two skewed prompts, one phase per rebalance. A
+frontend forwarded to 127.0.0.1). Each phase of traffic repeats the byte the placement in force serves worst
+(liveloop.skew), one phase per rebalance. A
 request is "during a rebalance" when it ran at any moment between a generation's write and the moment every rank
 reported it, plus two seconds; every other request is steady state. Latency is the client's, through the frontend.
 
@@ -24,10 +25,10 @@ sys.path.insert(0, str(HACK))
 from liveloop.kubectl import Kubectl  # noqa: E402
 from liveloop.rebalance import Rebalance, observe_rebalance  # noqa: E402
 from liveloop.session import live_setup  # noqa: E402
+from liveloop.skew import Phases  # noqa: E402
 from liveloop.traffic import Outcome, Tally, Traffic  # noqa: E402
 from localcluster.layout import DEFAULT_DIR, Layout, State  # noqa: E402
 
-PHASES = ("z" * 160, "a" * 160)
 WINDOW_S = 20
 SETTLE_S = 2.0
 
@@ -52,12 +53,15 @@ def main() -> int:
     with live_setup(
         kubectl, {"type": "real"}, state.prometheus_url, state.prometheus_pod_url, eplb_window_s=WINDOW_S
     ) as live:
-        phase = [PHASES[0]]
+        phases = Phases(live.prompt_loads)
+        placement = live.placement()
+        phase = [phases.next(placement)]
         rebalances: list[Rebalance] = []
-        generation = int(live.placement()["spec"]["generation"])
+        generation = int(placement["spec"]["generation"])
         with Traffic(live.url, lambda: phase[0], concurrency=args.concurrency) as traffic:
             for index in range(args.rebalances):
-                phase[0] = PHASES[index % len(PHASES)]
+                if index:
+                    phase[0] = phases.next(live.placement())
                 rebalance = observe_rebalance(live, generation, WINDOW_S)
                 print(rebalance, flush=True)
                 rebalances.append(rebalance)

@@ -22,14 +22,16 @@ from k2_api.contract import FieldManagers
 from liveloop.kubectl import KubectlError
 from liveloop.rebalance import Rebalance, observe_rebalance
 from liveloop.session import Live, live_setup
+from liveloop.skew import Phases
 from liveloop.system import wait_for
 from liveloop.traffic import Outcome, Tally, Traffic, generate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 # Each phase's traffic repeats one byte, so every token of a phase takes the same experts: a clearly skewed load.
-# The two prompts' hot experts differ, so each phase needs a placement of its own (three rebalances in all).
-PHASES = ("z" * 160, "a" * 160, "z" * 160)
+# Each phase takes the prompt the placement in force serves worst (liveloop.skew), so each needs a placement of its
+# own: three phases, three rebalances.
+PHASES = 3
 STEADY = "Kimi K2 routes every token to 8 of its 384 experts; "
 PROBE = "The quick brown fox jumps over the lazy dog."
 PROBE_TOKENS = 16
@@ -65,12 +67,16 @@ def probe(live: Live) -> Outcome:
 
 def test_skewed_traffic_is_rebalanced_live_three_times_with_zero_failed_requests(live: Live) -> None:
     before = probe(live)
-    phase = [PHASES[0]]
+    phases = Phases(live.prompt_loads)
+    placement = live.placement()
+    phase = [phases.next(placement)]
     rebalances: list[Rebalance] = []
-    generation = int(live.placement()["spec"]["generation"])
+    generation = int(placement["spec"]["generation"])
     with Traffic(live.url, lambda: phase[0]) as traffic:
-        for index, prompt in enumerate(PHASES):
-            phase[0] = prompt
+        for index in range(PHASES):
+            if index:
+                phase[0] = phases.next(live.placement())
+            prompt = phase[0]
             rebalance = observe_rebalance(live, generation, WINDOW_S)
             print(f"phase {index + 1} (prompts of {prompt[0]!r}, skew {rebalance.skew:.1f}x): {rebalance}")
             print("  per-GPU load after:\n    " + "\n    ".join(rebalance.loads_after))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,28 +22,33 @@ HACK = Path(__file__).resolve().parents[1]
 if str(HACK) not in sys.path:
     sys.path.insert(0, str(HACK))
 
+from liveloop.checkpoint import upload  # noqa: E402
 from liveloop.kubectl import Kubectl  # noqa: E402
 from liveloop.observe import Prometheus, ServingSeries, bars  # noqa: E402
+from liveloop.session import write_checkpoint  # noqa: E402
+from liveloop.skew import CANDIDATES, Phases, expert_loads  # noqa: E402
 from liveloop.system import REPO, Chart, Image, wait_for  # noqa: E402
 from liveloop.traffic import Tally, Traffic  # noqa: E402
 from localcluster.layout import DEFAULT_DIR, Layout, State  # noqa: E402
 
 REAL_NODE = {"type": "real"}
-PHASES = ("z" * 160, "a" * 160)
 WINDOW_S = 30
 # The examples ask one CPU per pod; the real node has this machine's two.
 CPU = {"K2Serving": "200m", "K2Training": "300m"}
+TRAINING_PHASES = ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created")
+"""The K2Training conditions, the most telling first."""
 
 
-def example(name: str, namespace: str) -> dict[str, Any]:
-    """An example manifest, pinned to the real node with a CPU request that fits it, and (serving) an EPLB that
-    reacts within seconds rather than minutes."""
+def example(name: str, namespace: str, model_uri: str) -> dict[str, Any]:
+    """An example manifest, pinned to the real node with a CPU request that fits it; the serving loads `model_uri`
+    and has an EPLB that reacts within seconds rather than minutes."""
     body: dict[str, Any] = yaml.safe_load((REPO / "examples" / name).read_text())
     body["metadata"]["namespace"] = namespace
     spec = body["spec"]
     spec["scheduling"] = {"nodeSelector": REAL_NODE}
     spec["resources"]["cpu"] = CPU[body["kind"]]
     if body["kind"] == "K2Serving":
+        spec["model"]["checkpointUri"] = model_uri
         spec["eplb"].update(intervalSeconds=5, windowSeconds=WINDOW_S, cooldownSeconds=15)
     return body
 
@@ -50,7 +56,8 @@ def example(name: str, namespace: str) -> dict[str, Any]:
 def training_line(training: dict[str, Any]) -> str:
     status = training.get("status", {})
     progress = status.get("progress") or {}
-    phase = next((c["type"] for c in status.get("conditions", []) if c.get("status") == "True"), "Pending")
+    true = {c["type"] for c in status.get("conditions", []) if c.get("status") == "True"}
+    phase = next((t for t in TRAINING_PHASES if t in true), "Pending")
     if not progress:
         return f"training {training['metadata']['name']}: {phase}"
     loss = progress.get("loss")
@@ -94,10 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     kubectl = Kubectl(layout.root / "kubeconfig", tools / "kubectl", tools / "helm")
     namespace = args.namespace
     kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}, namespace)
+    with tempfile.TemporaryDirectory(prefix="k2-demo-checkpoint-") as scratch:
+        checkpoint = write_checkpoint(Path(scratch))
+        model_uri = upload(kubectl, namespace, checkpoint, "models", "k2-debug", Image(), REAL_NODE)
+        phases = Phases(expert_loads(checkpoint, CANDIDATES))
+    print(f"wrote a k2-debug checkpoint to {model_uri} (a PersistentVolumeClaim of the k2-local StorageClass)")
     print(f"installing the chart in {namespace} (operator + EPLB controller, image {Image().ref})")
     Chart("k2", namespace, Image(), REAL_NODE, prometheus_url=state.prometheus_pod_url).install(kubectl)
     for name in ("k2serving-debug.yaml", "k2training-debug.yaml"):
-        kubectl.apply(example(name, namespace), namespace)
+        kubectl.apply(example(name, namespace, model_uri), namespace)
         print(f"applied examples/{name}")
     series = ServingSeries(Prometheus(state.prometheus_url), "k2-debug-serve", namespace)
 
@@ -107,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("waiting for the 4 serving ranks and the frontend (a first start takes a minute or two)")
     wait_for("the serving ready", serving_ready, 600, every_s=2)
-    phase = [PHASES[0]]
     moves: list[str] = []
     placement = kubectl.get("expertplacement/k2-debug-serve", namespace=namespace)
+    phase = [phases.next(placement)]
     generation, started = int(placement["spec"]["generation"]), time.monotonic()
     with kubectl.port_forward(namespace, "service/k2-debug-serve", 8000) as port:
         traffic = Traffic(f"http://127.0.0.1:{port}", lambda: phase[0], max_seconds=args.max_seconds).start()
@@ -127,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{status.get('predictedBalancedness', 0):.3f}, {status.get('movedExperts', 0)} experts "
                         f"({status.get('movedBytes', 0)} bytes) moved, applied by {status.get('appliedRanks')} ranks"
                     )
-                    phase[0] = PHASES[len(moves) % len(PHASES)]  # shift the skew: the next placement differs
+                    phase[0] = phases.next(placement)  # shift the skew to what this placement serves worst
                 print(summary(kubectl, namespace, series, traffic, moves) + "\n", flush=True)
         finally:
             outcomes = traffic.stop()

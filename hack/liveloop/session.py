@@ -15,6 +15,7 @@ from typing import Any
 from liveloop.checkpoint import upload
 from liveloop.kubectl import Kubectl
 from liveloop.observe import Prometheus, ServingSeries
+from liveloop.skew import CANDIDATES, Load, expert_loads
 from liveloop.system import Chart, Image, Serving, wait_for
 
 # A pod's first start on a loaded 2-core machine (torch import, checkpoint read, gloo rendezvous) takes 30-120 s.
@@ -42,6 +43,8 @@ class Live:
     """The frontend, forwarded to 127.0.0.1."""
     second_model_uri: str
     """The same weights at another path: changing spec.model.checkpointUri to it rolls the groups."""
+    prompt_loads: dict[str, Load]
+    """Skewed prompts and the experts their tokens take (liveloop.skew), from the served checkpoint."""
 
     def placement(self) -> dict[str, Any]:
         placement: dict[str, Any] = self.serving.placement(self.kubectl)
@@ -72,6 +75,7 @@ def live_setup(
             checkpoint = write_checkpoint(Path(scratch))
             model_uri = upload(kubectl, namespace, checkpoint, "models", "k2-debug", image, node_selector)
             second_uri = upload(kubectl, namespace, checkpoint, "models", "k2-debug-copy", image, node_selector)
+            loads = expert_loads(checkpoint, CANDIDATES)
         chart.install(kubectl)
         serving = Serving(
             "k2-live", namespace, image, checkpoint_uri=model_uri, node_selector=node_selector, **serving_fields
@@ -80,7 +84,7 @@ def live_setup(
         wait_for("the serving ready on every rank", lambda: serving.ready(kubectl), READY_TIMEOUT_S, every_s=2)
         series = ServingSeries(Prometheus(prometheus_url), serving.name, namespace)
         with kubectl.port_forward(namespace, serving.frontend_service(), serving.frontend_port) as port:
-            yield Live(kubectl, namespace, serving, series, f"http://127.0.0.1:{port}", second_uri)
+            yield Live(kubectl, namespace, serving, series, f"http://127.0.0.1:{port}", second_uri, loads)
     finally:
         try:
             chart.uninstall(kubectl)

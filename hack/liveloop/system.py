@@ -57,13 +57,13 @@ class Chart:
             "image.tag": self.image.tag,
             "image.pullPolicy": self.image.pull_policy,
             "watchNamespaces[0]": self.namespace,
-            "eplb.interval": str(self.eplb_interval_s),
             **{f"nodeSelector.{key}": value for key, value in self.node_selector.items()},
         }
         if self.prometheus_url:
             sets["eplb.prometheusUrl"] = self.prometheus_url
             sets["eplb.allowedPrometheusUrls[0]"] = self.prometheus_url
-        return [arg for key, value in sets.items() for arg in ("--set-string", f"{key}={value}")]
+        strings = [arg for key, value in sets.items() for arg in ("--set-string", f"{key}={value}")]
+        return [*strings, "--set", f"eplb.interval={self.eplb_interval_s}"]
 
     def install(self, kubectl: Kubectl) -> None:
         kubectl.helm(
