@@ -75,3 +75,13 @@ def test_a_reported_fallback_posts_one_warning_event_and_a_clean_resume_clears_i
     cleared = condition(env.get(K2Training.KIND, NAME), "CheckpointFallback")
     assert cleared["status"] == "False" and cleared["reason"] == "ResumedFromNewest"
     assert ("Normal", "CheckpointFallbackCleared") in env.events()
+
+
+def test_a_very_long_fallback_still_fits_a_condition() -> None:
+    many = FALLBACK | {"skipped": [{"step": s, "path": f"/c/step-{s}", "reason": "x" * 4096} for s in range(100)]}
+    resource = K2Training.model_validate(
+        training().model_dump(mode="json", by_alias=True, exclude_none=True) | {"status": _progress(many)}
+    )
+    desired = training_status.checkpoint_fallback(resource, [])
+    assert desired is not None and len(desired.message) == training_status.MAX_CONDITION_MESSAGE
+    assert desired.message.startswith("resumed from step 10 (/checkpoints/step-10); skipped step 0 at /c/step-0 (")

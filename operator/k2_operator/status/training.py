@@ -30,6 +30,7 @@ from k2_operator.status.kstatus import KSTATUS_TYPES, State, Summary, kstatus_co
 
 T = TrainingConditionType
 CONDITION_TYPES = tuple(t.value for t in TrainingConditionType) + KSTATUS_TYPES
+MAX_CONDITION_MESSAGE = 32768  # the bound of a condition's message (k2_api.common.Condition, as metav1)
 OWNED_FIELDS = ("observedGeneration", "restarts", "preemptions", "readyWorkers", "startTime", "completionTime")
 
 
@@ -126,7 +127,8 @@ def checkpoint_fallback(training: K2Training, old_conditions: Sequence[Condition
         target = "no readable checkpoint was left: started again from step 0"
     else:
         target = f"resumed from step {fallback.resumed_step} ({fallback.resumed_from})"
-    return Desired(T.CHECKPOINT_FALLBACK, True, "UnreadableCheckpoint", f"{target}; skipped {skipped}")
+    message = f"{target}; skipped {skipped}"[:MAX_CONDITION_MESSAGE]
+    return Desired(T.CHECKPOINT_FALLBACK, True, "UnreadableCheckpoint", message)
 
 
 def summary(conditions: dict[str, Desired]) -> Summary:
