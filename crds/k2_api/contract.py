@@ -99,6 +99,13 @@ class PortNames:
     METRICS: Final = "metrics"
 
 
+class GrpcServices:
+    """gRPC service names that another component asks for (the operator's `grpc:` readiness probes)."""
+
+    GENERATION: Final = "k2.serve.v1.Generation"
+    """The generation service of a serving rank 0 and of the frontend; its health status is readiness."""
+
+
 class HttpPaths:
     """HTTP paths of the serving processes that another component calls."""
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.serve.engine import GroupEngine
@@ -192,6 +194,19 @@ def test_bytes_that_are_no_request_get_an_error_status_and_the_server_goes_on(se
             raw(junk, timeout=60)
         assert refused.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
     assert list(GenerationStub(served.channels["rank"]).Generate(request(2)).token_ids)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=48))
+def test_random_bytes_get_an_answer_or_an_error_status(served: Served, junk: bytes) -> None:
+    sampling = pb.SamplingParams(max_new_tokens=2).SerializeToString()
+    raw = served.channels["rank"].unary_unary(f"/{SERVICE}/Generate")
+    try:  # random bytes with a short generation appended (a field may repeat: the last one wins)
+        answer = pb.GenerateResponse.FromString(raw(junk + b"\x22" + bytes([len(sampling)]) + sampling, timeout=60))
+    except grpc.RpcError as error:
+        assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL), error
+    else:
+        assert len(answer.token_ids) <= 2
 
 
 @pytest.mark.parametrize("via", ["rank", "frontend"])

@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 import grpc
 
+from k2_api.contract import GrpcServices
 from k2_workers.serve.proto import generation_pb2 as pb
 
-SERVICE = "k2.serve.v1.Generation"  # the full name, also the health service name of readiness
+SERVICE = GrpcServices.GENERATION  # the proto's package.Service, also the health service name of readiness
 NO_DEADLINE_S = 1e8  # grpcio reports a call without a deadline as (about) infinitely long
 
 
