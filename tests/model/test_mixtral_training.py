@@ -1,5 +1,5 @@
-"""Training Mixtral: QK-Clip's rule for GQA's shared keys, MuonClip on a GQA model, and the worker's training loop
-on the mixtral-debug preset."""
+"""Training Mixtral: QK-Clip's rule for GQA's shared keys, MuonClip on a GQA model, the worker's training loop on
+the mixtral-debug preset, and the dropped-token rate in its step lines under Switch-style capacity."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from k2_workers.model import K2Config, K2ForCausalLM
+from k2_workers.model import K2Config, K2ForCausalLM, switch_routing
 from k2_workers.model.gqa import GQAttention
+from k2_workers.model.switch import SWITCH_AUX_LOSS_ALPHA
 from k2_workers.optim import MuonClip
 from k2_workers.train.config import RunConfig
 from k2_workers.train.loop import train
@@ -79,3 +80,23 @@ def test_the_worker_trains_the_mixtral_debug_preset(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
     assert all(r["loss"] > 0 and r["max_attn_logit"] > 0 and r["aux_loss"] > 0 for r in lines)
+
+
+def test_switch_training_reports_the_dropped_token_rate(tmp_path: Path) -> None:
+    config = switch_routing(K2Config.from_preset("mixtral-debug"), capacity_factor=0.5)
+    cfg = RunConfig(
+        steps=1,
+        warmup_steps=0,
+        decay_steps=0,
+        seq_len=32,
+        micro_batch_size=2,
+        device="cpu",
+        model_preset=None,
+        model_hf_config=config.to_hf_config(),
+        aux_loss_alpha=SWITCH_AUX_LOSS_ALPHA,
+        checkpoint_dir=str(tmp_path),
+    )
+    out = io.StringIO()
+    assert train(cfg, out) == 0
+    (record,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert 0.5 <= record["dropped_token_rate"] < 1  # capacity 0.5: at least half of the assignments dropped

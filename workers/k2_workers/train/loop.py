@@ -215,6 +215,8 @@ class Trainer:
         }
         if aux is not None:
             record["aux_loss"] = aux.item()
+        if self.model.config.capacity_factor is not None:  # Switch-style capacity: this rank's dropped share
+            record["dropped_token_rate"] = self.model.dropped_token_rate()
         if self.metrics is not None:
             self.metrics.observe_step(record, num_tokens, counts_LE.tolist())
         return record, shared[1].item() > 0
