@@ -1,4 +1,5 @@
-"""pvc:// on the real node: a K2Serving serves a checkpoint the test wrote to a PersistentVolume.
+"""pvc:// on the real node: a K2Serving serves a checkpoint the test wrote to a PersistentVolume; a K2Training
+reads its corpus and starting weights from a claim and checkpoints into the same claim.
 
 The test writes a k2-debug safetensors checkpoint (seed 1234, not the seed-0 weights a rank builds without one) into
 a host directory, exposes it as a `local` PersistentVolume (hack/localcluster/storage.py's manifest) bound to a claim,
@@ -27,7 +28,7 @@ from k2_workers.tokenizer import load_tokenizer
 from tests.cluster.real_node import has_real_node, skip_unless_a_real_node_can_run
 from tests.operator.harness import running_operator
 from tests.support.cluster import Cluster, load_local_cluster
-from tests.support.kube import apply, get, is_ready, items
+from tests.support.kube import apply, get, has_condition, is_ready, items
 from tests.support.paths import TOOLS_BIN
 from tests.support.ports import free_port
 from tests.support.prerequisites import skip_or_fail
@@ -198,4 +199,63 @@ def test_a_serving_loads_its_checkpoint_from_a_claim(real: Cluster, restricted: 
 
         real.kubectl("delete", "-n", namespace, "k2serving/claims-serve", "--wait=true", "--timeout=120s")
         wait_for("the rank pods gone", lambda: not items(real, "pods", namespace=namespace, selector=base + "rank"))
+        assert operator.errors() == [], operator.logs()
+
+
+CORPUS = "\n\n".join(f"Paragraph {i}: the router sends each token to two of eight experts." for i in range(60))
+
+
+def training(claim: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "k2.ai/v1alpha1",
+        "kind": "K2Training",
+        "metadata": {"name": "claims-train"},
+        "spec": {
+            "model": {"preset": "k2-debug", "checkpointUri": f"pvc://{claim}/base"},
+            "image": "k2-operator/worker:dev",
+            "numNodes": 1,
+            "gpusPerNode": 0,
+            "resources": {"cpu": "500m", "memory": "2Gi"},
+            "scheduling": {"nodeSelector": {"type": "real"}},
+            "data": {"uri": f"pvc://{claim}/corpus.txt", "seqLen": 32, "batchSize": 2},
+            "steps": 4,
+            "optimizer": {"warmupSteps": 1, "decaySteps": 1},
+            "checkpointing": {"claimName": claim, "everyNSteps": 2},
+            "failurePolicy": {"maxRestarts": 0},
+        },
+    }
+
+
+def test_a_training_reads_and_checkpoints_on_one_claim(real: Cluster, restricted: str, tmp_path: Path) -> None:
+    namespace, claim = restricted, "k2-train"
+    volume = tmp_path / "volume"
+    write_checkpoint(volume / "base")
+    (volume / "corpus.txt").write_text(CORPUS)
+    (volume / "corpus.txt").chmod(0o644)
+
+    with static_claim(real, namespace, claim, volume), running_operator(real, namespace, tmp_path) as operator:
+        apply(real, training(claim), namespace=namespace)
+        selector = "app.kubernetes.io/instance=claims-train"
+        # The claim is one volume, mounted read-write for checkpoints and read-only for the corpus and weights.
+        (pod,) = wait_for("the worker pod", lambda: items(real, "pods", namespace=namespace, selector=selector))
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/checkpoints"]["name"] == mounts[f"{Files.CLAIMS_ROOT}/{claim}"]["name"]
+        assert mounts[f"{Files.CLAIMS_ROOT}/{claim}"]["readOnly"] is True
+        # Without the mounted claim the worker could read neither its corpus nor its weights, and the run would fail.
+        try:
+            wait_for(
+                "the training Succeeded",
+                lambda: has_condition(real, "k2training/claims-train", "Succeeded", namespace=namespace),
+                START_TIMEOUT_S,
+            )
+        except AssertionError:
+            logs = real.kubectl("logs", "-n", namespace, "-l", selector, "--tail=40", check=False)
+            status = get(real, "k2training/claims-train", namespace=namespace).get("status")
+            raise AssertionError(f"{status}\n{logs.stdout}{logs.stderr}") from None
+        # The non-root trainer wrote its checkpoints into the claim (the kubelet gave the volume to its fsGroup).
+        complete = sorted(p.parent.name for p in volume.glob("step-*/COMPLETE"))
+        assert complete and complete[-1] == "step-4", sorted(p.name for p in volume.iterdir())
+        assert (volume / "step-4").stat().st_uid == 1000  # written by the pod's user, not by this test
+        real.kubectl("delete", "-n", namespace, "k2training/claims-train", "--wait=true", "--timeout=120s")
         assert operator.errors() == [], operator.logs()
