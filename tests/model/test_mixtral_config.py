@@ -107,3 +107,13 @@ def test_mla_refuses_a_sliding_window_and_grouped_heads() -> None:
         K2Config(num_key_value_heads=8)
     with pytest.raises(ValueError, match=r"^sliding_window:"):
         K2Config(sliding_window=128)
+
+
+def test_left_out_keys_mean_what_transformers_mixtral_config_means() -> None:
+    from transformers import MixtralConfig
+
+    everything = K2Config.from_hf_config(MixtralConfig().to_dict())
+    bare = K2Config.from_hf_config({"model_type": "mixtral"})
+    everything = dataclasses.replace(everything, torch_dtype=bare.torch_dtype)  # MixtralConfig's dtype is None
+    assert dataclasses.replace(bare, extra={}) == dataclasses.replace(everything, extra={})
+    assert (bare.vocab_size, bare.moe_intermediate_size, bare.num_key_value_heads) == (32000, 14336, 8)

@@ -67,7 +67,24 @@ _SAME_KEYS = (
 _RENAMED = {"num_local_experts": "n_routed_experts", "router_aux_loss_coef": "aux_loss_alpha"}
 _CONSUMED = frozenset({*_SAME_KEYS, *_RENAMED, "intermediate_size", "model_type", "rope_scaling", *ROUTING_DEFAULTS})
 _BOOKKEEPING = frozenset({"architectures", "transformers_version", "dtype", "output_router_logits"})
-_MIXTRAL_DEFAULTS = {"router_aux_loss_coef": 0.001, "num_local_experts": 8, "num_experts_per_tok": 2}
+# What a Mixtral config.json means by a key it leaves out (transformers' MixtralConfig defaults), not K2's defaults.
+_MIXTRAL_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.001,
+}
 
 
 def is_mixtral(hf: dict[str, Any]) -> bool:
