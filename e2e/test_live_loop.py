@@ -26,7 +26,8 @@ from liveloop.skew import Phases
 from liveloop.system import wait_for
 from liveloop.traffic import Outcome, Tally, Traffic, generate
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+# The module's setup (checkpoint upload, chart, four ranks loading) runs inside the first test's time limit.
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(1800)]
 
 # Each phase's traffic repeats one byte, so every token of a phase takes the same experts: a clearly skewed load.
 # Each phase takes the prompt the placement in force serves worst (liveloop.skew), so each needs a placement of its

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from liveloop.kubectl import Kubectl
+from liveloop.kubectl import Kubectl, KubectlError
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "k2-operator"
@@ -94,7 +94,7 @@ class Serving:
     ranks: int = 2
     checkpoint_uri: str | None = None
     node_selector: Mapping[str, str] = field(default_factory=dict)
-    cpu: str = "250m"
+    cpu: str = "200m"
     memory: str = "2Gi"
     eplb_interval_s: int = 5
     eplb_window_s: int = 20
@@ -146,10 +146,14 @@ class Serving:
         return placement
 
     def ready(self, kubectl: Kubectl) -> bool:
-        """Every group ready, the frontend ready and the placement in force on every rank."""
-        status = self.status(kubectl)
-        placement = self.placement(kubectl).get("status", {})
-        frontend = kubectl.get(f"deployment/{self.name}-frontend", namespace=self.namespace).get("status", {})
+        """Every group ready, the frontend ready and the placement in force on every rank (False while any of them
+        does not exist yet)."""
+        try:
+            status = self.status(kubectl)
+            placement = self.placement(kubectl).get("status", {})
+            frontend = kubectl.get(f"deployment/{self.name}-frontend", namespace=self.namespace).get("status", {})
+        except KubectlError:
+            return False
         return (
             status.get("readyGroups") == self.groups
             and status.get("readyRanks") == self.groups * self.ranks
