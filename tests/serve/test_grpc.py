@@ -233,6 +233,25 @@ def test_a_deadline_is_honoured_and_a_full_queue_is_resource_exhausted(served: S
         engine.scheduler.max_queue = max_queue
 
 
+def test_rpcs_past_the_servers_bound_are_resource_exhausted(served: Served) -> None:
+    engine = served.engine
+    bounded = serve_grpc("127.0.0.1", 0, lambda: engine.unready, RankGeneration(engine, 256, MODEL, "g"), max_rpcs=1)
+    wait_for("an idle engine", lambda: engine.scheduler.in_batch == 0 and engine.scheduler.queued == 0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bounded.port}") as channel:
+            stub = GenerationStub(channel)
+            with engine._group_lock:  # the group is busy: the first call holds the server's only RPC slot
+                first = stub.Generate.future(request(2), timeout=120)
+                wait_for("the first request taken into a batch", lambda: engine.scheduler.in_batch == 1)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.GetLoad(pb.LoadRequest(), timeout=60)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(first.result().token_ids) == 2
+            assert stub.GetLoad(pb.LoadRequest(), timeout=60).groups[0].group == "g"  # the slot is free again
+    finally:
+        bounded.stop(0)
+
+
 @pytest.mark.parametrize("via", ["rank", "frontend"])
 def test_abort_takes_a_streamed_request_out_of_its_batch(served: Served, via: str) -> None:
     engine, stub, max_tokens = served.engine, GenerationStub(served.channels[via]), 64
