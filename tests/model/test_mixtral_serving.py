@@ -1,15 +1,12 @@
-"""Serving Mixtral: a `k2 worker serve` rank on the mixtral-debug example generates what the model generates, and
-keeps doing so while a new expert placement is applied live; a placement change reads experts from a Mixtral
-checkpoint under Mixtral's tensor names."""
+"""Serving Mixtral: a two-rank `k2 worker serve` group on the mixtral-debug example generates what the model
+generates, and keeps doing so after a new expert placement moves experts between its ranks live; a placement change
+reads experts from a Mixtral checkpoint under Mixtral's tensor names."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from k2_workers.model import K2Config, K2ForCausalLM, generate, load_pretrained
 from k2_workers.serve.resharding.storage import CheckpointExpertWeights
@@ -41,26 +38,28 @@ def _reference(max_new_tokens: int) -> list[int]:
         return generate(model, prompt, max_new_tokens)[0, prompt.shape[1] :].tolist()
 
 
-def test_a_mixtral_rank_serves_and_applies_a_placement_live(tmp_path: Path) -> None:
-    document: dict[str, Any] = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
-    document["spec"].update({"ranksPerGroup": 1, "redundantSlotsPerRank": 0})
+def test_a_two_rank_mixtral_group_serves_and_moves_experts_live(tmp_path: Path) -> None:
+    """The example's group (2 ranks x 5 slots, hot experts replicated); a new placement moves experts between
+    the ranks while serving, and the greedy output stays the single-process model's."""
     manifest = tmp_path / "serving.yaml"
-    manifest.write_text(yaml.safe_dump(document))
+    manifest.write_text(EXAMPLE.read_text())
     placement = tmp_path / "placement.json"
-    write_placement(placement, 1, [[list(range(NUM_EXPERTS))]] * NUM_MOE_LAYERS, NUM_EXPERTS)
-    port = free_port()
-    argv = ["--config", str(manifest), "--placement", str(placement), "--port", str(port)]
-    argv += ["--metrics-port", str(free_port()), "--placement-poll-seconds", "0.2"]
-    url = f"http://127.0.0.1:{port}"
-    with serve_processes([argv], [{"RANK": "0", "WORLD_SIZE": "1"}]) as (worker,):
-        assert wait_healthy(url, worker)["placementGeneration"] == 1
+    write_placement(placement, 1, [[[0, 1, 2, 3, 4], [5, 6, 7, 0, 1]]] * NUM_MOE_LAYERS, NUM_EXPERTS)
+    ports, master = [free_port(), free_port()], free_port()
+    common = ["--config", str(manifest), "--placement", str(placement), "--placement-poll-seconds", "0.2"]
+    argvs = [[*common, "--port", str(port), "--metrics-port", str(free_port())] for port in ports]
+    group_env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    with serve_processes(argvs, [{**group_env, "RANK": str(rank)} for rank in range(2)]) as workers:
+        for url, worker in zip(urls, workers, strict=True):
+            assert wait_healthy(url, worker)["placementGeneration"] == 1
         expected = _reference(10)
-        status, body = request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
+        status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
         assert status == 200 and body["tokens"] == expected, body
 
-        permuted = [[[7, 6, 5, 4, 3, 2, 1, 0]], [[1, 0, 3, 2, 5, 4, 7, 6]], [[0, 2, 4, 6, 1, 3, 5, 7]]]
-        write_placement(placement, 2, permuted, NUM_EXPERTS)
-        body = wait_until(url + "/v1/placement", lambda b: b["generation"] == 2)
-        assert body["layers"] == permuted
-        status, body = request(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
+        moved = [[3, 4, 5, 6, 7], [0, 1, 2, 3, 7]]
+        write_placement(placement, 2, [moved] * NUM_MOE_LAYERS, NUM_EXPERTS)
+        for url in urls:
+            assert wait_until(url + "/healthz", lambda b: b["placementGeneration"] == 2)["placementGeneration"] == 2
+        status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})
         assert status == 200 and body["tokens"] == expected and body["placementGeneration"] == 2
