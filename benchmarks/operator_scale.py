@@ -13,7 +13,8 @@ nodes, trainings kept running with `k2.ai/fake-run-duration`). It measures:
   makes (any write to group k2.ai, any server-side apply); "all" adds the controllers, scheduler and kwok;
 - the operator process's CPU seconds (after its /healthz answered) and its peak resident memory (VmHWM).
 
-Ratios are per object against the smallest size, measured in the same run. Default run: a few minutes.
+Ratios are per object against the smallest size, measured in the same run. The default run took 19 minutes on the
+shared 2-core VM at load average 30 (docs/benchmarks.md), most of it N = 100 waiting for Ready.
 
     nice -n 10 python benchmarks/operator_scale.py                      # sizes 1 10 100
     nice -n 10 python benchmarks/operator_scale.py --sizes 1 10 --steady-s 30
