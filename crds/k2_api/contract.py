@@ -161,7 +161,7 @@ class Files:
     PLACEMENT_DIR: Final = "/etc/k2/placement"
     """The `<placement>-active` ConfigMap of a serving (read-only; kubelet refreshes it in place)."""
     CLAIMS_ROOT: Final = "/var/run/k2/claims"
-    """Every claim a `pvc://<claim>/<path>` URI names is mounted read-only at CLAIMS_ROOT/<claim> (k2_api.uris)."""
+    """Every claim a `pvc://<claim>/<path>` URI names is mounted read-only at CLAIMS_ROOT/<claim> (k2_api.claims)."""
     SERVING_CONFIG: Final = "serving.yaml"
     """The K2Serving manifest, in CONFIG_DIR."""
     TRAINING_CONFIG: Final = "training.yaml"

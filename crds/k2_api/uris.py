@@ -8,6 +8,8 @@ Three forms are accepted:
 A claim name is a DNS subdomain (what Kubernetes allows for PVC names); a claim path may not climb out of the claim
 with `..`. Anything else (another scheme, a relative path, a host in a file URI) is refused, naming the field. The same
 rules run as CEL on the API server (`cel_rules`) and in Python (`parse`), so both give the same answer.
+Where a worker finds a URI (`Files.CLAIMS_ROOT` applied) is `k2_api.claims`: this module imports nothing of ours,
+because `k2_api.common` validates with it and `k2_api.contract` imports `k2_api.common`.
 """
 
 from __future__ import annotations
@@ -41,13 +43,8 @@ class StorageUri:
         """Where a worker finds it, with claims mounted under `claims_root`."""
         if self.claim is None:
             return self.path
-        root = claim_mount_path(self.claim, claims_root)
+        root = f"{claims_root.rstrip('/')}/{self.claim}"
         return f"{root}/{self.path}" if self.path else root
-
-
-def claim_mount_path(claim: str, claims_root: str) -> str:
-    """The mount point of `claim` on a worker pod."""
-    return f"{claims_root.rstrip('/')}/{claim}"
 
 
 def parse(uri: str, field: str) -> StorageUri:
@@ -86,13 +83,6 @@ def local_only(uri: str, field: str) -> str:
 def claim_of(uri: str | None, field: str) -> str | None:
     """The claim a URI names, or None (no URI, or a local path)."""
     return None if uri is None else parse(uri, field).claim
-
-
-def local_path(uri: str, field: str) -> str:
-    """The path a worker pod reads `uri` at: the path itself, or the claim's mount point joined with the path."""
-    from k2_api.contract import Files  # contract imports k2_api.common, which validates with this module
-
-    return parse(uri, field).local_path(Files.CLAIMS_ROOT)
 
 
 def cel_rules(field: str) -> list[dict[str, Any]]:

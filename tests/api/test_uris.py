@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from k2_api import K2Serving, uris
+from k2_api import K2Serving, claims, uris
 from k2_api.contract import Files
 from tests.api.manifests import load_example
 
@@ -26,7 +26,7 @@ def test_a_claim_path_resolves_under_the_claims_mount(claim: str, segments: list
     kept = [s for s in segments if s != "."]
     assert parsed.path == "/".join(kept)
     mount = f"{Files.CLAIMS_ROOT}/{claim}"
-    assert uris.local_path(uri, FIELD) == (f"{mount}/{parsed.path}" if kept else mount)
+    assert claims.local_path(uri, FIELD) == (f"{mount}/{parsed.path}" if kept else mount)
 
 
 @given(st.text(max_size=60))
@@ -39,7 +39,7 @@ def test_no_accepted_claim_uri_escapes_its_claim(rest: str) -> None:
         return
     assert parsed.claim is not None
     mount = f"{Files.CLAIMS_ROOT}/{parsed.claim}"
-    resolved = posixpath.normpath(uris.local_path(uri, FIELD))
+    resolved = posixpath.normpath(claims.local_path(uri, FIELD))
     assert resolved == mount or resolved.startswith(mount + "/")
 
 
@@ -71,7 +71,7 @@ def test_a_253_character_claim_is_a_claim() -> None:
 )
 def test_local_paths_are_read_as_they_are(uri: str, path: str) -> None:
     assert uris.parse(uri, FIELD) == uris.StorageUri(claim=None, path=path)
-    assert uris.local_path(uri, FIELD) == path
+    assert claims.local_path(uri, FIELD) == path
     assert uris.local_only(uri, "spec.checkpointing.uri") == path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k2_api import uris
+from k2_api import claims
 from k2_api.contract import Files
 from k2_operator.builders import serving as serving_builder
 from k2_operator.builders import training as training_builder
@@ -73,7 +73,7 @@ def test_the_rank_reads_the_checkpoint_where_the_claim_is_mounted_read_only() ->
     assert mount["readOnly"] is True
     assert _volumes(pod)[mount["name"]]["persistentVolumeClaim"] == {"claimName": "k2-weights", "readOnly": True}
     # The worker's resolver lands inside that mount.
-    assert uris.local_path(WEIGHTS, "spec.model.checkpointUri") == f"{mount_path}/debug/step-40"
+    assert claims.local_path(WEIGHTS, "spec.model.checkpointUri") == f"{mount_path}/debug/step-40"
     # Pod Security "restricted": no hostPath, the claim is the only new volume type.
     assert not any("hostPath" in volume for volume in pod["volumes"])
 

@@ -12,9 +12,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from k2_api import uris
+from k2_api import claims, uris
 from k2_api.common import Resource, Scheduling
-from k2_api.contract import Annotations, FieldManagers, Files, Labels
+from k2_api.contract import Annotations, FieldManagers, Labels
 
 MANAGED_BY = FieldManagers.OPERATOR
 PART_OF = "k2"
@@ -130,12 +130,12 @@ def writable_tmp() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def claims_of(uri_fields: Mapping[str, str | None]) -> list[str]:
     """The distinct claims that the storage URIs `{field: uri}` name (`pvc://<claim>/...`), sorted."""
-    claims = {uris.claim_of(uri, field) for field, uri in uri_fields.items()}
-    return sorted(claim for claim in claims if claim is not None)
+    named = {uris.claim_of(uri, field) for field, uri in uri_fields.items()}
+    return sorted(claim for claim in named if claim is not None)
 
 
 def claim_volumes(
-    claims: list[str], existing: Mapping[str, str] | None = None
+    claim_names: list[str], existing: Mapping[str, str] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts) that mount every claim read-only at `Files.CLAIMS_ROOT/<claim>`.
 
@@ -145,12 +145,12 @@ def claim_volumes(
     existing = existing or {}
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
-    for index, claim in enumerate(claims):
+    for index, claim in enumerate(claim_names):
         name = existing.get(claim)
         if name is None:
             name = f"claim-{index}"
             volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": name, "mountPath": uris.claim_mount_path(claim, Files.CLAIMS_ROOT), "readOnly": True})
+        mounts.append({"name": name, "mountPath": claims.mount_path(claim), "readOnly": True})
     return volumes, mounts
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from prometheus_client import CollectorRegistry
 
-from k2_api import K2Serving, uris
+from k2_api import K2Serving, claims
 from k2_api.contract import Env, Ports, TorchrunEnv
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
 from k2_workers.serve.chat import load_chat_template
@@ -92,7 +92,7 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     rank = int(env.get(TorchrunEnv.RANK, "0"))
     world_size = int(env.get(TorchrunEnv.WORLD_SIZE, str(spec.ranks_per_group)))
     checkpoint = args.checkpoint or (
-        uris.local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri") if spec.model.checkpoint_uri else None
+        claims.local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri") if spec.model.checkpoint_uri else None
     )
     backend = group_backend(torch.cuda.is_available())
     device = serving_device(backend, int(env.get(TorchrunEnv.LOCAL_RANK, "0")))

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from k2_api import uris
+from k2_api import claims, uris
 from k2_api.training import K2Training
 from k2_workers.train.export_target import export_dtype, export_target
 
@@ -114,7 +114,7 @@ def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, A
         "keep_last": spec.checkpointing.keep_last,
     }
     if spec.model.checkpoint_uri:
-        values["model_checkpoint"] = uris.local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri")
+        values["model_checkpoint"] = claims.local_path(spec.model.checkpoint_uri, "spec.model.checkpointUri")
     if spec.checkpointing.uri is not None:
         values["checkpoint_dir"] = uris.local_only(spec.checkpointing.uri, "spec.checkpointing.uri")
     elif in_cluster:  # the operator mounts the claim (or an emptyDir) there
@@ -128,7 +128,7 @@ def _from_manifest(manifest: Mapping[str, Any], in_cluster: bool) -> dict[str, A
 
 def _data_path(uri: str | None) -> str:
     assert uri is not None, "the API guarantees a corpus or a uri"
-    return uris.local_path(uri, "spec.data.uri")
+    return claims.local_path(uri, "spec.data.uri")
 
 
 def resolve_config(
