@@ -103,7 +103,7 @@ def training() -> dict[str, Any]:
             "numNodes": 1,
             "gpusPerNode": 1,
             "procsPerNode": 1,
-            "resources": {"memory": "1536Mi"},  # no CPU request: the real node is shared by the other tests
+            "resources": {"cpu": "500m", "memory": "1536Mi"},  # without a request a busy node starves the pod
             "scheduling": REAL,
             "optimizer": {"lr": 0.02, "adamLr": 0.003, "warmupSteps": 2, "decaySteps": 6},
             "data": {"corpus": "synthetic", "seqLen": 64, "batchSize": 4},
@@ -126,7 +126,7 @@ def serving(checkpoint_uri: str) -> dict[str, Any]:
             "ranksPerGroup": 1,
             "gpusPerRank": 1,
             "redundantSlotsPerRank": 0,
-            "resources": {"memory": "1536Mi"},
+            "resources": {"cpu": "250m", "memory": "1536Mi"},
             "scheduling": REAL,
             "frontend": {"replicas": 0},  # the test asks the rank itself
             "eplb": {"enabled": False},
@@ -176,6 +176,7 @@ def _diagnose(cluster: Cluster, namespace: str) -> str:
     return f"{described[-3000:]}\n{logs.stdout[-3000:]}{logs.stderr}"
 
 
+@pytest.mark.timeout(TRAIN_TIMEOUT_S + START_TIMEOUT_S + 180)  # pyproject's 600 s is per test
 def test_a_trained_model_is_served_from_its_export(real: Cluster, namespace: str, tmp_path: Path) -> None:
     volume = tmp_path / "volume"
     with static_claim(real, namespace, volume), running_operator(real, namespace, tmp_path) as operator:
