@@ -13,11 +13,14 @@ Why static `local` volumes rather than a dynamic provisioner:
 
 `ensure` creates the StorageClass `k2-local` (the cluster's default) and `POOL_SIZE` volumes of `CAPACITY` each,
 backed by `volumes/<name>/` in the cluster directory (removed with it by `down`). The volumes are `Retain`: a
-released volume keeps its data and is not bound again while the cluster runs (there is nothing to wipe it).
+released volume (its claim deleted) keeps its data until the next `ensure`, which `up` runs also on a running
+cluster: it then empties the directory and makes the volume Available again (`recycle_released`).
 """
 
 from __future__ import annotations
 
+import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,40 @@ def ensure(layout: Layout, state: State, node: str, size: int = POOL_SIZE) -> No
     _create(layout, state, "/apis/storage.k8s.io/v1/storageclasses", storage_class())
     for volume in volumes:
         _create(layout, state, "/api/v1/persistentvolumes", volume)
+    recycle_released(layout, state)
+
+
+def recycle_released(layout: Layout, state: State) -> list[str]:
+    """Empties the directory of every pool volume whose claim is gone (phase Released) and drops its claimRef, so
+    that the PV controller offers it again; returns their names. Volumes outside `volumes_dir` are left alone."""
+    selector = urllib.parse.quote(",".join(f"{k}={v}" for k, v in LABELS.items()))
+    status, body = api.api_request(layout, state, "GET", f"/api/v1/persistentvolumes?labelSelector={selector}")
+    if status != 200:
+        raise ClusterError(f"listing the pool's PersistentVolumes failed with HTTP {status}: {body}")
+    recycled = []
+    for volume in body["items"]:
+        directory = Path(volume["spec"].get("local", {}).get("path", "/"))
+        if volume.get("status", {}).get("phase") != "Released" or directory.parent != volumes_dir(layout):
+            continue
+        _empty(directory)
+        name = volume["metadata"]["name"]
+        patch = {"spec": {"claimRef": None}}
+        path = f"/api/v1/persistentvolumes/{name}"
+        status, answer = api.api_request(layout, state, "PATCH", path, patch, "application/merge-patch+json")
+        if status != 200:
+            raise ClusterError(f"releasing PersistentVolume {name} failed with HTTP {status}: {answer}")
+        recycled.append(name)
+    return recycled
+
+
+def _empty(directory: Path) -> None:
+    """Removes everything inside `directory` and gives it back its pool mode (the kubelet may have changed it)."""
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    directory.chmod(VOLUME_MODE)
 
 
 def _create(layout: Layout, state: State, path: str, body: dict[str, Any]) -> None:

@@ -95,6 +95,20 @@ def test_a_claim_without_a_class_binds_a_pool_volume(tmp_path: Path) -> None:
             return pod["spec"].get("nodeName")  # type: ignore[no-any-return]
 
         assert wait_for("the consumer scheduled", scheduled, timeout_s=60) == node
+
+        # The claim goes: its volume is Released with its data; the next ensure (an `up`) empties and frees it.
+        volume_name = claim["spec"]["volumeName"]
+        (root / "volumes" / volume_name / "left-behind").write_text("data of the deleted claim")
+        cluster.kubectl("delete", "-n", "default", "pod/consumer", "pvc/ckpt", "--wait=true", "--timeout=60s")
+
+        def phase() -> str:
+            volume = json.loads(cluster.kubectl("get", "pv", volume_name, "-o", "json").stdout)
+            return str(volume.get("status", {}).get("phase"))
+
+        wait_for("the volume Released", lambda: phase() == "Released", timeout_s=60)
+        storage.ensure(layout, state, node, size=2)
+        wait_for("the volume Available again", lambda: phase() == "Available", timeout_s=60)
+        assert list((root / "volumes" / volume_name).iterdir()) == []
     finally:
         lc.down(root)
     assert not root.exists()
