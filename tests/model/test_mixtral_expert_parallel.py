@@ -1,6 +1,7 @@
 """Mixtral under expert parallelism: the EPLB solver's placement for a skewed load (replicas of the hot experts)
 becomes the slot tables of two real gloo ranks, and their logits equal the single-process model's, for Mixtral's
-top-2 routing and for Switch's top-1 with capacity (applied before dispatch, so dropping is the same)."""
+top-2 routing and for Switch's top-1 with capacity (applied before dispatch, so dropping is the same), and so do
+the gradients summed over the ranks."""
 
 from __future__ import annotations
 
@@ -32,20 +33,43 @@ def _tables() -> list[SlotTable]:
     return [SlotTable(torch.as_tensor(layer, dtype=torch.long), 8) for layer in placement_LGS]
 
 
+def _summed_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient summed over the ranks; an expert-parallel shard's slots go back to their experts."""
+    grads = {}
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        grad = param.grad.clone()
+        if name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, ExpertParallelExperts):
+                ids = torch.tensor(module.expert_ids)
+                grad = torch.zeros(8, *grad.shape[1:], dtype=grad.dtype).index_add_(0, ids, grad)
+        dist.all_reduce(grad)
+        grads[name] = grad
+    return grads
+
+
 def _worker(rank: int, port: int, switch: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_default_dtype(torch.float64)
         input_ids = torch.randint(0, 258, (WORLD, 24), generator=torch.Generator().manual_seed(1))
-        row = input_ids[rank : rank + 1]
-        with torch.no_grad():
-            expected = _model(switch)(row).logits
-            model = apply_expert_parallel(_model(switch), _tables(), rank)
-            assert all(isinstance(moe.experts, ExpertParallelExperts) for moe in model.moe_blocks())
-            logits = model(row).logits
+        row = input_ids[rank : rank + 1]  # each rank its own row; capacity applies per forward, so per row
+        reference = _model(switch)
+        expected = reference(row).logits
+        model = apply_expert_parallel(_model(switch), _tables(), rank)
+        assert all(isinstance(moe.experts, ExpertParallelExperts) for moe in model.moe_blocks())
+        logits = model(row).logits
         torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
         if switch:
             assert int(model.dropped_token_counts().sum()) > 0  # capacity 1.0 drops some of 24 tokens
+
+        weights = torch.linspace(-1.0, 1.0, logits.shape[-1])
+        (expected * weights).sum().backward()
+        (logits * weights).sum().backward()
+        want, got = _summed_grads(reference), _summed_grads(model)
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
     finally:
         dist.destroy_process_group()
 
