@@ -171,7 +171,9 @@ def test_prefill_runs_in_chunks_and_gives_the_same_completion(make_engine: Engin
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_a_late_request_504(make_engine: EngineFactory) -> None:
-    engine = make_engine(max_queue=1, request_timeout_s=2.0, batch_wait_s=0.0)
+    engine = make_engine(max_queue=1, batch_wait_s=0.0)
+    engine.generate([7], GenerateParams(max_new_tokens=2))  # warm: a first batch's one-time set-up can pass 2 s
+    engine.request_timeout_s = 2.0
     server = serve_routes(rank_routes(engine, 64), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.server_port}/v1/generate"
     answers: list[tuple[int, dict[str, Any]]] = []

@@ -37,6 +37,7 @@ class TokenStream:
     ) -> None:
         self._items: queue.SimpleQueue[int | _End] = queue.SimpleQueue()
         self._timeout_s = timeout_s
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s  # counted from the submission
         self._client_gone = cancelled
         self._dequeue = dequeue  # takes the request out of the queue; False once a batch took it
         self._on_cancel = on_cancel
@@ -74,7 +75,7 @@ class TokenStream:
             self._on_cancel()
 
     def __iter__(self) -> Iterator[int]:
-        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
+        deadline = self._deadline
         try:
             while True:
                 wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
