@@ -26,7 +26,8 @@ _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 CLAIM_PATTERN = rf"{_LABEL}(\.{_LABEL})*"
 """RFC 1123 subdomain: lowercase alphanumerics, '-' and '.', alphanumeric at both ends of every label."""
 _CLAIM = re.compile(CLAIM_PATTERN)
-_PARENT = re.compile(r"(^|/)\.\.(/|$)")
+_PARENT_CEL = r"(^|/)\.\.(/|$)"
+"""A `..` path segment, in RE2 (CEL's `matches`), where `$` is the end of the text only."""
 
 FORMS = "file:///<absolute path>, an absolute path, or pvc://<claim>/<path>"
 
@@ -66,9 +67,10 @@ def _parse_claim(rest: str, uri: str, field: str) -> StorageUri:
             f"{field}: {claim!r} in {uri!r} is not a PersistentVolumeClaim name (a DNS subdomain: lowercase letters, "
             f"digits, '-' and '.', at most {MAX_CLAIM_LENGTH} characters)"
         )
-    if _PARENT.search(path) is not None:
+    segments = path.split("/")
+    if ".." in segments:
         raise ValueError(f"{field}: {uri!r} climbs out of the claim with '..'")
-    parts = [part for part in path.split("/") if part not in ("", ".")]
+    parts = [part for part in segments if part not in ("", ".")]
     return StorageUri(claim=claim, path="/".join(parts))
 
 
@@ -98,7 +100,7 @@ def cel_rules(field: str) -> list[dict[str, Any]]:
             "message": f"{field}: a claim name has at most {MAX_CLAIM_LENGTH} characters",
         },
         {
-            "rule": f"!self.startsWith('{PVC_SCHEME}') || !self.matches('{_cel(_PARENT.pattern)}')",
+            "rule": f"!self.startsWith('{PVC_SCHEME}') || !self.matches('{_cel(_PARENT_CEL)}')",
             "message": f"{field}: a pvc:// path may not climb out of the claim with '..'",
         },
     ]

@@ -60,6 +60,11 @@ def test_odd_claim_names_are_refused(claim: str) -> None:
         uris.parse(f"pvc://{claim}/model", FIELD)
 
 
+@pytest.mark.parametrize("path", ["...", "..a", "a..", "..\n", ".hidden"])
+def test_names_that_only_look_like_a_parent_are_paths(path: str) -> None:
+    assert uris.parse(f"pvc://c/{path}", FIELD).path == path
+
+
 def test_a_253_character_claim_is_a_claim() -> None:
     claim = ".".join(["a" * 63] * 4)[:253].rstrip(".")
     assert uris.parse(f"pvc://{claim}", FIELD).claim == claim
