@@ -31,7 +31,7 @@ from k2_workers.serve.chat import load_chat_template
 from k2_workers.serve.device import group_backend, serving_device, serving_dtype
 from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
-from k2_workers.serve.grpc_start import start_rank_grpc
+from k2_workers.serve.grpc_rank_start import start_rank_grpc
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
 from k2_workers.serve.openai_routes import openai_routes
 from k2_workers.serve.placement import ActivePlacement, GroupShape, read_placement
