@@ -180,6 +180,7 @@ def test_training_with_several_procs_per_node_uses_the_workers_launcher() -> Non
         "train",
         "--config",
         "/etc/k2/training.yaml",
+        "--json",
         "--nproc-per-node",
         "4",
     ]

@@ -122,7 +122,7 @@ def _command(training: K2Training) -> list[str]:
     """The worker's own launcher: with nprocPerNode > 1 it starts the pod's ranks itself (RANK = NODE_RANK x N + i)
     and, unlike torchrun, exits ExitCodes.PREEMPTED when SIGTERM made its ranks checkpoint and stop."""
     spec = training.spec
-    command = ["k2", "worker", "train", "--config", f"{Files.CONFIG_DIR}/{Files.TRAINING_CONFIG}"]
+    command = ["k2", "worker", "train", "--config", f"{Files.CONFIG_DIR}/{Files.TRAINING_CONFIG}", "--json"]
     if spec.nproc_per_node > 1:
         command += ["--nproc-per-node", str(spec.nproc_per_node)]
     return command
