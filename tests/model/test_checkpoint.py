@@ -62,6 +62,14 @@ def test_save_writes_sharded_hf_layout(saved: tuple[K2ForCausalLM, Path]) -> Non
     assert config["n_routed_experts"] == 8 and config["architectures"] == ["DeepseekV3ForCausalLM"]
 
 
+def test_every_saved_file_is_readable_by_other_users(saved: tuple[K2ForCausalLM, Path]) -> None:
+    """The serving pods read a checkpoint as another uid than its writer's (safetensors alone creates 0600 files)."""
+    _, directory = saved
+    files = sorted(directory.iterdir())
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(f.stat().st_mode & 0o044) for f in files} == {f.name: oct(0o044) for f in files}
+
+
 def test_round_trip_gives_identical_logits(saved: tuple[K2ForCausalLM, Path]) -> None:
     model, directory = saved
     loaded = load_pretrained(directory).eval()

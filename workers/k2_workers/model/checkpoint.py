@@ -289,6 +289,9 @@ def save_pretrained(
     for i, shard in enumerate(shards, start=1):
         file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / file_name), metadata={"format": "pt"})
+        # safetensors creates the file 0600; a checkpoint is read by other users (the serving pods' uid), like the
+        # index and config.json beside it.
+        (out / file_name).chmod(0o644)
         for name, tensor in shard.items():
             weight_map[name] = file_name
             total += tensor.numel() * tensor.element_size()
