@@ -53,6 +53,7 @@ crds: venv
 chart-crds: crds
 	mkdir -p charts/k2-operator/crds
 	cp crds/*.k2.ai.yaml charts/k2-operator/crds/
+	$(BIN)/python deploy/kustomize/render_base.py
 
 lint: venv
 	$(BIN)/k2 crds generate --out crds --docs docs/api.md --check
