@@ -57,4 +57,24 @@ kubectl -n "$NAMESPACE" rollout status deployment --timeout=180s
 # operator, now shown to start from the image, would reconcile the same objects, so it is scaled to zero meanwhile.
 kubectl -n "$NAMESPACE" scale deployment --all --replicas=0
 
-K2_E2E_KUBECONFIG="$KUBECONFIG_FILE" .venv/bin/pytest e2e -m e2e -v -p no:cacheprovider "$@"
+# The live-loop tests read the load from a Prometheus that discovers the rank pods (hack/kind-prometheus.yaml), with
+# the local cluster's scrape job; the EPLB controller reaches it by its Service name, the tests by a port-forward.
+kubectl create namespace monitoring
+.venv/bin/python - > "$(dirname "$KUBECONFIG_FILE")/prometheus.yml" <<'PY'
+import sys
+import yaml
+sys.path.insert(0, "hack")
+from localcluster.prometheus import in_cluster_scrape_config, prometheus_config
+print(yaml.safe_dump(prometheus_config(in_cluster_scrape_config())))
+PY
+kubectl -n monitoring create configmap prometheus --from-file="$(dirname "$KUBECONFIG_FILE")/prometheus.yml"
+kubectl apply -f hack/kind-prometheus.yaml
+kubectl -n monitoring rollout status deployment/prometheus --timeout=180s
+kubectl -n monitoring port-forward --address 127.0.0.1 service/prometheus 19090:9090 >/dev/null &
+FORWARD=$!
+trap 'kill $FORWARD 2>/dev/null || true; cleanup' EXIT
+
+K2_E2E_KUBECONFIG="$KUBECONFIG_FILE" \
+K2_E2E_PROMETHEUS_URL=http://127.0.0.1:19090 \
+K2_E2E_PROMETHEUS_POD_URL=http://prometheus.monitoring.svc:9090 \
+  .venv/bin/pytest e2e -m e2e -v -p no:cacheprovider "$@"

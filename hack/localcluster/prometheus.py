@@ -47,9 +47,17 @@ def rank_scrape_config(
     """The `k2-ranks` scrape job: rank pods of `namespaces` (all when empty) found through the API server, only those
     with an address in `pod_cidr` when given."""
     tls = {"ca_file": str(ca_file), "cert_file": str(cert_file), "key_file": str(key_file)}
-    discovery: dict[str, Any] = {"role": "pod", "api_server": server, "tls_config": tls}
+    return scrape_job({"role": "pod", "api_server": server, "tls_config": tls}, namespaces, pod_cidr)
+
+
+def in_cluster_scrape_config(namespaces: Sequence[str] = ()) -> dict[str, Any]:
+    """The same job for a Prometheus that runs as a pod (hack/kind-e2e.sh): discovery through its ServiceAccount."""
+    return scrape_job({"role": "pod"}, namespaces, None)
+
+
+def scrape_job(discovery: dict[str, Any], namespaces: Sequence[str], pod_cidr: str | None) -> dict[str, Any]:
     if namespaces:
-        discovery["namespaces"] = {"names": list(namespaces)}
+        discovery = {**discovery, "namespaces": {"names": list(namespaces)}}
     relabel = [keep(f"__meta_kubernetes_pod_label_{name}", value) for name, value in RANK_LABELS.items()]
     relabel += [
         keep("__meta_kubernetes_pod_container_port_name", METRICS_PORT_NAME),

@@ -75,6 +75,17 @@ def test_the_config_scrapes_real_node_rank_pods_every_5s_through_the_api_server(
     assert targets == {"namespace": ["__meta_kubernetes_namespace"], "pod": ["__meta_kubernetes_pod_name"]}
 
 
+def test_the_in_cluster_job_of_kind_selects_the_same_pods_through_the_pods_service_account() -> None:
+    from localcluster import prometheus
+
+    local = prometheus.rank_scrape_config("https://127.0.0.1:6443", Path("ca"), Path("c"), Path("k"), ("a",))
+    in_cluster = prometheus.in_cluster_scrape_config(("a",))
+    assert in_cluster["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["a"]}}]
+    assert {k: v for k, v in in_cluster.items() if k != "kubernetes_sd_configs"} == {
+        k: v for k, v in local.items() if k != "kubernetes_sd_configs"
+    }
+
+
 def test_the_command_line_listens_on_loopback_only_and_keeps_its_files_in_its_home(tmp_path: Path) -> None:
     files = monitoring.PrometheusFiles(tmp_path / "prom", tmp_path / "prom.log")
     argv = monitoring.argv(Path("/opt/prometheus"), files, 19090)
