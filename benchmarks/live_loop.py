@@ -30,6 +30,7 @@ from liveloop.traffic import Outcome, Tally, Traffic  # noqa: E402
 from localcluster.layout import DEFAULT_DIR, Layout, State  # noqa: E402
 
 WINDOW_S = 20
+COOLDOWN_S = 75  # as in e2e/test_live_loop.py: each placement planned on and measured against one phase only
 SETTLE_S = 2.0
 
 
@@ -51,7 +52,12 @@ def main() -> int:
     tools = layout.root.parent / ".tools" / "bin"
     kubectl = Kubectl(layout.root / "kubeconfig", tools / "kubectl", tools / "helm")
     with live_setup(
-        kubectl, {"type": "real"}, state.prometheus_url, state.prometheus_pod_url, eplb_window_s=WINDOW_S
+        kubectl,
+        {"type": "real"},
+        state.prometheus_url,
+        state.prometheus_pod_url,
+        eplb_window_s=WINDOW_S,
+        eplb_cooldown_s=COOLDOWN_S,
     ) as live:
         phases = Phases(live.prompt_loads)
         placement = live.placement()

@@ -37,6 +37,9 @@ STEADY = "Kimi K2 routes every token to 8 of its 384 experts; "
 PROBE = "The quick brown fox jumps over the lazy dog."
 PROBE_TOKENS = 16
 WINDOW_S = 20
+# Longer than a rebalance's apply, the window after it and the next window: each placement is planned on, and
+# measured against, one phase's traffic only (rebalance.py measures before and after one window each).
+COOLDOWN_S = 75
 ROLL_TIMEOUT_S = 600
 
 
@@ -48,6 +51,7 @@ def live(live_env: LiveEnv) -> Iterator[Live]:
         live_env.prometheus_url,
         live_env.prometheus_pod_url,
         eplb_window_s=WINDOW_S,
+        eplb_cooldown_s=COOLDOWN_S,
     ) as setup:
         yield setup
 

@@ -49,7 +49,11 @@ def rfc3339_seconds(text: str) -> float:
 
 
 def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float = 240.0) -> Rebalance:
-    """Waits for the next generation after `previous` and measures it (the traffic must be running)."""
+    """Waits for the next generation after `previous` and measures it (the traffic must be running).
+
+    Balancedness before: over the window that ended when the generation was written; after: over the window that
+    ends one window after every rank applied it. Both see one traffic phase and one placement only when the
+    serving's cooldown outlasts the apply, the wait here and the next phase's first window."""
     ranks = live.serving.groups * live.serving.ranks
     skew = wait_for(
         "expert load skew in Prometheus",
@@ -64,8 +68,11 @@ def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float
     )
     generation = int(placement["spec"]["generation"])
     written_at = rfc3339_seconds(placement["metadata"]["annotations"][Annotations.REBALANCED_AT])
+    fields = live.kubectl.get(f"expertplacement/{live.serving.name}", "--show-managed-fields", namespace=live.namespace)
     managers = frozenset(
-        entry["manager"] for entry in placement["metadata"]["managedFields"] if "f:spec" in entry.get("fieldsV1", {})
+        entry["manager"]
+        for entry in fields["metadata"].get("managedFields", [])
+        if "f:spec" in entry.get("fieldsV1", {})
     )
 
     def applied_everywhere() -> dict[str, Any] | None:
