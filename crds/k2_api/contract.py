@@ -177,7 +177,8 @@ class Files:
 
 
 class ExitCodes:
-    """Exit codes of `k2 worker train` that the operator (through the Job's podFailurePolicy) tells apart."""
+    """Exit codes of the workers that the operator tells apart: `k2 worker train`'s through the Job's
+    podFailurePolicy, a serving rank's GROUP_BROKEN through the gang restart of its group."""
 
     SUCCEEDED: Final = 0
     """spec.steps reached (or --stop-after, a local experiment)."""
@@ -187,6 +188,8 @@ class ExitCodes:
     """The manifest or the flags were rejected before training started."""
     PREEMPTED: Final = 75
     """SIGTERM: the step finished and a checkpoint was written (EX_TEMPFAIL). The gang restarts, uncounted."""
+    GROUP_BROKEN: Final = 3
+    """A serving rank whose group lost its lockstep (a peer died or failed): the operator restarts the whole group."""
 
 
 # --- metrics the ranks export and the EPLB controller reads --------------------------------------------------------

@@ -1,7 +1,7 @@
 """What the kubelet sees of a serving rank, checked against what the worker does: readiness is the rank's /healthz
 on its HTTP port (503 once its group is broken, so the Service and frontend stop sending to it), and there is no
 liveness probe (a rank that loads its model answers 503 for minutes; a broken group's ranks exit by themselves, with
-EXIT_GROUP_BROKEN, and the operator restarts the gang). The pod watch that drives gang restarts is wired to the
+ExitCodes.GROUP_BROKEN, and the operator restarts the gang). The pod watch that drives gang restarts is wired to the
 K2Serving reconcile."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A serving group under real faults, as real processes on loopback (two gloo ranks where the fault is a group's):
 an idle group outlives its collective timeout, a placement that does not fit is refused while the group serves, a
-dead rank makes the others exit with EXIT_GROUP_BROKEN, and SIGTERM drains the requests in flight."""
+dead rank makes the others exit with ExitCodes.GROUP_BROKEN, and SIGTERM drains the requests in flight."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from k2_workers.serve.rank import EXIT_GROUP_BROKEN
+from k2_api.contract import ExitCodes
 from tests.serve.test_serving_worker import NUM_EXPERTS, NUM_MOE_LAYERS, PROMPT, manifest, reference_completion
 from tests.serve.worker_process import request, serve_processes, wait_healthy, wait_until, write_placement
 from tests.support.ports import free_port
@@ -82,7 +82,7 @@ def test_a_dead_follower_makes_rank_0_exit_with_group_broken(tmp_path: Path) -> 
     with two_rank_group(tmp_path) as (_, workers, _):
         workers[1].kill()  # a real death: SIGKILL, no goodbye on the wire
         workers[1].wait(timeout=30)
-        assert workers[0].wait(timeout=120) == EXIT_GROUP_BROKEN
+        assert workers[0].wait(timeout=120) == ExitCodes.GROUP_BROKEN
         assert workers[0].stderr is not None
         assert "the group is broken" in workers[0].stderr.read()
 
@@ -92,7 +92,7 @@ def test_a_dead_rank_0_makes_the_follower_exit_with_group_broken(tmp_path: Path)
     with two_rank_group(tmp_path) as (_, workers, _):
         workers[0].kill()
         workers[0].wait(timeout=30)
-        assert workers[1].wait(timeout=120) == EXIT_GROUP_BROKEN
+        assert workers[1].wait(timeout=120) == ExitCodes.GROUP_BROKEN
 
 
 def test_sigterm_answers_the_request_in_flight_and_refuses_new_ones_with_503(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from k2_api import K2Serving, claims
-from k2_api.contract import Env, Ports, TorchrunEnv
+from k2_api.contract import Env, ExitCodes, Ports, TorchrunEnv
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
 from k2_workers.serve.chat import load_chat_template
 from k2_workers.serve.device import group_backend, serving_device, serving_dtype
@@ -45,7 +45,6 @@ log = logging.getLogger("k2_workers.serve")
 DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
 HEARTBEATS_PER_TIMEOUT = 4  # an idle rank 0 sends a heartbeat every collective timeout / 4
 DRAIN_TIMEOUT_S = 30.0  # how long a stopping rank 0 waits for the answers in flight to be written
-EXIT_GROUP_BROKEN = 3  # the exit status of a rank whose group lost its lockstep: its pods must restart together
 DEFAULT_SERVING_NAME = "local"  # outside a cluster, for the metrics' `serving` label
 DEFAULT_GROUP = "0"
 
@@ -84,7 +83,7 @@ def init_group(rank: int, world_size: int, backend: str, env: Mapping[str, str] 
 
 def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     """Serve as this pod's rank until `stop` is set (rank 0) or rank 0 stops the group (the others). Returns 0,
-    or EXIT_GROUP_BROKEN when the group lost its lockstep (a rank died or failed): every rank of the group then
+    or ExitCodes.GROUP_BROKEN when the group lost its lockstep (a rank died or failed): every rank of the group then
     exits, and the operator restarts the group's pods together."""
     serving = K2Serving.model_validate(yaml.safe_load(args.config.read_text()))
     spec = serving.spec
@@ -160,8 +159,8 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         if engine.broken is None:  # a broken group's collectives may hang: the process exits instead
             dist.destroy_process_group()
     if engine.broken is not None:
-        log.error("rank %d exits with %d: the group is broken (%s)", rank, EXIT_GROUP_BROKEN, engine.broken)
-        return EXIT_GROUP_BROKEN
+        log.error("rank %d exits with %d: the group is broken (%s)", rank, ExitCodes.GROUP_BROKEN, engine.broken)
+        return ExitCodes.GROUP_BROKEN
     return 0
 
 
