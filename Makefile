@@ -60,6 +60,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p k2_api -p k2_operator -p k2_eplb -p k2_workers
+	$(BIN)/mypy --strict hack/liveloop benchmarks/live_loop.py
 	PYTHONPATH=hack/lint $(BIN)/lint-imports --no-cache
 
 # The README's test command: installs what it needs, builds the tools, lints, and runs the whole suite in two pytest
