@@ -321,6 +321,13 @@ class Progress(ApiModel):
     max_attention_logit: float | None = Field(
         default=None, description="Largest pre-softmax attention logit of the step (what QK-Clip bounds)."
     )
+    dropped_token_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of rank 0's routed token slots that Switch-style expert capacity dropped in the step (only "
+        "with a capacity factor).",
+    )
     last_checkpoint: str | None = Field(default=None, description="URI or path of the latest checkpoint.")
     last_checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the latest checkpoint.")
     updated_at: datetime | None = Field(default=None, description="When rank 0 wrote this progress.")

@@ -1,20 +1,26 @@
 """Training Mixtral: QK-Clip's rule for GQA's shared keys, MuonClip on a GQA model, the worker's training loop on
-the mixtral-debug preset, and the dropped-token rate in its step lines under Switch-style capacity."""
+the mixtral-debug preset, and the dropped-token rate in its step lines and status under Switch-style capacity."""
 
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
+from k2_api import K2Training
 from k2_workers.model import K2Config, K2ForCausalLM, switch_routing
 from k2_workers.model.gqa import GQAttention
 from k2_workers.model.switch import SWITCH_AUX_LOSS_ALPHA
 from k2_workers.optim import MuonClip
+from k2_workers.train import loop
 from k2_workers.train.config import RunConfig
 from k2_workers.train.loop import train
+from k2_workers.train.status import StatusReporter
+from tests.operator.resources import example
 
 
 def _head_logits(attn: GQAttention, x_SD: torch.Tensor) -> torch.Tensor:
@@ -82,7 +88,9 @@ def test_the_worker_trains_the_mixtral_debug_preset(tmp_path: Path) -> None:
     assert all(r["loss"] > 0 and r["max_attn_logit"] > 0 and r["aux_loss"] > 0 for r in lines)
 
 
-def test_switch_training_reports_the_dropped_token_rate(tmp_path: Path) -> None:
+def test_switch_training_reports_the_dropped_token_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[dict[str, Any]] = []  # what rank 0 would patch into status.progress
+    monkeypatch.setattr(loop, "reporter_from_env", lambda **_: StatusReporter(sent.append, min_interval_s=0))
     config = switch_routing(K2Config.from_preset("mixtral-debug"), capacity_factor=0.5)
     cfg = RunConfig(
         steps=1,
@@ -100,3 +108,5 @@ def test_switch_training_reports_the_dropped_token_rate(tmp_path: Path) -> None:
     assert train(cfg, out) == 0
     (record,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert 0.5 <= record["dropped_token_rate"] < 1  # capacity 0.5: at least half of the assignments dropped
+    assert sent and sent[-1]["droppedTokenRate"] == round(record["dropped_token_rate"], 6)
+    K2Training.model_validate({**example("k2training-debug.yaml"), "status": {"progress": sent[-1]}})

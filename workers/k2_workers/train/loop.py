@@ -240,6 +240,7 @@ class Trainer:
                     self.last_checkpoint,
                     self.last_checkpoint_step,
                     checkpoint_fallback=self.checkpoint_fallback,
+                    dropped_token_rate=record.get("dropped_token_rate"),
                 )
                 self.status.report(progress, force=self.last_checkpoint_step == self.step)
             if stop and self.step < last:

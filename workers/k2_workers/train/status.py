@@ -36,6 +36,7 @@ def progress_record(
     last_checkpoint_step: int | None = None,
     now: datetime.datetime | None = None,
     checkpoint_fallback: dict[str, Any] | None = None,
+    dropped_token_rate: float | None = None,
 ) -> dict[str, Any]:
     """The `status.progress` object (camelCase, as in the K2Training API). `checkpoint_fallback` (`Resume.status()`
     of this run's resume) is always sent, null included: a gang that resumed from its newest checkpoint clears the
@@ -48,6 +49,8 @@ def progress_record(
         "maxAttentionLogit": round(max_attention_logit, 4),
         "updatedAt": updated.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if dropped_token_rate is not None:  # Switch-style capacity only
+        progress["droppedTokenRate"] = round(dropped_token_rate, 6)
     if last_checkpoint is not None:
         progress["lastCheckpoint"] = last_checkpoint
         progress["lastCheckpointStep"] = last_checkpoint_step
