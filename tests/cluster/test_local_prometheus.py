@@ -267,12 +267,10 @@ def test_a_pod_on_the_real_node_queries_prometheus_at_the_pod_url(prometheus: Pr
     wait_for("the rank pod's series", lambda: _probe_series(prometheus), SCRAPE_TIMEOUT_S)
     host_port = prometheus.pod_url.removeprefix("http://")
     assert host_port.startswith(f"{network.GATEWAY}:")
-    host, port = host_port.split(":")
-    path = "/api/v1/query?" + urllib.parse.urlencode({"query": f'k2_local_probe{{probe="{PROBE}"}}'})
-    escaped = path.replace("%", "%%")  # printf's format string
-    request = f"printf 'GET {escaped} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {port}"
-    reply = prometheus.cluster.kubectl("exec", "-n", NS, "client", "--", "sh", "-c", request).stdout
-    head, _, body = reply.partition("\n\n")  # kubectl's output, read as text: the CRs are gone
-    assert head.startswith("HTTP/1.0 200"), reply
+    query = urllib.parse.urlencode({"query": f'k2_local_probe{{probe="{PROBE}"}}'})
+    # busybox wget, not `printf | nc`: nc half-closes the connection once its stdin ends, and Prometheus cancels a
+    # query whose client went away (HTTP 499, seen under load).
+    url = f"{prometheus.pod_url}/api/v1/query?{query}"
+    body = prometheus.cluster.kubectl("exec", "-n", NS, "client", "--", "wget", "-q", "-O", "-", url).stdout
     (sample,) = json.loads(body)["data"]["result"]
     assert sample["metric"]["pod"] == "ranked" and sample["metric"]["namespace"] == NS
