@@ -139,12 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{status.get('predictedBalancedness', 0):.3f}, {status.get('movedExperts', 0)} experts "
                         f"({status.get('movedBytes', 0)} bytes) moved, applied by {status.get('appliedRanks')} ranks"
                     )
-                    phase[0] = phases.next(placement)  # shift the skew to what this placement serves worst
+                    if len(moves) < args.rebalances:  # shift the skew to what this placement serves worst
+                        phase[0] = phases.next(placement)
                 print(summary(kubectl, namespace, series, traffic, moves) + "\n", flush=True)
         finally:
             outcomes = traffic.stop()
     bytes_moved = series.weight_bytes()
-    print(f"done: {Tally.of(outcomes)}; expert bytes taken in by the ranks: {bytes_moved}")
+    print(f"done: {Tally.of(outcomes)}; expert bytes the ranks took in since they started (their first load from storage included): {bytes_moved}")
     kubeconfig = layout.root / "kubeconfig"
     print(f"the cluster stays up: .tools/bin/kubectl --kubeconfig {kubeconfig} -n {namespace} get k2s,k2t,xp")
     print("`make demo-down` stops it")
