@@ -145,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             outcomes = traffic.stop()
     bytes_moved = series.weight_bytes()
-    print(f"done: {Tally.of(outcomes)}; expert bytes the ranks took in since they started (their first load from storage included): {bytes_moved}")
+    print(f"done: {Tally.of(outcomes)}")
+    print(f"expert bytes the ranks took in since they started (their first load from storage included): {bytes_moved}")
     kubeconfig = layout.root / "kubeconfig"
     print(f"the cluster stays up: .tools/bin/kubectl --kubeconfig {kubeconfig} -n {namespace} get k2s,k2t,xp")
     print("`make demo-down` stops it")
