@@ -3,15 +3,12 @@ a checkpoint fallback it reports becomes the operator's Warning event."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
-import yaml
 
 from k2_workers.train import loop
 from k2_workers.train.config import RunConfig
@@ -21,52 +18,9 @@ from tests.operator.harness import running_operator
 from tests.support.cluster import Cluster
 from tests.support.kube import items
 from tests.support.waits import wait_for
+from tests.train.incluster import as_trainer
 
 pytestmark = pytest.mark.integration
-
-MANIFEST = Path(__file__).parent / "k2training-test.yaml"  # metadata.name: train-test
-
-ROLE = """
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {name: k2-trainer}
-rules:
-- apiGroups: [k2.ai]
-  resources: [k2trainings/status]
-  verbs: [get, patch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {name: k2-trainer}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: k2-trainer}
-subjects:
-- {kind: ServiceAccount, name: trainer}
-"""
-
-
-def as_trainer(cluster: Cluster, namespace: str, tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """The env and ServiceAccount directory of rank 0 in a pod of the K2Training `train-test` (created here), with
-    the worker Role's permissions."""
-    kubectl = cluster.kubectl
-    kubectl("apply", "-n", namespace, "-f", "-", input=MANIFEST.read_text())
-    kubectl("create", "serviceaccount", "trainer", "-n", namespace)
-    kubectl("apply", "-n", namespace, "-f", "-", input=ROLE)
-    token = kubectl("create", "token", "trainer", "-n", namespace).stdout.strip()
-
-    service_account = tmp_path / "serviceaccount"  # what a pod sees under /var/run/secrets/kubernetes.io/
-    service_account.mkdir()
-    (service_account / "token").write_text(token)
-    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    ca_data = kubeconfig["clusters"][0]["cluster"]["certificate-authority-data"]
-    (service_account / "ca.crt").write_bytes(base64.b64decode(ca_data))
-    (service_account / "namespace").write_text(namespace)
-    server = urlparse(cluster.server)
-    env = {
-        "KUBERNETES_SERVICE_HOST": server.hostname or "",
-        "KUBERNETES_SERVICE_PORT": str(server.port),
-        "K2_TRAINING_NAME": "train-test",
-    }
-    return env, service_account
 
 
 def test_progress_is_written_to_the_k2training_status(
