@@ -11,26 +11,22 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-import torch
 import torch.distributed as dist
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.grpc_api import SERVICE, GenerationStub
 from k2_workers.serve.grpc_frontend import FrontendGeneration
 from k2_workers.serve.grpc_rank import RankGeneration
 from k2_workers.serve.grpc_server import GrpcServer, serve_grpc
 from k2_workers.serve.openai_response import finish
-from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.proto import generation_pb2 as pb
 from k2_workers.serve.request import GenerateParams
-from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
-from tests.serve.test_stream import Steps, ascii_stop
+from tests.serve.test_stream import Steps, ascii_stop, one_rank_engine
 from tests.support.waits import wait_for
 
 MODEL = "k2-grpc"
@@ -50,13 +46,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
-    torch.manual_seed(0)
-    model = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
-    steps = Steps(model)
-    engine = GroupEngine(model, TOKENIZER, ResidentExpertWeights(model), 0, 1, batch_wait_s=0.0)
-    experts = model.config.n_routed_experts
-    engine.apply_placement(ActivePlacement.round_robin(len(list(model.moe_blocks())), experts, 1, experts))
+    engine, steps = one_rank_engine()
     rank = serve_grpc("127.0.0.1", 0, lambda: engine.unready, RankGeneration(engine, 256, MODEL, "group-0"))
     proxy = FrontendGeneration([f"127.0.0.1:{rank.port}"])
     frontend = serve_grpc("127.0.0.1", 0, lambda: None, proxy)

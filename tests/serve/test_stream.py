@@ -64,6 +64,19 @@ class Steps:
         self.sizes, self._hold_at, self._until, self.held_until = [], hold_at, until, None
 
 
+def one_rank_engine() -> tuple[GroupEngine, Steps]:
+    """A one-rank group of the k2-debug model (seed 0) in this process, its placement applied, its decoding steps
+    recorded; the caller destroys the process group."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
+    steps = Steps(model)
+    engine = GroupEngine(model, TOKENIZER, ResidentExpertWeights(model), 0, 1, batch_wait_s=0.0)
+    experts = model.config.n_routed_experts
+    engine.apply_placement(ActivePlacement.round_robin(len(list(model.moe_blocks())), experts, 1, experts))
+    return engine, steps
+
+
 def _wait(condition: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + HOLD_LIMIT_S
     while not condition():
@@ -82,13 +95,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
-    torch.manual_seed(0)
-    model = K2ForCausalLM(K2Config.from_preset("k2-debug")).eval()
-    steps = Steps(model)
-    engine = GroupEngine(model, TOKENIZER, ResidentExpertWeights(model), 0, 1, batch_wait_s=0.0)
-    experts = model.config.n_routed_experts
-    engine.apply_placement(ActivePlacement.round_robin(len(list(model.moe_blocks())), experts, 1, experts))
+    engine, steps = one_rank_engine()
     rank = serve_routes(rank_routes(engine, 256) | openai_routes(engine, 256, MODEL, None), "127.0.0.1", 0)
     rank_url = f"http://127.0.0.1:{rank.server_port}"
     frontend = serve_routes(frontend_routes(GroupRouter([rank_url])), "127.0.0.1", 0)
