@@ -69,7 +69,8 @@ def upload(
         kubectl.run("exec", f"--namespace={namespace}", pod, "--", "mkdir", "-p", f"{MOUNT}/{path}")
         for file in sorted(local_dir.iterdir()):
             kubectl.run("cp", str(file), f"{namespace}/{pod}:{MOUNT}/{path}/{file.name}", timeout_s=timeout_s)
-        # tar keeps each file's mode, and save_pretrained's files are 0600: the ranks run as another user.
+        # tar keeps each file's mode, and the ranks run as another user: a checkpoint written 0600 (as safetensors
+        # alone writes) would be unreadable to them.
         kubectl.run("exec", f"--namespace={namespace}", pod, "--", "chmod", "-R", "a+rX", f"{MOUNT}/{path}")
         listing = kubectl.run("exec", f"--namespace={namespace}", pod, "--", "ls", f"{MOUNT}/{path}")
         missing = {f.name for f in local_dir.iterdir()} - set(listing.split())
