@@ -10,9 +10,6 @@ enforces Pod Security "restricted". The rank's greedy completion, through its HT
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +25,7 @@ from k2_workers.tokenizer import load_tokenizer
 from tests.cluster.real_node import has_real_node, skip_unless_a_real_node_can_run
 from tests.operator.harness import running_operator
 from tests.support.cluster import Cluster, load_local_cluster
-from tests.support.kube import apply, get, has_condition, is_ready, items
-from tests.support.paths import TOOLS_BIN
-from tests.support.ports import free_port
+from tests.support.kube import apply, get, has_condition, is_ready, items, port_forward, post_json
 from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
@@ -135,30 +130,6 @@ def serving(checkpoint_uri: str) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def port_forward(cluster: Cluster, namespace: str, pod: str, port: int) -> Iterator[str]:
-    """`kubectl port-forward` of the pod's `port` to a free port on 127.0.0.1; yields the base URL."""
-    local = free_port()
-    argv = [str(TOOLS_BIN / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "port-forward", "-n", namespace]
-    argv += [f"pod/{pod}", f"{local}:{port}"]
-    forward = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert forward.stdout is not None
-        line = forward.stdout.readline()
-        assert "Forwarding from 127.0.0.1" in line, line
-        yield f"http://127.0.0.1:{local}"
-    finally:
-        forward.terminate()
-        forward.wait(timeout=10)
-
-
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as answer:
-        document: dict[str, Any] = json.loads(answer.read())
-        return document
-
-
 def _ready_pods(cluster: Cluster, namespace: str, selector: str, count: int) -> list[dict[str, Any]]:
     def ready() -> list[dict[str, Any]] | None:
         pods = items(cluster, "pods", namespace=namespace, selector=selector)
@@ -191,8 +162,8 @@ def test_a_serving_loads_its_checkpoint_from_a_claim(real: Cluster, restricted: 
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == f"{Files.CLAIMS_ROOT}/{claim}")
         assert mount["readOnly"] is True
 
-        with port_forward(real, namespace, rank["metadata"]["name"], Ports.RANK_HTTP) as url:
-            body = post(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS})
+        with port_forward(real, namespace, f"pod/{rank['metadata']['name']}", Ports.RANK_HTTP) as url:
+            body = post_json(url + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS})
         print(f"rank: {body['tokens']}\nlocal: {expected}")
         assert body["tokens"] == expected
         assert body["promptTokens"] == len(load_tokenizer(volume / CHECKPOINT_DIR).encode(PROMPT))

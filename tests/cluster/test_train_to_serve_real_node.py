@@ -10,9 +10,6 @@ tree (`make image`; `make test` builds it first).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,9 +28,7 @@ from k2_workers.train.corpus import generate_corpus
 from tests.cluster.real_node import has_real_node, skip_unless_a_real_node_can_run
 from tests.operator.harness import running_operator
 from tests.support.cluster import Cluster, load_local_cluster
-from tests.support.kube import apply, get, has_condition, is_ready, items
-from tests.support.paths import TOOLS_BIN
-from tests.support.ports import free_port
+from tests.support.kube import apply, get, has_condition, is_ready, items, port_forward, post_json
 from tests.support.prerequisites import skip_or_fail
 from tests.support.waits import wait_for
 
@@ -147,29 +142,6 @@ def checkpoint_in_one_process(checkpoint: Path) -> K2ForCausalLM:
     return model
 
 
-@contextmanager
-def port_forward(cluster: Cluster, namespace: str, pod: str, port: int) -> Iterator[str]:
-    local = free_port()
-    argv = [str(TOOLS_BIN / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "port-forward", "-n", namespace]
-    argv += [f"pod/{pod}", f"{local}:{port}"]
-    forward = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert forward.stdout is not None
-        line = forward.stdout.readline()
-        assert "Forwarding from 127.0.0.1" in line, line
-        yield f"http://127.0.0.1:{local}"
-    finally:
-        forward.terminate()
-        forward.wait(timeout=10)
-
-
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as answer:
-        document: dict[str, Any] = json.loads(answer.read())
-        return document
-
-
 def _diagnose(cluster: Cluster, namespace: str) -> str:
     described = cluster.kubectl("describe", "pods", "-n", namespace, check=False).stdout
     logs = cluster.kubectl("logs", "-n", namespace, "-l", "app.kubernetes.io/name=k2", "--tail=30", check=False)
@@ -213,8 +185,8 @@ def test_a_trained_model_is_served_from_its_export(real: Cluster, namespace: str
             rank = wait_for("the serving rank Ready", ready_rank, START_TIMEOUT_S)
         except AssertionError:
             raise AssertionError(_diagnose(real, namespace)) from None
-        with port_forward(real, namespace, rank["metadata"]["name"], Ports.RANK_HTTP) as url:
-            body = post(url + "/v1/generate", {"prompt": PREFIX, "max_new_tokens": NEW_TOKENS})
+        with port_forward(real, namespace, f"pod/{rank['metadata']['name']}", Ports.RANK_HTTP) as url:
+            body = post_json(url + "/v1/generate", {"prompt": PREFIX, "max_new_tokens": NEW_TOKENS})
         print(f"served: {body['tokens']}\nin one process: {expected}")
         assert body["tokens"] == expected
 

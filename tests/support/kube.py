@@ -7,11 +7,15 @@ returns None for an object that does not exist, and `has_condition` (a polling p
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import sys
+import urllib.request
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from tests.support.cluster import Cluster
+from tests.support.paths import ROOT, TOOLS_BIN
 
 FIELD_MANAGER = "k2-tests"
 
@@ -93,3 +97,24 @@ def is_ready(pod: Mapping[str, Any]) -> bool:
     """Whether the pod runs and its Ready condition is True."""
     ready = condition(pod, "Ready")
     return pod.get("status", {}).get("phase") == "Running" and ready is not None and ready["status"] == "True"
+
+
+@contextlib.contextmanager
+def port_forward(cluster: Cluster, namespace: str, target: str, port: int) -> Iterator[str]:
+    """`kubectl port-forward TARGET :PORT` on 127.0.0.1, yielding the base URL: the live loop's one implementation
+    (hack/liveloop/kubectl.py, which also drains kubectl's per-connection output)."""
+    if str(ROOT / "hack") not in sys.path:
+        sys.path.insert(0, str(ROOT / "hack"))
+    from liveloop.kubectl import Kubectl
+
+    kubectl = Kubectl(cluster.kubeconfig, TOOLS_BIN / "kubectl", TOOLS_BIN / "helm")
+    with kubectl.port_forward(namespace, target, port) as local:
+        yield f"http://127.0.0.1:{local}"
+
+
+def post_json(url: str, body: Mapping[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    """POSTs `body` as JSON and returns the decoded answer (an HTTP error raises)."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+        document: dict[str, Any] = json.loads(answer.read())
+        return document
