@@ -187,6 +187,29 @@ class RankReport(ApiModel):
     )
 
 
+class RebalancePlan(ApiModel):
+    """The EPLB controller's plan in rounds: when one rebalance's move budget cannot reach the balance target, it
+    writes a sequence of generations, each within the budget, each after the previous one is applied by every rank.
+
+    Only the progress is stored: each round re-derives the rest of the plan from the placement in force and the newest
+    load, so the plan survives a controller restart and a load shift replans from where it is."""
+
+    round: int = Field(ge=1, description="Round that spec.generation holds (1-based).")
+    rounds: int = Field(
+        ge=1, description="Rounds of the plan as last planned (round == rounds: the last round is written)."
+    )
+    generation: int = Field(ge=1, description="spec.generation this round wrote.")
+    predicted_balancedness: float = Field(
+        ge=0, le=1, description="Mean/max GPU load predicted once the plan's last round is applied."
+    )
+    target_balancedness: float = Field(
+        ge=0, le=1, description="What the plan aims at: the fresh solve's balancedness minus the tolerance."
+    )
+    moves_per_round: int | None = Field(
+        default=None, ge=0, description="The move budget of each round (expert copies; none: unbounded)."
+    )
+
+
 class ExpertPlacementStatus(ApiModel):
     """What the serving ranks did with the placement."""
 
@@ -212,6 +235,9 @@ class ExpertPlacementStatus(ApiModel):
     moved_experts: int = Field(default=0, ge=0, description="Expert copies moved to apply the last generation.")
     moved_bytes: int = Field(default=0, ge=0, description="Bytes of expert weights moved for the last generation.")
     last_applied_time: datetime | None = Field(default=None, description="When the last generation became Applied.")
+    rebalance_plan: RebalancePlan | None = Field(
+        default=None, description="Progress of the EPLB controller's plan in rounds (written by the controller)."
+    )
     conditions: list[Condition] = conditions_field("Applied, Applying, Invalid")
 
 
