@@ -18,6 +18,7 @@ import pytest
 
 from k2_workers.serve.endpoints import BoundedHTTPServer, HttpError, Route, serve_routes
 from k2_workers.serve.frontend import GroupRouter
+from k2_workers.serve.group_wait import GroupWait
 from tests.serve.worker_process import request
 from tests.support.ports import free_port
 from tests.support.waits import wait_for
@@ -26,12 +27,12 @@ from tests.support.waits import wait_for
 class StubGroup:
     """A group's rank 0 that answers every generate request with `status` (after `delay_s`) and counts them."""
 
-    def __init__(self, status: int, delay_s: float = 0.0) -> None:
+    def __init__(self, status: int, delay_s: float = 0.0, port: int = 0) -> None:
         self.status = status
         self.delay_s = delay_s
         self.calls = 0
         routes: dict[tuple[str, str], Route] = {("POST", "/v1/generate"): self._generate}
-        self.server: BoundedHTTPServer = serve_routes(routes, "127.0.0.1", 0)
+        self.server: BoundedHTTPServer = serve_routes(routes, "127.0.0.1", port)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
     def _generate(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -113,7 +114,7 @@ def test_a_bad_request_is_answered_by_the_first_group_without_trying_the_others(
 def test_no_group_able_to_serve_is_a_503_naming_each_group(stubs: dict[int, StubGroup]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(HttpError) as caught:
-        GroupRouter([dead, stubs[503].url]).forward("/v1/generate", b"{}")
+        GroupRouter([dead, stubs[503].url], wait=GroupWait(0)).forward("/v1/generate", b"{}")
     assert caught.value.status == HTTPStatus.SERVICE_UNAVAILABLE
     assert dead in str(caught.value) and f"{stubs[503].url}: HTTP 503" in str(caught.value)
 

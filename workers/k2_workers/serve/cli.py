@@ -23,6 +23,7 @@ from pathlib import Path
 from k2_api.contract import Env, Ports
 from k2_workers.serve.endpoints import HttpLimits
 from k2_workers.serve.frontend import run_frontend
+from k2_workers.serve.group_wait import DEFAULT_WAIT_S, GroupWait
 from k2_workers.serve.request import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS
 from k2_workers.serve.scheduler import (
     DEFAULT_BATCH_WAIT_S,
@@ -98,6 +99,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--frontend", action="store_true", help="route requests across the groups instead")
     parser.add_argument("--endpoints", help=f"comma-separated group URLs (default: env {Env.GROUP_ENDPOINTS})")
     parser.add_argument(
+        "--group-wait-s",
+        type=float,
+        default=DEFAULT_WAIT_S,
+        help="frontend: how long a request that no group took waits for one before 503 (0: no second round)",
+    )
+    parser.add_argument(
         "--grpc-endpoints",
         help=f"comma-separated host:port of the groups' gRPC (default: --endpoints' hosts, port {Ports.GRPC})",
     )
@@ -111,6 +118,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue", "max_connections"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if not args.group_wait_s >= 0:
+        parser.error(f"--group-wait-s: must be >= 0, got {args.group_wait_s}")
     if args.batch_wait_ms < 0:
         parser.error(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}")
     return args
@@ -136,7 +145,8 @@ def main(argv: list[str]) -> int:
         endpoints = (args.endpoints or os.environ.get(Env.GROUP_ENDPOINTS, "")).split(",")
         grpc_endpoints = args.grpc_endpoints.split(",") if args.grpc_endpoints else grpc_targets(endpoints)
         grpc = (args.grpc_port, grpc_endpoints) if args.grpc_port >= 0 else None
-        return run_frontend(endpoints, args.host, args.port or Ports.FRONTEND, stop, http_limits(args), grpc)
+        port = args.port or Ports.FRONTEND
+        return run_frontend(endpoints, args.host, port, stop, http_limits(args), grpc, GroupWait(args.group_wait_s))
     if args.config is None:
         print("k2 worker serve: --config is required (the K2Serving manifest)", file=sys.stderr)
         return 2

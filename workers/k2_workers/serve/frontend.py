@@ -6,7 +6,9 @@ answered 503 (not ready, stopping, broken before it ran) or 429 (its queue is fu
 connection without an answer (it died: its work is lost and cannot finish). Anything else is the answer: a 4xx
 (every group would say the same), a 500 or 504 of a group that ran the request, or our 504 when a group that took
 the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere would double
-the work). 503 (or 429 when every group's queue is full) only when no group took it.
+the work). When no group took it, the request waits for one (`group_wait`: more rounds over the groups, with pauses,
+for up to `--group-wait-s`), since a group is often only briefly away (a rolling update, a gang restart); 429 at once
+when every group's queue is full, and 503 when no group took it within the wait.
 Routed paths: our `POST /v1/generate` and OpenAI's `POST /v1/completions` and `POST /v1/chat/completions`; `GET
 /v1/models` asks the groups in the same order. A group's stream is relayed as it comes (each event when the group
 sends it, that is as its tokens are decoded); a client that goes away closes the group's connection, which cancels
@@ -44,6 +46,7 @@ from k2_workers.serve.endpoints import (
     client_gone,
     serve_routes,
 )
+from k2_workers.serve.group_wait import GroupWait
 from k2_workers.serve.grpc_start import start_frontend_grpc
 from k2_workers.serve.scheduler import CANCEL_POLL_S, DEFAULT_REQUEST_TIMEOUT_S
 
@@ -108,15 +111,21 @@ class Upstream:
 
 class GroupRouter:
     """Forwards a request to one group after another, starting at the next in round-robin order, while the groups
-    tried did not take it."""
+    tried did not take it; when none did, again after a pause (`wait`)."""
 
-    def __init__(self, endpoints: Sequence[str], timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S,
+        wait: GroupWait | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("endpoints: the frontend needs at least one group endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self._next = itertools.cycle(range(len(self.endpoints)))
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
+        self._wait = wait or GroupWait()
 
     def forward(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """The answer of the first group that takes the request, with `"group"` added when it succeeded."""
@@ -135,10 +144,26 @@ class GroupRouter:
         return upstream.status, json.loads(payload)
 
     def open(self, path: str, body: bytes | None) -> Upstream:
-        """The answer of the first group that takes the request (POST `body`, or GET when None)."""
+        """The answer of the first group that takes the request (POST `body`, or GET when None), over as many
+        rounds as the wait allows; at once 429 when every group's queue is full."""
+        refusals: list[tuple[str, str, int | None]] = []
+        for _ in self._wait.rounds():
+            upstream, refusals = self._one_round(path, body)
+            if upstream is not None:
+                return upstream
+            if {status for _, _, status in refusals} == {HTTPStatus.TOO_MANY_REQUESTS}:
+                break
+        full = {status for _, _, status in refusals} == {HTTPStatus.TOO_MANY_REQUESTS}
+        status = HTTPStatus.TOO_MANY_REQUESTS if full else HTTPStatus.SERVICE_UNAVAILABLE
+        headers = {"Retry-After": "1"} if full else {}
+        reasons = "; ".join(f"{endpoint}: {reason}" for endpoint, reason, _ in refusals)
+        raise HttpError(status, "no group could serve the request: " + reasons, headers)
+
+    def _one_round(self, path: str, body: bytes | None) -> tuple[Upstream | None, list[tuple[str, str, int | None]]]:
+        """The first group's answer that took the request, or why each group did not (endpoint, reason, status)."""
         with self._lock:
             start = next(self._next)
-        failures, statuses = [], []
+        refusals: list[tuple[str, str, int | None]] = []
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
             url = urllib.parse.urlsplit(endpoint)
@@ -148,7 +173,7 @@ class GroupRouter:
                 connection.request(method, url.path + path, body, {"Content-Type": "application/json"})
             except OSError as error:  # before the request was sent: refused, unresolvable
                 connection.close()
-                failures.append(f"{endpoint}: {error}")
+                refusals.append((endpoint, str(error), None))
                 continue
             try:
                 response = connection.getresponse()
@@ -158,18 +183,15 @@ class GroupRouter:
                 raise HttpError(HTTPStatus.GATEWAY_TIMEOUT, message) from error
             except (http.client.RemoteDisconnected, ConnectionError) as error:  # the group died with it
                 connection.close()
-                failures.append(f"{endpoint}: closed without an answer ({error})")
+                refusals.append((endpoint, f"closed without an answer ({error})", None))
                 continue
             content_type = response.headers.get("Content-Type", "")
             upstream = Upstream(endpoint, response.status, content_type, response, connection)
             if response.status not in NOT_TAKEN:
-                return upstream
+                return upstream, refusals
             upstream.read()
-            failures.append(f"{endpoint}: HTTP {response.status}")
-            statuses.append(response.status)
-        status = HTTPStatus.TOO_MANY_REQUESTS if statuses and set(statuses) == {429} else HTTPStatus.SERVICE_UNAVAILABLE
-        headers = {"Retry-After": "1"} if status == HTTPStatus.TOO_MANY_REQUESTS else {}
-        raise HttpError(status, "no group could serve the request: " + "; ".join(failures), headers)
+            refusals.append((endpoint, f"HTTP {response.status}", response.status))
+        return None, refusals
 
 
 def frontend_routes(router: GroupRouter) -> dict[tuple[str, str], Route]:
@@ -195,12 +217,13 @@ def run_frontend(
     stop: threading.Event,
     limits: HttpLimits | None = None,
     grpc: tuple[int, Sequence[str]] | None = None,
+    wait: GroupWait | None = None,
 ) -> int:
     """Serve the frontend on host:port until `stop` is set, and gRPC when `grpc` = (port, the groups' host:port)."""
-    router = GroupRouter([e for e in endpoints if e.strip()])
+    router = GroupRouter([e for e in endpoints if e.strip()], wait=wait)
     server = serve_routes(frontend_routes(router), host, port, limits or HttpLimits())
     log.info("frontend on %s:%d routing across %d groups", host, server.server_port, len(router.endpoints))
-    grpc_server = None if grpc is None else start_frontend_grpc(host, *grpc)
+    grpc_server = None if grpc is None else start_frontend_grpc(host, *grpc, wait=wait)
     stop.wait()
     if grpc_server is not None:
         grpc_server.drain()

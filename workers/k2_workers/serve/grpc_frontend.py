@@ -2,9 +2,10 @@
 
 Round-robin over the groups; a request moves on to the next group only when its group did not take it (UNAVAILABLE:
 unreachable, not ready or stopping; RESOURCE_EXHAUSTED: its queue is full), so no two groups ever run it; for a
-stream, only before its first message. Any other status is the answer. The client's deadline travels with the call,
-and a client that cancels cancels the group's call (which cancels the request there). `Abort` asks every group,
-`GetLoad` reports every group, `GetModelInfo` the first that answers. No torch here.
+stream, only before its first message. Any other status is the answer. When no group took it, the call waits for
+one (`group_wait`: more rounds, with pauses, within the client's deadline), as HTTP requests do. The client's
+deadline travels with the call, and a client that cancels cancels the group's call (which cancels the request
+there). `Abort` asks every group, `GetLoad` reports every group, `GetModelInfo` the first that answers. No torch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from k2_workers.serve.group_wait import GroupWait
 from k2_workers.serve.grpc_api import GenerationStub, time_left_s
 from k2_workers.serve.proto import generation_pb2 as pb
 
@@ -25,7 +27,7 @@ NOT_TAKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 class FrontendGeneration:
     """`grpc_api.Generation` in front of the groups' rank 0 (`targets`: host:port of each)."""
 
-    def __init__(self, targets: Sequence[str]) -> None:
+    def __init__(self, targets: Sequence[str], wait: GroupWait | None = None) -> None:
         if not targets:
             raise ValueError("grpc endpoints: the frontend needs at least one group")
         self.targets = list(targets)
@@ -33,6 +35,7 @@ class FrontendGeneration:
         self._stubs = [GenerationStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self.targets)))
         self._lock = threading.Lock()
+        self._wait = wait or GroupWait()
 
     def close(self) -> None:
         for channel in self._channels:
@@ -40,7 +43,7 @@ class FrontendGeneration:
 
     def generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         refusals: list[tuple[str, grpc.RpcError]] = []
-        for target, stub in self._in_order():
+        for target, stub in self._until_taken(context, refusals):
             try:
                 response: pb.GenerateResponse = stub.Generate(request, timeout=time_left_s(context))
                 return response
@@ -54,7 +57,7 @@ class FrontendGeneration:
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateStreamResponse]:
         refusals: list[tuple[str, grpc.RpcError]] = []
-        for target, stub in self._in_order():
+        for target, stub in self._until_taken(context, refusals):
             call = stub.GenerateStream(request, timeout=time_left_s(context))
             context.add_callback(call.cancel)  # our client gone: the group's call too
             try:
@@ -101,6 +104,19 @@ class FrontendGeneration:
         for offset in range(len(self.targets)):
             index = (start + offset) % len(self.targets)
             yield self.targets[index], self._stubs[index]
+
+    def _until_taken(
+        self, context: grpc.ServicerContext, refusals: list[tuple[str, grpc.RpcError]]
+    ) -> Iterator[tuple[str, GenerationStub]]:
+        """The groups in round-robin order, round after round while none takes the call (`refusals` holds the
+        current round's), until the wait or the client's deadline ends, the client leaves, or every queue is full."""
+        for _ in self._wait.rounds(time_left_s(context)):
+            if not context.is_active():
+                return
+            refusals.clear()
+            yield from self._in_order()
+            if {error.code() for _, error in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
+                return
 
     def _each(self, call: Callable[[GenerationStub], Any]) -> list[tuple[str, Any]]:
         """The answers of the groups that answer."""
