@@ -1,9 +1,11 @@
 """`k2 eplb run`: the EPLB controller, a plain loop around the pure planner.
 
 Each pass, for every K2Serving with spec.eplb.enabled whose interval is due: read its ExpertPlacement (status
-.placementName, else the serving's own name), read the expert load over spec.eplb.windowSeconds (Prometheus when a URL
-is configured, else direct scrapes of the rank pods), plan, and, when the plan says so, write the new slot tables with
-spec.generation + 1. Every pass records its finding as the `Planned` condition on the ExpertPlacement status (True
+.placementName, else the serving's own name), read the expert load of every group over spec.eplb.windowSeconds
+(Prometheus when a URL is configured, else direct scrapes of the rank pods), read how many ranks share a node from the
+rank pods' node assignment, plan (in rounds when one budget cannot reach the target, `k2_eplb.rounds`), and, when the
+plan says so, write its next round as the new slot tables with spec.generation + 1 and its progress as
+status.rebalancePlan. Every pass records its finding as the `Planned` condition on the ExpertPlacement status (True
 with reason Rebalanced or Reshaped, or False with the reason it wrote nothing) and in the controller's metrics; a
 written generation, and a change to a warning reason (PartialMetrics, MetricsUnavailable), also post a Kubernetes
 Event on the ExpertPlacement.
@@ -34,6 +36,7 @@ from k2_eplb.load import LoadReadError, LoadSample
 from k2_eplb.planner import Decision, Reason, plan, reshape
 from k2_eplb.prometheus_reader import PrometheusLoadReader, url_allowed
 from k2_eplb.scrape_reader import ScrapeLoadReader
+from k2_eplb.topology import ranks_per_node
 
 log = logging.getLogger("k2_eplb")
 
@@ -52,6 +55,8 @@ class Controller:
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     endpoints: Callable[[K2Serving], Sequence[str]] | None = None
     """Rank metrics URLs for direct scraping; default: the rank pods' addresses from the API server."""
+    gpus_per_node: Callable[[K2Serving], int | None] | None = None
+    """Ranks per node (None: unknown); default: from the rank pods' node assignment (`topology.ranks_per_node`)."""
     namespace_label: str | None = "namespace"
     """Label Prometheus puts the pod namespace in (None: select by `serving` only)."""
     clock: Callable[[], float] = time.time
@@ -156,7 +161,16 @@ class Controller:
             now,
             load_error=error,
             bytes_per_expert=convert.bytes_per_expert(serving.spec.model),
+            gpus_per_node=self._gpus_per_node(serving, spec.ranks),
         )
+
+    def _gpus_per_node(self, serving: K2Serving, ranks: int) -> int | None:
+        """Ranks per node of the serving's groups, when it divides the placement's ranks (else None)."""
+        if self.gpus_per_node is not None:
+            per_node = self.gpus_per_node(serving)
+        else:
+            per_node = ranks_per_node(api.rank_nodes(self.kube, serving), ranks, serving.spec.groups)
+        return per_node if per_node is not None and ranks % per_node == 0 else None
 
     def _read_load(self, serving: K2Serving, placement: ExpertPlacement) -> tuple[LoadSample | None, str | None]:
         spec = placement.spec

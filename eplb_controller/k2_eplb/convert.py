@@ -12,6 +12,7 @@ from k2_api.common import Condition, ConditionStatus
 from k2_api.contract import moe_shape
 from k2_api.serving import Eplb
 from k2_eplb.planner import Decision, IntArray, PlacementState, Policy, Reason, Shape
+from k2_eplb.rounds import Progress
 from k2_eplb.validation import check_placement
 
 PLANNED = "Planned"
@@ -95,7 +96,18 @@ def placement_state(placement: ExpertPlacement, last_rebalance_time: float | Non
         generation=placement.spec.generation,
         applied_generation=status.applied_generation if status else None,
         last_rebalance_time=last_rebalance_time,
+        plan=Progress.from_status(status.rebalance_plan) if status else None,
+        ranks_behind=ranks_behind(placement),
     )
+
+
+def ranks_behind(placement: ExpertPlacement, shown: int = 4) -> tuple[str, ...]:
+    """The rank pods in status.ranks that report no generation or one older than spec.generation (the first `shown`,
+    then a count of the rest)."""
+    reports = placement.status.ranks if placement.status else []
+    behind = [r.pod for r in reports if r.generation is None or r.generation < placement.spec.generation]
+    rest = len(behind) - shown
+    return (*behind[:shown], f"{rest} more") if rest > 0 else tuple(behind)
 
 
 def planned_condition(decision: Decision, previous: Condition | None, now: float, generation: int | None) -> Condition:
@@ -115,7 +127,8 @@ def planned_condition(decision: Decision, previous: Condition | None, now: float
 
 
 def status_fields(decision: Decision, placement: ExpertPlacement, now: float) -> dict[str, Any]:
-    """Every status field the controller owns, in wire form (server-side apply drops owned fields left out)."""
+    """Every status field the controller owns, in wire form (server-side apply drops owned fields left out: a
+    decision without a plan, a reshape for example, clears status.rebalancePlan)."""
     observed = placement.status
     previous = next((c for c in observed.conditions if c.type == PLANNED), None) if observed else None
     fields: dict[str, Any] = {
@@ -127,6 +140,7 @@ def status_fields(decision: Decision, placement: ExpertPlacement, now: float) ->
         "measuredBalancedness": decision.measured_balancedness
         if decision.measured_balancedness is not None
         else (observed.measured_balancedness if observed else None),
+        "rebalancePlan": decision.plan.to_status() if decision.plan is not None else None,
         "conditions": [planned_condition(decision, previous, now, placement.metadata.generation).to_dict()],
     }
     return {key: value for key, value in fields.items() if value is not None}
@@ -137,7 +151,7 @@ def observed_fields(placement: ExpertPlacement) -> dict[str, Any]:
     if placement.status is None:
         return {}
     wire = placement.status.to_dict()
-    owned = ("predictedBalancedness", "movedExperts", "movedBytes", "measuredBalancedness")
+    owned = ("predictedBalancedness", "movedExperts", "movedBytes", "measuredBalancedness", "rebalancePlan")
     fields = {key: wire[key] for key in owned if wire.get(key) is not None}
     planned = [c.to_dict() for c in placement.status.conditions if c.type == PLANNED]
     if planned:

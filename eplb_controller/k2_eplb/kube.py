@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from k2_api import API_VERSION, ExpertPlacement, K2Serving
-from k2_api.contract import Annotations, FieldManagers, PortNames
+from k2_api.contract import Annotations, FieldManagers, Labels, PortNames
 from k2_api.kube import Kube, Object, ObjectRef
+from k2_eplb.topology import RankNode, rank_index
 
 FIELD_MANAGER = FieldManagers.EPLB
 
@@ -99,6 +100,24 @@ def rank_endpoints(kube: Kube, serving: K2Serving) -> list[str]:
         if ports:
             endpoints.append(f"http://{status['podIP']}:{ports[0]}/metrics")
     return endpoints
+
+
+def rank_nodes(kube: Kube, serving: K2Serving) -> list[RankNode]:
+    """(group, rank, node) of the serving's scheduled rank pods that have not ended (selector from status)."""
+    meta = serving.metadata
+    selector = serving.status.selector if serving.status else None
+    if not meta.namespace or not selector:
+        return []
+    placed = []
+    for pod in kube.list("Pod", meta.namespace, selector):
+        pod_meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+        labels = pod_meta.get("labels") or {}
+        rank = rank_index(str(pod_meta.get("name") or ""), labels)
+        node = spec.get("nodeName")
+        if rank is None or not node or status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        placed.append(RankNode(str(labels.get(Labels.GROUP, "")), rank, str(node)))
+    return placed
 
 
 def rfc3339(at: float) -> str:

@@ -1,6 +1,11 @@
 """What a load reader returns, and the pure arithmetic both readers share.
 
 Shapes: L MoE layers, E logical experts. Ranks are identified by their (group, rank) labels.
+
+Per-group load and the merge rule: every group of a K2Serving serves with the one ExpertPlacement the serving owns
+(the same slot tables on each group's ranks), so the readers keep each group's load (`group_load_LE`) and the planner
+balances their sum over groups (`load_LE`, `merge_groups`): a placement's GPU loads are linear in the load, so the sum
+is the total work each rank index does over all groups. The per-group loads serve to report how each group fares.
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ def label_index(labels: Mapping[str, str], name: str, what: str) -> int:
 class LoadSample:
     """Per-expert load over a window, with what the planner needs to refuse partial data.
 
-    `load_LE` sums the tokens of every reporting rank of every group. `num_samples` is the fewest samples any reporting
-    series contributed to the window (an increase needs two). `measured_balancedness` comes from the slot counters
-    (mean rank load / max rank load per group and layer, averaged), or None when no rank exports them.
+    `load_LE` sums the tokens of every reporting rank of every group (the merge rule); `group_load_LE` holds each
+    group's own sum (keyed by the group label; empty when a reader did not split them). `num_samples` is the fewest
+    samples any reporting series contributed to the window (an increase needs two). `measured_balancedness` comes from
+    the slot counters (mean rank load / max rank load per group and layer, averaged), or None when no rank exports
+    them.
     """
 
     load_LE: FloatArray
@@ -65,6 +72,7 @@ class LoadSample:
     measured_balancedness: float | None = None
     dropped_series: int = 0
     notes: tuple[str, ...] = field(default=())
+    group_load_LE: Mapping[str, FloatArray] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> float:
@@ -103,6 +111,31 @@ def load_matrix(
     if not np.isfinite(load_LE).all():
         raise LoadReadError("the load overflows a float64")
     return load_LE, dropped
+
+
+def group_load_matrices(
+    series: Iterable[tuple[Mapping[str, str], float]], num_layers: int, num_experts: int
+) -> tuple[dict[str, FloatArray], int]:
+    """`load_matrix` per group label (a series without one counts under ""); returns (group -> [L, E], dropped)."""
+    by_group: dict[str, list[tuple[Mapping[str, str], float]]] = {}
+    for labels, value in series:
+        by_group.setdefault(labels.get(MetricLabels.GROUP, ""), []).append((labels, value))
+    matrices: dict[str, FloatArray] = {}
+    dropped = 0
+    for group, rows in sorted(by_group.items()):
+        matrices[group], lost = load_matrix(rows, num_layers, num_experts)
+        dropped += lost
+    return matrices, dropped
+
+
+def merge_groups(group_load_LE: Mapping[str, FloatArray], num_layers: int, num_experts: int) -> FloatArray:
+    """The load the one placement of all groups is planned on: the sum over groups (see the module)."""
+    merged = np.zeros((num_layers, num_experts), dtype=np.float64)
+    for load_LE in group_load_LE.values():
+        merged += load_LE
+    if not np.isfinite(merged).all():
+        raise LoadReadError("the load overflows a float64")
+    return merged
 
 
 def measured_balancedness(rank_layer_tokens: Mapping[tuple[str, str, int], float]) -> float | None:

@@ -1,8 +1,10 @@
 """The EPLB planner: a pure function from (policy, placement state, load, now) to a decision.
 
-It decides, in this order: EPLB disabled; the previous generation still applying; cooldown; load unusable (unreadable,
-partial, too few samples, no tokens); otherwise it solves from the current placement within the move budget and
-rebalances only when the predicted gain reaches the minimum improvement. No I/O: the controller reads and writes.
+It decides, in this order: EPLB disabled; the previous generation still applying (on every rank); cooldown (shorter
+between the rounds of a plan); load unusable (unreadable, partial, too few samples, no tokens); otherwise it plans
+rounds from the current placement towards the fresh solve's balancedness (`k2_eplb.rounds`), each within the move
+budget, and writes the first round when its predicted gain reaches the minimum improvement. No I/O: the controller
+reads and writes.
 
 Before all of that, `reshape`: a placement whose shape no longer fits its serving (the serving's ranks, slots or
 model changed) gets a fresh solve on uniform load at once, past every gate, even with EPLB disabled, because the
@@ -20,9 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from k2_eplb import metrics
+from k2_eplb import rounds
 from k2_eplb.load import LoadSample
+from k2_eplb.rounds import Progress, TargetFn, mean_balancedness
 from k2_eplb.solver import solve
+from k2_eplb.target import solve_to_target
 
 IntArray = npt.NDArray[np.int64]
 SolveFn = Callable[..., IntArray]
@@ -54,6 +58,10 @@ class Policy:
     max_moves: int | None = None
     cooldown_seconds: float = 600.0
     min_samples: int = 2
+    target_epsilon: float = 0.01
+    """A plan aims at the fresh solve's balancedness minus this."""
+    max_rounds: int = 8
+    """The most rounds one plan has."""
 
     def __post_init__(self) -> None:
         if self.window_seconds <= 0:
@@ -66,16 +74,24 @@ class Policy:
             raise ValueError(f"cooldownSeconds: {self.cooldown_seconds} must be >= 0")
         if self.min_samples < 2:
             raise ValueError(f"min_samples: {self.min_samples} must be >= 2 (an increase needs two samples)")
+        if not 0 <= self.target_epsilon < 1:
+            raise ValueError(f"target_epsilon: {self.target_epsilon} must be in [0, 1)")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds: {self.max_rounds} must be >= 1")
 
 
 @dataclass(frozen=True)
 class PlacementState:
-    """The ExpertPlacement as observed: the placement in spec, its generation, and what the workers applied."""
+    """The ExpertPlacement as observed: the placement in spec, its generation, what the workers applied, and the plan
+    in rounds the controller is carrying out (status.rebalancePlan)."""
 
     placement_LGS: IntArray
     generation: int
     applied_generation: int | None
     last_rebalance_time: float | None = None
+    plan: Progress | None = None
+    ranks_behind: tuple[str, ...] = ()
+    """Rank pods (status.ranks) that report an older generation than spec.generation, or none."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,9 @@ class Decision:
     """What to do. `placement_LGS` and `generation` are set only when `rebalance` is true.
 
     `staleness` is the balancedness of the current placement on the newest load (None when the load is unusable);
-    `predicted_balancedness` that of the new placement (None when no solve ran).
+    `predicted_balancedness` that of the new placement (None when no solve ran). `plan` is the progress of the plan in
+    rounds to show in status (None: none to show); `group_balancedness` the new placement's predicted balancedness on
+    each group's own load.
     """
 
     reason: Reason
@@ -95,6 +113,8 @@ class Decision:
     measured_balancedness: float | None = None
     moved_experts: int = 0
     moved_bytes: int = 0
+    plan: Progress | None = None
+    group_balancedness: dict[str, float] | None = None
 
     @property
     def rebalance(self) -> bool:
@@ -135,11 +155,6 @@ def reshape(current: Shape, desired: Shape, generation: int, *, solver: SolveFn 
     )
 
 
-def mean_balancedness(load_LE: npt.NDArray[np.float64], placement_LGS: IntArray) -> float:
-    """Balancedness averaged over layers (each layer: mean GPU load / max GPU load)."""
-    return float(metrics.balancedness(load_LE, placement_LGS).mean())
-
-
 def plan(
     policy: Policy,
     state: PlacementState,
@@ -150,8 +165,12 @@ def plan(
     bytes_per_expert: int,
     gpus_per_node: int | None = None,
     solver: SolveFn = solve,
+    target_solver: TargetFn = solve_to_target,
 ) -> Decision:
-    """Decide whether to write a new placement generation; `sample` is None when the load could not be read."""
+    """Decide whether to write a new placement generation; `sample` is None when the load could not be read.
+
+    `gpus_per_node` (ranks per node, contiguous by rank) makes the solvers prefer copies from a replica on the same
+    node."""
     if not policy.enabled:
         return Decision(Reason.DISABLED, "eplb disabled")
     data_problem = _data_problem(policy, state, sample, load_error)
@@ -162,56 +181,76 @@ def plan(
     measured = sample.measured_balancedness if sample is not None else None
 
     def skip(reason: Reason, message: str) -> Decision:
-        return Decision(reason, message, staleness=staleness, measured_balancedness=measured)
+        return Decision(reason, message, staleness=staleness, measured_balancedness=measured, plan=state.plan)
 
     applied = state.applied_generation if state.applied_generation is not None else 0
-    if applied < state.generation:
-        message = f"previous generation {state.generation} not yet applied (applied: {applied})"
+    if applied < state.generation or state.ranks_behind:
+        behind = f"; ranks behind: {', '.join(state.ranks_behind)}" if state.ranks_behind else ""
+        message = f"previous generation {state.generation} not yet applied (applied: {applied}){behind}"
         return skip(Reason.APPLY_PENDING, message)
     if state.last_rebalance_time is not None:
-        left = state.last_rebalance_time + policy.cooldown_seconds - now
+        cooldown = rounds.cooldown_seconds(policy.cooldown_seconds, state.plan, state.generation)
+        left = state.last_rebalance_time + cooldown - now
         if left > 0:
-            return skip(Reason.COOLDOWN, f"cooldown: {left:.0f}s left")
+            upcoming = rounds.next_round(state.plan, state.generation)
+            return skip(Reason.COOLDOWN, f"cooldown: {left:.0f}s left" + (f" before {upcoming}" if upcoming else ""))
     if data_problem is not None:
         return skip(*data_problem)
     assert sample is not None and staleness is not None
 
-    _, num_gpus, slots_per_gpu = state.placement_LGS.shape
     try:
-        solved = solver(
+        planned = rounds.plan_rounds(
             sample.load_LE,
-            num_gpus,
-            slots_per_gpu,
-            current=state.placement_LGS,
-            max_moves=policy.max_moves,
+            state.placement_LGS,
+            budget=policy.max_moves,
+            epsilon=policy.target_epsilon,
+            min_gain=policy.min_improvement,
+            max_rounds=policy.max_rounds,
             gpus_per_node=gpus_per_node,
+            solver=solver,
+            target_solver=target_solver,
         )
     except ValueError as error:  # e.g. a hand-written placement with two replicas of one expert on a GPU
         return skip(Reason.INVALID_PLACEMENT, f"cannot plan from the current placement: {error}")
-    new_LGS = np.asarray(solved, dtype=np.int64)
-    predicted = mean_balancedness(sample.load_LE, new_LGS)
-    moved = metrics.count_moves(state.placement_LGS, new_LGS)
-    gain = predicted - staleness
-    if moved == 0 or gain < policy.min_improvement:
+    if not planned.rounds:
+        rejected = planned.rejected
+        if rejected is None:
+            message = f"balancedness {staleness:.3f} is at the target {planned.target_balancedness:.3f} already"
+        else:
+            message = (
+                f"predicted gain {rejected.balancedness - staleness:.3f} < minImprovement {policy.min_improvement:g}"
+                f" (balancedness {staleness:.3f} -> {rejected.balancedness:.3f}, {rejected.moves} moves)"
+            )
         return Decision(
             Reason.BELOW_MIN_IMPROVEMENT,
-            f"predicted gain {gain:.3f} < minImprovement {policy.min_improvement:g}"
-            f" (balancedness {staleness:.3f} -> {predicted:.3f}, {moved} moves)",
+            message,
             staleness=staleness,
-            predicted_balancedness=predicted,
+            predicted_balancedness=rejected.balancedness if rejected else None,
             measured_balancedness=measured,
+            plan=rounds.progress_after_stop(state.plan, state.generation),
         )
+    first = planned.rounds[0]
+    generation = state.generation + 1
+    progress = rounds.progress_after_write(state.plan, planned, generation, policy.max_moves)
+    groups = {group: mean_balancedness(load, first.placement_LGS) for group, load in sample.group_load_LE.items()}
+    worst = (
+        f", worst group {min(groups, key=groups.__getitem__)} at {min(groups.values()):.3f}" if len(groups) > 1 else ""
+    )
     return Decision(
         Reason.REBALANCED,
-        f"generation {state.generation + 1}: predicted balancedness {staleness:.3f} -> {predicted:.3f},"
-        f" {moved} experts moved ({moved * bytes_per_expert / 1e9:.2f} GB)",
-        placement_LGS=new_LGS,
-        generation=state.generation + 1,
+        f"generation {generation}: round {progress.round} of {progress.rounds},"
+        f" predicted balancedness {staleness:.3f} -> {first.balancedness:.3f}{worst}"
+        f" (plan ends at {planned.final_balancedness:.3f}, target {planned.target_balancedness:.3f}),"
+        f" {first.moves} experts moved ({first.moves * bytes_per_expert / 1e9:.2f} GB)",
+        placement_LGS=first.placement_LGS,
+        generation=generation,
         staleness=staleness,
-        predicted_balancedness=predicted,
+        predicted_balancedness=first.balancedness,
         measured_balancedness=measured,
-        moved_experts=moved,
-        moved_bytes=moved * bytes_per_expert,
+        moved_experts=first.moves,
+        moved_bytes=first.moves * bytes_per_expert,
+        plan=progress,
+        group_balancedness=groups or None,
     )
 
 

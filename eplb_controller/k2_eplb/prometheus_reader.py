@@ -18,7 +18,15 @@ from email.message import Message
 from typing import IO
 
 from k2_api.contract import MetricLabels, Metrics
-from k2_eplb.load import LoadReadError, LoadSample, label_index, load_matrix, measured_balancedness, token_count
+from k2_eplb.load import (
+    LoadReadError,
+    LoadSample,
+    group_load_matrices,
+    label_index,
+    measured_balancedness,
+    merge_groups,
+    token_count,
+)
 
 Fetch = Callable[[str, float], bytes]
 """(url, timeout seconds) -> response body."""
@@ -124,9 +132,10 @@ class PrometheusLoadReader:
         window = f"[{int(window_seconds)}s]"
         experts, slots = Metrics.EXPERT_TOKENS.name + sel, Metrics.SLOT_TOKENS.name + sel
         group, rank, layer, expert = MetricLabels.GROUP, MetricLabels.RANK, MetricLabels.LAYER, MetricLabels.EXPERT
-        load_rows = self.query(f"sum by ({layer}, {expert}) (increase({experts}{window}))", "load")
+        load_rows = self.query(f"sum by ({group}, {layer}, {expert}) (increase({experts}{window}))", "load")
         try:
-            load_LE, dropped = load_matrix(load_rows, num_layers=num_layers, num_experts=num_experts)
+            by_group, dropped = group_load_matrices(load_rows, num_layers=num_layers, num_experts=num_experts)
+            load_LE = merge_groups(by_group, num_layers, num_experts)
         except LoadReadError as error:
             raise LoadReadError(f"prometheus {self.url}: load query: {error}") from None
         ranks = self.query(f"count by ({group}, {rank}) ({experts})", "ranks")
@@ -149,6 +158,7 @@ class PrometheusLoadReader:
             source="prometheus",
             measured_balancedness=balancedness,
             dropped_series=dropped,
+            group_load_LE=by_group,
         )
 
     def query(self, promql: str, name: str = "query") -> list[tuple[dict[str, str], float]]:

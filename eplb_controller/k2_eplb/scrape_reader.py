@@ -22,9 +22,10 @@ from k2_eplb.load import (
     LoadSample,
     RankKey,
     counter_increase,
+    group_load_matrices,
     label_index,
-    load_matrix,
     measured_balancedness,
+    merge_groups,
     token_count,
 )
 from k2_eplb.prometheus_reader import http_get
@@ -141,7 +142,8 @@ class ScrapeLoadReader:
                 elif layer.isdigit():
                     key = (group, rank, int(layer))
                     slot_tokens[key] = slot_tokens.get(key, 0.0) + increase
-        load_LE, dropped = load_matrix(expert_series, num_layers=num_layers, num_experts=num_experts)
+        by_group, dropped = group_load_matrices(expert_series, num_layers=num_layers, num_experts=num_experts)
+        load_LE = merge_groups(by_group, num_layers, num_experts)
         balancedness = measured_balancedness(slot_tokens)
         return LoadSample(
             load_LE=load_LE,
@@ -153,6 +155,7 @@ class ScrapeLoadReader:
             measured_balancedness=balancedness,
             dropped_series=dropped,
             notes=tuple(notes),
+            group_load_LE=by_group,
         )
 
     def read_twice(
