@@ -14,6 +14,8 @@ from k2_eplb import planner
 from k2_eplb.load import LoadSample
 from k2_eplb.metrics import count_moves, replica_counts
 from k2_eplb.planner import IntArray, PlacementState, Policy, Reason, mean_balancedness
+from k2_eplb.solver import solve
+from k2_eplb.target import TargetResult, solve_to_target
 
 NOW = 1_000_000.0
 LAYERS, EXPERTS, GPUS, SLOTS = 2, 8, 4, 3
@@ -218,3 +220,84 @@ def test_a_rebalance_is_valid_within_budget_and_worth_it(
     assert decision.predicted_balancedness is not None and decision.staleness is not None
     assert decision.predicted_balancedness - decision.staleness >= min_improvement
     assert decision.generation == 2
+
+
+def test_a_rebalance_beyond_the_budget_writes_round_one_of_a_plan() -> None:
+    decision = plan(Policy(min_improvement=0.01, max_moves=1, cooldown_seconds=120), state(), sample(), NOW)
+    assert decision.reason is Reason.REBALANCED and decision.moved_experts == 1
+    progress = decision.plan
+    assert progress is not None and progress.round == 1 and progress.rounds >= 2
+    assert (progress.generation, progress.moves_per_round) == (4, 1)
+    assert decision.predicted_balancedness is not None
+    assert progress.predicted_balancedness > decision.predicted_balancedness
+    assert decision.message.startswith(f"generation 4: round 1 of {progress.rounds}, predicted balancedness")
+
+
+def test_the_next_round_of_a_plan_waits_a_scaled_cooldown_and_numbers_on() -> None:
+    policy = Policy(min_improvement=0.01, max_moves=1, cooldown_seconds=120)
+    first = plan(policy, state(), sample(), NOW)
+    assert first.plan is not None and first.placement_LGS is not None
+    rounds = first.plan.rounds
+    # The workers applied round 1 (generation 4); between rounds the cooldown is 120 s / rounds.
+    after = PlacementState(first.placement_LGS, 4, 4, last_rebalance_time=NOW, plan=first.plan)
+    waiting = plan(policy, after, sample(), NOW + 120 / rounds - 1)
+    assert (waiting.reason, waiting.message) == (Reason.COOLDOWN, f"cooldown: 1s left before round 2 of {rounds}")
+    assert waiting.plan == first.plan  # shown as it is
+    second = plan(policy, after, sample(), NOW + 120 / rounds)
+    assert second.reason is Reason.REBALANCED and second.plan is not None
+    assert (second.plan.round, second.plan.rounds, second.plan.generation) == (2, rounds, 5)
+    assert second.message.startswith(f"generation 5: round 2 of {rounds},")
+
+
+def test_a_plan_in_progress_whose_next_round_gains_too_little_ends_at_the_round_written() -> None:
+    policy = Policy(min_improvement=0.01, max_moves=1, cooldown_seconds=120)
+    first = plan(policy, state(), sample(), NOW)
+    assert first.plan is not None and first.placement_LGS is not None
+    after = PlacementState(first.placement_LGS, 4, 4, last_rebalance_time=NOW - 1000, plan=first.plan)
+    # The load moved to what round 1 balances already: no further round is worth it.
+    balanced = replica_counts(first.placement_LGS, EXPERTS).astype(np.float64)
+    decision = plan(policy, after, sample(balanced), NOW)
+    assert decision.reason is Reason.BELOW_MIN_IMPROVEMENT
+    assert decision.plan is not None and (decision.plan.round, decision.plan.rounds) == (1, 1)
+
+
+def test_the_apply_gate_names_the_ranks_behind() -> None:
+    behind = PlacementState(trivial_placement(), 3, 3, ranks_behind=("k2-g1-0",))
+    decision = plan(POLICY, behind, sample(), NOW)
+    assert decision.reason is Reason.APPLY_PENDING
+    assert decision.message == "previous generation 3 not yet applied (applied: 3); ranks behind: k2-g1-0"
+
+
+def test_per_group_load_is_planned_on_its_sum_and_each_group_is_reported() -> None:
+    """The merge rule: one placement serves every group, so it is planned on the sum over groups."""
+    first, second = np.full((LAYERS, EXPERTS), 10.0), np.full((LAYERS, EXPERTS), 10.0)
+    first[:, 0], second[:, 5] = 400.0, 300.0
+    merged = LoadSample(first + second, 8, 8, 10, 60, "test", group_load_LE={"0": first, "1": second})
+    decision = plan(POLICY, state(), merged, NOW)
+    on_sum = plan(POLICY, state(), sample(first + second), NOW)
+    assert decision.reason is Reason.REBALANCED and decision.placement_LGS is not None
+    assert on_sum.placement_LGS is not None
+    np.testing.assert_array_equal(decision.placement_LGS, on_sum.placement_LGS)
+    groups = decision.group_balancedness
+    assert groups is not None and set(groups) == {"0", "1"}
+    for group, load in (("0", first), ("1", second)):
+        assert groups[group] == pytest.approx(mean_balancedness(load, decision.placement_LGS))
+    worst = min(groups, key=groups.__getitem__)
+    assert f", worst group {worst} at {groups[worst]:.3f}" in decision.message
+
+
+def test_gpus_per_node_reaches_both_solvers() -> None:
+    seen: list[int | None] = []
+
+    def spy_solve(*args: object, **kwargs: object) -> IntArray:
+        seen.append(kwargs["gpus_per_node"])  # type: ignore[arg-type]
+        return solve(*args, **kwargs)  # type: ignore[arg-type]
+
+    def spy_target(*args: object, **kwargs: object) -> TargetResult:
+        seen.append(kwargs["gpus_per_node"])  # type: ignore[arg-type]
+        return solve_to_target(*args, **kwargs)  # type: ignore[arg-type]
+
+    policy = Policy(min_improvement=0.01, max_moves=1)
+    decision = plan(policy, state(), sample(), NOW, gpus_per_node=2, solver=spy_solve, target_solver=spy_target)
+    assert decision.rebalance
+    assert len(seen) >= 2 and set(seen) == {2}
