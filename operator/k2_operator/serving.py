@@ -1,13 +1,15 @@
 """K2Serving handlers: one level-based reconcile, triggered on create, update, resume, child events (rank pods
 included) and the resync, plus a timer while a gang restart waits out its backoff.
 
-Each reconcile reads the groups' StatefulSets and rank pods, decides per group (a gang restart after a rank
-failed, `k2_operator.gang`; a rolling update of outdated groups), applies the children with each group's gang
-record on its StatefulSet, deletes the pods the decisions name, writes status, then posts the Events.
+Each reconcile lists the serving's children (one list per kind, concurrently) and rank pods, decides per group (a
+gang restart after a rank failed, `k2_operator.gang`; a rolling update of outdated groups), applies the children
+that may differ from their manifests (`k2_operator.children`) with each group's gang record on its StatefulSet,
+deletes the children and pods no longer wanted, writes status, then posts the Events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from typing import Any
@@ -22,6 +24,7 @@ from k2_operator.builders.network_policy import KIND as NETWORK_POLICY
 from k2_operator.builders.network_policy import network_policies
 from k2_operator.builders.placement import expert_placement, placement_name
 from k2_operator.builders.serving import RANK_COMPONENT, children, frontend_name
+from k2_operator.children import APPLIED, ChildKey, apply_children, observe
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, controller_owner, now, owned_by, register, trigger, write_status
 from k2_operator.status.serving import CONDITION_TYPES, group_index, group_state, groups_to_restart, serving_status
@@ -129,59 +132,81 @@ def restart_message(group: int, plan: gang.GangPlan) -> str:
     )
 
 
-async def delete_owned(kube: AsyncKube, serving: K2Serving, kind: str) -> None:
-    """Deletes the serving's children of `kind` (its labels and its controller owner reference)."""
-    namespace, name = serving.metadata.namespace, serving.metadata.name
-    assert namespace is not None and name is not None
-    for obj in await kube.list(kind, namespace, {"app.kubernetes.io/instance": name, Labels.KIND: KIND}):
-        if owned_by(obj, serving.metadata.uid):
-            await kube.delete(kind, namespace, obj["metadata"]["name"])
+CHILD_KINDS = (
+    "ConfigMap",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "StatefulSet",
+    "Deployment",
+    NETWORK_POLICY,
+)
+"""Every kind of child the reconcile applies (listed once per reconcile: its observed children)."""
+
+
+GROUP_KINDS = ("StatefulSet", "Service", NETWORK_POLICY)
+"""The kinds of child made per group."""
+
+
+def surplus(serving: K2Serving, observed: dict[ChildKey, dict[str, Any]]) -> list[ChildKey]:
+    """Observed children no longer wanted: a group's children beyond spec.groups (its pods are garbage-collected),
+    and every NetworkPolicy once spec.networkPolicy.enabled is false."""
+
+    def unwanted(kind: str, obj: dict[str, Any]) -> bool:
+        if kind == NETWORK_POLICY and not serving.spec.network_policy.enabled:
+            return True
+        index = group_index(obj)
+        return kind in GROUP_KINDS and index is not None and index >= serving.spec.groups
+
+    return [key for key, obj in sorted(observed.items()) if unwanted(key[0], obj)]
+
+
+def child_selector(name: str) -> dict[str, str]:
+    """Every child of the serving (rank and frontend components)."""
+    return {"app.kubernetes.io/instance": name, Labels.KIND: KIND}
 
 
 @register(KIND)
 async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
+    owner = (KIND, namespace, name)
     body = await kube.get(KIND, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
+        APPLIED.forget(owner)
         return
     serving = K2Serving.model_validate(body)
     spec = serving.spec
     at = now()
-    children_selector = {**rank_selector(name), Labels.KIND: KIND}
-    observed = {
-        index: s
-        for index, sets in by_group(await kube.list("StatefulSet", namespace, children_selector)).items()
-        for s in sets
-        if owned_by(s, serving.metadata.uid)
+    observed, rank_pods, placement = await asyncio.gather(
+        observe(kube, namespace, child_selector(name), CHILD_KINDS, serving.metadata.uid),
+        kube.list("Pod", namespace, rank_selector(name)),
+        ensure_placement(kube, serving),
+    )
+    observed_sets = {
+        index: obj
+        for (kind, _, _), obj in observed.items()
+        if kind == "StatefulSet" and (index := group_index(obj)) is not None
     }
-    plans = plan_groups(serving, observed, by_group(await kube.list("Pod", namespace, rank_selector(name))), at)
-    placement = await ensure_placement(kube, serving)
-    stateful_sets: dict[int, dict[str, Any]] = {}
-    frontend: dict[str, Any] | None = None
-    for manifest in children(serving):
-        index = group_index(manifest)
-        if manifest["kind"] == "StatefulSet" and index in plans:
-            manifest = with_record(manifest, plans[index].record)
-        applied = await kube.apply(manifest)
-        if manifest["kind"] == "StatefulSet" and index is not None:
-            stateful_sets[index] = applied
-        elif manifest["kind"] == "Deployment" and manifest["metadata"]["name"] == frontend_name(serving):
-            frontend = applied
-    policies = network_policies(serving, RUNTIME.monitoring_namespaces)
-    for manifest in policies:
-        await kube.apply(manifest)
-    if not policies:  # spec.networkPolicy.enabled is false: the ones it created before go
-        await delete_owned(kube, serving, NETWORK_POLICY)
-    # Scale down: groups beyond spec.groups go (their pods are garbage-collected).
-    for kind in ("StatefulSet", "Service", NETWORK_POLICY):
-        for obj in await kube.list(kind, namespace, children_selector):
-            index = group_index(obj)
-            if index is not None and index >= spec.groups and owned_by(obj, serving.metadata.uid):
-                await kube.delete(kind, namespace, obj["metadata"]["name"])
+    plans = plan_groups(serving, observed_sets, by_group(rank_pods), at)
+    manifests = [
+        with_record(m, plans[index].record) if m["kind"] == "StatefulSet" and (index := group_index(m)) in plans else m
+        for m in children(serving)
+    ]
+    manifests += network_policies(serving, RUNTIME.monitoring_namespaces)
+    current = await apply_children(kube, owner, manifests, observed)
+    for kind, _, child in surplus(serving, observed):
+        await kube.delete(kind, namespace, child)
     # The records are written: a restart interrupted from here on resumes on the next reconcile.
     for group, plan in plans.items():
         for pod in plan.delete:
             log.info("%s/%s: group %d: deleting rank pod %s", namespace, name, group, pod)
             await kube.delete("Pod", namespace, pod)
+    stateful_sets = {
+        index: obj
+        for (kind, _, _), obj in current.items()
+        if kind == "StatefulSet" and (index := group_index(obj)) is not None
+    }
+    frontend = current.get(("Deployment", namespace, frontend_name(serving)))
     groups = [group_state(g, stateful_sets.get(g), spec.ranks_per_group, plans.get(g)) for g in range(spec.groups)]
     frontend_ready = int((frontend or {}).get("status", {}).get("readyReplicas", 0) or 0)
     status = serving_status(serving, groups, frontend_ready, placement, at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,8 +12,9 @@ from k2_api import GROUP, VERSION, K2Training
 from k2_api.contract import Annotations, Labels
 from k2_operator.builders.common import content_hash
 from k2_operator.builders.training import children
+from k2_operator.children import APPLIED, apply_children, observe
 from k2_operator.kube import AsyncKube
-from k2_operator.runtime import now, owned_by, register, trigger, write_status
+from k2_operator.runtime import now, register, trigger, write_status
 from k2_operator.status.training import CONDITION_TYPES, plan
 
 KIND = K2Training.KIND
@@ -26,24 +28,35 @@ def _with_template_hash(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
+CHILD_KINDS = ("ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding", "Job")
+"""Every kind of child the reconcile applies (listed once per reconcile: its observed children)."""
+
+
 @register(KIND)
 async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
+    owner = (KIND, namespace, name)
     body = await kube.get(KIND, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
+        APPLIED.forget(owner)
         return
     training = K2Training.model_validate(body)
     selector = {"app.kubernetes.io/instance": name, Labels.KIND: KIND}
-    jobs = [j for j in await kube.list("Job", namespace, selector) if owned_by(j, training.metadata.uid)]
-    pods = await kube.list("Pod", namespace, selector)  # their termination messages explain a failed Job
+    observed, pods = await asyncio.gather(
+        observe(kube, namespace, selector, CHILD_KINDS, training.metadata.uid),
+        kube.list("Pod", namespace, selector),  # their termination messages explain a failed Job
+    )
+    jobs = [obj for (kind, _, _), obj in sorted(observed.items()) if kind == "Job"]
     decision = plan(training, jobs, now(), pods)
     if decision.delete_training:
         log.info("%s/%s: ttlSecondsAfterFinished passed, deleting", namespace, name)
         await kube.delete(KIND, namespace, name)
+        APPLIED.forget(owner)
         return
     for job_name in decision.delete_jobs:
         await kube.delete("Job", namespace, job_name)
     if decision.run_gang:
         existing = {j["metadata"]["name"]: j for j in jobs if j["metadata"]["name"] not in decision.delete_jobs}
+        manifests = []
         for manifest in children(training, decision.attempt, decision.preemptions):
             if manifest["kind"] == "Job":
                 manifest = _with_template_hash(manifest)
@@ -53,7 +66,8 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
                     # Job templates are immutable: the gang restarts with the new spec (from the checkpoint).
                     await kube.delete("Job", namespace, manifest["metadata"]["name"])
                     continue
-            await kube.apply(manifest)
+            manifests.append(manifest)
+        await apply_children(kube, owner, manifests, observed)
     await write_status(kube, body, decision.status, CONDITION_TYPES)
 
 

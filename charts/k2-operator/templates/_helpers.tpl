@@ -44,10 +44,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["k2.ai"]
   resources: ["k2trainings/status", "k2servings/status", "expertplacements/status"]
   verbs: ["get", "patch"]
-# Children, written with server-side apply (patch, and create when absent).
+# Children, written with server-side apply (patch, and create when absent); listed by owner label so that a child
+# still as the operator last applied it is not applied again.
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "create", "patch"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "create", "patch", "delete"]
@@ -65,7 +66,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 # The workers' per-resource ServiceAccount, Role and RoleBinding.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "create", "patch"]
 # The servings' ingress NetworkPolicies (spec.networkPolicy): applied, listed and deleted when disabled or scaled down.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
