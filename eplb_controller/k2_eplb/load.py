@@ -131,8 +131,9 @@ def group_load_matrices(
 def merge_groups(group_load_LE: Mapping[str, FloatArray], num_layers: int, num_experts: int) -> FloatArray:
     """The load the one placement of all groups is planned on: the sum over groups (see the module)."""
     merged = np.zeros((num_layers, num_experts), dtype=np.float64)
-    for load_LE in group_load_LE.values():
-        merged += load_LE
+    with np.errstate(over="ignore"):  # checked below
+        for load_LE in group_load_LE.values():
+            merged += load_LE
     if not np.isfinite(merged).all():
         raise LoadReadError("the load overflows a float64")
     return merged

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from k2_eplb.load import LoadReadError, counter_increase, load_matrix, measured_balancedness
+from k2_eplb.load import (
+    LoadReadError,
+    counter_increase,
+    group_load_matrices,
+    load_matrix,
+    measured_balancedness,
+    merge_groups,
+)
 from k2_eplb.prometheus_reader import PrometheusLoadReader, selector
 from k2_eplb.scrape_reader import ScrapeLoadReader, parse_exposition
 from tests.eplb.load_exporter import FakeServing, skewed_load
@@ -90,10 +99,10 @@ def test_selector_escapes_values() -> None:
     assert selector({"serving": 'a"b', "namespace": "n\\s"}) == '{serving="a\\"b",namespace="n\\\\s"}'
 
 
-def exposition(rank: int, values: dict[tuple[int, int], float], serving: str = "k2") -> str:
+def exposition(rank: int, values: dict[tuple[int, int], float], serving: str = "k2", group: int = 0) -> str:
     lines = ["# TYPE k2_expert_tokens_total counter"]
     for (layer, expert), value in values.items():
-        labels = f'serving="{serving}",group="0",rank="{rank}",layer="{layer}",expert="{expert}"'
+        labels = f'serving="{serving}",group="{group}",rank="{rank}",layer="{layer}",expert="{expert}"'
         lines.append(f"k2_expert_tokens_total{{{labels}}} {value}")
     return "\n".join(lines) + "\n"
 
@@ -279,3 +288,69 @@ def test_prometheus_reader_reports_an_unreachable_server() -> None:
 def test_prometheus_reader_rejects_a_non_http_url() -> None:
     with pytest.raises(ValueError, match="prometheusUrl"):
         PrometheusLoadReader("127.0.0.1:9090")
+
+
+# Per-group load ----------------------------------------------------------------------------------------------------
+
+
+def test_group_load_matrices_split_by_group_and_merge_by_sum() -> None:
+    series = [
+        ({"group": "0", "layer": "0", "expert": "1"}, 3.0),
+        ({"group": "1", "layer": "0", "expert": "1"}, 4.0),
+        ({"group": "1", "layer": "1", "expert": "0"}, 5.0),
+        ({"group": "1", "layer": "2", "expert": "0"}, 9.0),  # out of range: dropped
+    ]
+    by_group, dropped = group_load_matrices(series, num_layers=2, num_experts=2)
+    assert sorted(by_group) == ["0", "1"] and dropped == 1
+    np.testing.assert_array_equal(by_group["0"], [[0.0, 3.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(by_group["1"], [[0.0, 4.0], [5.0, 0.0]])
+    np.testing.assert_array_equal(merge_groups(by_group, 2, 2), [[0.0, 7.0], [5.0, 0.0]])
+    with pytest.raises(LoadReadError, match="overflows"):
+        merge_groups({"0": np.full((1, 1), 1.7e308), "1": np.full((1, 1), 1.7e308)}, 1, 1)
+
+
+def test_scrape_reader_keeps_each_groups_load() -> None:
+    fake = FakeEndpoints()
+    urls = ["g0", "g1"]
+    reader = reader_for(fake)
+    for now, scale in [(0.0, 0.0), (10.0, 1.0)]:
+        fake.now = now
+        fake.pages = {
+            "g0": exposition(0, {(0, 0): 100.0 * scale, (0, 1): 10.0 * scale}, group=0),
+            "g1": exposition(0, {(0, 0): 5.0 * scale, (0, 1): 70.0 * scale}, group=1),
+        }
+        sample = reader.read(LABELS, urls, window_seconds=10, num_layers=1, num_experts=2, ranks_expected=2)
+    assert sample.ranks_seen == 2  # (group, rank) pairs: rank 0 of each group
+    np.testing.assert_allclose(sample.group_load_LE["0"], [[100.0, 10.0]])
+    np.testing.assert_allclose(sample.group_load_LE["1"], [[5.0, 70.0]])
+    np.testing.assert_allclose(sample.load_LE, [[105.0, 80.0]])
+
+
+def test_prometheus_reader_asks_per_group_and_keeps_each_groups_load() -> None:
+    asked: list[str] = []
+
+    def fetch(url: str, timeout: float) -> bytes:
+        promql = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["query"][0]
+        asked.append(promql)
+        rows: list[tuple[dict[str, str], float]] = []
+        if promql.startswith("sum by (group, layer, expert)"):
+            rows = [
+                ({"group": "0", "layer": "0", "expert": "0"}, 30.0),
+                ({"group": "1", "layer": "0", "expert": "0"}, 2.0),
+                ({"group": "1", "layer": "0", "expert": "1"}, 40.0),
+            ]
+        elif promql.startswith("count by (group, rank)"):
+            rows = [({"group": "0", "rank": "0"}, 2.0), ({"group": "1", "rank": "0"}, 2.0)]
+        elif promql.startswith("min(count_over_time"):
+            rows = [({}, 5.0)]
+        result = [{"metric": labels, "value": [0, str(value)]} for labels, value in rows]
+        return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+
+    sample = PrometheusLoadReader("http://127.0.0.1:9", fetch=fetch).read(
+        LABELS, window_seconds=60, num_layers=1, num_experts=2, ranks_expected=2
+    )
+    assert asked[0] == 'sum by (group, layer, expert) (increase(k2_expert_tokens_total{serving="k2"}[60s]))'
+    np.testing.assert_allclose(sample.group_load_LE["0"], [[30.0, 0.0]])
+    np.testing.assert_allclose(sample.group_load_LE["1"], [[2.0, 40.0]])
+    np.testing.assert_allclose(sample.load_LE, [[32.0, 40.0]])
+    assert (sample.ranks_seen, sample.num_samples) == (2, 5)
