@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -458,3 +459,57 @@ def test_one_field_manager_owns_the_placement_spec_through_reshape_and_rebalance
     assert spec_managers() == {FieldManagers.EPLB}
     operator_pass()
     assert env.placement()["spec"]["generation"] == 3 and spec_managers() == {FieldManagers.EPLB}
+
+
+def test_rounds_one_generation_at_a_time_with_the_plan_in_status(
+    cluster: Any, k2_crds: list[str], namespace: str, fake: FakeServing
+) -> None:
+    """A budget of one copy cannot reach the target: the controller writes round 1, waits until every rank applied
+    it and a cooldown of cooldownSeconds / rounds passed, then writes round 2; status.rebalancePlan, kept by the real
+    API server under the controller's field manager, shows the progress."""
+    env = Env(cluster, namespace, fake, prometheus=None)
+    env.create(maxMoves=1)
+    fake.set_profile(SKEWED)
+    controller = env.controller(endpoints=lambda serving: fake.urls)
+    fake.advance(1.0)
+    assert env.reconcile(controller).reason is Reason.TOO_FEW_SAMPLES
+    fake.advance(WINDOW)
+    first = env.reconcile(controller)
+    assert first.reason is Reason.REBALANCED, first.message
+    assert first.plan is not None and first.plan.rounds >= 2
+    rounds = first.plan.rounds
+    body = env.placement()
+    assert body["spec"]["generation"] == 2 and count_moves(INITIAL, env.slots()) == 1
+    assert body["status"]["rebalancePlan"] == {
+        "round": 1,
+        "rounds": rounds,
+        "generation": 2,
+        "predictedBalancedness": pytest.approx(first.plan.predicted_balancedness),
+        "targetBalancedness": pytest.approx(first.plan.target_balancedness),
+        "movesPerRound": 1,
+    }
+    stored = env.kube.get(ExpertPlacement.KIND, namespace, NAME)
+    assert stored is not None
+    owners = {e["manager"] for e in stored["metadata"]["managedFields"] if "f:rebalancePlan" in str(e["fieldsV1"])}
+    assert owners == {FieldManagers.EPLB}
+
+    round_one = env.slots()
+    fake.set_placement(round_one)
+    fake.advance(WINDOW)
+    written_at = env.now
+    env.now += 600  # past any cooldown: only the apply gate holds the next round back
+    assert env.reconcile(controller).reason is Reason.APPLY_PENDING
+    env.mark_applied(2)
+    env.now = written_at + math.ceil(600 / rounds) - 2
+    waiting = env.reconcile(controller)
+    assert waiting.reason is Reason.COOLDOWN and waiting.message.endswith(f"s left before round 2 of {rounds}")
+    env.now = written_at + math.ceil(600 / rounds)  # cooldownSeconds / rounds after round 1
+    fake.advance(WINDOW)
+    second = env.reconcile(controller)
+    assert second.reason is Reason.REBALANCED, second.message
+    body = env.placement()
+    assert body["spec"]["generation"] == 3 and count_moves(round_one, env.slots()) == 1
+    plan = body["status"]["rebalancePlan"]
+    assert (plan["round"], plan["generation"]) == (2, 3)
+    assert second.predicted_balancedness is not None and first.predicted_balancedness is not None
+    assert second.predicted_balancedness > first.predicted_balancedness
