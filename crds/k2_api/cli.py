@@ -18,11 +18,16 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("worker", "train"): ("k2_workers.train.cli:main", "run a training worker (under torchrun or in a K2Training pod)"),
     ("worker", "serve"): ("k2_workers.serve.cli:main", "run a serving worker (in a K2Serving pod)"),
 }
+# one-word commands: `k2 run -f FILE.yaml`
+SINGLE: dict[str, tuple[str, str]] = {
+    "run": ("k2_workers.ray_run.cli:main", "run a K2Training manifest on Ray (-f FILE; local instance by default)"),
+}
 
 
 def usage() -> str:
     lines = ["usage: k2 <group> <command> [options]", "", "commands:"]
     lines += [f"  k2 {group + ' ' + command:<16} {help_text}" for (group, command), (_, help_text) in COMMANDS.items()]
+    lines += [f"  k2 {command:<16} {help_text}" for command, (_, help_text) in SINGLE.items()]
     return "\n".join(lines)
 
 
@@ -34,6 +39,8 @@ def resolve(target: str) -> Callable[[list[str]], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] and args[0] in SINGLE:
+        return resolve(SINGLE[args[0]][0])(args[1:])
     if len(args) < 2 or (args[0], args[1]) not in COMMANDS:
         print(usage(), file=sys.stderr if args[:1] not in (["-h"], ["--help"]) else sys.stdout)
         return 0 if args[:1] in (["-h"], ["--help"]) else 2

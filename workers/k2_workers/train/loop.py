@@ -16,6 +16,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any, TextIO
 
@@ -48,6 +49,10 @@ from k2_workers.train.status import StatusReporter, progress_record, reporter_fr
 from k2_workers.train.termination import preempted_message, write_termination_message
 
 log = logging.getLogger(__name__)
+
+# Called on every rank after each step with the step's record and the checkpoint written at that step (or None): how
+# a runner that owns the ranks (k2_workers.ray_run) reports progress.
+StepHook = Callable[[Mapping[str, Any], str | None], None]
 
 
 def build_schedule(cfg: RunConfig) -> WSDSchedule:
@@ -98,8 +103,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopFlag, out: TextIO) -> None:
-        self.cfg, self.env, self.stop, self.out = cfg, env, stop, out
+    def __init__(
+        self, cfg: RunConfig, env: DistEnv, stop: StopFlag, out: TextIO, on_step: StepHook | None = None
+    ) -> None:
+        self.cfg, self.env, self.stop, self.out, self.on_step = cfg, env, stop, out, on_step
         self.tokenizer = load_tokenizer(cfg.model_checkpoint)
         self.model = build_model(cfg, self.tokenizer).to(env.device)
         self.model.train()
@@ -243,6 +250,8 @@ class Trainer:
                     dropped_token_rate=record.get("dropped_token_rate"),
                 )
                 self.status.report(progress, force=self.last_checkpoint_step == self.step)
+            if self.on_step is not None:
+                self.on_step(record, self.last_checkpoint if self.last_checkpoint_step == self.step else None)
             if stop and self.step < last:
                 # Preemption is not completion: the pod exits PREEMPTED and the gang restarts from this checkpoint.
                 message = preempted_message(self.step, self.last_checkpoint)
@@ -262,13 +271,19 @@ class Trainer:
             self.metrics.close()
 
 
-def train(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
-    """Runs (or resumes) a training run; returns ExitCodes.SUCCEEDED or, after SIGTERM, PREEMPTED. Failures raise."""
-    stop = StopFlag()
-    stop.install()
+def train(
+    cfg: RunConfig, out: TextIO = sys.stdout, stop: StopFlag | None = None, on_step: StepHook | None = None
+) -> int:
+    """Runs (or resumes) a training run; returns ExitCodes.SUCCEEDED or, after SIGTERM, PREEMPTED. Failures raise.
+    Without `stop`, SIGTERM/SIGINT set a flag of its own; a runner whose ranks are not main threads (Ray Train) passes
+    the flag it sets itself."""
+    own_stop = stop is None
+    stop = StopFlag() if stop is None else stop
+    if own_stop:
+        stop.install()
     try:
         env = init_distributed(cfg.device, cfg.process_group_timeout_s)
-        trainer = Trainer(cfg, env, stop, out)
+        trainer = Trainer(cfg, env, stop, out, on_step)
         try:
             code = trainer.run()
         finally:
@@ -276,4 +291,5 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
         shutdown()  # only after success: tearing down a group whose peer died can block
         return code
     finally:
-        stop.uninstall()
+        if own_stop:
+            stop.uninstall()

@@ -1,0 +1,60 @@
+"""What a K2Training becomes on Ray Train (pure, no Ray started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k2_api.training import K2Training
+from k2_workers.ray_run.cluster import target
+from k2_workers.ray_run.train_plan import choose_gpu, plan_training
+
+from .run import manifest
+
+
+def _training(tmp_path: Path, **spec: object) -> K2Training:
+    document = yaml.safe_load(manifest(tmp_path).read_text())
+    document["spec"].update(spec)
+    return K2Training.model_validate(document)
+
+
+def test_the_gang_restart_budget_and_storage_map_to_ray_train(tmp_path: Path) -> None:
+    training = _training(tmp_path, numNodes=2, procsPerNode=3, failurePolicy={"maxRestarts": 5})
+    plan = plan_training(training, cluster_gpus=0, storage_path=str(tmp_path / "runs"))
+    assert (plan.num_workers, plan.max_failures, plan.use_gpu, plan.backend) == (6, 5, False, "gloo")
+    assert plan.run_dir == tmp_path / "runs" / "k2-debug-train"
+    assert Path(plan.checkpoint_dir) == plan.run_dir / "checkpoints"
+    assert (plan.num_cpus, plan.placement_strategy, plan.device) == (6, "PACK", "cpu")
+
+
+def test_a_checkpoint_uri_is_used_as_the_checkpoint_directory(tmp_path: Path) -> None:
+    checkpointing = {"uri": f"file://{tmp_path}/ckpt", "everyNSteps": 5}
+    plan = plan_training(_training(tmp_path, checkpointing=checkpointing), cluster_gpus=0, storage_path="/x")
+    assert plan.checkpoint_dir == f"{tmp_path}/ckpt"
+
+
+def test_gpus_only_when_asked_for_and_present() -> None:
+    assert choose_gpu("auto", gpus_per_node=1, cluster_gpus=2, num_workers=2)
+    assert not choose_gpu("auto", gpus_per_node=1, cluster_gpus=1, num_workers=2)
+    assert not choose_gpu("auto", gpus_per_node=0, cluster_gpus=8, num_workers=2)
+    assert choose_gpu("cuda", gpus_per_node=0, cluster_gpus=0, num_workers=2)
+    assert not choose_gpu("cpu", gpus_per_node=8, cluster_gpus=8, num_workers=2)
+    with pytest.raises(ValueError, match="--device"):
+        choose_gpu("tpu", gpus_per_node=8, cluster_gpus=8, num_workers=2)
+
+
+def test_bad_options_name_themselves(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--placement-strategy"):
+        plan_training(_training(tmp_path), cluster_gpus=0, placement_strategy="ANYWHERE")
+    with pytest.raises(ValueError, match="--cpus-per-worker"):
+        plan_training(_training(tmp_path), cluster_gpus=0, cpus_per_worker=0)
+
+
+def test_the_address_comes_from_the_flag_then_ray_address_else_a_local_instance() -> None:
+    assert target("ray://a:10001", {"RAY_ADDRESS": "b:6379"}, 2).address == "ray://a:10001"
+    assert target(None, {"RAY_ADDRESS": "b:6379"}, 2).address == "b:6379"
+    assert target(None, {}, 2).local
+    with pytest.raises(ValueError, match="--num-cpus"):
+        target(None, {}, 0)
