@@ -24,7 +24,8 @@ import numpy.typing as npt
 
 from k2_eplb import rounds
 from k2_eplb.load import LoadSample
-from k2_eplb.rounds import Progress, TargetFn, mean_balancedness
+from k2_eplb.rounds import Progress, TargetFn
+from k2_eplb.rounds import mean_balancedness as mean_balancedness  # re-exported: the planner's measure
 from k2_eplb.solver import solve
 from k2_eplb.target import solve_to_target
 
