@@ -165,11 +165,17 @@ class Controller:
         )
 
     def _gpus_per_node(self, serving: K2Serving, ranks: int) -> int | None:
-        """Ranks per node of the serving's groups, when it divides the placement's ranks (else None)."""
+        """Ranks per node of the serving's groups, when it divides the placement's ranks (else None). A failed pod
+        listing plans without topology rather than not at all."""
         if self.gpus_per_node is not None:
             per_node = self.gpus_per_node(serving)
         else:
-            per_node = ranks_per_node(api.rank_nodes(self.kube, serving), ranks, serving.spec.groups)
+            try:
+                placed = api.rank_nodes(self.kube, serving)
+            except KubeError as error:
+                log.warning("eplb %s: no rank pods listed, planning without topology: %s", serving.metadata.name, error)
+                return None
+            per_node = ranks_per_node(placed, ranks, serving.spec.groups)
         return per_node if per_node is not None and ranks % per_node == 0 else None
 
     def _read_load(self, serving: K2Serving, placement: ExpertPlacement) -> tuple[LoadSample | None, str | None]:

@@ -10,7 +10,7 @@ import pytest
 
 from k2_api import ExpertPlacement, K2Serving
 from k2_api.contract import Labels
-from k2_api.kube import Object
+from k2_api.kube import Object, Unavailable
 from k2_eplb import convert
 from k2_eplb import kube as api
 from k2_eplb.controller import Controller
@@ -288,3 +288,10 @@ def test_an_ended_pod_does_not_count() -> None:
     setup, the_serving = with_pods(pods)
     assert sorted(p.rank for p in api.rank_nodes(setup.kube, the_serving)) == list(range(RANKS))
     assert setup.controller._gpus_per_node(the_serving, RANKS) == 2
+
+
+def test_a_failed_pod_listing_plans_without_topology() -> None:
+    setup, the_serving = with_pods([rank_pod(0, r, ["a", "a", "b", "b"][r]) for r in range(RANKS)])
+    setup.cluster.fail("list", "Pod", Unavailable("503: etcd is away", 503))
+    assert setup.controller._gpus_per_node(the_serving, RANKS) is None
+    assert setup.controller._gpus_per_node(the_serving, RANKS) == 2  # the next pass lists again
