@@ -1,5 +1,5 @@
 """Applying a resource's children: only those that may differ from their manifest, concurrently, prerequisites
-before workloads.
+before the children that need them.
 
 A resync reconciles every resource every 30 s; re-applying each child each time (19 server-side applies per
 serving + training pair) is a steady stream of writes that store nothing. So a child is applied unless all of:
@@ -16,9 +16,10 @@ desired: after an operator restart the first reconcile of each resource applies 
 repairs what changed while the operator was down. A child edit is repaired on the next reconcile: at once for the
 watched workloads (StatefulSets, Deployments, Jobs), at the latest on the next resync for the rest.
 
-Order: the children a workload's pods need (ConfigMaps, ServiceAccounts, RBAC, Services, NetworkPolicies) are
-applied together first, then the workloads (StatefulSets, Deployments, Jobs) together, at most
-`MAX_CONCURRENT_APPLIES` requests at once per reconcile.
+Order: two waves, each applied concurrently (at most `MAX_CONCURRENT_APPLIES` requests at once per reconcile).
+First what others need (ConfigMaps, ServiceAccounts, Roles, Services, NetworkPolicies), then what needs them: the
+workloads (StatefulSets, Deployments, Jobs), whose pods are refused without their ServiceAccount, and the
+RoleBindings, which the API server refuses while their Role does not exist (unless the binder holds `bind`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from k2_operator.builders.common import content_hash
 from k2_operator.kube import AsyncKube
 
 MAX_CONCURRENT_APPLIES = 8
-WORKLOAD_KINDS = frozenset({"StatefulSet", "Deployment", "Job"})
-"""Applied after every other child: their pods need the others (ServiceAccount, ConfigMaps) to exist."""
+DEPENDENT_KINDS = frozenset({"StatefulSet", "Deployment", "Job", "RoleBinding"})
+"""Applied after every other child: workloads (their pods need the ServiceAccount and ConfigMaps) and RoleBindings
+(their Role must exist)."""
 
 ChildKey = tuple[str, str, str]
 """(kind, namespace, name) of a child."""
@@ -106,9 +108,9 @@ async def apply_children(
     observed: Mapping[ChildKey, Object],
     memory: AppliedChildren = APPLIED,
 ) -> dict[ChildKey, Object]:
-    """Applies the manifests that `needs_apply`, prerequisites then workloads; returns each child's current copy (as
-    applied, else as observed). A failed apply stops the workloads' wave, not the rest of its own; the first
-    failure (in manifest order) is raised once its wave is done."""
+    """Applies the manifests that `needs_apply`, prerequisites then dependents; returns each child's current copy
+    (as applied, else as observed). A failed prerequisite stops the dependents' wave, not the rest of its own; the
+    first failure (in manifest order) is raised once its wave is done."""
     last = memory.of(owner)
     remembered: dict[ChildKey, Applied] = {}
     current: dict[ChildKey, Object] = {}
@@ -129,8 +131,8 @@ async def apply_children(
 
     failures: list[BaseException] = []
     for wave in (
-        [m for m in manifests if m["kind"] not in WORKLOAD_KINDS],
-        [m for m in manifests if m["kind"] in WORKLOAD_KINDS],
+        [m for m in manifests if m["kind"] not in DEPENDENT_KINDS],
+        [m for m in manifests if m["kind"] in DEPENDENT_KINDS],
     ):
         outcomes = await asyncio.gather(*(one(m) for m in wave), return_exceptions=True)
         failures += [o for o in outcomes if isinstance(o, BaseException)]

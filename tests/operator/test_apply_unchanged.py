@@ -1,6 +1,7 @@
 """Children are applied only when they may differ from their manifest (`k2_operator.children`): a steady resource
 costs no write, while a hand edit, a deletion, a spec change or an operator restart still leads to an apply that
-repairs the child. The applies of one reconcile run concurrently, prerequisites before workloads."""
+repairs the child. The applies of one reconcile run concurrently, prerequisites (a Role, a ServiceAccount) before
+what needs them (a RoleBinding, a workload)."""
 
 from __future__ import annotations
 
@@ -157,20 +158,24 @@ def manifest(kind: str, name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": NS}}
 
 
-def test_applies_run_concurrently_bounded_and_workloads_after_their_prerequisites(
+def test_applies_run_concurrently_bounded_and_dependents_after_their_prerequisites(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(children_module, "MAX_CONCURRENT_APPLIES", 3)
     kube = StepKube()
-    wanted = [manifest("StatefulSet", "s0"), *(manifest("ConfigMap", f"c{i}") for i in range(5)), manifest("Job", "j")]
+    wanted = [
+        manifest("StatefulSet", "s0"),
+        manifest("RoleBinding", "b"),
+        *(manifest("Role", f"r{i}") for i in range(5)),
+    ]
     memory = children_module.AppliedChildren()
     current = asyncio.run(apply_children(kube, ("K2Serving", NS, "x"), wanted, {}, memory))  # type: ignore[arg-type]
     assert kube.most_in_flight == 3
-    assert kube.finished[:5] == ["ConfigMap"] * 5 and sorted(kube.finished[5:]) == ["Job", "StatefulSet"]
+    assert kube.finished[:5] == ["Role"] * 5 and sorted(kube.finished[5:]) == ["RoleBinding", "StatefulSet"]
     assert set(current) == {
         ("StatefulSet", NS, "s0"),
-        ("Job", NS, "j"),
-        *(("ConfigMap", NS, f"c{i}") for i in range(5)),
+        ("RoleBinding", NS, "b"),
+        *(("Role", NS, f"r{i}") for i in range(5)),
     }
     assert len(memory.of(("K2Serving", NS, "x"))) == 7
 
