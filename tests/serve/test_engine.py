@@ -101,14 +101,14 @@ def test_an_empty_prompt_is_refused_before_it_reaches_the_group(engine: GroupEng
         engine.generate([], GenerateParams(max_new_tokens=2))
 
 
-def test_a_failed_batch_fails_each_of_its_callers_as_a_server_error(
+def test_a_failed_step_fails_each_of_its_callers_as_a_server_error(
     engine: GroupEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A mock: a decoding failure inside the group (a collective timing out, say) cannot be produced on one rank.
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("a rank stopped answering")
 
-    monkeypatch.setattr(engine_module, "prefill_batch", broken)
+    monkeypatch.setattr(engine_module, "run_step", broken)
     asks = [(ByteTokenizer().encode(text), GenerateParams(max_new_tokens=2)) for text in PROMPTS[:2]]
     results = _concurrently(engine, asks)
     for result in results:  # RuntimeError, not the ValueError inside, which the HTTP layer would answer with 400
@@ -231,7 +231,8 @@ def test_a_client_that_disconnects_while_queued_takes_its_request_out_of_the_que
             first.start()
             wait_for("the first request taken into a batch", lambda: engine.scheduler.in_batch == 1)
             with socket.create_connection(("127.0.0.1", server.server_port), timeout=20) as client:
-                client.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+                client.sendall(head + body)
                 wait_for("the second request queued", lambda: engine.scheduler.queued == 1)
             wait_for("the disconnected request to leave the queue", lambda: engine.scheduler.queued == 0)
             assert engine.scheduler.in_batch == 1  # still held: the second request never ran

@@ -1,8 +1,8 @@
 """Multi-head Latent Attention (MLA, DeepSeek-V2/V3) with decoupled RoPE and per-head max-logit recording.
 
 Without a cache the keys and values are expanded from the latent (the "naive" form, as transformers computes it);
-with an `MLACache` the cached latent is used directly by absorbing kv_b_proj into the query and the output (the
-"absorbed" form). Both compute the same function.
+with a cache (an `MLACache`, or a `PagedView` of paged blocks) the cached latent is used directly by absorbing
+kv_b_proj into the query and the output (the "absorbed" form). Both compute the same function.
 
 Recording the largest logit per head (QK-Clip's S_max, in training) does not change how attention is computed:
 the naive form still runs `scaled_dot_product_attention` (flash or memory-efficient kernels on GPU), and the maximum
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k2_workers.model.config import K2Config
-from k2_workers.model.kv_cache import MLACache
+from k2_workers.model.kv_cache import ForwardCache
 from k2_workers.model.norm import RMSNorm
 from k2_workers.model.rope import apply_rope, softmax_scale
 
@@ -97,7 +97,7 @@ class MLAttention(nn.Module):
         cos_BSP: Tensor,
         sin_BSP: Tensor,
         *,
-        cache: MLACache | None = None,
+        cache: ForwardCache | None = None,
         record_max_logits: bool = False,
     ) -> Tensor:
         b, s, _ = x_BSD.shape
@@ -113,8 +113,8 @@ class MLAttention(nn.Module):
             out_BHSV = self._naive(q_nope_BHSN, q_rope_BHSR, latent_BSC, k_rope_BSR, record_max_logits)
         else:
             latent_BTC, k_rope_BTR = cache.update(self.layer_idx, latent_BSC, k_rope_BSR)
-            pad_B = cache.pad_B if bool(cache.pad_B.any()) else None
-            out_BHSV = self._absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BTR, record_max_logits, pad_B)
+            visible_B1ST = cache.visible(s, latent_BTC.shape[1])
+            out_BHSV = self._absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BTR, record_max_logits, visible_B1ST)
         out_BSD: Tensor = self.o_proj(out_BHSV.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim))
         return out_BSD
 
@@ -137,25 +137,23 @@ class MLAttention(nn.Module):
         latent_BTC: Tensor,
         k_rope_BTR: Tensor,
         record: bool,
-        cache_pad_B: Tensor | None = None,
+        visible_B1ST: Tensor | None = None,
     ) -> Tensor:
-        s, t = q_nope_BHSN.shape[2], latent_BTC.shape[1]
         w_HXC = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         w_k_HNC, w_v_HVC = torch.split(w_HXC, [self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_latent_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, w_k_HNC)
         logits_BHST = torch.einsum("bhsc,btc->bhst", q_latent_BHSC, latent_BTC)
         logits_BHST = (logits_BHST + torch.einsum("bhsr,btr->bhst", q_rope_BHSR, k_rope_BTR)) * self.scale
-        if cache_pad_B is not None:  # right-aligned rows: no query sees a row's leading padding
-            padding_BT = torch.arange(t, device=logits_BHST.device)[None, :] < cache_pad_B[:, None]
-            logits_BHST = logits_BHST.masked_fill(padding_BT[:, None, None, :], float("-inf"))
-        probs_BHST = self._softmax_probs(logits_BHST, past=t - s, record=record)
+        probs_BHST = self._softmax_probs(logits_BHST, visible_B1ST, record=record)
         out_latent_BHSC = torch.einsum("bhst,btc->bhsc", probs_BHST, latent_BTC)
         return torch.einsum("bhsc,hvc->bhsv", out_latent_BHSC, w_v_HVC)
 
-    def _softmax_probs(self, logits_BHST: Tensor, past: int, record: bool) -> Tensor:
-        s, t = logits_BHST.shape[-2:]
-        visible_ST = torch.ones(s, t, dtype=torch.bool, device=logits_BHST.device).tril(diagonal=past)
-        logits_BHST = logits_BHST.masked_fill(~visible_ST, float("-inf"))
+    def _softmax_probs(self, logits_BHST: Tensor, visible_B1ST: Tensor | None, record: bool) -> Tensor:
+        """Softmax over the visible keys: the cache's `visible`, or plain causal over a shared past."""
+        if visible_B1ST is None:
+            s, t = logits_BHST.shape[-2:]
+            visible_B1ST = torch.ones(s, t, dtype=torch.bool, device=logits_BHST.device).tril(diagonal=t - s)
+        logits_BHST = logits_BHST.masked_fill(~visible_B1ST, float("-inf"))
         if record:
             with torch.no_grad():
                 self.last_max_logits_H = logits_BHST.detach().amax(dim=(0, 2, 3)).float()

@@ -1,6 +1,7 @@
 """Grouped-query attention (GQA, as Mixtral and Llama 2 70B): H query heads share G = num_key_value_heads key/value
 heads, query head h reading KV head h // (H / G). RoPE rotates the whole head; an optional sliding window limits each
-query to its last `sliding_window` tokens (itself included). The `GQACache` keeps K (rotated) and V per KV head.
+query to its last `sliding_window` tokens (itself included). The `GQACache` keeps K (rotated) and V per KV head (a
+`PagedView` the same entries in paged blocks).
 
 Recording the largest logit per query head (QK-Clip's S_max) does not change how attention is computed; as in MLA,
 it is a separate no-grad pass over query chunks.
@@ -17,23 +18,8 @@ from torch import Tensor, nn
 
 from k2_workers.model.attention import causal_max_logits
 from k2_workers.model.config import K2Config
-from k2_workers.model.kv_cache import GQACache
+from k2_workers.model.kv_cache import ForwardCache, visible_keys
 from k2_workers.model.rope import apply_rope, softmax_scale
-
-
-def visible_keys(
-    num_queries: int, num_keys: int, past: int, window: int | None, pad_B: Tensor | None, device: torch.device
-) -> Tensor:
-    """Bool [B or 1, 1, S, T]: query i (absolute position past + i) sees key j when j <= past + i, within the window
-    (past + i - j < window), and not in its row's leading padding (j >= pad_B[b])."""
-    queries_S1 = torch.arange(past, past + num_queries, device=device)[:, None]
-    keys_1T = torch.arange(num_keys, device=device)[None, :]
-    visible_ST = keys_1T <= queries_S1
-    if window is not None:
-        visible_ST &= queries_S1 - keys_1T < window
-    if pad_B is None:
-        return visible_ST[None, None]
-    return visible_ST[None, None] & (keys_1T >= pad_B[:, None])[:, None, None, :]
 
 
 class GQAttention(nn.Module):
@@ -67,7 +53,7 @@ class GQAttention(nn.Module):
         cos_BSP: Tensor,
         sin_BSP: Tensor,
         *,
-        cache: GQACache | None = None,
+        cache: ForwardCache | None = None,
         record_max_logits: bool = False,
     ) -> Tensor:
         b, s, _ = x_BSD.shape
@@ -83,11 +69,13 @@ class GQAttention(nn.Module):
                 mask = visible_keys(s, s, 0, self.sliding_window, None, x_BSD.device)
             k_BGTK, v_BGTK = k_BGSK, v_BGSK
         else:
-            past = cache.seq_len
             k_BTGK, v_BTGK = cache.update(self.layer_idx, k_BGSK.transpose(1, 2), v_BGSK.transpose(1, 2))
             k_BGTK, v_BGTK = k_BTGK.transpose(1, 2), v_BTGK.transpose(1, 2)
-            pad_B = cache.pad_B if bool(cache.pad_B.any()) else None
-            mask = visible_keys(s, k_BGTK.shape[2], past, self.sliding_window, pad_B, x_BSD.device)
+            t = k_BGTK.shape[2]
+            past = t - s  # the longest row's past; `visible` has each row's own
+            mask = cache.visible(s, t, self.sliding_window)
+            if mask is None:  # SDPA's is_causal aligns queries to the first keys: spell the causal mask out
+                mask = visible_keys(s, t, past, None, None, x_BSD.device)
 
         if record_max_logits:
             self.last_max_logits_H = self._max_logits(q_BHSK, k_BGTK, past, mask)

@@ -7,7 +7,11 @@
 Rows of one cache may hold sequences of different lengths, right-aligned: row b's first `pad_B[b]` positions are
 padding that no query attends to, and its tokens sit at positions pad_B[b].. with RoPE positions counted from
 there (`join` builds such a cache from separately prefilled sequences, so padding never enters a forward pass).
-`new_cache` builds the cache that a config's attention uses.
+`new_cache` builds the cache that a config's attention uses. `paged_cache.PagedView` is the other kind of cache a
+forward takes: the same entries in fixed-size blocks of a shared pool, read through a block table per sequence.
+
+Every cache tells a forward where its new tokens sit (`positions`) and which keys each query sees (`visible`), so
+the attention needs no knowledge of how the cache lays its rows out.
 
 Shape legend: L = layers, B = batch, T = cache capacity (tokens), C = kv_lora_rank, R = qk_rope_head_dim,
 G = KV heads, K = head dim.
@@ -17,12 +21,59 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Self
+from typing import ClassVar, Protocol, Self
 
 import torch
 from torch import Tensor
 
 from k2_workers.model.config import K2Config
+
+
+class ForwardCache(Protocol):
+    """What a forward's attention layers need of a cache."""
+
+    attention_type: str  # "mla" or "gqa": the attention whose entries it holds
+
+    def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
+        """Store one layer's new entries [B, S, ...]; return that layer's keys for the new queries [B, T, ...]."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """Every layer has stored the forward's `num_tokens` new tokens."""
+        ...
+
+    def positions(self, num_tokens: int) -> Tensor:
+        """RoPE positions [B, S] of the forward's new tokens."""
+        ...
+
+    def visible(self, num_queries: int, num_keys: int, window: int | None = None) -> Tensor | None:
+        """Bool [B or 1, 1, S, T]: which keys each new query sees; None for plain causal over a shared past."""
+        ...
+
+
+def visible_keys(
+    num_queries: int,
+    num_keys: int,
+    past: int | Tensor,
+    window: int | None,
+    pad_B: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """Bool [B or 1, 1, S, T]: query i of row b (at key index past + i, `past` an int or one per row [B]) sees key j
+    when j <= past + i, within the window (past + i - j < window), and not in its row's leading padding
+    (j >= pad_B[b])."""
+    offsets_S = torch.arange(num_queries, device=device)
+    keys_T = torch.arange(num_keys, device=device)
+    if isinstance(past, Tensor):
+        queries_BS1 = (past.to(device)[:, None] + offsets_S[None, :])[:, :, None]
+    else:
+        queries_BS1 = (past + offsets_S)[None, :, None]
+    visible_BST = keys_T[None, None, :] <= queries_BS1
+    if window is not None:
+        visible_BST &= queries_BS1 - keys_T[None, None, :] < window
+    if pad_B is not None:
+        visible_BST = visible_BST & (keys_T[None, :] >= pad_B[:, None])[:, None, :]
+    return visible_BST[:, None]
 
 
 class TokenCache:
@@ -99,11 +150,27 @@ class TokenCache:
         """Commit `num_tokens` new tokens once every layer has written them."""
         self.seq_len += num_tokens
 
+    def positions(self, num_tokens: int) -> Tensor:
+        """RoPE positions [B, S] of the next `num_tokens` tokens: a right-aligned row counts from its first token."""
+        b = self.pad_B.shape[0]
+        start_BS = torch.arange(self.seq_len, self.seq_len + num_tokens, device=self.pad_B.device).expand(b, -1)
+        return start_BS - self.pad_B[:, None]
+
+    def visible(self, num_queries: int, num_keys: int, window: int | None = None) -> Tensor | None:
+        """Which of the `num_keys` keys `update` returned each new query sees ([B or 1, 1, S, T] bool); None when
+        that is plain causal attention over a past shared by every row (no padding, no window)."""
+        padded = bool(self.pad_B.any())
+        if not padded and window is None:
+            return None
+        pad_B = self.pad_B if padded else None
+        return visible_keys(num_queries, num_keys, num_keys - num_queries, window, pad_B, self.pad_B.device)
+
 
 class MLACache(TokenCache):
     """The latent [L, B, T, C] and the rope key [L, B, T, R] of each token."""
 
     BUFFERS = ("latent_LBTC", "rope_LBTR")
+    attention_type = "mla"
     latent_LBTC: Tensor
     rope_LBTR: Tensor
 
@@ -130,6 +197,7 @@ class GQACache(TokenCache):
     """The rotated keys [L, B, T, G, K] and the values [L, B, T, G, K] of each token."""
 
     BUFFERS = ("k_LBTGK", "v_LBTGK")
+    attention_type = "gqa"
     k_LBTGK: Tensor
     v_LBTGK: Tensor
 

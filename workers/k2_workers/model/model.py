@@ -23,7 +23,7 @@ from k2_workers.model.attention import MLAttention
 from k2_workers.model.config import K2Config
 from k2_workers.model.experts import RoutedExperts
 from k2_workers.model.gqa import GQAttention
-from k2_workers.model.kv_cache import GQACache, KVCache, MLACache
+from k2_workers.model.kv_cache import ForwardCache
 from k2_workers.model.mlp import SwiGLU
 from k2_workers.model.moe import MoE
 from k2_workers.model.norm import RMSNorm
@@ -51,16 +51,12 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, record_max_logits: bool
+        self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: ForwardCache | None, record_max_logits: bool
     ) -> Tensor:
         normed_BSD = self.input_layernorm(x_BSD)
-        attn_BSD: Tensor
-        if isinstance(self.self_attn, GQAttention):
-            assert cache is None or isinstance(cache, GQACache), f"GQA attention with a {type(cache).__name__}"
-            attn_BSD = self.self_attn(normed_BSD, cos, sin, cache=cache, record_max_logits=record_max_logits)
-        else:
-            assert cache is None or isinstance(cache, MLACache), f"MLA attention with a {type(cache).__name__}"
-            attn_BSD = self.self_attn(normed_BSD, cos, sin, cache=cache, record_max_logits=record_max_logits)
+        kind = "gqa" if isinstance(self.self_attn, GQAttention) else "mla"
+        assert cache is None or cache.attention_type == kind, f"{kind} attention with a {type(cache).__name__}"
+        attn_BSD: Tensor = self.self_attn(normed_BSD, cos, sin, cache=cache, record_max_logits=record_max_logits)
         h_BSD = x_BSD + attn_BSD
         ffn_BSD: Tensor = self.mlp(self.post_attention_layernorm(h_BSD))
         return h_BSD + ffn_BSD
@@ -78,16 +74,16 @@ class K2Model(nn.Module):
         self,
         input_ids_BS: Tensor,
         position_ids_BS: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: ForwardCache | None = None,
         record_max_logits: bool = False,
     ) -> Tensor:
         x_BSD = self.embed_tokens(input_ids_BS)
         b, s = input_ids_BS.shape
         if position_ids_BS is None:
-            start = 0 if cache is None else cache.seq_len
-            position_ids_BS = torch.arange(start, start + s, device=input_ids_BS.device).expand(b, s)
-            if cache is not None:  # a right-aligned row counts its positions from its first token
-                position_ids_BS = position_ids_BS - cache.pad_B[:, None]
+            if cache is None:
+                position_ids_BS = torch.arange(s, device=input_ids_BS.device).expand(b, s)
+            else:
+                position_ids_BS = cache.positions(s)
         cos, sin = self.rotary_emb(position_ids_BS, x_BSD.dtype)
         for layer in self.layers:
             x_BSD = layer(x_BSD, cos, sin, cache, record_max_logits)
@@ -115,7 +111,7 @@ class K2ForCausalLM(nn.Module):
         labels: Tensor | None = None,
         *,
         position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: ForwardCache | None = None,
     ) -> K2Output:
         """Logits [B, S, V]; with `labels` [B, S] also the mean next-token cross-entropy (labels are shifted here,
         as in transformers: position t predicts labels[t + 1]; -100 is ignored)."""

@@ -1,32 +1,35 @@
-"""One rank of an expert-parallel serving group, decoding in lockstep with the others.
+"""One rank of an expert-parallel serving group, decoding a continuous batch in lockstep with the others.
 
-The engine composes the parts: rank 0 queues requests (`scheduler`), sends each batch and each new placement to
-the other ranks (`wire`), and every rank decodes the same batch (`generate_batch`: prompts prefilled one by one,
-then one forward per step for all) or applies the same placement (`resharding`), while `load` counts the tokens its
-experts receive. Attention is replicated, the routed experts are sharded by the placement in force, and tokens
-reach their experts through all-to-all (k2_workers.parallel). A placement is applied between two batches; the
-requests that arrive meanwhile wait in the queue instead of failing. Greedy output does not depend on the
-placement.
+The engine composes the parts. Rank 0 queues requests (`step_loop`), decides every step of the continuous batch
+(`batcher`: which sequences run, their prefill chunks, preemption; `blocks`: which cache blocks they hold, prefix
+sharing), sends each step and each new placement to the other ranks (`wire`), and every rank runs the same step on
+its own copy of the paged latent cache (`step_runner`, `k2_workers.model.paged_cache`) or applies the same placement
+(`resharding`), while `load` counts the tokens its experts receive. Attention is replicated, the routed experts are
+sharded by the placement in force, and tokens reach their experts through all-to-all (k2_workers.parallel).
+
+Requests join the running batch at the next step and leave it as soon as they end, so nobody waits for a whole
+batch. A placement change is one group operation like a step (`GroupLock`, granted in arrival order): it applies
+between two steps, and the running requests go on with the new placement at the next step; greedy output does not
+depend on the placement.
 
 A multi-rank group is in lockstep or broken: when a collective fails on a rank (a peer died, timed out, or a step
 raised), that rank marks the group broken for good (`broken`; its /healthz turns 503) and its process must exit, so
 that the group's pods restart together (`k2_workers.serve.rank`). While the group is idle, rank 0 sends a heartbeat
 now and then, so the followers' wait for the next message never reaches the collective timeout.
 
-Tokens leave as they are decoded: each request has a `TokenStream` that rank 0 fills step by step. Rank 0 samples,
-and sends every step's tokens with the rows that stay (`RankWire.share_step`): a row leaves the batch after its own
-`max_new_tokens`, after EOS, or when its caller stopped reading (a client gone, a deadline passed), and the batch
-ends when no row is left. Every rank feeds rank 0's tokens and drops the same rows, so all ranks make the same
-all-to-all calls even if floating-point noise would have made their samples differ. Each request samples with its
-own seeded generator, so a completion does not depend on what else shared its batch.
+Tokens leave as they are decoded: each request has a `TokenStream` that rank 0 fills step by step. Only rank 0
+samples: each step it sends carries the tokens sampled at the step before, so the followers feed the same tokens.
+A row leaves after its own `max_new_tokens`, after EOS, or when its caller stopped reading (a client gone, a
+deadline passed), and its cache blocks are free for the next step. Each request samples with its own seeded
+generator, so a completion does not depend on what else shared its batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from k2_workers.model import K2ForCausalLM, sample_next
-from k2_workers.model.generate import Sampler, prefill_batch
+from k2_workers.model.generate import Sampler
+from k2_workers.model.paged_cache import PagedPool
+from k2_workers.serve.batcher import Batcher, Sequence, StepPlan
+from k2_workers.serve.blocks import BlockManager
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
 from k2_workers.serve.placement import ActivePlacement, GroupShape, check_shape
@@ -42,21 +48,21 @@ from k2_workers.serve.request import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_PREFILL_CHUNK_TOKENS,
     GenerateParams,
+    RequestError,
     check_prompt_length,
 )
 from k2_workers.serve.resharding import ExpertWeights, Resharder
-from k2_workers.serve.scheduler import (
-    DEFAULT_BATCH_WAIT_S,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_QUEUE,
-    BatchScheduler,
-    Pending,
-)
+from k2_workers.serve.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
+from k2_workers.serve.step_loop import GroupLock, StepLoop
+from k2_workers.serve.step_runner import run_step
 from k2_workers.serve.token_stream import TokenStream
-from k2_workers.serve.wire import Batch, Heartbeat, RankWire, Stop
+from k2_workers.serve.wire import Batch, Heartbeat, RankWire, Step, Stop
 from k2_workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_TOKENS = 32768  # the paged cache's capacity, in tokens of every layer
+DEFAULT_BLOCK_SIZE = 16  # tokens per cache block
 
 
 class GroupBroken(RuntimeError):
@@ -66,15 +72,16 @@ class GroupBroken(RuntimeError):
 @dataclass(frozen=True)
 class Completion:
     tokens: list[int]  # without the prompt, cut after EOS
-    batch_size: int  # requests decoded together with this one, itself included
+    batch_size: int  # sequences in the running batch when it joined, itself included
     placement_generation: int  # the placement in force while it was decoded
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Job:
-    prompt_ids: list[int]
+    seq: Sequence
     params: GenerateParams
     stream: TokenStream
+    sample: Sampler | None = None  # made when it first joins the batch
 
 
 def sampler(params: GenerateParams, device: torch.device | str = "cpu") -> Sampler:
@@ -88,7 +95,10 @@ def sampler(params: GenerateParams, device: torch.device | str = "cpu") -> Sampl
 
 
 class GroupEngine:
-    """A rank of a serving group. Rank 0 calls `generate`/`apply_placement`/`stop`; the other ranks `follow`."""
+    """A rank of a serving group. Rank 0 calls `generate`/`stream`/`apply_placement`/`stop`; the others `follow`.
+
+    `max_batch_size` bounds the running sequences, `max_step_tokens` the tokens of one step (default: a prefill
+    chunk plus a token per running sequence), `cache_tokens` the paged cache (in tokens, `block_size` per block)."""
 
     def __init__(
         self,
@@ -106,9 +116,14 @@ class GroupEngine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         request_timeout_s: float | None = None,
         shape: GroupShape | None = None,
+        cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_step_tokens: int | None = None,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens: must be >= 1, got {prefill_chunk_tokens}")
+        if block_size < 1 or cache_tokens < block_size:
+            raise ValueError(f"cache_tokens: must hold at least one block of {block_size}, got {cache_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rank = rank
@@ -116,15 +131,27 @@ class GroupEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.request_timeout_s = request_timeout_s
-        self.scheduler: BatchScheduler[_Job, Completion] = BatchScheduler(
-            self._run_batch, max_batch_size, batch_wait_s, max_queue
-        )
         self.device = model.lm_head.weight.device
+        self.blocks = BlockManager(cache_tokens // block_size, block_size)
+        step_tokens = max_step_tokens if max_step_tokens is not None else prefill_chunk_tokens + max_batch_size
+        self.batcher = Batcher(self.blocks, max_batch_size, step_tokens, prefill_chunk_tokens)
+        self.scheduler: StepLoop[Sequence] = StepLoop(
+            self._step,
+            lambda: self.batcher.busy,
+            lambda: len(self.batcher.running),
+            lambda: len(self.batcher.preempted),
+            max_batch_size,
+            batch_wait_s,
+            max_queue,
+        )
+        self._pool = self._new_pool(self.blocks.num_blocks, block_size)
+        self._jobs: dict[int, _Job] = {}
+        self._ids = itertools.count()
         self._wire = RankWire(world_size, model.config.n_routed_experts, self.device)
         self._load = LoadCounter(model, rank, collector)
         self._resharder = Resharder(model, weights, rank, world_size, self._load.add_weight_bytes)
         self._on_applied = on_applied
-        self._group_lock = threading.Lock()  # one group operation at a time: a batch or a placement change
+        self._group_lock = GroupLock()  # one group operation at a time, in arrival order: a step or a placement
         self._last_group_op = time.monotonic()
         self.shape = shape  # what a placement must fit, when known
         self.broken: str | None = None  # why the group lost its lockstep, once it has
@@ -149,8 +176,8 @@ class GroupEngine:
 
     # --- rank 0 --------------------------------------------------------------------------------------------------
     def apply_placement(self, placement: ActivePlacement) -> None:
-        """Make `placement` the one in force on every rank of the group; a ValueError, before any other rank sees
-        it, when it does not fit the group's shape."""
+        """Make `placement` the one in force on every rank of the group, between two steps; a ValueError, before
+        any other rank sees it, when it does not fit the group's shape."""
         if self.shape is not None:
             check_shape(placement, self.shape)
         with self._group_lock, self._collective():
@@ -188,55 +215,112 @@ class GroupEngine:
         timeout_s: float | None = None,
     ) -> TokenStream:
         """The tokens of one prompt as they are decoded (cut after EOS). Thread-safe: the request waits in the
-        queue, then decodes in a batch with the others queued at the time. Raises here a ValueError for a bad
-        prompt, `QueueFull`, `Stopping`; while iterating, a RuntimeError when the batch failed,
-        `DeadlineExceeded` past `request_timeout_s` (or the caller's shorter `timeout_s`), and `Cancelled` once
-        `cancelled()` turns true. Leaving the
-        iteration early takes the request out of the queue, or its row out of the batch at the next step."""
+        queue, then joins the running batch at the next step it fits. Raises here a ValueError for a bad prompt
+        (one that would not fit the cache alone included), `QueueFull`, `Stopping`; while iterating, a
+        RuntimeError when a step failed, `DeadlineExceeded` past `request_timeout_s` (or the caller's shorter
+        `timeout_s`), and `Cancelled` once `cancelled()` turns true. Leaving the iteration early takes the request
+        out of the queue, or its row out of the batch at the next step."""
         if self.placement is None:
             raise RuntimeError("no placement applied yet")
         if not prompt_ids:  # refused here, before any other rank sees it
             raise ValueError("prompt: must encode to at least one token")
         positions = self.model.config.max_position_embeddings
         check_prompt_length(len(prompt_ids), params.max_new_tokens, self.max_prompt_tokens, positions)
-        pending: Pending[_Job, Completion] | None = None
+        if not self.batcher.fits(len(prompt_ids) + params.max_new_tokens):
+            raise RequestError(
+                f"prompt: {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} do not fit the"
+                f" cache of {self.blocks.capacity_tokens} tokens"
+            )
+        seq = Sequence(next(self._ids), list(prompt_ids), params.max_new_tokens)
 
         def dequeue() -> bool:
-            return pending is not None and self.scheduler.dequeue(pending)
+            if self.scheduler.dequeue(seq):
+                self._jobs.pop(seq.id, None)
+                return True
+            return False
 
         timeouts = [t for t in (self.request_timeout_s, timeout_s) if t is not None]
         stream = TokenStream(min(timeouts, default=None), cancelled, dequeue, self._count_cancelled)
-        pending = self.scheduler.enqueue(_Job(prompt_ids, params, stream))
+        self._jobs[seq.id] = _Job(seq, params, stream)
+        try:
+            self.scheduler.enqueue(seq)
+        except BaseException:
+            self._jobs.pop(seq.id, None)
+            raise
         return stream
 
     def _count_cancelled(self) -> None:
         self.cancelled_requests += 1  # only ever read as a count: a lost update under a race is harmless
 
     def stop(self) -> None:
-        """Finish the queued requests, then release the other ranks (unless the group is broken)."""
+        """Finish the queued and running requests, then release the other ranks (unless the group is broken)."""
         self.scheduler.stop()
         with self._group_lock:
             if self.broken is None:
                 with self._collective():
                     self._wire.send_stop()
 
-    def _run_batch(self, jobs: list[_Job]) -> list[Completion]:
-        """Decode `jobs` on every rank (the scheduler's batch function); their streams get the tokens meanwhile."""
-        streams = [j.stream for j in jobs]
+    def _step(self) -> bool:
+        """One step of the continuous batch (the decoding thread): drop the rows nobody reads, plan, run the step
+        on every rank, hand out the sampled tokens. False when there was nothing to run."""
+        for seq in [*self.batcher.running, *self.batcher.preempted]:
+            job = self._jobs[seq.id]
+            if not job.stream.wanted:
+                self._leave(job)
+        plan = self.batcher.plan(self.scheduler.take_first)
+        for seq in plan.admitted:
+            job = self._jobs[seq.id]
+            if job.sample is None:
+                job.sample = sampler(job.params, self.device)
+                assert self.placement is not None
+                job.stream.begin(len(self.batcher.running), self.placement.generation)
+        if not plan.work:
+            return False
+        step = Step(
+            [w.start for w in plan.work],
+            [w.tokens for w in plan.work],
+            [w.blocks for w in plan.work],
+            self.blocks.num_blocks,
+            self.blocks.block_size,
+        )
         try:
             with self._group_lock, self._collective():
-                assert self.placement is not None
-                generation = self.placement.generation
-                for stream in streams:
-                    stream.begin(len(jobs), generation)
-                prompts, params = [j.prompt_ids for j in jobs], [j.params for j in jobs]
-                batch = self._wire.send_batch(prompts, params, self.prefill_chunk_tokens)
-                completions = self._decode(batch, streams)
+                self._wire.send_step(step)
+                logits_WV = run_step(self.model, self._pool, step)
+                self._load.flush()
         except BaseException as error:  # every caller must wake up; a stream that ended already reads no more
-            for stream in streams:
-                stream.end(error)
+            for seq in [*self.batcher.running, *self.batcher.preempted]:
+                job = self._jobs[seq.id]
+                self._leave(job, error)
             raise
-        return [Completion(tokens, len(jobs), generation) for tokens in completions]
+        self._hand_out(plan, logits_WV)
+        return True
+
+    def _hand_out(self, plan: StepPlan, logits_WV: torch.Tensor) -> None:
+        """Commit the step, sample each row that reached its end, and let finished rows leave."""
+        self.batcher.commit(plan)
+        for index, work in enumerate(plan.work):
+            if not work.samples:
+                continue
+            job = self._jobs[work.seq.id]
+            assert job.sample is not None
+            token = int(job.sample(logits_WV[index : index + 1]).item())
+            job.stream.put(token)
+            if self._stays(job, token):
+                work.seq.tokens.append(token)
+            else:
+                self._leave(job)
+
+    def _leave(self, job: _Job, error: BaseException | None = None) -> None:
+        """The request's row leaves the batch: its blocks are free at once, its stream ends."""
+        self.batcher.finish(job.seq)
+        self._jobs.pop(job.seq.id, None)
+        job.stream.end(error)
+
+    def _stays(self, job: _Job, token: int) -> bool:
+        """Whether a row decodes another token after `token` (not yet in its tokens)."""
+        generated = job.seq.generated + 1
+        return generated < job.params.max_new_tokens and token != self.tokenizer.eos_id and job.stream.wanted
 
     # --- ranks > 0 -----------------------------------------------------------------------------------------------
     def follow(self) -> None:
@@ -247,12 +331,21 @@ class GroupEngine:
                 message = self._wire.receive()
                 if isinstance(message, Stop):
                     return
-                if isinstance(message, Batch):
-                    self._decode(message, None)
+                if isinstance(message, Step):
+                    if (self._pool.num_blocks, self._pool.block_size) != (message.num_blocks, message.block_size):
+                        self._pool = self._new_pool(message.num_blocks, message.block_size)  # rank 0's cache shape
+                    run_step(self.model, self._pool, message)
+                    self._load.flush()
+                elif isinstance(message, Batch):
+                    raise RuntimeError("rank 0 sent a static batch: it runs an engine of another version")
                 elif not isinstance(message, Heartbeat):
                     self._apply(message)
 
     # --- every rank ----------------------------------------------------------------------------------------------
+    def _new_pool(self, num_blocks: int, block_size: int) -> PagedPool:
+        dtype = self.model.lm_head.weight.dtype
+        return PagedPool(self.model.config, num_blocks, block_size, device=self.device, dtype=dtype)
+
     @contextlib.contextmanager
     def _collective(self) -> Iterator[None]:
         """A group operation (the group lock held on rank 0): refused once the group is broken; in a multi-rank
@@ -276,43 +369,3 @@ class GroupEngine:
         log.info("rank %d applied placement generation %d", self.rank, placement.generation)
         if self._on_applied is not None:
             self._on_applied(placement.generation)
-
-    @torch.no_grad()
-    def _decode(self, batch: Batch, streams: list[TokenStream] | None) -> list[list[int]]:
-        """The batch's completions, each cut after its `max_new_tokens` or EOS. Rank 0 (with the `streams`) samples
-        each step and decides which rows stay; the followers (`streams` None) take its decisions."""
-        max_new_tokens = max(p.max_new_tokens for p in batch.params)
-        cache, logits_BV = prefill_batch(self.model, batch.prompts, max_new_tokens, prefill_chunk=batch.prefill_chunk)
-        samplers = [sampler(p, self.device) for p in batch.params] if streams is not None else []
-        rows = list(range(len(batch.prompts)))  # the batch index of each row still decoding
-        tokens: list[list[int]] = [[] for _ in rows]
-        while True:
-            if streams is not None:
-                next_B = torch.cat([samplers[r](logits_BV[i : i + 1]) for i, r in enumerate(rows)])
-                sampled = zip(rows, next_B.tolist(), strict=True)
-                keep = [self._stays(batch.params[r], tokens[r], token, streams[r]) for r, token in sampled]
-                step_2B = torch.stack([next_B, torch.tensor(keep, dtype=torch.long, device=next_B.device)])
-            else:
-                step_2B = torch.zeros(2, len(rows), dtype=torch.long, device=self.device)
-            step_2B = self._wire.share_step(step_2B)
-            kept = [i for i, stays in enumerate(step_2B[1].tolist()) if stays]
-            for i, (row, token) in enumerate(zip(rows, step_2B[0].tolist(), strict=True)):
-                tokens[row].append(token)
-                if streams is not None:
-                    streams[row].put(token)
-                    if i not in kept:
-                        streams[row].end()
-            if not kept:
-                break
-            next_B = step_2B[0]
-            if len(kept) < len(rows):  # finished or cancelled rows leave the batch
-                index = torch.tensor(kept, device=next_B.device)
-                cache.keep_rows(index)
-                next_B, rows = next_B[index], [rows[i] for i in kept]
-            logits_BV = self.model(next_B[:, None], cache=cache).logits[:, -1]
-        self._load.flush()
-        return tokens
-
-    def _stays(self, params: GenerateParams, tokens: list[int], token: int, stream: TokenStream) -> bool:
-        """Whether a row decodes another token after `token` (not yet in `tokens`)."""
-        return len(tokens) + 1 < params.max_new_tokens and token != self.tokenizer.eos_id and stream.wanted

@@ -5,6 +5,10 @@ Every message starts with a header of `HEADER_LEN` int64: the op, then
   sets how many all-to-all calls a prefill makes, so every rank uses rank 0's), followed by B rows of `PARAMS_LEN`
   int64 (prompt length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off, top_p in
   micro-units with 0 for off) and the N prompt ids, concatenated;
+- `STEP`: one iteration of the continuous batch (`Step`): the row count W, the total tokens N, the total block-table
+  entries M, and the pool's block count and block size, followed by W rows of (start position, tokens, blocks),
+  the N tokens and the M block ids, concatenated; every rank runs the same forwards on its own copy of the paged
+  cache (attention is replicated), so the followers need no scheduler of their own;
 - `APPLY_PLACEMENT`: the generation and the table shape [layers, ranks, slots], followed by the slot tables;
 - `STOP`: nothing; the followers return.
 - `HEARTBEAT`: nothing; rank 0 sends it while the group is idle, so the followers' wait for the next message never
@@ -32,7 +36,7 @@ from k2_workers.parallel import SlotTable
 from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.request import GenerateParams
 
-HEADER_LEN = 5
+HEADER_LEN = 6
 PARAMS_LEN = 6
 TEMPERATURE_SCALE = 1_000_000  # temperatures and top_p travel as integers in micro-units
 
@@ -42,6 +46,7 @@ class Op(enum.IntEnum):
     GENERATE = 1
     APPLY_PLACEMENT = 2
     HEARTBEAT = 3
+    STEP = 4
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,18 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One iteration of the continuous batch: row i feeds `tokens[i]` at positions `starts[i]`.. of a sequence whose
+    cache blocks are `tables[i]`, in a pool of `num_blocks` blocks of `block_size` tokens."""
+
+    starts: list[int]
+    tokens: list[list[int]]
+    tables: list[list[int]]
+    num_blocks: int
+    block_size: int
+
+
+@dataclass(frozen=True)
 class Stop:
     """Rank 0 is shutting down."""
 
@@ -63,7 +80,7 @@ class Heartbeat:
     """Rank 0 is alive; nothing to run."""
 
 
-Message = Batch | ActivePlacement | Stop | Heartbeat
+Message = Batch | Step | ActivePlacement | Stop | Heartbeat
 
 
 def params_row(params: GenerateParams, prompt_len: int) -> list[int]:
@@ -84,6 +101,14 @@ def decode_batch(rows_BP: Tensor, prompts_N: Tensor, prefill_chunk: int) -> Batc
     decoded = [params_from_row(row) for row in rows_BP.tolist()]
     prompts = list(torch.split(prompts_N, [length for length, _ in decoded]))
     return Batch(prompts, [params for _, params in decoded], prefill_chunk)
+
+
+def decode_step(rows_W3: Tensor, tokens_N: Tensor, blocks_M: Tensor, num_blocks: int, block_size: int) -> Step:
+    """The step of [W, 3] rows (start, tokens, blocks) and the flat tokens and block ids."""
+    rows = rows_W3.tolist()
+    tokens = [t.tolist() for t in torch.split(tokens_N.cpu(), [r[1] for r in rows])]
+    tables = [t.tolist() for t in torch.split(blocks_M.cpu(), [r[2] for r in rows])]
+    return Step([r[0] for r in rows], tokens, tables, num_blocks, block_size)
 
 
 def placement_tables(placement: ActivePlacement) -> Tensor:
@@ -115,6 +140,20 @@ class RankWire:
         self._broadcast(flat)
         return decode_batch(rows, flat, prefill_chunk)
 
+    def send_step(self, step: Step) -> None:
+        """Send one iteration of the continuous batch to the followers."""
+        if self.world_size == 1:
+            return
+        rows = [[start, len(t), len(b)] for start, t, b in zip(step.starts, step.tokens, step.tables, strict=True)]
+        rows_W3 = torch.tensor(rows, dtype=torch.long, device=self.device).view(-1, 3)
+        tokens_N = torch.tensor([t for ts in step.tokens for t in ts], dtype=torch.long, device=self.device)
+        blocks_M = torch.tensor([b for bs in step.tables for b in bs], dtype=torch.long, device=self.device)
+        extra = [tokens_N.numel(), blocks_M.numel(), step.num_blocks, step.block_size]
+        self._send_header(Op.STEP, len(rows), extra)
+        self._broadcast(rows_W3)
+        self._broadcast(tokens_N)
+        self._broadcast(blocks_M)
+
     def send_placement(self, placement: ActivePlacement) -> None:
         tables = placement_tables(placement).to(self.device)
         self._send_header(Op.APPLY_PLACEMENT, placement.generation, list(tables.shape))
@@ -141,6 +180,12 @@ class RankWire:
             return Stop()
         if op == Op.HEARTBEAT:
             return Heartbeat()
+        if op == Op.STEP:
+            num_tokens, num_table_blocks, num_blocks, block_size = rest[:4]
+            rows, tokens, blocks = self._zeros(arg, 3), self._zeros(num_tokens), self._zeros(num_table_blocks)
+            for tensor in (rows, tokens, blocks):
+                dist.broadcast(tensor, src=0)
+            return decode_step(rows, tokens, blocks, num_blocks, block_size)
         if op == Op.APPLY_PLACEMENT:
             tables = self._zeros(*rest[:3])
             dist.broadcast(tables, src=0)
