@@ -45,9 +45,33 @@ class ServiceType(enum.StrEnum):
 class Frontend(ApiModel):
     """The request router in front of the groups (a Deployment and a Service)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.grpcPort) || !has(self.port) || self.grpcPort != self.port",
+                    "spec.frontend.grpcPort must differ from spec.frontend.port",
+                    field_path=".grpcPort",
+                )
+            ]
+        }
+    )
+
     replicas: int = Field(default=1, ge=0, le=64, description="Frontend pods.")
     port: int = Field(default=Ports.FRONTEND, ge=1, le=65535, description="Port of the frontend Service (HTTP).")
+    grpc_port: int = Field(
+        default=Ports.GRPC,
+        ge=1,
+        le=65535,
+        description="Port of the frontend Service's gRPC (generation, grpc.health.v1, reflection).",
+    )
     service_type: ServiceType = Field(default=ServiceType.CLUSTER_IP, description="Type of the frontend Service.")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Frontend:
+        if self.grpc_port == self.port:
+            raise ValueError("spec.frontend.grpcPort must differ from spec.frontend.port")
+        return self
 
 
 class Eplb(ApiModel):

@@ -95,6 +95,9 @@ def invalid_manifests() -> list[Invalid]:
         Invalid("serving-groups-zero", edited(serving, spec__groups=0), "spec.groups"),
         Invalid("serving-port-too-big", edited(serving, spec__frontend__port=70000), "spec.frontend.port"),
         Invalid(
+            "serving-grpc-port-is-http-port", edited(serving, spec__frontend__grpcPort=8000), "spec.frontend.grpcPort"
+        ),
+        Invalid(
             "serving-move-fraction-zero", edited(serving, spec__eplb__maxMovesFraction=0), "spec.eplb.maxMovesFraction"
         ),
         Invalid("placement-negative-id", edited(xp, spec__layers__0__slots__0=[0, -1, 2]), "spec.layers[0].slots"),

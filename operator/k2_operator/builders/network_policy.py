@@ -2,10 +2,10 @@
 
 Only ingress is restricted; egress stays open (ranks call the API server, the frontend calls the ranks). Per group:
 - rendezvous and rank HTTP from the group's own ranks (torch.distributed, rank 0's broadcasts);
-- rank HTTP also from the serving's frontend pods (generation requests go to each group's rank 0);
+- rank HTTP and gRPC also from the serving's frontend pods (generation requests go to each group's rank 0);
 - metrics from any pod of the monitoring namespaces (`--monitoring-namespace`: Prometheus, a directly scraping
   EPLB controller), selected by the `kubernetes.io/metadata.name` label the API server puts on every namespace.
-The frontend port admits the serving's namespace for a ClusterIP frontend, anyone for NodePort or LoadBalancer
+The frontend's ports (spec.frontend.port and grpcPort) admit the serving's namespace for a ClusterIP frontend, anyone for NodePort or LoadBalancer
 (clients outside the cluster). Whether any of this is enforced depends on the CNI; kubelet probes come from the
 node, which CNIs that enforce policies admit.
 """
@@ -62,7 +62,7 @@ def group_network_policy(serving: K2Serving, group: int, monitoring_namespaces: 
 
 def frontend_network_policy(serving: K2Serving) -> Manifest:
     frontend = serving.spec.frontend
-    rule: dict[str, Any] = {"ports": tcp(frontend.port, Ports.GRPC)}
+    rule: dict[str, Any] = {"ports": tcp(frontend.port, frontend.grpc_port)}
     if frontend.service_type == ServiceType.CLUSTER_IP:
         rule["from"] = [{"podSelector": {}}]  # every pod of the serving's namespace
     return {

@@ -17,7 +17,18 @@ from typing import Any
 import yaml
 
 from k2_api import K2Serving
-from k2_api.contract import Annotations, Env, Files, HttpPaths, Labels, PortNames, Ports, TorchrunEnv, moe_shape
+from k2_api.contract import (
+    Annotations,
+    Env,
+    Files,
+    GrpcServices,
+    HttpPaths,
+    Labels,
+    PortNames,
+    Ports,
+    TorchrunEnv,
+    moe_shape,
+)
 from k2_operator.builders.common import (
     Manifest,
     claim_volumes,
@@ -174,6 +185,8 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
             f"{Files.CONFIG_DIR}/{Files.SERVING_CONFIG}",
             "--placement",
             f"{Files.PLACEMENT_DIR}/{Files.PLACEMENT}",
+            "--grpc-port",
+            str(Ports.GRPC),
         ],
         "env": [
             {"name": Env.SERVING_NAME, "value": serving.metadata.name},
@@ -192,7 +205,9 @@ def _rank_container(serving: K2Serving, group: int) -> dict[str, Any]:
             {"name": PortNames.GRPC, "containerPort": Ports.GRPC, "protocol": "TCP"},
             {"name": PortNames.METRICS, "containerPort": Ports.METRICS, "protocol": "TCP"},
         ],
-        "readinessProbe": {"httpGet": {"path": HttpPaths.HEALTHZ, "port": PortNames.HTTP}, "periodSeconds": 5},
+        # Kubernetes' own gRPC probe asks grpc.health.v1 for the generation service: SERVING once the rank serves
+        # (every rank sets it, rank 0 also serves generation), NOT_SERVING while it cannot or drains.
+        "readinessProbe": {"grpc": {"port": Ports.GRPC, "service": GrpcServices.GENERATION}, "periodSeconds": 5},
         "resources": resources(
             spec.resources.cpu, spec.resources.memory, spec.resources.gpu_resource_name, spec.gpus_per_rank
         ),
@@ -273,11 +288,20 @@ def frontend_deployment(serving: K2Serving) -> Manifest:
                             "name": FRONTEND_COMPONENT,
                             "image": spec.image,
                             "imagePullPolicy": spec.image_pull_policy,
-                            "command": ["k2", "worker", "serve", "--frontend", "--port", str(spec.frontend.port)],
+                            "command": [
+                                "k2",
+                                "worker",
+                                "serve",
+                                "--frontend",
+                                "--port",
+                                str(spec.frontend.port),
+                                "--grpc-port",
+                                str(spec.frontend.grpc_port),
+                            ],
                             "env": [{"name": Env.GROUP_ENDPOINTS, "value": groups}],
                             "ports": [
                                 {"name": PortNames.HTTP, "containerPort": spec.frontend.port, "protocol": "TCP"},
-                                {"name": PortNames.GRPC, "containerPort": Ports.GRPC, "protocol": "TCP"},
+                                {"name": PortNames.GRPC, "containerPort": spec.frontend.grpc_port, "protocol": "TCP"},
                             ],
                             "readinessProbe": {
                                 "httpGet": {"path": HttpPaths.HEALTHZ, "port": PortNames.HTTP},
@@ -310,7 +334,12 @@ def frontend_service(serving: K2Serving) -> Manifest:
                     "targetPort": PortNames.HTTP,
                     "protocol": "TCP",
                 },
-                {"name": PortNames.GRPC, "port": Ports.GRPC, "targetPort": PortNames.GRPC, "protocol": "TCP"},
+                {
+                    "name": PortNames.GRPC,
+                    "port": serving.spec.frontend.grpc_port,
+                    "targetPort": PortNames.GRPC,
+                    "protocol": "TCP",
+                },
             ],
         },
     }
