@@ -57,17 +57,14 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Work:
-    """One row of a step: `tokens` fed at positions `start`.. of `seq`, whose blocks are `blocks`."""
+    """One row of a step: `tokens` fed at positions `start`.. of `seq`, whose blocks are `blocks`; it `samples`
+    when it reaches the end of the sequence's tokens (its last logits give the next token)."""
 
     seq: Sequence
     start: int
     tokens: list[int]
     blocks: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """Whether the row's last logits give the sequence's next token (it reached the end of its tokens)."""
-        return self.start + len(self.tokens) == len(self.seq.tokens)
+    samples: bool
 
 
 @dataclass(frozen=True)
@@ -182,7 +179,8 @@ class Batcher:
 
     def _work(self, seq: Sequence, size: int) -> Work:
         start = seq.computed
-        return Work(seq, start, seq.tokens[start : start + size], list(self.blocks.table(seq.id)))
+        samples = start + size == len(seq.tokens)
+        return Work(seq, start, seq.tokens[start : start + size], list(self.blocks.table(seq.id)), samples)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -158,6 +158,7 @@ class GroupEngine:
         self.placement: ActivePlacement | None = None
         self.placement_error: str | None = None  # why the newest placement file is not applied, if it is not
         self.cancelled_requests = 0  # requests whose caller stopped reading before their end (queued or decoding)
+        self.steps = 0  # steps of the continuous batch run so far (rank 0)
 
     @property
     def generation(self) -> int | None:
@@ -294,6 +295,7 @@ class GroupEngine:
                 self._leave(job, error)
             raise
         self._hand_out(plan, logits_WV)
+        self.steps += 1
         return True
 
     def _hand_out(self, plan: StepPlan, logits_WV: torch.Tensor) -> None:
