@@ -2,11 +2,12 @@
 
 For K2's shape (60 MoE layers x 384 experts) at 128 GPUs x 4 slots and 256 GPUs x 3 slots, and each of `k2 eplb
 bench`'s load kinds: the fresh placement of a load, then the same shock as the bench's shock suite (`shocked_load`),
-then the plan the controller makes (`k2_eplb.rounds.plan_rounds`) with a budget of 5% of the slots per round, once
-without `gpus_per_node` and once with 8 ranks per node. Per plan: rounds, balancedness before and after, the target
-(the fresh solve's balancedness minus 0.01), copies over all rounds, how many of them cross nodes (their expert had no
-replica on the destination's node before that round: `k2_eplb.topology.cross_node_copies`), and the CPU seconds of
-the planning. The baseline named in the ratio column is the plan without topology, measured in the same run.
+then the plan the controller makes (`k2_eplb.rounds.plan_rounds`) with a budget per round of 5% of the slots (of all
+layers, as `k2 eplb bench` counts them), once without `gpus_per_node` and once with 8 ranks per node. Per plan:
+rounds, balancedness before and after, the target (the fresh solve's balancedness minus 0.01), copies over all
+rounds, how many of them cross nodes (their expert had no replica on the destination's node before that round:
+`k2_eplb.topology.cross_node_copies`), and the CPU seconds of the planning. The baseline of the ratio column is the
+plan without topology, measured in the same run.
 
     .venv/bin/python benchmarks/eplb_topology.py [--quick] [--json]
 """
@@ -73,7 +74,7 @@ def run(num_layers: int, num_experts: int, shapes: list[tuple[int, int]], seed: 
             before = synthetic_load(kind, num_layers, num_experts, rng)
             start = solve(before, gpus, slots)
             after = shocked_load(before, rng)
-            budget = int(BUDGET * gpus * slots)
+            budget = int(BUDGET * num_layers * gpus * slots)
             for per_node in (None, GPUS_PER_NODE):
                 row = plan_row(after, start, per_node, budget)
                 rows.append({"gpus": gpus, "slots": slots, "load": kind, "budget": budget, **row})
