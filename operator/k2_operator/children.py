@@ -1,5 +1,5 @@
 """Applying a resource's children: only those that may differ from their manifest, concurrently, prerequisites
-before the children that need them.
+first.
 
 A resync reconciles every resource every 30 s; re-applying each child each time (19 server-side applies per
 serving + training pair) is a steady stream of writes that store nothing. So a child is applied unless all of:
@@ -17,9 +17,10 @@ repairs what changed while the operator was down. A child edit is repaired on th
 watched workloads (StatefulSets, Deployments, Jobs), at the latest on the next resync for the rest.
 
 Order: two waves, each applied concurrently (at most `MAX_CONCURRENT_APPLIES` requests at once per reconcile).
-First what others need (ConfigMaps, ServiceAccounts, Roles, Services, NetworkPolicies), then what needs them: the
-workloads (StatefulSets, Deployments, Jobs), whose pods are refused without their ServiceAccount, and the
-RoleBindings, which the API server refuses while their Role does not exist (unless the binder holds `bind`).
+First what another child needs when it is created: ServiceAccounts (a pod naming a missing one is refused),
+ConfigMaps (its pods mount them) and Roles (the API server refuses a RoleBinding to a missing Role unless the binder
+holds `bind`). Then the rest: workloads, Services, RoleBindings, NetworkPolicies (all in place long before a pod
+starts).
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from k2_operator.builders.common import content_hash
 from k2_operator.kube import AsyncKube
 
 MAX_CONCURRENT_APPLIES = 8
-DEPENDENT_KINDS = frozenset({"StatefulSet", "Deployment", "Job", "RoleBinding"})
-"""Applied after every other child: workloads (their pods need the ServiceAccount and ConfigMaps) and RoleBindings
-(their Role must exist)."""
+PREREQUISITE_KINDS = frozenset({"ServiceAccount", "ConfigMap", "Role"})
+"""Applied before every other child: what a pod or a RoleBinding needs to exist when it is created."""
 
 ChildKey = tuple[str, str, str]
 """(kind, namespace, name) of a child."""
@@ -108,9 +108,9 @@ async def apply_children(
     observed: Mapping[ChildKey, Object],
     memory: AppliedChildren = APPLIED,
 ) -> dict[ChildKey, Object]:
-    """Applies the manifests that `needs_apply`, prerequisites then dependents; returns each child's current copy
-    (as applied, else as observed). A failed prerequisite stops the dependents' wave, not the rest of its own; the
-    first failure (in manifest order) is raised once its wave is done."""
+    """Applies the manifests that `needs_apply`, prerequisites then the rest; returns each child's current copy (as
+    applied, else as observed). A failed prerequisite stops the second wave, not the rest of its own; the first
+    failure (in manifest order) is raised once its wave is done."""
     last = memory.of(owner)
     remembered: dict[ChildKey, Applied] = {}
     current: dict[ChildKey, Object] = {}
@@ -131,8 +131,8 @@ async def apply_children(
 
     failures: list[BaseException] = []
     for wave in (
-        [m for m in manifests if m["kind"] not in DEPENDENT_KINDS],
-        [m for m in manifests if m["kind"] in DEPENDENT_KINDS],
+        [m for m in manifests if m["kind"] in PREREQUISITE_KINDS],
+        [m for m in manifests if m["kind"] not in PREREQUISITE_KINDS],
     ):
         outcomes = await asyncio.gather(*(one(m) for m in wave), return_exceptions=True)
         failures += [o for o in outcomes if isinstance(o, BaseException)]

@@ -5,9 +5,9 @@ Only ingress is restricted; egress stays open (ranks call the API server, the fr
 - rank HTTP and gRPC also from the serving's frontend pods (generation requests go to each group's rank 0);
 - metrics from any pod of the monitoring namespaces (`--monitoring-namespace`: Prometheus, a directly scraping
   EPLB controller), selected by the `kubernetes.io/metadata.name` label the API server puts on every namespace.
-The frontend's ports (spec.frontend.port and grpcPort) admit the serving's namespace for a ClusterIP frontend, anyone for NodePort or LoadBalancer
-(clients outside the cluster). Whether any of this is enforced depends on the CNI; kubelet probes come from the
-node, which CNIs that enforce policies admit.
+The frontend's ports (spec.frontend.port and grpcPort) admit the serving's namespace for a ClusterIP frontend,
+anyone for NodePort or LoadBalancer (clients outside the cluster). Whether any of this is enforced depends on the
+CNI; kubelet probes come from the node, which CNIs that enforce policies admit.
 """
 
 from __future__ import annotations
