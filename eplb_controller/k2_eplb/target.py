@@ -15,6 +15,7 @@ returned instead, flagged as not reached.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy.typing as npt
 from k2_eplb.align import align_gpus
 from k2_eplb.local_search import Origin, improve
 from k2_eplb.metrics import FloatArray, IntArray, balancedness, gpu_loads, moves_per_layer
+from k2_eplb.repair import repair
 from k2_eplb.solver import solve, solve_fresh
 from k2_eplb.validation import check_gpus_per_node, check_load, check_max_moves, check_placement, check_shape
 
@@ -70,6 +72,7 @@ def solve_to_target(
     epsilon: float,
     max_moves: int | None = None,
     gpus_per_node: int | None = None,
+    deadline_s: float | None = None,
 ) -> TargetResult:
     """Plan from `current` until every layer is within `epsilon` of its fresh solve's balancedness, copying little.
 
@@ -85,26 +88,71 @@ def solve_to_target(
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
 
+    started = time.process_time()
+    deadline = None if deadline_s is None else started + _check_seconds(deadline_s)
     fresh = align_gpus(current_LGS, solve_fresh(load_LE, gpus, slots), num_experts)
     fresh_L = balancedness(load_LE, fresh)
     fresh_moves_L = moves_per_layer(current_LGS, fresh)
     goal_L = fresh_L - float(epsilon)
     origin = Origin.of(current_LGS, num_experts, per_node)
-    rounds = _MIN_ROUNDS + _ROUNDS_PER_COPY * int(fresh_moves_L.max(initial=0))
+    # every candidate that reaches its layer's goal competes, the fewest copies wins; the fresh solution always does
+    best = fresh.copy()
+    best_moves_L = fresh_moves_L.copy()
+
+    def offer(rows: IntArray, placement_nGS: IntArray) -> None:
+        moves_n = moves_per_layer(current_LGS[rows], placement_nGS)
+        wins = (balancedness(load_LE[rows], placement_nGS) >= goal_L[rows]) & (moves_n < best_moves_L[rows])
+        best[rows[wins]] = placement_nGS[wins]
+        best_moves_L[rows[wins]] = moves_n[wins]
+
+    all_rows = np.arange(num_layers)
+    mean_L = gpu_loads(load_LE, current_LGS).mean(axis=1)
+    limit_L = np.where(goal_L > 0, mean_L / np.maximum(goal_L, 1e-300), np.inf) * (1 + 1e-12)
+    repaired, _, reached_L = repair(
+        load_LE, current_LGS, limit_L=limit_L, origin=origin, layer_budget_L=fresh_moves_L, deadline=deadline
+    )
+    offer(all_rows, repaired)
+    short = np.flatnonzero(~reached_L)
+    if len(short) and (deadline is None or time.process_time() < deadline):
+        offer(
+            short,
+            _search(load_LE[short], current_LGS[short], origin.layers(short), fresh_moves_L[short], goal_L[short]),
+        )
+    placement = best
+    moves_L = moves_per_layer(current_LGS, placement)
+    if cap is not None and int(moves_L.sum()) > cap:
+        placement = solve(load_LE, gpus, slots, current=current_LGS, max_moves=cap, gpus_per_node=per_node)
+        moves_L = moves_per_layer(current_LGS, placement)
+    balance_L = balancedness(load_LE, placement)
+    reached = bool((balance_L >= goal_L).all())
+    return TargetResult(placement, moves_L, balance_L, fresh_L, fresh_moves_L, float(epsilon), reached)
+
+
+def _check_seconds(deadline_s: object) -> float:
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s >= 0:
+        raise ValueError(f"deadline_s: must be a number of seconds >= 0 or None, got {deadline_s!r}")
+    return float(deadline_s)
+
+
+def _search(
+    load_LE: FloatArray, current_LGS: IntArray, origin: Origin, budget_L: IntArray, goal_L: FloatArray
+) -> IntArray:
+    """`local_search.improve` from `current_LGS` with per-layer budgets, stopping at the goal; layers it leaves short
+    go on with a wider choice of partner GPUs."""
+    rounds = _MIN_ROUNDS + _ROUNDS_PER_COPY * int(budget_L.max(initial=0))
     target_L = gpu_loads(load_LE, current_LGS).mean(axis=1)
     searched, _ = improve(
         load_LE,
         current_LGS,
         origin=origin,
-        layer_budget_L=fresh_moves_L,
+        layer_budget_L=budget_L,
         target_L=target_L,
         goal_L=goal_L,
         max_rounds=rounds,
     )
-    short_L = balancedness(load_LE, searched) < goal_L
-    stuck = np.flatnonzero(short_L)
-    if len(stuck):  # stopped short (no single change lowered the max): go on with a wider choice of partner GPUs
-        left_L = fresh_moves_L[stuck] - moves_per_layer(current_LGS[stuck], searched[stuck])
+    stuck = np.flatnonzero(balancedness(load_LE, searched) < goal_L)
+    if len(stuck):
+        left_L = budget_L[stuck] - moves_per_layer(current_LGS[stuck], searched[stuck])
         searched[stuck], _ = improve(
             load_LE[stuck],
             searched[stuck],
@@ -115,12 +163,4 @@ def solve_to_target(
             max_rounds=rounds,
             partners=_WIDE_PARTNERS,
         )
-        short_L = balancedness(load_LE, searched) < goal_L
-    placement: IntArray = np.where(short_L[:, None, None], fresh, searched)
-    moves_L = moves_per_layer(current_LGS, placement)
-    if cap is not None and int(moves_L.sum()) > cap:
-        placement = solve(load_LE, gpus, slots, current=current_LGS, max_moves=cap, gpus_per_node=per_node)
-        moves_L = moves_per_layer(current_LGS, placement)
-    balance_L = balancedness(load_LE, placement)
-    reached = bool((balance_L >= goal_L).all())
-    return TargetResult(placement, moves_L, balance_L, fresh_L, fresh_moves_L, float(epsilon), reached)
+    return searched
