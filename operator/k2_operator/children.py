@@ -14,7 +14,8 @@ apply that stores nothing when only status changed — and remembers the new ver
 observed, so it is applied. The memory is per process and holds only what the last reconcile of each resource
 desired: after an operator restart the first reconcile of each resource applies every child once, which also
 repairs what changed while the operator was down. A child edit is repaired on the next reconcile: at once for the
-watched workloads (StatefulSets, Deployments, Jobs), at the latest on the next resync for the rest.
+watched workloads (StatefulSets, Deployments, Jobs), at the latest on the next resync for the rest. The metric
+`k2_operator_child_applies_total{kind,result}` counts both outcomes (result `applied` or `unchanged`).
 
 Order: two waves, each applied concurrently (at most `MAX_CONCURRENT_APPLIES` requests at once per reconcile).
 First what another child needs when it is created: ServiceAccounts (a pod naming a missing one is refused),
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from k2_api.kube import Object, Selector
+from k2_operator import metrics
 from k2_operator.builders.common import content_hash
 from k2_operator.kube import AsyncKube
 
@@ -122,9 +124,11 @@ async def apply_children(
         if not needs_apply(last.get(key), digest, seen):
             assert seen is not None
             remembered[key], current[key] = last[key], seen
+            metrics.CHILD_APPLIES.labels(key[0], "unchanged").inc()
             return
         async with limit:
             result = await kube.apply(manifest)
+        metrics.CHILD_APPLIES.labels(key[0], "applied").inc()
         meta = result["metadata"]
         remembered[key] = Applied(str(meta.get("uid")), str(meta.get("resourceVersion")), digest)
         current[key] = result

@@ -33,6 +33,14 @@ STATUS_WRITES = Counter(
     registry=REGISTRY,
 )
 
+CHILD_APPLIES = Counter(
+    "k2_operator_child_applies_total",
+    "Children a reconcile wanted in place, by kind and result: applied, or unchanged (not applied: still as the "
+    "operator's last apply left it; all of them for a steady resource).",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+
 
 @contextmanager
 def observe(kind: str) -> Iterator[None]:
