@@ -46,8 +46,9 @@ def repair(
     layer_budget_L: IntArray | None = None,
     max_rounds: int = 1_000,
     deadline: float | None = None,
-) -> tuple[IntArray, IntArray, BoolArray]:
-    """Return (placement, copies spent per layer against `origin`, reached per layer).
+) -> tuple[IntArray, IntArray, BoolArray, BoolArray]:
+    """Return (placement, copies spent per layer against `origin`, reached per layer, cut per layer: stopped by
+    `max_rounds` or the deadline while it could still go on).
 
     `limit_L`: the largest GPU load allowed per layer. `layer_budget_L`: copies each layer may spend (None:
     unbounded). `deadline`: a `time.process_time()` value after which no new round starts.
@@ -78,7 +79,7 @@ def repair(
         hit = peak_n <= limit_L[rows]
         reached[rows[hit]] = True
         active[rows[hit]] = False
-    return best, best_spent, reached
+    return best, best_spent, reached, active
 
 
 def _gpu_loads(load_LE: FloatArray, placement: IntArray, counts: IntArray, rows: IntArray) -> FloatArray:

@@ -108,17 +108,15 @@ def solve_to_target(
     all_rows = np.arange(num_layers)
     mean_L = gpu_loads(load_LE, current_LGS).mean(axis=1)
     limit_L = np.where(goal_L > 0, mean_L / np.maximum(goal_L, 1e-300), np.inf) * (1 + 1e-12)
-    repaired, _, reached_L = repair(
+    repaired, _, reached_L, cut_L = repair(
         load_LE, current_LGS, limit_L=limit_L, origin=origin, layer_budget_L=fresh_moves_L, deadline=deadline
     )
     offer(all_rows, repaired)
-    short = np.flatnonzero(~reached_L)
-    if len(short) and (deadline is None or time.process_time() < deadline):
-        offer(
-            short,
-            _search(load_LE[short], current_LGS[short], origin.layers(short), fresh_moves_L[short], goal_L[short]),
-        )
-    placement = best
+    stuck = np.flatnonzero(~reached_L & ~cut_L)  # no change removed overload: the older search, then fresh
+    if len(stuck) and (deadline is None or time.process_time() < deadline):
+        budget_L, goal_n = fresh_moves_L[stuck], goal_L[stuck]
+        offer(stuck, _search(load_LE[stuck], current_LGS[stuck], origin.layers(stuck), budget_L, goal_n))
+    placement: IntArray = np.where(cut_L[:, None, None], repaired, best)  # cut by the deadline: the best so far
     moves_L = moves_per_layer(current_LGS, placement)
     if cap is not None and int(moves_L.sum()) > cap:
         placement = solve(load_LE, gpus, slots, current=current_LGS, max_moves=cap, gpus_per_node=per_node)
