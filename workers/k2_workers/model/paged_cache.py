@@ -100,6 +100,7 @@ class PagedView:
         self._read_BT = table_BM[:, keys_T // size] * size + keys_T % size  # a row's keys past its own are hidden
         new_BS = self.past_B[:, None] + torch.arange(num_new, device=device)
         self._write_BS = torch.gather(table_BM, 1, new_BS // size) * size + new_BS % size
+        self._visible: dict[tuple[int, int, int | None], Tensor] = {}  # the same for every layer
 
     def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
         """Write one layer's new entries [B, S, ...] into their slots; return each row's keys [B, T, ...]."""
@@ -117,4 +118,7 @@ class PagedView:
         return self.past_B[:, None] + torch.arange(num_tokens, device=self.past_B.device)
 
     def visible(self, num_queries: int, num_keys: int, window: int | None = None) -> Tensor | None:
-        return visible_keys(num_queries, num_keys, self.past_B, window, None, self.past_B.device)
+        key = (num_queries, num_keys, window)
+        if key not in self._visible:
+            self._visible[key] = visible_keys(num_queries, num_keys, self.past_B, window, None, self.past_B.device)
+        return self._visible[key]

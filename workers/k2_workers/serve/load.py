@@ -1,6 +1,6 @@
 """Load accounting of one serving rank: the tokens each logical expert and each local slot received.
 
-Forward hooks on the model's MoE blocks add each forward's counts to numpy arrays; after a batch `flush` hands them
+Forward hooks on the model's MoE blocks add each forward's counts to numpy arrays; after each step `flush` hands them
 to the `ExpertLoadCollector` that /metrics exports. Rank 0 counts the tokens routed to each logical expert (the
 other ranks route the same tokens and do not count them again); every rank counts the (token, expert) pairs each of
 its slots computed, the work the EPLB controller balances. The expert-weight bytes a placement change took in are
