@@ -53,7 +53,7 @@ def k2_run(
     """`k2 run -f path --json --storage-path storage`; `action(proc)` once the driver printed step `at_step`."""
     env = base_env() | {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}  # a loaded 2-core machine starts slowly
     command = [*K2_RUN, "-f", str(path), "--json", "--storage-path", str(storage), "--num-cpus", "2", *args]
-    stderr_file = storage.parent / f"{storage.name}.stderr"
+    stderr_file = storage.parent / f"{storage.name}.{len(list(storage.parent.glob('*.stderr')))}.stderr"
     with open(stderr_file, "w") as stderr:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         run = Run(returncode=-1)

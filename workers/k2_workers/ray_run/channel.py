@@ -1,5 +1,6 @@
-"""The run's mailbox, a Ray actor between the driver and the ranks: rank 0's step records, which the driver takes
-to print, the stop request of a Ctrl-C or SIGTERM, which every rank reads after each step, and the exit code."""
+"""The run's mailbox, a Ray actor between the driver and the ranks: how many times the gang started (rank 0 counts
+its starts), rank 0's step records, which the driver takes to print, the stop request of a Ctrl-C or SIGTERM, which
+every rank reads after each step, and the exit code."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ from typing import Any
 class Channel:
     def __init__(self) -> None:
         self._records: list[dict[str, Any]] = []
+        self._starts = 0
         self._stop = False
         self._code: int | None = None
+
+    def started(self) -> None:
+        self._starts += 1
 
     def put(self, record: Mapping[str, Any]) -> None:
         self._records.append(dict(record))
 
-    def take(self) -> list[dict[str, Any]]:
-        """The records put since the last take, oldest first."""
+    def take(self) -> tuple[int, list[dict[str, Any]]]:
+        """The gang's starts so far and the records put since the last take, oldest first."""
         records, self._records = self._records, []
-        return records
+        return self._starts, records
 
     def request_stop(self) -> None:
         self._stop = True
@@ -51,10 +56,16 @@ class ChannelClient:
         """Without waiting: the step goes on."""
         self._handle.put.remote(dict(record))
 
-    def take(self) -> list[dict[str, Any]]:
+    def started(self) -> None:
         import ray
 
-        return list(ray.get(self._handle.take.remote()))
+        ray.get(self._handle.started.remote())
+
+    def take(self) -> tuple[int, list[dict[str, Any]]]:
+        import ray
+
+        starts, records = ray.get(self._handle.take.remote())
+        return int(starts), list(records)
 
     def request_stop(self) -> None:
         self._handle.request_stop.remote()

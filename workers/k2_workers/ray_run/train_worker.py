@@ -41,6 +41,8 @@ def train_rank(config: Mapping[str, Any]) -> None:
     run_dir = Path(config[RUN_DIR])
     is_main = ray.train.get_context().get_world_rank() == 0
     stop = StopFlag()
+    if is_main:
+        channel.started()
 
     def on_step(record: Mapping[str, Any], checkpoint: str | None) -> None:
         if is_main:

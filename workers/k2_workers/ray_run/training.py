@@ -23,7 +23,7 @@ from k2_workers.ray_run.channel import ChannelClient
 from k2_workers.ray_run.train_plan import TrainPlan
 from k2_workers.ray_run.train_worker import CHANNEL, RUN, RUN_DIR, train_rank
 from k2_workers.train.config import RunConfig as K2RunConfig
-from k2_workers.train.progress import step_output
+from k2_workers.train.progress import StepOutput, step_output
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -73,15 +73,23 @@ def stop_on_signals(channel: ChannelClient) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def print_records(records: list[dict[str, Any]], output: Any, last_step: list[int], err: TextIO) -> None:
-    """Prints the records; a step not after the last one printed means the gang restarted from a checkpoint."""
-    for record in records:
-        step = int(record["step"])
-        if last_step and step <= last_step[0]:
-            output.close()
-            print(f"gang restarted: resuming after step {step - 1}", file=err)
-        output.step(record)
-        last_step[:] = [step]
+class Printer:
+    """Prints rank 0's records as they come, and a line when the gang started again (after a worker died)."""
+
+    def __init__(self, output: StepOutput, err: TextIO) -> None:
+        self._output, self._err = output, err
+        self._starts = 1
+
+    def show(self, starts: int, records: list[dict[str, Any]]) -> None:
+        if starts > self._starts and records:
+            self._output.close()
+            print(f"gang restarted (start {starts}): resuming at step {records[0]['step']}", file=self._err)
+            self._starts = starts
+        for record in records:
+            self._output.step(record)
+
+    def close(self) -> None:
+        self._output.close()
 
 
 def run_training(
@@ -98,8 +106,7 @@ def run_training(
         except BaseException as error:  # reported by the driver thread
             failure.append(error)
 
-    output = step_output(not json_lines and out.isatty(), out, cfg.steps)
-    last_step: list[int] = []
+    printer = Printer(step_output(not json_lines and out.isatty(), out, cfg.steps), err)
     print(
         f"{plan.name}: {plan.num_workers} Ray Train workers ({plan.backend}), checkpoints in {plan.checkpoint_dir}",
         file=err,
@@ -109,9 +116,9 @@ def run_training(
         thread.start()
         while thread.is_alive():
             thread.join(POLL_S)
-            print_records(channel.take(), output, last_step, err)
-        print_records(channel.take(), output, last_step, err)
-    output.close()
+            printer.show(*channel.take())
+        printer.show(*channel.take())
+    printer.close()
     if failure:
         print(f"training failed: {failure[0]}", file=err)
         return ExitCodes.CRASHED
