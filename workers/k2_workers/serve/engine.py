@@ -32,7 +32,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,7 @@ from k2_workers.model.generate import Sampler
 from k2_workers.model.paged_cache import PagedPool
 from k2_workers.serve.batcher import Batcher, Sequence, StepPlan
 from k2_workers.serve.blocks import BlockManager
+from k2_workers.serve.engine_metrics import LatencyStats
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
 from k2_workers.serve.placement import ActivePlacement, GroupShape, check_shape
@@ -82,6 +83,9 @@ class _Job:
     params: GenerateParams
     stream: TokenStream
     sample: Sampler | None = None  # made when it first joins the batch
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float = 0.0
+    sent: int = 0  # tokens put into its stream
 
 
 def sampler(params: GenerateParams, device: torch.device | str = "cpu") -> Sampler:
@@ -159,6 +163,7 @@ class GroupEngine:
         self.placement_error: str | None = None  # why the newest placement file is not applied, if it is not
         self.cancelled_requests = 0  # requests whose caller stopped reading before their end (queued or decoding)
         self.steps = 0  # steps of the continuous batch run so far (rank 0)
+        self.latency = LatencyStats()
 
     @property
     def generation(self) -> int | None:
@@ -308,6 +313,10 @@ class GroupEngine:
             assert job.sample is not None
             token = int(job.sample(logits_WV[index : index + 1]).item())
             job.stream.put(token)
+            job.sent += 1
+            if job.sent == 1:
+                job.first_token_at = time.monotonic()
+                self.latency.first_token(job.first_token_at - job.arrived)
             if self._stays(job, token):
                 work.seq.tokens.append(token)
             else:
@@ -318,6 +327,8 @@ class GroupEngine:
         self.batcher.finish(job.seq)
         self._jobs.pop(job.seq.id, None)
         job.stream.end(error)
+        if error is None and job.sent:
+            self.latency.finished(time.monotonic() - job.first_token_at, job.sent)
 
     def _stays(self, job: _Job, token: int) -> bool:
         """Whether a row decodes another token after `token` (not yet in its tokens)."""

@@ -92,6 +92,12 @@ class StepLoop(Generic[J]):
             return len(self._queue) + self._held()
 
     @property
+    def queued_requests(self) -> int:
+        """Requests in the queue only (not the preempted ones)."""
+        with self._changed:
+            return len(self._queue)
+
+    @property
     def in_batch(self) -> int:
         """Sequences in the running batch."""
         return self._running()
