@@ -31,6 +31,7 @@ from k2_workers.serve.chat import load_chat_template
 from k2_workers.serve.device import group_backend, serving_device, serving_dtype
 from k2_workers.serve.endpoints import HttpLimits, serve_routes
 from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.engine_metrics import EngineCollector
 from k2_workers.serve.grpc_rank_start import start_rank_grpc
 from k2_workers.serve.metrics import ExpertLoadCollector, serve_metrics
 from k2_workers.serve.openai_routes import openai_routes
@@ -127,6 +128,8 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         request_timeout_s=args.request_timeout_s or None,
         shape=shape,
     )
+    if rank == 0:  # the one that schedules
+        registry.register(EngineCollector(engine, name, group))
     limits = HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
     routes = rank_routes(engine, args.max_new_tokens)
     model_name = args.served_model_name or name
