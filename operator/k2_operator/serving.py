@@ -24,7 +24,7 @@ from k2_operator.builders.network_policy import KIND as NETWORK_POLICY
 from k2_operator.builders.network_policy import network_policies
 from k2_operator.builders.placement import expert_placement, placement_name
 from k2_operator.builders.serving import RANK_COMPONENT, children, frontend_name
-from k2_operator.children import APPLIED, ChildKey, apply_children, observe
+from k2_operator.children import APPLIED, ChildKey, apply_children, kinds_to_observe, observe
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import RUNTIME, controller_owner, now, owned_by, register, trigger, write_status
 from k2_operator.status.serving import CONDITION_TYPES, group_index, group_state, groups_to_restart, serving_status
@@ -146,7 +146,7 @@ CHILD_KINDS = (
 
 
 GROUP_KINDS = ("StatefulSet", "Service", NETWORK_POLICY)
-"""The kinds of child made per group."""
+"""The kinds of child made per group (the gang plans read the StatefulSets, `surplus` all three)."""
 
 
 def surplus(serving: K2Serving, observed: dict[ChildKey, dict[str, Any]]) -> list[ChildKey]:
@@ -178,7 +178,13 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     spec = serving.spec
     at = now()
     observed, rank_pods, placement = await asyncio.gather(
-        observe(kube, namespace, child_selector(name), CHILD_KINDS, serving.metadata.uid),
+        observe(
+            kube,
+            namespace,
+            child_selector(name),
+            kinds_to_observe(owner, CHILD_KINDS, GROUP_KINDS),
+            serving.metadata.uid,
+        ),
         kube.list("Pod", namespace, rank_selector(name)),
         ensure_placement(kube, serving),
     )

@@ -12,7 +12,7 @@ from k2_api import GROUP, VERSION, K2Training
 from k2_api.contract import Annotations, Labels
 from k2_operator.builders.common import content_hash
 from k2_operator.builders.training import children
-from k2_operator.children import APPLIED, apply_children, observe
+from k2_operator.children import APPLIED, apply_children, kinds_to_observe, observe
 from k2_operator.kube import AsyncKube
 from k2_operator.runtime import now, register, trigger, write_status
 from k2_operator.status.training import CONDITION_TYPES, plan
@@ -42,7 +42,7 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
     training = K2Training.model_validate(body)
     selector = {"app.kubernetes.io/instance": name, Labels.KIND: KIND}
     observed, pods = await asyncio.gather(
-        observe(kube, namespace, selector, CHILD_KINDS, training.metadata.uid),
+        observe(kube, namespace, selector, kinds_to_observe(owner, CHILD_KINDS, ["Job"]), training.metadata.uid),
         kube.list("Pod", namespace, selector),  # their termination messages explain a failed Job
     )
     jobs = [obj for (kind, _, _), obj in sorted(observed.items()) if kind == "Job"]

@@ -13,7 +13,7 @@ import pytest
 from k2_api import K2Serving, K2Training
 from k2_api.kube import Invalid, Object
 from k2_operator import children as children_module
-from k2_operator.children import APPLIED, Applied, apply_children, needs_apply
+from k2_operator.children import APPLIED, Applied, apply_children, kinds_to_observe, needs_apply
 from k2_operator.kube import FIELD_MANAGER
 from k2_operator.serving import reconcile as reconcile_serving
 from k2_operator.training import reconcile as reconcile_training
@@ -122,6 +122,17 @@ def test_after_an_operator_restart_every_child_is_applied_once() -> None:
     assert len(applied_between(env, before)) == SERVING_CHILDREN
 
 
+def test_only_a_reconcile_with_something_remembered_lists_every_child_kind() -> None:
+    memory = children_module.AppliedChildren()
+    owner = (K2Serving.KIND, NS, "x")
+    assert kinds_to_observe(owner, ["ConfigMap", "StatefulSet"], ["StatefulSet"], memory) == {"StatefulSet"}
+    memory.replace(owner, {("ConfigMap", NS, "x-model"): Applied("u", "1", "d")})
+    assert kinds_to_observe(owner, ["ConfigMap", "StatefulSet"], ["StatefulSet"], memory) == {
+        "ConfigMap",
+        "StatefulSet",
+    }
+
+
 def test_a_deleted_resource_is_forgotten() -> None:
     env = Env()
     env.create_example("k2training-debug.yaml")
@@ -138,10 +149,12 @@ class StepKube:
 
     def __init__(self, fail: str | None = None) -> None:
         self.in_flight = self.most_in_flight = 0
+        self.started: list[str] = []
         self.finished: list[str] = []
         self.fail = fail
 
     async def apply(self, manifest: Object) -> Object:
+        self.started.append(manifest["kind"])
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         for _ in range(3):
@@ -164,13 +177,14 @@ def test_applies_run_concurrently_bounded_and_dependents_after_their_prerequisit
     monkeypatch.setattr(children_module, "MAX_CONCURRENT_APPLIES", 3)
     kube = StepKube()
     wanted = [
-        manifest("StatefulSet", "s0"),
         manifest("RoleBinding", "b"),
+        manifest("StatefulSet", "s0"),
         *(manifest("Role", f"r{i}") for i in range(5)),
     ]
     memory = children_module.AppliedChildren()
     current = asyncio.run(apply_children(kube, ("K2Serving", NS, "x"), wanted, {}, memory))  # type: ignore[arg-type]
     assert kube.most_in_flight == 3
+    assert kube.started[5:] == ["StatefulSet", "RoleBinding"]  # the workload first
     assert kube.finished[:5] == ["Role"] * 5 and sorted(kube.finished[5:]) == ["RoleBinding", "StatefulSet"]
     assert set(current) == {
         ("StatefulSet", NS, "s0"),
