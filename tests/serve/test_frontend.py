@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from k2_workers.serve.endpoints import BoundedHTTPServer, HttpError, Route, serve_routes
+from k2_workers.serve.endpoints import HttpServer, serve_routes
 from k2_workers.serve.frontend import GroupRouter
 from k2_workers.serve.group_wait import GroupWait
+from k2_workers.serve.http_routes import HttpError, Route
 from tests.serve.worker_process import request
 from tests.support.ports import free_port
 from tests.support.waits import wait_for
@@ -32,7 +33,7 @@ class StubGroup:
         self.delay_s = delay_s
         self.calls = 0
         routes: dict[tuple[str, str], Route] = {("POST", "/v1/generate"): self._generate}
-        self.server: BoundedHTTPServer = serve_routes(routes, "127.0.0.1", port)
+        self.server: HttpServer = serve_routes(routes, "127.0.0.1", port)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
     def _generate(self, body: bytes) -> tuple[int, dict[str, Any]]:

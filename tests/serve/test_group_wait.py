@@ -12,12 +12,12 @@ from http import HTTPStatus
 import grpc
 import pytest
 
-from k2_workers.serve.endpoints import HttpError
 from k2_workers.serve.frontend import GroupRouter
 from k2_workers.serve.group_wait import FIRST_PAUSE_S, MAX_PAUSE_S, GroupWait
 from k2_workers.serve.grpc_api import GenerationStub
 from k2_workers.serve.grpc_frontend import FrontendGeneration
 from k2_workers.serve.grpc_server import GrpcServer, serve_grpc
+from k2_workers.serve.http_routes import HttpError
 from k2_workers.serve.proto import generation_pb2 as pb
 from tests.serve.test_frontend import StubGroup
 from tests.support.ports import free_port

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2_workers.serve.chat import default_chat_prompt, load_chat_template, render_chat
-from k2_workers.serve.endpoints import HttpError, Stream, error_body
 from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.http_routes import HttpError, Stream, error_body
 from k2_workers.serve.openai_request import Message, parse_chat, parse_completions
 from k2_workers.serve.openai_response import error_document, finish
 from k2_workers.serve.openai_routes import openai_routes

@@ -224,10 +224,11 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(served: Served
     host, port = served.urls[via].removeprefix("http://").split(":")
     body = b'{"prompt": "%s", "max_tokens": %d, "stream": true}' % (PROMPT.encode(), max_tokens)
     with socket.create_connection((host, int(port)), timeout=60) as connection:
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        connection.sendall(head + body)
         received = b""
-        while b"data: " not in received:
-            received += connection.recv(65536)
+        while b"data: " not in received and (piece := connection.recv(65536)):
+            received += piece
     assert b"200 OK" in received
     wait_for("the request's batch to end", lambda: engine.scheduler.in_batch == 0 and served.steps.held_until)
     assert served.steps.held_until is True  # the server noticed the client gone while the request decoded

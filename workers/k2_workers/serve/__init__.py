@@ -5,7 +5,7 @@ Modules, by role:
 - `cli`: `k2 worker serve` flags; dispatches to a rank or the frontend (no torch).
 - `frontend`: routes generate requests across the groups, skipping dead ones (no torch).
 - `request`: a generate request's parameters and body parsing (no torch).
-- `endpoints`: the stdlib HTTP server both run (no torch).
+- `endpoints`: the HTTP server both run, an ASGI app (`http_app`) on uvicorn, for routes of `http_routes` (no torch).
 - `rank`: a rank's process: model, process group, HTTP, /metrics, the placement poll loop.
 - `rank_routes`: a rank's HTTP routes over its engine.
 - `engine`: one rank of a group decoding in lockstep; composes the four below.

@@ -21,9 +21,9 @@ import urllib.parse
 from pathlib import Path
 
 from k2_api.contract import Env, Ports
-from k2_workers.serve.endpoints import HttpLimits
 from k2_workers.serve.frontend import run_frontend
 from k2_workers.serve.group_wait import DEFAULT_WAIT_S, GroupWait
+from k2_workers.serve.http_routes import HttpLimits
 from k2_workers.serve.request import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_PREFILL_CHUNK_TOKENS
 from k2_workers.serve.scheduler import (
     DEFAULT_BATCH_WAIT_S,

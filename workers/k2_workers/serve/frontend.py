@@ -34,7 +34,10 @@ from http import HTTPStatus
 from typing import Any
 
 from k2_api.contract import HttpPaths
-from k2_workers.serve.endpoints import (
+from k2_workers.serve.endpoints import serve_routes
+from k2_workers.serve.group_wait import GroupWait
+from k2_workers.serve.grpc_start import start_frontend_grpc
+from k2_workers.serve.http_routes import (
     CHAT_PATH,
     COMPLETIONS_PATH,
     GENERATE_PATH,
@@ -44,10 +47,7 @@ from k2_workers.serve.endpoints import (
     Route,
     Stream,
     client_gone,
-    serve_routes,
 )
-from k2_workers.serve.group_wait import GroupWait
-from k2_workers.serve.grpc_start import start_frontend_grpc
 from k2_workers.serve.scheduler import CANCEL_POLL_S, DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from http import HTTPStatus
 from typing import Any
 
 from k2_workers.serve.chat import render_chat
-from k2_workers.serve.endpoints import CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH, HttpError, Route, Stream
 from k2_workers.serve.engine import GroupEngine
+from k2_workers.serve.http_routes import CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH, HttpError, Route, Stream
 from k2_workers.serve.openai_request import OpenAIRequest, parse_chat, parse_completions
 from k2_workers.serve.openai_response import (
     CompletionText,

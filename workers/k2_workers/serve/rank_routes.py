@@ -13,8 +13,8 @@ from http import HTTPStatus
 from typing import Any
 
 from k2_api.contract import HttpPaths
-from k2_workers.serve.endpoints import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route, client_gone
 from k2_workers.serve.engine import Completion, GroupBroken, GroupEngine
+from k2_workers.serve.http_routes import GENERATE_PATH, PLACEMENT_PATH, HttpError, Route, client_gone
 from k2_workers.serve.request import GenerateParams, parse_generate
 from k2_workers.serve.scheduler import Cancelled, DeadlineExceeded, QueueFull, Stopping
 from k2_workers.serve.token_stream import TokenStream
