@@ -269,9 +269,12 @@ class GroupEngine:
     def _step(self) -> bool:
         """One step of the continuous batch (the decoding thread): drop the rows nobody reads, plan, run the step
         on every rank, hand out the sampled tokens. False when there was nothing to run."""
-        for seq in [*self.batcher.running, *self.batcher.preempted]:
+        preempted = list(self.batcher.preempted)
+        for seq in [*self.batcher.running, *preempted]:
             job = self._jobs[seq.id]
-            if not job.stream.wanted:
+            # A decoding row was kept by its last sample (`_stays`): it runs this step and leaves after it, the
+            # others (prefilling or preempted) leave now.
+            if not job.stream.wanted and (seq.pending > 1 or seq in preempted):
                 self._leave(job)
         plan = self.batcher.plan(self.scheduler.take_first)
         for seq in plan.admitted:
