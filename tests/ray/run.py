@@ -106,3 +106,45 @@ def kill_one_train_worker(driver: subprocess.Popen[str]) -> None:
     workers = train_workers(driver)
     assert workers, "no Ray Train worker found under the driver"
     os.kill(workers[-1], signal.SIGKILL)
+
+
+def _inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def listening_addresses(driver: subprocess.Popen[str]) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) that the driver and every process under it listen
+    on: its local Ray instance, the Ray Train workers and their process group's store."""
+    pids = [driver.pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _descends_from(int(entry.name), driver.pid):
+                    pids.append(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            inodes |= _inodes(pid)
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.add(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+"""127.0.0.1 in /proc/net/tcp, as an IPv4-mapped IPv6 address and ::1 in /proc/net/tcp6."""

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from k2_api.serving import K2Serving
 from k2_api.training import K2Training
 from k2_workers.ray_run.cluster import target
+from k2_workers.ray_run.rank_actor import local_device_index
+from k2_workers.ray_run.serve_plan import plan_serving
 from k2_workers.ray_run.train_plan import choose_gpu, plan_training
 
 from .run import manifest
@@ -58,3 +61,19 @@ def test_the_address_comes_from_the_flag_then_ray_address_else_a_local_instance(
     assert target(None, {}, 2).local
     with pytest.raises(ValueError, match="--num-cpus"):
         target(None, {}, 0)
+
+
+def test_each_serving_group_is_one_placement_group_of_rank_bundles() -> None:
+    document = yaml.safe_load((Path(__file__).parents[2] / "examples" / "k2serving-debug.yaml").read_text())
+    plan = plan_serving(K2Serving.model_validate(document), cluster_gpus=0, cpus_per_rank=0.5)
+    assert (plan.groups, plan.ranks_per_group, plan.use_gpu) == (2, 2, False)
+    assert plan.bundles == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert (plan.num_cpus, plan.host, plan.port) == (2, "127.0.0.1", 8000)
+    on_gpus = plan_serving(K2Serving.model_validate(document), cluster_gpus=4, port=9000)
+    assert on_gpus.use_gpu and on_gpus.bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2 and on_gpus.port == 9000
+
+
+def test_a_rank_uses_the_gpu_ray_assigned_only_when_it_sees_them_all() -> None:
+    assert local_device_index([3], all_visible=True) == 3
+    assert local_device_index([3], all_visible=False) == 0  # Ray masked CUDA_VISIBLE_DEVICES to that one GPU
+    assert local_device_index([], all_visible=True) == 0

@@ -15,7 +15,7 @@ import pytest
 from tests.support.ports import free_port
 from tests.train.launch import base_env
 
-from .run import K2_RUN
+from .run import K2_RUN, LOOPBACK_HEX, listening_addresses
 
 pytest.importorskip("ray.train")
 pytestmark = pytest.mark.distributed
@@ -50,6 +50,8 @@ def test_the_example_serves_completions_on_loopback_and_stops_on_sigint(tmp_path
         proc = subprocess.Popen(command, env=base_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
     try:
         _wait_for_line(stderr, proc, f"{READY}{port}", timeout_s=480)
+        listeners = listening_addresses(proc)
+        assert listeners and listeners <= LOOPBACK_HEX, listeners  # Ray, ranks, stores, frontend: loopback only
         answers = [
             _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": f"hello {i}", "max_tokens": 4})
             for i in range(4)

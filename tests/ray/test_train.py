@@ -6,6 +6,7 @@ resume under torchrun)."""
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from k2_api.contract import ExitCodes
 from k2_workers.train.checkpoint import complete_checkpoints
 from k2_workers.train.checkpoint_files import TENSORS_FILE
 
-from .run import k2_run, kill_one_train_worker, manifest
+from .run import LOOPBACK_HEX, k2_run, kill_one_train_worker, listening_addresses, manifest
 
 pytest.importorskip("ray.train")
 pytestmark = pytest.mark.distributed
@@ -57,7 +58,14 @@ def test_ctrl_c_checkpoints_a_rerun_resumes_and_a_killed_worker_restarts_the_gan
     assert stopped.steps == list(range(1, last + 1)) and 3 < last < STEPS
     assert [s for s, _ in complete_checkpoints(storage / NAME / "checkpoints")][-1] == last
 
-    resumed = k2_run(spec_file, storage, at_step=last + 2, action=kill_one_train_worker)
+    listeners: set[str] = set()
+
+    def check_listeners_then_kill(proc: subprocess.Popen[str]) -> None:
+        listeners.update(listening_addresses(proc))
+        kill_one_train_worker(proc)
+
+    resumed = k2_run(spec_file, storage, at_step=last + 2, action=check_listeners_then_kill)
+    assert listeners and listeners <= LOOPBACK_HEX, listeners  # Ray, the workers, the group's store: loopback only
     assert resumed.returncode == ExitCodes.SUCCEEDED, resumed.stderr[-4000:]
     assert resumed.steps[0] == last + 1 and resumed.steps[-1] == STEPS
     assert "gang restarted (start 2)" in resumed.stderr  # the killed worker's gang started again

@@ -9,11 +9,16 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from k2_api.contract import Env, TorchrunEnv
+
+if TYPE_CHECKING:
+    from k2_workers.ray_run.rendezvous import StoreServer
+
+STORE_TIMEOUT_S = 120.0
 
 
 def free_port(host: str) -> int:
@@ -43,11 +48,17 @@ class RankActor:
         self._config = Path(self._dir) / "k2serving.yaml"
         self._config.write_text(yaml.safe_dump(document))
         self._stop = threading.Event()
+        self._store: StoreServer | None = None
 
     def address(self) -> tuple[str, int, int]:
-        """(this node's address, a free rendezvous port, a free HTTP port): what rank 0 tells the group."""
+        """(this node's address, the rendezvous port, a free HTTP port). Rank 0 starts the group's store server here,
+        on this address only; the pods' env:// rendezvous in run_rank reuses it (rendezvous.StoreServer)."""
+        from k2_workers.ray_run.rendezvous import StoreServer
+
         host = node_address()
-        return host, free_port(host), free_port(host)
+        if self._rank == 0 and self._store is None:
+            self._store = StoreServer(host, self._world_size, STORE_TIMEOUT_S)
+        return host, self._store.port if self._store is not None else 0, free_port(host)
 
     def serve(self, master: str, master_port: int, http_port: int, seed: int) -> int:
         """Runs the rank until `stop` (rank 0) or until rank 0 stops the group; the rank's exit code."""

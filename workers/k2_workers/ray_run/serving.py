@@ -56,7 +56,7 @@ def start_group(document: dict[str, Any], plan: ServePlan, index: int, seed: int
     ]
     addresses = ray.get([rank.address.remote() for rank in ranks])
     master, master_port, _ = addresses[0]
-    http_ports = [addresses[0][2]] + [port for _, port, _ in addresses[1:]]
+    http_ports = [http for _, _, http in addresses]
     serving = [rank.serve.remote(master, master_port, port, seed) for rank, port in zip(ranks, http_ports, strict=True)]
     return Group(index, pg, ranks, serving, f"http://{master}:{http_ports[0]}")
 

@@ -1,7 +1,8 @@
 """One rank of a K2Training on Ray Train: the pods' training loop (`k2_workers.train.loop.train`) in a Ray Train
-worker. Ray Train has already joined the process group and set the torchrun env (RANK, LOCAL_RANK, WORLD_SIZE, ...),
-so the loop runs unchanged; after every step this rank reports the record to Ray Train, rank 0 also to the driver's
-channel, and a stop requested there ends the run after the next step with a checkpoint, as SIGTERM does in a pod."""
+worker. The rank first sets the torchrun env (RANK, LOCAL_RANK, WORLD_SIZE, ...) and joins the process group
+(ray_torch.join_group, rank 0's store on its node's address only), so the loop runs unchanged; after every step
+this rank reports the record to Ray Train, rank 0 also to the driver's channel, and a stop requested there ends
+the run after the next step with a checkpoint, as SIGTERM does in a pod."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from k2_workers.ray_run.channel import ChannelClient
+from k2_workers.ray_run.ray_torch import join_group
 from k2_workers.train.config import RunConfig
 from k2_workers.train.signals import StopFlag
 
@@ -55,7 +57,12 @@ def train_rank(config: Mapping[str, Any]) -> None:
             checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
         )
 
-    with open(os.devnull, "w") as sink:  # rank 0's step lines go to the driver through the channel instead
-        code = train(cfg, out=sink, stop=stop, on_step=on_step)
+    server = join_group("nccl" if cfg.device == "cuda" else "gloo", cfg.process_group_timeout_s)
+    try:
+        with open(os.devnull, "w") as sink:  # rank 0's step lines go to the driver through the channel instead
+            code = train(cfg, out=sink, stop=stop, on_step=on_step)
+    finally:
+        if server is not None:
+            server.close()
     if is_main:
         channel.finish(code)

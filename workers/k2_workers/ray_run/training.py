@@ -16,10 +16,11 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from k2_api.contract import ExitCodes
 from k2_workers.ray_run.channel import ChannelClient
+from k2_workers.ray_run.ray_torch import RankJoinsConfig
 from k2_workers.ray_run.train_plan import TrainPlan
 from k2_workers.ray_run.train_worker import CHANNEL, RUN, RUN_DIR, train_rank
 from k2_workers.train.config import RunConfig as K2RunConfig
@@ -38,7 +39,7 @@ def build_trainer(cfg: K2RunConfig, plan: TrainPlan, channel: ChannelClient) -> 
     return TorchTrainer(
         train_rank,
         train_loop_config={RUN: rank_config(cfg, plan), CHANNEL: channel, RUN_DIR: str(plan.run_dir)},
-        torch_config=TorchConfig(backend=plan.backend, timeout_s=max(1, int(cfg.process_group_timeout_s))),
+        torch_config=RankJoinsConfig(backend=plan.backend, timeout_s=max(1, int(cfg.process_group_timeout_s))),
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers,
             use_gpu=plan.use_gpu,
