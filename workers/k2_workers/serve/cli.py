@@ -87,10 +87,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--http-timeout-s",
         type=float,
         default=HttpLimits.socket_timeout_s,
-        help="a client silent this long while sending a request, or between requests, is disconnected",
+        help="most time for an HTTP request's headers, and for its body (408), and idle between requests",
     )
     parser.add_argument(
-        "--max-connections", type=int, default=HttpLimits.max_connections, help="HTTP connections served at once"
+        "--max-connections",
+        type=int,
+        default=HttpLimits.max_connections,
+        help="HTTP connections open at once, idle ones included; one more gets 503",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=HttpLimits.max_requests,
+        help="HTTP requests in flight at once (each on a worker thread); one more gets 503",
     )
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset without a checkpoint")
     parser.add_argument(
@@ -115,7 +124,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--request-timeout-s: must be >= 0, got {args.request_timeout_s}")
     if args.http_timeout_s <= 0:
         parser.error(f"--http-timeout-s: must be > 0, got {args.http_timeout_s}")
-    for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue", "max_connections"):
+    for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue", "max_connections", "max_requests"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if not args.group_wait_s >= 0:
@@ -132,7 +141,9 @@ def grpc_targets(endpoints: list[str]) -> list[str]:
 
 
 def http_limits(args: argparse.Namespace) -> HttpLimits:
-    return HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
+    return HttpLimits(
+        socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections, max_requests=args.max_requests
+    )
 
 
 def main(argv: list[str]) -> int:

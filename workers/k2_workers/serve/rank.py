@@ -130,7 +130,9 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
     )
     if rank == 0:  # the one that schedules
         registry.register(EngineCollector(engine, name, group))
-    limits = HttpLimits(socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections)
+    limits = HttpLimits(
+        socket_timeout_s=args.http_timeout_s, max_connections=args.max_connections, max_requests=args.max_requests
+    )
     routes = rank_routes(engine, args.max_new_tokens)
     model_name = args.served_model_name or name
     if rank == 0:
