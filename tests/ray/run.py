@@ -86,15 +86,16 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def train_workers(driver: subprocess.Popen[str]) -> list[int]:
-    """The pids of the Ray Train worker processes under a driver (its local Ray instance's raylet starts them)."""
+def actor_pids(driver: subprocess.Popen[str], title: str = TRAIN_WORKER) -> list[int]:
+    """The pids of the actors with this process title (default: Ray Train workers) under a driver (its local Ray
+    instance's raylet starts them)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if title.startswith(TRAIN_WORKER) and _descends_from(int(entry.name), driver.pid):
+            cmdline_title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if cmdline_title.startswith(title) and _descends_from(int(entry.name), driver.pid):
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue  # exited meanwhile
@@ -103,7 +104,7 @@ def train_workers(driver: subprocess.Popen[str]) -> list[int]:
 
 def kill_one_train_worker(driver: subprocess.Popen[str]) -> None:
     """SIGKILL to the last-started Ray Train worker: a rank dies mid-run."""
-    workers = train_workers(driver)
+    workers = actor_pids(driver)
     assert workers, "no Ray Train worker found under the driver"
     os.kill(workers[-1], signal.SIGKILL)
 

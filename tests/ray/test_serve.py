@@ -1,9 +1,11 @@
 """`k2 run` of a K2Serving on a real local Ray instance (2 CPUs): the example's 2 groups x 2 ranks, each group a
-placement group of rank actors running the pods' engine, behind the pods' frontend on 127.0.0.1."""
+placement group of rank actors running the pods' engine, behind the pods' frontend on 127.0.0.1. A killed rank
+actor's group is re-formed while the other group answers every request."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -15,13 +17,14 @@ import pytest
 from tests.support.ports import free_port
 from tests.train.launch import base_env
 
-from .run import K2_RUN, LOOPBACK_HEX, listening_addresses
+from .run import K2_RUN, LOOPBACK_HEX, actor_pids, listening_addresses
 
 pytest.importorskip("ray.train")
 pytestmark = pytest.mark.distributed
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "k2serving-debug.yaml"
 READY = "frontend on http://127.0.0.1:"
+RANK_ACTOR = "ray::RankActor"
 
 
 def _wait_for_line(stderr: Path, proc: subprocess.Popen[str], text: str, timeout_s: float) -> None:
@@ -42,7 +45,7 @@ def _post(url: str, body: dict[str, object]) -> dict[str, object]:
         return answer
 
 
-def test_the_example_serves_completions_on_loopback_and_stops_on_sigint(tmp_path: Path) -> None:
+def test_the_example_serves_on_loopback_re_forms_a_group_whose_rank_died_and_stops_on_sigint(tmp_path: Path) -> None:
     port = free_port()
     stderr = tmp_path / "serve.stderr"
     command = [*K2_RUN, "-f", str(EXAMPLE), "--port", str(port), "--num-cpus", "2", "--cpus-per-worker", "0.5"]
@@ -52,13 +55,23 @@ def test_the_example_serves_completions_on_loopback_and_stops_on_sigint(tmp_path
         _wait_for_line(stderr, proc, f"{READY}{port}", timeout_s=480)
         listeners = listening_addresses(proc)
         assert listeners and listeners <= LOOPBACK_HEX, listeners  # Ray, ranks, stores, frontend: loopback only
-        answers = [
-            _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": f"hello {i}", "max_tokens": 4})
-            for i in range(4)
-        ]
+        completions = f"http://127.0.0.1:{port}/v1/completions"
+        answers = [_post(completions, {"prompt": f"hello {i}", "max_tokens": 4}) for i in range(4)]
         for answer in answers:
             choices = answer["choices"]
             assert isinstance(choices, list) and choices and isinstance(choices[0]["text"], str)
+
+        ranks = actor_pids(proc, RANK_ACTOR)
+        assert len(ranks) == 4  # 2 groups x 2 ranks
+        os.kill(ranks[-1], signal.SIGKILL)
+        _wait_for_line(stderr, proc, "a rank ended; re-forming the group", timeout_s=60)
+        time.sleep(2)  # the broken group's ranks are gone: the frontend routes around it
+        for i in range(4):  # the other group serves meanwhile: none fails
+            _post(completions, {"prompt": f"during {i}", "max_tokens": 4})
+        _wait_for_line(stderr, proc, "re-formed, serving again", timeout_s=480)
+        for i in range(4):
+            _post(completions, {"prompt": f"after {i}", "max_tokens": 4})
+        assert len(actor_pids(proc, RANK_ACTOR)) == 4
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, stderr.read_text()[-4000:]
     finally:

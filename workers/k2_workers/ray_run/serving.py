@@ -1,6 +1,7 @@
 """The driver of a K2Serving on Ray: one placement group of rank actors per group, each group forming the same
 torch.distributed group the pods form and running the same engine, and the pods' frontend on this machine routing
-requests across the groups' rank 0. Runs until SIGINT or SIGTERM, then stops the groups."""
+requests across the groups' rank 0. A group whose rank died (or that broke) is re-formed in its placement group while
+the others serve. Runs until SIGINT or SIGTERM, then stops the groups."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from k2_workers.serve.group_wait import GroupWait
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
+SUPERVISE_S = 1.0
 
 
 @dataclass
@@ -39,11 +41,21 @@ class Group:
 
 
 def start_group(document: dict[str, Any], plan: ServePlan, index: int, seed: int) -> Group:
-    """Reserves the group's bundles (all or none), starts a rank actor in each and the ranks' `serve`."""
+    """Reserves the group's bundles (all or none), then starts its ranks there (start_ranks)."""
     import ray
 
     pg = placement_group(plan.bundles, strategy=plan.placement_strategy, name=f"{plan.name}-group-{index}")
     ray.get(pg.ready())
+    return start_ranks(document, plan, index, seed, pg)
+
+
+def start_ranks(
+    document: dict[str, Any], plan: ServePlan, index: int, seed: int, pg: PlacementGroup, http_port: int = 0
+) -> Group:
+    """A rank actor in each bundle of `pg`, and the ranks' `serve`; rank 0 on `http_port` when given (a re-formed
+    group keeps its URL: its bundles stay on their nodes)."""
+    import ray
+
     actor_class: Any = ray.remote(RankActor)
     ranks = [
         actor_class.options(
@@ -56,9 +68,47 @@ def start_group(document: dict[str, Any], plan: ServePlan, index: int, seed: int
     ]
     addresses = ray.get([rank.address.remote() for rank in ranks])
     master, master_port, _ = addresses[0]
-    http_ports = [http for _, _, http in addresses]
+    http_ports = [http_port or addresses[0][2]] + [http for _, _, http in addresses[1:]]
     serving = [rank.serve.remote(master, master_port, port, seed) for rank, port in zip(ranks, http_ports, strict=True)]
     return Group(index, pg, ranks, serving, f"http://{master}:{http_ports[0]}")
+
+
+def ended(group: Group) -> bool:
+    """Whether a rank of the group ended: its actor died, or the group broke (every rank then returns)."""
+    import ray
+
+    finished, _ = ray.wait(group.serving, timeout=0)
+    return bool(finished)
+
+
+def reform(document: dict[str, Any], plan: ServePlan, group: Group, seed: int) -> Group:
+    """The group's ranks replaced by new actors in the same placement group; rank 0 keeps the group's URL."""
+    import ray
+
+    for rank in group.ranks:
+        ray.kill(rank)
+    ray.wait(group.serving, num_returns=len(group.serving), timeout=STOP_TIMEOUT_S)  # the old ranks are gone
+    port = int(group.url.rsplit(":", 1)[1])
+    return start_ranks(document, plan, group.index, seed, group.placement_group, http_port=port)
+
+
+def supervise(
+    document: dict[str, Any], plan: ServePlan, groups: list[Group], seed: int, stop: threading.Event, err: TextIO
+) -> None:
+    """Until `stop`: a group whose rank ended is re-formed; the other groups keep serving meanwhile (the frontend
+    routes around a group that refuses or answers 503)."""
+    while not stop.wait(SUPERVISE_S):
+        for i, group in enumerate(groups):
+            if stop.is_set() or not ended(group):
+                continue
+            print(f"group {group.index}: a rank ended; re-forming the group", file=err, flush=True)
+            groups[i] = reform(document, plan, group, seed)
+            try:
+                wait_ready([groups[i]], READY_TIMEOUT_S)
+            except RuntimeError as error:
+                print(f"group {group.index}: {error}", file=err, flush=True)
+                continue
+            print(f"group {group.index} re-formed, serving again on {groups[i].url}", file=err, flush=True)
 
 
 def ready(url: str) -> bool:
@@ -91,8 +141,8 @@ def wait_ready(groups: Sequence[Group], timeout_s: float) -> None:
 def stop_groups(groups: Sequence[Group]) -> None:
     import ray
 
-    for group in groups:
-        ray.get([rank.stop.remote() for rank in group.ranks])
+    stops = [rank.stop.remote() for group in groups for rank in group.ranks]
+    ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)  # a dead rank's call fails: not waited for
     ray.wait(
         [ref for g in groups for ref in g.serving],
         num_returns=sum(len(g.serving) for g in groups),
@@ -121,7 +171,13 @@ def run_serving(document: dict[str, Any], plan: ServePlan, *, seed: int = 0, err
             file=err,
             flush=True,
         )
-        return run_frontend([g.url for g in groups], plan.host, plan.port, stop, wait=GroupWait())
+        supervisor = threading.Thread(
+            target=supervise, args=(document, plan, groups, seed, stop, err), name="k2-ray-supervise", daemon=True
+        )
+        supervisor.start()
+        code = run_frontend([g.url for g in groups], plan.host, plan.port, stop, wait=GroupWait())
+        supervisor.join()
+        return code
     finally:
         stop_groups(groups)
         for sig, handler in previous.items():
