@@ -9,7 +9,7 @@ import yaml
 
 from k2_api.serving import K2Serving
 from k2_api.training import K2Training
-from k2_workers.ray_run.cluster import target
+from k2_workers.ray_run.cluster import on_loopback, target
 from k2_workers.ray_run.rank_actor import local_device_index
 from k2_workers.ray_run.serve_plan import plan_serving
 from k2_workers.ray_run.train_plan import choose_gpu, plan_training
@@ -77,3 +77,8 @@ def test_a_rank_uses_the_gpu_ray_assigned_only_when_it_sees_them_all() -> None:
     assert local_device_index([3], all_visible=True) == 3
     assert local_device_index([3], all_visible=False) == 0  # Ray masked CUDA_VISIBLE_DEVICES to that one GPU
     assert local_device_index([], all_visible=True) == 0
+
+
+def test_a_cluster_on_loopback_is_told_apart() -> None:
+    assert on_loopback("127.0.0.1:6379") and on_loopback("ray://localhost:10001") and on_loopback("[::1]:6379")
+    assert not on_loopback("ray://head.ray.svc:10001") and not on_loopback("10.0.0.2:6379")

@@ -47,9 +47,16 @@ def target(address: str | None, env: Mapping[str, str], num_cpus: int) -> Target
     return Target(address=chosen, num_cpus=num_cpus)
 
 
+def on_loopback(address: str) -> bool:
+    """Whether a Ray address names this machine's loopback (`127.0.0.1:6379`, `ray://localhost:10001`)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def prepare(where: Target) -> None:
-    """The environment a local instance needs; call it before anything imports `ray`."""
-    if not where.local:
+    """The environment a local instance, or a driver of a cluster on loopback, needs (the driver then advertises
+    127.0.0.1 too); call it before anything imports `ray`."""
+    if not (where.local or (where.address is not None and on_loopback(where.address))):
         return
     if "ray" in sys.modules:
         log.warning("ray was imported before the local instance was prepared: it may advertise a non-loopback address")
@@ -65,6 +72,7 @@ def connected(where: Target, verbose: bool = False) -> Iterator[None]:
     quiet = logging.INFO if verbose else logging.WARNING
     if where.local:
         ray.init(
+            address="local",  # a new instance even where a `ray start` cluster exists on this machine
             num_cpus=where.num_cpus,
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
