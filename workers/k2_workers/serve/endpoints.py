@@ -92,7 +92,8 @@ def serve_routes(
     """Start serving `{(method, path): route}` on host:port (0: any free port) from a daemon thread; the socket
     listens when this returns. `server.shutdown()` stops it."""
     limits = limits or HttpLimits()
-    app = RoutesApp(routes, limits, DaemonThreadPool(limits.max_requests, f"http-{port}"))
+    listener = socket.create_server((host, port), backlog=limits.max_connections)
+    app = RoutesApp(routes, limits, DaemonThreadPool(limits.max_requests, f"http-{listener.getsockname()[1]}"))
     config = uvicorn.Config(
         app,
         http=bounded_h11(limits.socket_timeout_s, limits.max_connections),
@@ -107,7 +108,6 @@ def serve_routes(
         log_config=None,
         backlog=limits.max_connections,
     )
-    listener = socket.create_server((host, port), backlog=limits.max_connections)
     server = HttpServer(uvicorn.Server(config), app, listener)
     server.wait_started()
     return server

@@ -142,25 +142,35 @@ class RoutesApp:
             raise HttpError(HTTPStatus.REQUEST_TIMEOUT, f"body: not received within {timeout} s") from None
 
     async def _stream(self, send: Send, stream: Stream, gone: threading.Event) -> None:
-        """Send the events as they come; a client gone, or a source that breaks midway, ends the response early
-        (the connection closes without the last chunk, so the client sees the stream cut)."""
+        """Send the events as they come; a client gone, one that reads nothing for `socket_timeout_s` (its buffers
+        full), or a source that breaks midway ends the response early (the connection closes without the last
+        chunk, so the client sees the stream cut)."""
         headers = [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")]
         await send({"type": "http.response.start", "status": HTTPStatus.OK, "headers": headers})
         events: Iterator[bytes] = iter(stream.events)
         try:
             while not gone.is_set():
                 chunk = await self._pool.run(functools.partial(bound_to, gone, functools.partial(next, events, _END)))
-                if chunk is _END:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                end = chunk is _END
+                message = {"type": "http.response.body", "body": b"" if end else chunk, "more_body": not end}
+                if not await self._send_in_time(send, message, gone) or end:
                     return
-                assert isinstance(chunk, bytes)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (ConnectionError, TimeoutError) as error:  # a group's stream that broke: cut ours too
             log.warning("a stream ended early: %s", error)
         finally:  # its source learns it now (a request stops decoding, a relay closes its group's connection)
             close = getattr(stream.events, "close", None)
             if close is not None:
                 await self._pool.run(functools.partial(bound_to, gone, close))
+
+    async def _send_in_time(self, send: Send, message: Message, gone: threading.Event) -> bool:
+        """Send `message`, unless the client read nothing for `socket_timeout_s`: then it counts as gone."""
+        try:
+            await asyncio.wait_for(send(message), self._limits.socket_timeout_s)
+        except TimeoutError:
+            log.info("a stream's client read nothing for %s s: cut", self._limits.socket_timeout_s)
+            gone.set()
+            return False
+        return True
 
 
 async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
