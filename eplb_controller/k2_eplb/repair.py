@@ -21,6 +21,7 @@ it, so with more time each layer is either reached sooner in the same place or a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,13 +29,17 @@ from k2_eplb.local_search import BoolArray, Origin, membership
 from k2_eplb.metrics import FloatArray, IntArray, replica_counts
 
 _NEW = np.newaxis
-_AIM = 0.997
+_AIM = 0.997  # aim at this fraction of the limit: GPUs just under it are still pushed down a little
 _RELIEF_EXPERTS = 8  # candidate new experts per layer: those whose extra replica removes the most overload
 _LIGHT_EXPERTS = 8  # ... and those whose extra replica is lightest (to replace a heavy one on an overloaded GPU)
 _SWAP_GPUS = 16  # overloaded GPUs tried for swaps per round, heaviest first
 _SWAP_PARTNERS = 16  # lightest GPUs tried as their partners
+_CHAIN_GPUS = 16  # lightest GPUs whose slots may take a new replica while their expert moves on
+_LANDING_SLOTS = 16  # slots (of an expert with spare replicas) where that expert may land, cheapest first
 _PER_ROUND = 4  # changes applied per layer and round, at most
 _MIN_GAIN = 1e-12  # relative overload a change must remove
+_PATIENCE = 3  # rounds without less overload after which a layer counts as stuck
+_SWAP, _REPOINT, _CHAIN = 0, 1, 2
 
 
 def repair(
@@ -65,6 +70,8 @@ def repair(
     best = placement.copy()
     best_peak = peak.copy()
     best_spent = spent.copy()
+    least_over = np.full(num_layers, np.inf)  # the least overload each layer's path has seen
+    idle = np.zeros(num_layers, dtype=np.int64)  # rounds since it last dropped
     for _ in range(max_rounds):
         rows = np.flatnonzero(active)
         if not len(rows) or (deadline is not None and time.process_time() >= deadline):
@@ -72,7 +79,14 @@ def repair(
         left = None if layer_budget_L is None else layer_budget_L[rows] - spent[rows]
         found = _round(load_LE, placement, counts, holds, rows, limit_L[rows] * _AIM, origin, left, spent)
         active[rows[~found]] = False
-        peak_n = _gpu_loads(load_LE, placement, counts, rows).max(axis=1)
+        loads_n = _gpu_loads(load_LE, placement, counts, rows)
+        peak_n = loads_n.max(axis=1)
+        # changes are valued one by one: if together they stop removing overload, the layer is stuck
+        over_n = np.maximum(loads_n - (limit_L[rows] * _AIM)[:, _NEW], 0.0).sum(axis=1)
+        dropped = over_n < least_over[rows] * (1 - 1e-12)
+        least_over[rows] = np.minimum(least_over[rows], over_n)
+        idle[rows] = np.where(dropped, 0, idle[rows] + 1)
+        active[rows[idle[rows] >= _PATIENCE]] = False
         better = peak_n < best_peak[rows]
         keep = rows[better]
         best[keep], best_peak[keep], best_spent[keep] = placement[keep], peak_n[better], spent[keep]
@@ -132,6 +146,11 @@ def _round(
     rem_E = np.bincount(flat_e, np.where(removable, rem_GS, 0.0).reshape(-1), n * num_experts).reshape(n, -1)
     add_E = np.bincount(flat_e, add_GS.reshape(-1), n * num_experts).reshape(n, -1)
 
+    x_rem = np.take_along_axis(rem_E, P.reshape(n, -1), axis=1).reshape(P.shape)  # [n, G, S]
+    o = origin.holds_LEG
+    gpus = np.arange(num_gpus)
+    refund_GS = ~o[rows[:, _NEW, _NEW], P, gpus[_NEW, :, _NEW]]  # the slot's expert was itself a copy here
+
     # --- re-points: every slot (g, t), new expert y from a short list ---------------------------------------------
     k_rel = min(_RELIEF_EXPERTS, num_experts)
     k_light = min(_LIGHT_EXPERTS, num_experts)
@@ -140,29 +159,55 @@ def _round(
     ys = np.concatenate([relief, light], axis=1)  # [n, K]
     y_share = np.take_along_axis(w / (c + 1), ys, axis=1)  # [n, K]
     y_add = np.take_along_axis(add_E, ys, axis=1)
-    x_rem = np.take_along_axis(rem_E, P.reshape(n, -1), axis=1).reshape(P.shape)  # [n, G, S]
     self_g = over(gl[:, :, _NEW, _NEW] - SH[..., _NEW] + y_share[:, _NEW, _NEW, :], aim_[:, :, _NEW, _NEW])
-    delta = (x_rem - rem_GS)[..., _NEW] + y_add[:, _NEW, _NEW, :] + self_g - base[:, :, _NEW, _NEW]  # [n, G, S, K]
+    y_gain = self_g - base[:, :, _NEW, _NEW] + y_add[:, _NEW, _NEW, :]  # [n, G, S, K]: slot (g, t) takes y
     rk = rows[:, _NEW, _NEW]
-    y_on_g = holds[rk, ys[:, _NEW, :], np.arange(num_gpus)[_NEW, :, _NEW]]  # [n, G, K]
-    ok = removable[..., _NEW] & ~y_on_g[:, :, _NEW, :] & (P[..., _NEW] != ys[:, _NEW, _NEW, :])
-    new_cost = ~origin.holds_LEG[rk, ys[:, _NEW, :], np.arange(num_gpus)[_NEW, :, _NEW]]  # [n, G, K]
-    x_refund = ~origin.holds_LEG[rows[:, _NEW, _NEW], P, np.arange(num_gpus)[_NEW, :, _NEW]]  # [n, G, S]
-    rp_cost = new_cost[:, :, _NEW, :].astype(np.int64) - x_refund[..., _NEW]
-    if left is not None:
-        ok &= rp_cost <= left[:, _NEW, _NEW, _NEW]
-    gain = -delta / scale[:, _NEW, _NEW, _NEW]
-    ok &= gain > _MIN_GAIN
-    rp_score = np.where(ok, gain / np.maximum(rp_cost, 0.5), -np.inf).reshape(n, num_gpus, -1)
-    rp_pick = np.argmax(rp_score, axis=2)  # best per GPU [n, G]
-    rp_best = np.take_along_axis(rp_score, rp_pick[..., _NEW], axis=2)[..., 0]
-    rp_t, rp_k = np.divmod(rp_pick, ys.shape[1])
-    rp_x = np.take_along_axis(P, rp_t[..., _NEW], axis=2)[..., 0]
+    y_on_g = holds[rk, ys[:, _NEW, :], gpus[_NEW, :, _NEW]]  # [n, G, K]
+    y_cost = (~o[rk, ys[:, _NEW, :], gpus[_NEW, :, _NEW]]).astype(np.int64)[:, :, _NEW, :] - refund_GS[..., _NEW]
+    takes_y = ~y_on_g[:, :, _NEW, :] & (P[..., _NEW] != ys[:, _NEW, _NEW, :])
+    rp = _best(
+        -((x_rem - rem_GS)[..., _NEW] + y_gain) / scale[:, _NEW, _NEW, _NEW],
+        y_cost,
+        removable[..., _NEW] & takes_y,
+        left,
+    )  # best per GPU, over (t, y)
+    rp_t, rp_k = np.divmod(rp.pick, ys.shape[1])
     rp_y = np.take_along_axis(ys, rp_k, axis=1)
-    rp_c = np.take_along_axis(rp_cost.reshape(n, num_gpus, -1), rp_pick[..., _NEW], axis=2)[..., 0]
+
+    # --- chains: a light GPU's slot takes y, its expert x moves to a slot (k, u) whose expert z has spare replicas ---
+    order = np.argsort(-gl, axis=1, kind="stable")
+    k_ch = min(_CHAIN_GPUS, num_gpus)
+    m_land = min(_LANDING_SLOTS, num_gpus * num_slots)
+    hs = order[:, num_gpus - k_ch :]  # the lightest GPUs
+    # landing slots: removable z, ranked by the overload that adding a mean slot load there would cost
+    mean_slot = (gl.mean(axis=1) / num_slots)[:, _NEW, _NEW]
+    land_cost = over(gl[:, :, _NEW] - SH + mean_slot, aim_[:, :, _NEW]) - base[:, :, _NEW] + x_rem - rem_GS
+    land_flat = np.where(removable, land_cost, np.inf).reshape(n, -1)
+    land = np.argpartition(land_flat, m_land - 1, axis=1)[:, :m_land]  # [n, M]
+    land_g, land_u = np.divmod(land, num_slots)
+    land_z_pen = np.take_along_axis((x_rem - rem_GS).reshape(n, -1), land, axis=1)  # z's other GPUs
+    land_sh = np.take_along_axis(SH.reshape(n, -1), land, axis=1)
+    land_ok = np.take_along_axis(removable.reshape(n, -1), land, axis=1)
+    land_gl = gl[r[:, _NEW], land_g]
+    xh = P[r[:, _NEW], hs]  # [n, H, S]
+    sh_x = SH[r[:, _NEW], hs]
+    k_term = over(land_gl[:, _NEW, _NEW, :] - land_sh[:, _NEW, _NEW, :] + sh_x[..., _NEW], aim[:, _NEW, _NEW, _NEW])
+    k_term = k_term - over(land_gl, aim_)[:, _NEW, _NEW, :] + land_z_pen[:, _NEW, _NEW, :]  # [n, H, S, M]
+    ch_gain = y_gain[r[:, _NEW], hs][..., _NEW] + k_term[:, :, :, _NEW, :]  # [n, H, S, K, M]
+    x_on_k = holds[rows[:, _NEW, _NEW, _NEW], xh[..., _NEW], land_g[:, _NEW, _NEW, :]]  # [n, H, S, M]
+    ch_ok = takes_y[r[:, _NEW], hs][..., _NEW] & (land_ok[:, _NEW, _NEW, :] & ~x_on_k)[:, :, :, _NEW, :]
+    ch_ok &= (land_g[:, _NEW, :] != hs[..., _NEW])[:, :, _NEW, _NEW, :]
+    z_land = np.take_along_axis(P.reshape(n, -1), land, axis=1)
+    ch_ok &= z_land[:, _NEW, _NEW, _NEW, :] != ys[:, _NEW, _NEW, :, _NEW]
+    x_cost = (~o[rows[:, _NEW, _NEW, _NEW], xh[..., _NEW], land_g[:, _NEW, _NEW, :]]).astype(np.int64)
+    z_refund = np.take_along_axis(refund_GS.reshape(n, -1), land, axis=1)
+    ch_cost = y_cost[r[:, _NEW], hs][..., _NEW] + (x_cost - z_refund[:, _NEW, _NEW, :])[:, :, :, _NEW, :]
+    ch = _best(-ch_gain / scale[:, _NEW, _NEW, _NEW, _NEW], ch_cost, ch_ok, left)  # best per light GPU
+    ch_t, ch_rest = np.divmod(ch.pick, ys.shape[1] * m_land)
+    ch_k, ch_m = np.divmod(ch_rest, m_land)
+    ch_y = np.take_along_axis(ys, ch_k, axis=1)
 
     # --- swaps: the heaviest GPUs with the lightest ------------------------------------------------------------------
-    order = np.argsort(-gl, axis=1, kind="stable")
     k_sw = min(_SWAP_GPUS, num_gpus // 2)
     m = min(_SWAP_PARTNERS, num_gpus - k_sw)
     heavy = order[:, :k_sw]
@@ -173,80 +218,132 @@ def _round(
     gm = gl[r[:, _NEW], lightg][:, _NEW, _NEW, :, _NEW]
     aim5 = aim[:, _NEW, _NEW, _NEW, _NEW]
     sw_delta = over(gh - a + b, aim5) + over(gm + a - b, aim5) - over(gh, aim5) - over(gm, aim5)
-    xh = P[r[:, _NEW], heavy]  # [n, h, S]
+    xs = P[r[:, _NEW], heavy]  # [n, h, S]
     zm = P[r[:, _NEW], lightg]  # [n, m, S]
-    x_on_m = holds[rows[:, _NEW, _NEW, _NEW], xh[..., _NEW], lightg[:, _NEW, _NEW, :]]  # [n, h, S, m]
+    x_on_m = holds[rows[:, _NEW, _NEW, _NEW], xs[..., _NEW], lightg[:, _NEW, _NEW, :]]  # [n, h, S, m]
     z_on_h = holds[rows[:, _NEW, _NEW, _NEW], zm[:, _NEW], heavy[:, :, _NEW, _NEW]]  # [n, h, m, S]
-    sw_ok = ~x_on_m[..., _NEW] & ~z_on_h[:, :, _NEW]
-    o = origin.holds_LEG
     sw_cost = (
-        (~o[rows[:, _NEW, _NEW, _NEW], xh[..., _NEW], lightg[:, _NEW, _NEW, :]]).astype(np.int64)[..., _NEW]
+        (~o[rows[:, _NEW, _NEW, _NEW], xs[..., _NEW], lightg[:, _NEW, _NEW, :]]).astype(np.int64)[..., _NEW]
         + (~o[rows[:, _NEW, _NEW, _NEW], zm[:, _NEW], heavy[:, :, _NEW, _NEW]])[:, :, _NEW]
-        - (~o[rows[:, _NEW, _NEW], xh, heavy[..., _NEW]])[..., _NEW, _NEW]
-        - (~o[rows[:, _NEW, _NEW], zm, lightg[..., _NEW]])[:, _NEW, _NEW]
+        - refund_GS[r[:, _NEW], heavy][..., _NEW, _NEW]
+        - refund_GS[r[:, _NEW], lightg][:, _NEW, _NEW]
     )
-    if left is not None:
-        sw_ok &= sw_cost <= left[:, _NEW, _NEW, _NEW, _NEW]
-    sw_gain = -sw_delta / scale[:, _NEW, _NEW, _NEW, _NEW]
-    sw_ok &= sw_gain > _MIN_GAIN
-    sw_score = np.where(sw_ok, sw_gain / np.maximum(sw_cost, 0.5), -np.inf).reshape(n, k_sw, -1)
-    sw_pick = np.argmax(sw_score, axis=2)
-    sw_best = np.take_along_axis(sw_score, sw_pick[..., _NEW], axis=2)[..., 0]  # [n, h]
-    sw_s, sw_j, sw_u = np.unravel_index(sw_pick, (num_slots, m, num_slots))
-    sw_c = np.take_along_axis(sw_cost.reshape(n, k_sw, -1), sw_pick[..., _NEW], axis=2)[..., 0]
+    sw = _best(-sw_delta / scale[:, _NEW, _NEW, _NEW, _NEW], sw_cost, ~x_on_m[..., _NEW] & ~z_on_h[:, :, _NEW], left)
+    sw_s, sw_j, sw_u = np.unravel_index(sw.pick, (num_slots, m, num_slots))
 
-    # --- choose per layer: best first, skipping any change that touches a GPU an earlier one of the round touched ---
-    score = np.concatenate([rp_best, sw_best], axis=1)  # [n, G + h]
-    found: BoolArray = np.isfinite(score).any(axis=1)
-    cost = np.concatenate([rp_c, sw_c], axis=1)
-    order_c = np.argsort(-score, axis=1, kind="stable")[:, : 4 * _PER_ROUND]
-    used = np.zeros((n, num_gpus), dtype=bool)
-    take = np.zeros(order_c.shape, dtype=bool)
-    budget = None if left is None else left.copy()
-    gpus = np.arange(num_gpus)
-    for k in range(order_c.shape[1]):
-        col = order_c[:, k]
-        is_rp = col < num_gpus
-        g_rp = np.minimum(col, num_gpus - 1)
-        h_sw = np.minimum(np.maximum(col - num_gpus, 0), k_sw - 1)
-        touch = np.where(
-            is_rp[:, _NEW],
-            holds[rows, rp_x[r, g_rp]] | holds[rows, rp_y[r, g_rp]] | (gpus == g_rp[:, _NEW]),
-            (gpus == heavy[r, h_sw][:, _NEW]) | (gpus == lightg[r, sw_j[r, h_sw]][:, _NEW]),
-        )
-        ok = np.isfinite(score[r, col]) & ~(touch & used).any(axis=1) & (take.sum(axis=1) < _PER_ROUND)
-        if budget is not None:
-            ok &= cost[r, col] <= budget
-            budget -= np.where(ok, cost[r, col], 0)
-        used |= touch & ok[:, _NEW]
-        take[:, k] = ok
-    li, ci = np.nonzero(take)
-    col = order_c[li, ci]
-    lay = rows[li]
-    is_rp = col < num_gpus
-    # re-points
-    g = col[is_rp]
-    lr = li[is_rp]
-    t = rp_t[lr, g]
-    x = placement[lay[is_rp], g, t]
-    y = rp_y[lr, g]
-    placement[lay[is_rp], g, t] = y
-    counts[lay[is_rp], x] -= 1
-    counts[lay[is_rp], y] += 1
-    holds[lay[is_rp], x, g] = False
-    holds[lay[is_rp], y, g] = True
-    # swaps
-    hi = col[~is_rp] - num_gpus
-    ls = li[~is_rp]
-    ga, sa = heavy[ls, hi], sw_s[ls, hi]
-    gb, sb = lightg[ls, sw_j[ls, hi]], sw_u[ls, hi]
-    lw = lay[~is_rp]
-    xa, zb = placement[lw, ga, sa], placement[lw, gb, sb]
-    placement[lw, ga, sa] = zb
-    placement[lw, gb, sb] = xa
-    holds[lw, xa, ga] = False
-    holds[lw, zb, gb] = False
-    holds[lw, xa, gb] = True
-    holds[lw, zb, ga] = True
-    np.add.at(spent, lay, cost[li, col])
+    # --- one pool per layer: kind, slot a takes an expert, slot b, the experts whose count changes ---------------
+    none = np.full((n, k_sw), -1)
+    all_g = np.broadcast_to(gpus, (n, num_gpus))
+    rp_x = np.take_along_axis(P, rp_t[..., _NEW], axis=2)[..., 0]
+    ch_g, ch_u = np.take_along_axis(land_g, ch_m, 1), np.take_along_axis(land_u, ch_m, 1)
+    pool = _Pool(
+        score=np.concatenate([rp.score, ch.score, sw.score], axis=1),
+        cost=np.concatenate([rp.cost, ch.cost, sw.cost], axis=1),
+        kind=np.concatenate(
+            [np.full((n, num_gpus), _REPOINT), np.full((n, k_ch), _CHAIN), np.full((n, k_sw), _SWAP)], 1
+        ),
+        gpu_a=np.concatenate([all_g, hs, heavy], axis=1),
+        slot_a=np.concatenate([rp_t, ch_t, sw_s], axis=1),
+        gpu_b=np.concatenate([all_g, ch_g, np.take_along_axis(lightg, sw_j, axis=1)], axis=1),
+        slot_b=np.concatenate([rp_t, ch_u, sw_u], axis=1),
+        new=np.concatenate([rp_y, ch_y, none], axis=1),
+        gains=np.concatenate([rp_y, ch_y, none], axis=1),
+        loses=np.concatenate([rp_x, np.take_along_axis(z_land, ch_m, axis=1), none], axis=1),
+    )
+    found: BoolArray = np.asarray(np.isfinite(pool.score).any(axis=1))
+    take = _choose(pool, holds, rows, left)
+    _apply(placement, counts, holds, rows, pool, take)
+    spent[rows] += np.where(take, pool.cost, 0).sum(axis=1)
     return found
+
+
+@dataclass(frozen=True)
+class _Best:
+    """Per row and group of candidates: the best score per copy, its copies, and its flat index in the group."""
+
+    score: FloatArray
+    cost: IntArray
+    pick: IntArray
+
+
+def _best(gain: FloatArray, cost: IntArray, ok: BoolArray, left: IntArray | None) -> _Best:
+    """The best candidate per [n, A] over the trailing axes of `gain` (overload removed, relative to the mean)."""
+    n, groups = gain.shape[:2]
+    cost = np.broadcast_to(cost, gain.shape)
+    ok = ok & (gain > _MIN_GAIN)
+    if left is not None:
+        ok &= cost <= left.reshape((n,) + (1,) * (cost.ndim - 1))
+    score = np.where(ok, gain / np.maximum(cost, 0.5), -np.inf).reshape(n, groups, -1)
+    pick = np.argmax(score, axis=2)
+    best = np.take_along_axis(score, pick[..., _NEW], axis=2)[..., 0]
+    picked = np.take_along_axis(cost.reshape(n, groups, -1), pick[..., _NEW], axis=2)[..., 0]
+    return _Best(best, picked.astype(np.int64), pick)
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """Candidate changes per layer [n, C]: slot a takes expert `new` (swap: slot b's expert), slot b takes slot a's
+    expert (swap and chain); `gains` / `loses`: the expert whose replica count goes up / down (-1: none)."""
+
+    score: FloatArray
+    cost: IntArray
+    kind: IntArray
+    gpu_a: IntArray
+    slot_a: IntArray
+    gpu_b: IntArray
+    slot_b: IntArray
+    new: IntArray
+    gains: IntArray
+    loses: IntArray
+
+
+def _choose(pool: _Pool, holds: BoolArray, rows: IntArray, left: IntArray | None) -> BoolArray:
+    """Best score first, skipping a change that touches a GPU an earlier chosen one touched (its own GPUs and every
+    GPU holding an expert whose count it changes), at most _PER_ROUND per layer, within the budget."""
+    n, _ = pool.score.shape
+    r = np.arange(n)
+    gpus = np.arange(holds.shape[2])
+    order = np.argsort(-pool.score, axis=1, kind="stable")[:, : 4 * _PER_ROUND]
+    used = np.zeros((n, len(gpus)), dtype=bool)
+    take = np.zeros(pool.score.shape, dtype=bool)
+    taken = np.zeros(n, dtype=np.int64)
+    budget = None if left is None else left.copy()
+    for k in range(order.shape[1]):
+        col = order[:, k]
+        up, down = pool.gains[r, col], pool.loses[r, col]
+        touch = (gpus == pool.gpu_a[r, col][:, _NEW]) | (gpus == pool.gpu_b[r, col][:, _NEW])
+        touch |= holds[rows, np.maximum(up, 0)] & (up >= 0)[:, _NEW]
+        touch |= holds[rows, np.maximum(down, 0)] & (down >= 0)[:, _NEW]
+        ok = np.isfinite(pool.score[r, col]) & ~(touch & used).any(axis=1) & (taken < _PER_ROUND)
+        if budget is not None:
+            ok &= pool.cost[r, col] <= budget
+            budget -= np.where(ok, pool.cost[r, col], 0)
+        used |= touch & ok[:, _NEW]
+        take[r[ok], col[ok]] = True
+        taken += ok
+    return take
+
+
+def _apply(
+    placement: IntArray, counts: IntArray, holds: BoolArray, rows: IntArray, pool: _Pool, take: BoolArray
+) -> None:
+    """Apply the chosen changes in place (they touch distinct GPUs, so their writes never collide)."""
+    li, col = np.nonzero(take)
+    lay = rows[li]
+    kind = pool.kind[li, col]
+    ga, sa, gb, sb = pool.gpu_a[li, col], pool.slot_a[li, col], pool.gpu_b[li, col], pool.slot_b[li, col]
+    new = pool.new[li, col]
+    xa, zb = placement[lay, ga, sa], placement[lay, gb, sb]
+    swap, repoint, chain = kind == _SWAP, kind == _REPOINT, kind == _CHAIN
+    into_a = np.where(swap, zb, new)  # what slot a holds afterwards
+    placement[lay, ga, sa] = into_a
+    moved = swap | chain  # slot b takes a's old expert
+    placement[lay[moved], gb[moved], sb[moved]] = xa[moved]
+    holds[lay, xa, ga] = False
+    holds[lay[moved], zb[moved], gb[moved]] = False
+    holds[lay, into_a, ga] = True
+    holds[lay[moved], xa[moved], gb[moved]] = True
+    np.add.at(counts, (lay[repoint], xa[repoint]), -1)
+    np.add.at(counts, (lay[chain], zb[chain]), -1)
+    grown = repoint | chain
+    np.add.at(counts, (lay[grown], new[grown]), 1)
