@@ -285,10 +285,30 @@ def control_plane(num_nodes: int) -> Iterator[Plane]:
         crds = sorted((ROOT / "crds").glob("*.k2.ai.yaml"))
         plane.kubectl("apply", "--server-side", *(f"--filename={f}" for f in crds))
         plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        wait_served(plane)
         yield plane
     finally:
         cluster.down(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_served(plane: Plane, timeout_s: float = 120.0) -> None:
+    """Until each K2 kind can be listed: an Established CRD answers 429 while its storage initializes, which would
+    hold back the operator's first watch (kopf retries after a backoff) and so add seconds to the first size."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CustomObjectsApi(api_client(plane.kubeconfig))
+    deadline = time.monotonic() + timeout_s
+    for plural in (*PLURALS.values(), "expertplacements"):
+        while True:
+            try:
+                api.list_cluster_custom_object(GROUP, VERSION, plural)
+                break
+            except ApiException as error:
+                if error.status != 429 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def free_port() -> int:
