@@ -21,6 +21,7 @@ from k2_workers.serve.request import GenerateParams
 from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
 from tests.support.ports import free_port
+from tests.support.waits import wait_for
 
 WORLD = 2
 EOS = ByteTokenizer().eos_id
@@ -54,7 +55,7 @@ def _worker(rank: int, port: int) -> None:
         rank,
         WORLD,
         max_batch_size=4,
-        batch_wait_s=0.2,
+        batch_wait_s=0.0,
         cache_tokens=cache_tokens,
         block_size=block_size,
     )
@@ -75,8 +76,10 @@ def _worker(rank: int, port: int) -> None:
             results[index] = error
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(asks))]
-    for thread in threads:
-        thread.start()
+    with engine._group_lock:  # every request arrives before the first step: the same schedule in every run
+        for thread in threads:
+            thread.start()
+        wait_for("every request", lambda: engine.scheduler.queued + engine.scheduler.in_batch == len(asks))
     while engine.steps < 3:
         threading.Event().wait(0.01)
     engine.apply_placement(moved)  # between two steps, while requests decode

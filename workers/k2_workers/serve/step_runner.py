@@ -1,10 +1,10 @@
 """The tensor work of one step of the continuous batch, the same on every rank of a group.
 
-The rows that feed one token (decoding sequences, and a prefill's last single token) share one forward [W1, 1]; a
-row that feeds a chunk of several tokens gets a forward [1, S] of its own, so padding never passes through the
-model (nor through the MoE routers, whose counts feed the load balancer). Every rank makes the same forwards in the
-same order (decoding rows first, then the chunks in row order), hence the same all-to-all calls. Each forward reads
-and writes the paged cache through a `PagedView` of its rows.
+A step is one forward, so one all-to-all per MoE layer however many sequences it serves: a step of decoding rows
+only (one token each) is a forward [W, 1] over a `PagedView`; a step with prefill chunks packs every row's tokens
+into one batch row [1, N] over a `PackedView`, and only each row's last position goes through the output head.
+Padding never passes through the model (nor through the MoE routers, whose counts feed the load balancer). Every
+rank runs the same step, hence the same forward and the same all-to-all calls.
 
 Shape legend: W = rows of the step, V = vocabulary.
 """
@@ -23,15 +23,12 @@ from k2_workers.serve.wire import Step
 def run_step(model: K2ForCausalLM, pool: PagedPool, step: Step) -> Tensor:
     """The last logits of every row [W, V] (fp32), after its tokens were written into the pool."""
     device = pool.device
-    logits_WV = torch.empty(len(step.tokens), model.config.vocab_size, device=device)
-    single = [i for i, tokens in enumerate(step.tokens) if len(tokens) == 1]
-    if single:
-        view = pool.view([step.tables[i] for i in single], [step.starts[i] for i in single], 1)
-        ids_W1 = torch.tensor([step.tokens[i] for i in single], dtype=torch.long, device=device)
-        logits_WV[single] = model(ids_W1, cache=view).logits[:, -1].float()
-    for i, tokens in enumerate(step.tokens):
-        if len(tokens) > 1:
-            view = pool.view([step.tables[i]], [step.starts[i]], len(tokens))
-            ids_1S = torch.tensor([tokens], dtype=torch.long, device=device)
-            logits_WV[i] = model(ids_1S, cache=view).logits[0, -1].float()
-    return logits_WV
+    if all(len(tokens) == 1 for tokens in step.tokens):
+        ids_W1 = torch.tensor(step.tokens, dtype=torch.long, device=device)
+        logits: Tensor = model(ids_W1, cache=pool.view(step.tables, step.starts, 1)).logits[:, -1]
+        return logits.float()
+    view = pool.packed_view(step.tables, step.starts, [len(tokens) for tokens in step.tokens])
+    ids_1N = torch.tensor([[t for tokens in step.tokens for t in tokens]], dtype=torch.long, device=device)
+    hidden_1ND = model.model(ids_1N, cache=view)
+    last: Tensor = model.lm_head(hidden_1ND[0, view.last_B])
+    return last.float()
