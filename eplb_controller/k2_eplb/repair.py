@@ -51,12 +51,14 @@ def repair(
     layer_budget_L: IntArray | None = None,
     max_rounds: int = 1_000,
     deadline: float | None = None,
+    aim: float = _AIM,
 ) -> tuple[IntArray, IntArray, BoolArray, BoolArray]:
     """Return (placement, copies spent per layer against `origin`, reached per layer, cut per layer: stopped by
     `max_rounds` or the deadline while it could still go on).
 
     `limit_L`: the largest GPU load allowed per layer. `layer_budget_L`: copies each layer may spend (None:
-    unbounded). `deadline`: a `time.process_time()` value after which no new round starts.
+    unbounded). `deadline`: a `time.process_time()` value after which no new round starts. `aim`: the fraction of
+    the limit above which load counts as overload (a lower aim takes another path, at more copies).
     """
     placement = placement_LGS.copy()
     num_layers, num_gpus, _ = placement.shape
@@ -77,12 +79,12 @@ def repair(
         if not len(rows) or (deadline is not None and time.process_time() >= deadline):
             break
         left = None if layer_budget_L is None else layer_budget_L[rows] - spent[rows]
-        found = _round(load_LE, placement, counts, holds, rows, limit_L[rows] * _AIM, origin, left, spent)
+        found = _round(load_LE, placement, counts, holds, rows, limit_L[rows] * aim, origin, left, spent)
         active[rows[~found]] = False
         loads_n = _gpu_loads(load_LE, placement, counts, rows)
         peak_n = loads_n.max(axis=1)
         # changes are valued one by one: if together they stop removing overload, the layer is stuck
-        over_n = np.maximum(loads_n - (limit_L[rows] * _AIM)[:, _NEW], 0.0).sum(axis=1)
+        over_n = np.maximum(loads_n - (limit_L[rows] * aim)[:, _NEW], 0.0).sum(axis=1)
         dropped = over_n < least_over[rows] * (1 - 1e-12)
         least_over[rows] = np.minimum(least_over[rows], over_n)
         idle[rows] = np.where(dropped, 0, idle[rows] + 1)

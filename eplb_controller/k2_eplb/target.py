@@ -32,6 +32,7 @@ from k2_eplb.validation import check_gpus_per_node, check_load, check_max_moves,
 # returning home) spend none; the search also stops by itself when no change lowers the layer's max load.
 _ROUNDS_PER_COPY = 2
 _MIN_ROUNDS = 16
+_RETRY_AIMS = (0.99, 0.98)  # the repair's aims tried again on layers its first path left stuck
 _WIDE_PARTNERS = 64  # partner GPUs per round (lightest, and as many spread) for layers the first search left short
 
 
@@ -112,10 +113,26 @@ def solve_to_target(
         load_LE, current_LGS, limit_L=limit_L, origin=origin, layer_budget_L=fresh_moves_L, deadline=deadline
     )
     offer(all_rows, repaired)
-    stuck = np.flatnonzero(~reached_L & ~cut_L)  # no change removed overload: the older search, then fresh
-    if len(stuck) and (deadline is None or time.process_time() < deadline):
-        budget_L, goal_n = fresh_moves_L[stuck], goal_L[stuck]
-        offer(stuck, _search(load_LE[stuck], current_LGS[stuck], origin.layers(stuck), budget_L, goal_n))
+    stuck = ~reached_L & ~cut_L  # no change removed overload: other paths, then the older search, then fresh
+    for aim in _RETRY_AIMS:
+        rows = np.flatnonzero(stuck)
+        if not len(rows) or (deadline is not None and time.process_time() >= deadline):
+            break
+        retried, _, hit, _ = repair(
+            load_LE[rows],
+            current_LGS[rows],
+            limit_L=limit_L[rows],
+            origin=origin.layers(rows),
+            layer_budget_L=fresh_moves_L[rows],
+            deadline=deadline,
+            aim=aim,
+        )
+        offer(rows, retried)
+        stuck[rows[hit]] = False
+    rows = np.flatnonzero(stuck)
+    if len(rows) and (deadline is None or time.process_time() < deadline):
+        budget_L, goal_n = fresh_moves_L[rows], goal_L[rows]
+        offer(rows, _search(load_LE[rows], current_LGS[rows], origin.layers(rows), budget_L, goal_n))
     placement: IntArray = np.where(cut_L[:, None, None], repaired, best)  # cut by the deadline: the best so far
     moves_L = moves_per_layer(current_LGS, placement)
     if cap is not None and int(moves_L.sum()) > cap:
