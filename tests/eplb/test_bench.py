@@ -42,7 +42,7 @@ def test_quick_bench_json_fields_and_relations(capsys: pytest.CaptureFixture[str
     assert local["moves"] <= local["budget"] and local["cross_node_moves"] <= local["moves"]
     shock = {(row["gpus"], row["load"], row["method"]): row for row in data["shock"]}
     methods = ["stale", "baseline fresh", "ours fresh", "ours fresh aligned", "ours 15% budget"]
-    methods += ["ours target 0.01", "ours target 0.02"]
+    methods += ["ours target 0.01", "ours target 0.02", "ours target 0.03", "ours target 0.04", "ours target 0.02 1 s"]
     assert [row["method"] for row in data["shock"] if row["gpus"] == 16 and row["load"] == "zipf"] == methods
     for (gpus, kind, method), row in shock.items():
         assert row["bytes"] == row["moves"] * BYTES_PER_EXPERT
@@ -52,6 +52,8 @@ def test_quick_bench_json_fields_and_relations(capsys: pytest.CaptureFixture[str
             assert row["moves"] == 0 and row["balancedness"] < fresh["balancedness"]
         elif method == "ours 15% budget":
             assert 0 < row["moved_fraction"] <= 0.15
+        elif method.endswith(" s"):  # the anytime mode: whatever its deadline allowed, never below the start
+            assert row["balancedness"] >= shock[(gpus, kind, "stale")]["balancedness"] - 1e-12
         elif method.startswith("ours target"):
             assert row["balancedness"] >= fresh["balancedness"] - float(method.split()[-1]) - 1e-12
             assert row["moves"] <= shock[(gpus, kind, "ours fresh aligned")]["moves"]
