@@ -332,12 +332,14 @@ def test_sigkill_mid_reconcile_converges_without_duplicates(
 ) -> None:
     with running_operator(cluster, namespace, tmp_path) as operator:
         operator.kill()
-        operator.start(apply_delay_s=0.5)  # every apply takes 0.5s: a serving reconcile takes about 8s
+        # Every apply takes 2 s. A serving reconcile applies its children in waves of at most 8 at once
+        # (k2_operator.children): the workloads first, its 4 + 1 NetworkPolicies last, 2 s later.
+        operator.start(apply_delay_s=2.0)
         apply(cluster, serving_manifest(groups=4), namespace=namespace)
         apply(cluster, training_manifest(annotations=LONG_RUN), namespace=namespace)
         wait_for("the first group's StatefulSet", lambda: f"{SERVING}-g0" in stateful_sets(cluster, namespace), 30)
         operator.kill()
-        partial = items(cluster, "statefulsets,deployments", namespace=namespace, selector=instance(SERVING))
+        partial = items(cluster, "networkpolicies", namespace=namespace, selector=instance(SERVING))
         assert len(partial) < 5, "the reconcile had already finished: not killed mid-reconcile"
         operator.start()
         wait_for("4 groups ready after restart", lambda: serving_settled(cluster, namespace, 4), 90)
