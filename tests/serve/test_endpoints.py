@@ -5,6 +5,7 @@ drain waits for the requests in flight."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -82,6 +83,16 @@ def test_an_oversized_body_is_a_413_and_the_unread_body_is_not_taken_for_a_reque
     answer = exchange(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + smuggled)
     assert answer.startswith(b"HTTP/1.1 413 ") and answer.count(b"HTTP/1.1 ") == 1
     assert b"larger than 1024 bytes" in answer
+
+
+def test_a_client_still_sending_an_oversized_body_reads_its_413(server: HttpServer) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=CLIENT_TIMEOUT_S)
+    try:  # the answer comes before the body is sent: the server reads and drops the rest, so nothing resets
+        connection.request("POST", "/echo", b"x" * (2 << 20))
+        response = connection.getresponse()
+        assert response.status == 413 and b"larger than 1024 bytes" in response.read()
+    finally:
+        connection.close()
 
 
 def chunked(*pieces: bytes) -> bytes:
