@@ -1,8 +1,9 @@
 """One rank of a K2Training on Ray Train: the pods' training loop (`k2_workers.train.loop.train`) in a Ray Train
 worker. The rank first sets the torchrun env (RANK, LOCAL_RANK, WORLD_SIZE, ...) and joins the process group
-(ray_torch.join_group, rank 0's store on its node's address only), so the loop runs unchanged; after every step
-this rank reports the record to Ray Train, rank 0 also to the driver's channel, and a stop requested there ends
-the run after the next step with a checkpoint, as SIGTERM does in a pod."""
+(ray_torch.join_group, rank 0's store on its node's address only), so the loop runs unchanged. After every step
+rank 0 sends the record to the driver's channel and reads the stop request there (a stop ends the run after the next
+step with a checkpoint, as SIGTERM does in a pod); at each checkpoint every rank reports the record and the
+checkpoint to Ray Train."""
 
 from __future__ import annotations
 
@@ -49,13 +50,16 @@ def train_rank(config: Mapping[str, Any]) -> None:
     def on_step(record: Mapping[str, Any], checkpoint: str | None) -> None:
         if is_main:
             channel.put(record)
-        if channel.stop_requested():
-            stop.set()  # the loop's all-reduced flag: every rank stops after the same (next) step
-        ray.train.report(
-            dict(record),
-            checkpoint=ray_checkpoint(checkpoint, run_dir),
-            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
-        )
+            if channel.stop_requested():
+                stop.set()  # the loop all-reduces the flag: every rank stops after the same (next) step
+        if checkpoint is not None:
+            # A barrier that waits for Ray Train's controller to take the previous report (it polls every few
+            # seconds): made at checkpoints only, the steps in between are not held up.
+            ray.train.report(
+                dict(record),
+                checkpoint=ray_checkpoint(checkpoint, run_dir),
+                checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+            )
 
     server = join_group("nccl" if cfg.device == "cuda" else "gloo", cfg.process_group_timeout_s)
     try:
