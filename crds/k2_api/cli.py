@@ -20,7 +20,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
 }
 # one-word commands: `k2 run -f FILE.yaml`
 SINGLE: dict[str, tuple[str, str]] = {
-    "run": ("k2_workers.ray_run.cli:main", "run a K2Training or K2Serving on Ray (-f FILE; a local instance by default)"),
+    "run": ("k2_workers.ray_run.cli:main", "run a K2Training or K2Serving on Ray (-f FILE; local instance by default)"),
 }
 
 
