@@ -1,6 +1,6 @@
 """The paged cache against the dense one: a prompt prefilled in chunks into scattered blocks, then decoded a token
-at a time, rows of different lengths decoded together, and rows packed into one forward give what each gets alone
-(MLA latents and GQA keys/values alike), and a bad block table is refused."""
+at a time, and rows of different lengths decoded together, give the logits of `generate` (MLA latents and GQA
+keys/values alike), and a bad block table is refused."""
 
 from __future__ import annotations
 
@@ -43,27 +43,6 @@ def test_rows_of_different_lengths_in_scattered_blocks_decode_as_each_alone(pres
             tokens[row].append(next_token)
         lengths = [n + 1 for n in lengths]
     assert tokens == expected
-
-
-@pytest.mark.parametrize("preset", ["k2-debug", "mixtral-debug"])
-@torch.no_grad()
-def test_rows_packed_into_one_forward_give_each_rows_own_logits(preset: str) -> None:
-    model = _model(preset)
-    generator = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, 250, (n,), generator=generator).tolist() for n in (9, 5, 13)]
-    expected = [model(torch.tensor([p])).logits[0, -1] for p in prompts]
-    pool = PagedPool(model.config, num_blocks=40, block_size=BLOCK)
-    tables = [[3, 30, 7], [12, 0], [25, 4, 18, 9]]
-    past = [4, 0, 12]  # rows 0 and 2 have a cached start; row 2 then feeds one token, as a decoding row does
-    for prompt, table, cached in zip(prompts, tables, past, strict=True):
-        if cached:
-            model(torch.tensor([prompt[:cached]]), cache=pool.view([table], [0], cached))
-    lengths = [len(p) - c for p, c in zip(prompts, past, strict=True)]
-    view = pool.packed_view(tables, past, lengths)
-    ids = torch.tensor([[t for p, c in zip(prompts, past, strict=True) for t in p[c:]]])
-    logits = model(ids, cache=view).logits[0, view.last_B]
-    for row, want in enumerate(expected):
-        torch.testing.assert_close(logits[row], want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_table_too_short_for_the_new_tokens_is_refused() -> None:

@@ -10,8 +10,6 @@ contiguous, and a block may appear in several rows' tables (a shared prompt pref
 
 The view gathers each row's keys into a dense [B, T, ...] tensor (T = the longest row's cached tokens plus the new
 ones): simple and exact, not a paged-attention kernel. Keys past a row's own length are hidden by `visible`.
-A `PackedView` instead packs rows that feed different numbers of tokens into one batch row [1, N] (no padding): its
-keys are the rows' keys one after the other, and a query sees only its own row's keys up to its position.
 
 Shape legend: L = layers, N = num_blocks · block_size slots, B = rows, S = new tokens per row, T = attended tokens,
 M = blocks per row's table.
@@ -77,20 +75,6 @@ class PagedPool:
         `block_tables[b]`, which must have room for `num_new` more."""
         return PagedView(self, block_tables, past, num_new)
 
-    def packed_view(
-        self, block_tables: Sequence[Sequence[int]], past: Sequence[int], lengths: Sequence[int]
-    ) -> PackedView:
-        """A forward of one packed row: row b's `lengths[b]` new tokens after its `past[b]` cached ones."""
-        return PackedView(self, block_tables, past, lengths)
-
-    def slots(self, table: Sequence[int], start: int, end: int) -> Tensor:
-        """The flat slots of positions start..end-1 of a sequence whose blocks are `table`."""
-        if len(table) * self.block_size < end:
-            raise ValueError(f"block_tables: a row has {len(table)} blocks for {end} tokens")
-        positions = torch.arange(start, end, device=self.device)
-        blocks = torch.tensor(list(table), dtype=torch.long, device=self.device)
-        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
-
 
 class PagedView:
     """One forward's cache (`ForwardCache`): its rows' tables, cached lengths and new-token count."""
@@ -138,53 +122,3 @@ class PagedView:
         if key not in self._visible:
             self._visible[key] = visible_keys(num_queries, num_keys, self.past_B, window, None, self.past_B.device)
         return self._visible[key]
-
-
-class PackedView:
-    """One forward's cache (`ForwardCache`) for rows packed into one batch row [1, N]: row b feeds `lengths[b]`
-    tokens after its `past[b]` cached ones, in the blocks `block_tables[b]`."""
-
-    def __init__(
-        self, pool: PagedPool, block_tables: Sequence[Sequence[int]], past: Sequence[int], lengths: Sequence[int]
-    ) -> None:
-        if not len(block_tables) == len(past) == len(lengths) or not past:
-            raise ValueError(f"block_tables: {len(block_tables)} rows for {len(past)} cached lengths")
-        device = pool.device
-        self.pool = pool
-        self.attention_type = pool.attention_type
-        rows = range(len(past))
-        self._read_T = torch.cat([pool.slots(block_tables[b], 0, past[b] + lengths[b]) for b in rows])
-        self._write_N = torch.cat([pool.slots(block_tables[b], past[b], past[b] + lengths[b]) for b in rows])
-        self._positions_N = torch.cat([torch.arange(past[b], past[b] + lengths[b], device=device) for b in rows])
-        key_positions_T = torch.cat([torch.arange(past[b] + lengths[b], device=device) for b in rows])
-        row_N = torch.repeat_interleave(
-            torch.arange(len(past), device=device), torch.tensor(list(lengths), device=device)
-        )
-        row_T = torch.repeat_interleave(
-            torch.arange(len(past), device=device),
-            torch.tensor([p + n for p, n in zip(past, lengths, strict=True)], device=device),
-        )
-        self._same_row_NT = row_N[:, None] == row_T[None, :]
-        self._behind_NT = self._positions_N[:, None] - key_positions_T[None, :]  # >= 0: the key is not ahead
-        self.last_B = torch.cumsum(torch.tensor(list(lengths), device=device), 0) - 1  # each row's last token
-
-    def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
-        """Write one layer's new entries [1, N, ...]; return the rows' keys, one row after the other [1, T, ...]."""
-        keys = []
-        for buffer, values in zip(self.pool.buffers, new, strict=True):
-            layer = buffer[layer_idx]
-            layer.index_copy_(0, self._write_N, values.reshape(-1, *layer.shape[1:]).to(layer.dtype))
-            keys.append(layer[self._read_T][None])
-        return tuple(keys)
-
-    def advance(self, num_tokens: int) -> None:
-        """Nothing to commit: the block manager keeps each sequence's length."""
-
-    def positions(self, num_tokens: int) -> Tensor:
-        return self._positions_N[None]
-
-    def visible(self, num_queries: int, num_keys: int, window: int | None = None) -> Tensor | None:
-        visible_NT = self._same_row_NT & (self._behind_NT >= 0)
-        if window is not None:
-            visible_NT &= self._behind_NT < window
-        return visible_NT[None, None]
