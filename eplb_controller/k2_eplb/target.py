@@ -1,12 +1,21 @@
 """Balance-target mode: reach within `epsilon` of the fresh solve's balancedness with as few copies as the search finds.
 
 The reference is our own from-scratch solve (`solve_fresh`) of the same load, its GPUs relabelled to overlap `current`
-most (`align_gpus`), per layer. Every layer then runs the incremental search from `current` (parallel per-layer
-spending, each layer's budget capped at the copies its fresh solution would cost) and stops at the first placement
-within `epsilon` of its reference. Along one layer's search path balancedness never drops, so the first hit is the
-cheapest placement that path offers. A layer left short (no single change lowers its max) goes on with a wider choice
-of partner GPUs per round; one still short takes its fresh solution, which meets the goal by definition. No layer
-therefore costs more copies than its fresh solution, and a larger `epsilon` stops each path no later.
+most (`align_gpus`), per layer; its balancedness minus `epsilon` is the layer's goal, i.e. a largest GPU load.
+Candidates per layer, from `current`, each capped at the copies the fresh solution would cost:
+1. the threshold repair (`repair.repair`): overload above the limit removed by re-points, chains and swaps, the
+   first placement under the limit kept;
+2. for layers it left stuck (no change removes overload), the same repair aiming lower (another path);
+3. for layers still short, the older search (`local_search.improve` towards the goal, then wider partners).
+Every candidate that reaches the goal competes on copies, and the aligned fresh solution, which meets the goal by
+definition, always competes: no layer costs more copies than its fresh solution.
+
+`deadline_s` (CPU seconds of this call, `time.process_time`) makes it an anytime search: at the deadline a layer
+the repair had not finished takes the best placement its path has passed (possibly short of the goal, `reached`
+False), and steps 2-3 start only before it. Each layer's path does not depend on the others or on the deadline, so a
+later deadline never leaves a layer less balanced (up to its goal), and a layer that reaches its goal with an earlier
+deadline reaches it with a later one at no more copies. The fresh solve and the alignment come first and are not
+cut: 0.3-0.7 s at K2's shape.
 
 `max_moves` stays a hard cap: when the plan above needs more copies in total, the budgeted `solve` with the cap is
 returned instead, flagged as not reached.
@@ -78,7 +87,8 @@ def solve_to_target(
     """Plan from `current` until every layer is within `epsilon` of its fresh solve's balancedness, copying little.
 
     `max_moves` caps the total copies (None: no cap); when the target needs more, the result is the budgeted `solve`
-    within the cap and `reached` is False. Deterministic; raises ValueError naming the bad argument.
+    within the cap and `reached` is False. `deadline_s`: CPU seconds for the search (None: until done), see the
+    module. Deterministic without a deadline; raises ValueError naming the bad argument.
     """
     load_LE = check_load(load)
     num_layers, num_experts = load_LE.shape

@@ -16,7 +16,7 @@ from tests.eplb.helpers import assert_valid_placement
 from tests.eplb.test_properties import problems
 from tests.eplb.test_solver_target import Problem, shocked
 
-REPAIR_SETTINGS = settings(max_examples=40, deadline=None)
+REPAIR_SETTINGS = settings(max_examples=25, deadline=None)
 
 
 def limits(load: np.ndarray, current: np.ndarray, goal: float) -> np.ndarray:
