@@ -33,6 +33,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 RETRY_AFTER_S = 1  # what a 503 for too many requests in flight asks the client to wait
 _END = object()  # a stream's end, from `next(events, _END)`
+RESET = "k2.reset"  # the scope extension that resets the request's connection (`http_protocol`)
 
 
 class RoutesApp:
@@ -98,7 +99,7 @@ class RoutesApp:
         try:
             answer = await self._pool.run(functools.partial(bound_to, gone, functools.partial(route, body)))
             if isinstance(answer, Stream):
-                await self._stream(send, answer, gone)
+                await self._stream(send, answer, gone, scope.get("extensions", {}).get(RESET))
             else:
                 await send_json(send, *answer)
         except asyncio.CancelledError:  # the server stops: the route, still blocked on its thread, learns it now
@@ -141,7 +142,9 @@ class RoutesApp:
             timeout = self._limits.socket_timeout_s
             raise HttpError(HTTPStatus.REQUEST_TIMEOUT, f"body: not received within {timeout} s") from None
 
-    async def _stream(self, send: Send, stream: Stream, gone: threading.Event) -> None:
+    async def _stream(
+        self, send: Send, stream: Stream, gone: threading.Event, reset: Callable[[], None] | None
+    ) -> None:
         """Send the events as they come; a client gone, one that reads nothing for `socket_timeout_s` (its buffers
         full), or a source that breaks midway ends the response early (the connection closes without the last
         chunk, so the client sees the stream cut)."""
@@ -153,10 +156,14 @@ class RoutesApp:
                 chunk = await self._pool.run(functools.partial(bound_to, gone, functools.partial(next, events, _END)))
                 end = chunk is _END
                 message = {"type": "http.response.body", "body": b"" if end else chunk, "more_body": not end}
-                if not await self._send_in_time(send, message, gone) or end:
+                if not await self._send_in_time(send, message, gone):
+                    await cut(reset)
+                    return
+                if end:
                     return
         except (ConnectionError, TimeoutError) as error:  # a group's stream that broke: cut ours too
             log.warning("a stream ended early: %s", error)
+            await cut(reset)
         finally:  # its source learns it now (a request stops decoding, a relay closes its group's connection)
             close = getattr(stream.events, "close", None)
             if close is not None:
@@ -171,6 +178,16 @@ class RoutesApp:
             gone.set()
             return False
         return True
+
+
+async def cut(reset: Callable[[], None] | None) -> None:
+    """End a response midway: reset the connection (`RESET`, from `http_protocol`) and let the loop see it closed,
+    so that the server takes the unfinished answer for a client gone rather than for an app's mistake."""
+    if reset is None:  # another server: it closes the connection itself, and may log the unfinished answer
+        return
+    reset()
+    for _ in range(2):  # the transport reports the connection lost on the next turn of the loop
+        await asyncio.sleep(0)
 
 
 async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:

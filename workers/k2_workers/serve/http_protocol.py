@@ -19,10 +19,12 @@ the answer. Here such a close lingers the same way: half-close, read and drop fo
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from k2_workers.serve.http_app import RESET
 
 LINGER_S = 1.0
 LINGER_BYTES = 4 << 20
@@ -82,6 +84,14 @@ class BoundedH11Protocol(H11Protocol):
         super().handle_events()
         if self.conn.their_state is not h11.IDLE:  # the request's headers are in (or the connection failed)
             self._cancel_deadline()
+        if self.cycle is not None and not self.cycle.response_started:  # its app has not run yet, or just began
+            extensions = cast(dict[str, Any], self.scope.setdefault("extensions", {}))
+            extensions[RESET] = self.reset
+
+    def reset(self) -> None:
+        """Reset the connection now (an answer cut short: its client stopped reading, or its source broke)."""
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.abort()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
