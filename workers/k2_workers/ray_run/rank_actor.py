@@ -5,6 +5,7 @@ the manifest. Threaded (two calls at once), so `stop` reaches a rank while `serv
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -81,7 +82,14 @@ class RankActor:
         host = node_address()
         argv = ["--config", str(self._config), "--host", host, "--port", str(http_port), "--seed", str(seed)]
         argv += ["--metrics-port", "-1", "--grpc-port", "-1"]
-        return run_rank(parse_args(argv), self._stop)
+        try:
+            return run_rank(parse_args(argv), self._stop)
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def directory(self) -> str:
+        """Where this rank keeps its manifest: the driver removes it after a kill, on the same machine."""
+        return self._dir
 
     def stop(self) -> None:
         self._stop.set()

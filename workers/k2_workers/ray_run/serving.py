@@ -6,6 +6,7 @@ the others serve. Runs until SIGINT or SIGTERM, then stops the groups."""
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -38,6 +39,7 @@ class Group:
     ranks: list[Any]  # RankActor handles, rank order
     serving: list[Any]  # the ranks' `serve` calls (ObjectRefs)
     url: str  # rank 0's HTTP
+    directories: list[str]  # the ranks' manifest directories
 
 
 def start_group(document: dict[str, Any], plan: ServePlan, index: int, seed: int) -> Group:
@@ -67,10 +69,17 @@ def start_ranks(
         for r in range(plan.ranks_per_group)
     ]
     addresses = ray.get([rank.address.remote() for rank in ranks])
+    directories = ray.get([rank.directory.remote() for rank in ranks])
     master, master_port, _ = addresses[0]
     http_ports = [http_port or addresses[0][2]] + [http for _, _, http in addresses[1:]]
     serving = [rank.serve.remote(master, master_port, port, seed) for rank, port in zip(ranks, http_ports, strict=True)]
-    return Group(index, pg, ranks, serving, f"http://{master}:{http_ports[0]}")
+    return Group(index, pg, ranks, serving, f"http://{master}:{http_ports[0]}", directories)
+
+
+def remove_directories(group: Group) -> None:
+    """The manifests of killed ranks (a rank that stops removes its own); only where the driver's machine has them."""
+    for directory in group.directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def ended(group: Group) -> bool:
@@ -88,6 +97,7 @@ def reform(document: dict[str, Any], plan: ServePlan, group: Group, seed: int) -
     for rank in group.ranks:
         ray.kill(rank)
     ray.wait(group.serving, num_returns=len(group.serving), timeout=STOP_TIMEOUT_S)  # the old ranks are gone
+    remove_directories(group)
     port = int(group.url.rsplit(":", 1)[1])
     return start_ranks(document, plan, group.index, seed, group.placement_group, http_port=port)
 
@@ -151,6 +161,7 @@ def stop_groups(groups: Sequence[Group]) -> None:
     for group in groups:
         for rank in group.ranks:
             ray.kill(rank)
+        remove_directories(group)
         remove_placement_group(group.placement_group)
 
 
