@@ -13,13 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import ray.train  # noqa: F401  the test extra installs ray: a missing install fails here, never skips
 
 from tests.support.ports import free_port
 from tests.train.launch import base_env
 
 from .run import K2_RUN, LOOPBACK_HEX, actor_pids, listening_addresses
 
-pytest.importorskip("ray.train")
 pytestmark = pytest.mark.distributed
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "k2serving-debug.yaml"

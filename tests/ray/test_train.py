@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import ray.train  # noqa: F401  the test extra installs ray: a missing install fails here, never skips
 import torch
 from safetensors.torch import load_file
 
@@ -19,7 +20,6 @@ from k2_workers.train.checkpoint_files import TENSORS_FILE
 
 from .run import LOOPBACK_HEX, k2_run, kill_one_train_worker, listening_addresses, manifest
 
-pytest.importorskip("ray.train")
 pytestmark = pytest.mark.distributed
 
 STEPS = 12

@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import ray.train  # noqa: F401  the test extra installs ray: a missing install fails here, never skips
 
 from k2_api.contract import ExitCodes
 from tests.train.launch import base_env
 
 from .run import LOOPBACK_HEX, k2_run, listening_addresses, manifest
 
-pytest.importorskip("ray.train")
 pytestmark = pytest.mark.distributed
 
 
