@@ -4,11 +4,13 @@ The same weights (the tiny `k2-debug` model by default, seed 0) and the same req
 process, each a queue in front of one decoding thread:
 - `continuous`: `GroupEngine` as `k2 worker serve` runs it (one rank, in-process gloo group, paged latent cache,
   iteration-level steps, chunked prefill);
-- `static`: the engine's earlier static batching, rebuilt here from the same pieces (`BatchScheduler` with its
-  2 ms batch wait: up to `--max-batch-size` queued requests, prompts prefilled one by one and joined, then one
-  forward per step until the batch's last row is done; a request arriving meanwhile waits for the next batch);
-- `hf`: transformers' `DeepseekV3ForCausalLM` loaded from our checkpoint, batched the way a user of it would: the
-  same scheduler, each batch left-padded and decoded by one `generate(max_new_tokens=the batch's longest)` call.
+- `static`: the engine's earlier static batching, rebuilt here from the same pieces (the same expert-parallel
+  experts over the one-rank group, `BatchScheduler` with its 2 ms batch wait: up to `--max-batch-size` queued
+  requests, prompts prefilled one by one and joined, then one forward per step until the batch's last row is done;
+  a request arriving meanwhile waits for the next batch);
+- `hf`: transformers' `DeepseekV3ForCausalLM` with our weights (its own MoE, no expert parallelism), batched the
+  way a user of it would: the same scheduler, each batch left-padded and decoded by one
+  `generate(max_new_tokens=the batch's longest)` call.
 
 Requests: `--requests` per rate, arriving as a Poisson process of each `--rates` value (requests/s), prompts of
 `--prompt-tokens` and outputs of `--new-tokens` (uniform ranges, greedy, EOS ignored, so every server computes the
@@ -41,8 +43,8 @@ from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.model.generate import prefill_batch
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.placement import ActivePlacement
-from k2_workers.serve.request import GenerateParams
-from k2_workers.serve.resharding import ResidentExpertWeights
+from k2_workers.serve.request import DEFAULT_PREFILL_CHUNK_TOKENS, GenerateParams
+from k2_workers.serve.resharding import Resharder, ResidentExpertWeights
 from k2_workers.serve.scheduler import BatchScheduler
 from k2_workers.tokenizer import ByteTokenizer
 
@@ -91,9 +93,16 @@ def build_model(preset: str, device: str, dtype: torch.dtype) -> K2ForCausalLM:
 Server = Callable[[Request, Record], None]  # blocks until the request is done
 
 
-def continuous_server(model: K2ForCausalLM, max_batch_size: int) -> tuple[Server, Callable[[], None]]:
+def continuous_server(model: K2ForCausalLM, max_batch_size: int, chunk: int) -> tuple[Server, Callable[[], None]]:
     engine = GroupEngine(
-        model, NoEos(), ResidentExpertWeights(model), 0, 1, max_batch_size=max_batch_size, max_queue=100_000
+        model,
+        NoEos(),
+        ResidentExpertWeights(model),
+        0,
+        1,
+        max_batch_size=max_batch_size,
+        max_queue=100_000,
+        prefill_chunk_tokens=chunk,
     )
     num_layers, num_experts = len(list(model.moe_blocks())), model.config.n_routed_experts
     engine.apply_placement(ActivePlacement.round_robin(num_layers, num_experts, 1, num_experts))
@@ -112,8 +121,12 @@ class _Job:
 
 
 def static_server(model: K2ForCausalLM, max_batch_size: int) -> tuple[Server, Callable[[], None]]:
-    """Static batching as the engine ran it before continuous batching (without the group's wire)."""
+    """Static batching as the engine ran it before continuous batching: the same expert-parallel experts over the
+    one-rank group (all-to-all included), without the group's wire."""
     device = model.lm_head.weight.device
+    num_layers, num_experts = len(list(model.moe_blocks())), model.config.n_routed_experts
+    placement = ActivePlacement.round_robin(num_layers, num_experts, 1, num_experts)
+    Resharder(model, ResidentExpertWeights(model), 0, 1, lambda source, nbytes: None).apply(None, placement)
 
     @torch.no_grad()
     def run_batch(jobs: list[_Job]) -> list[bool]:
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[8, 128])
     parser.add_argument("--new-tokens", type=int, nargs=2, default=[8, 64])
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, help="continuous")
     parser.add_argument("--servers", nargs="+", default=["continuous", "static", "hf"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -277,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in args.servers:
                 model = build_model(args.preset, args.device, dtype)
                 if name == "continuous":
-                    serve, stop = continuous_server(model, args.max_batch_size)
+                    serve, stop = continuous_server(model, args.max_batch_size, args.prefill_chunk_tokens)
                 elif name == "static":
                     serve, stop = static_server(model, args.max_batch_size)
                 else:
