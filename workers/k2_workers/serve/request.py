@@ -39,7 +39,7 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
     """`{"prompt": str, "max_new_tokens": int = 16, "temperature": float = 0, "seed": int = 0, "top_k": int}`."""
     try:
         document = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise RequestError(f"body: not valid JSON ({error})") from None
     if not isinstance(document, dict):
         raise RequestError("body: expected a JSON object")
