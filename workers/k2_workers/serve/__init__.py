@@ -8,9 +8,13 @@ Modules, by role:
 - `endpoints`: the HTTP server both run, an ASGI app (`http_app`) on uvicorn, for routes of `http_routes` (no torch).
 - `rank`: a rank's process: model, process group, HTTP, /metrics, the placement poll loop.
 - `rank_routes`: a rank's HTTP routes over its engine.
-- `engine`: one rank of a group decoding in lockstep; composes the four below.
-- `scheduler`: the request queue, the decoding thread and batch formation.
-- `wire`: what rank 0 broadcasts to the other ranks (batches, placements, stop) and its encoding.
+- `engine`: one rank of a group decoding a continuous batch in lockstep; composes the modules below.
+- `step_loop`: the request queue and the decoding thread that runs step after step (`scheduler`: the static
+  batch queue it replaced, kept for comparison).
+- `batcher`: which tokens of which sequences each step computes (chunked prefill, admission, preemption; pure).
+- `blocks`: the paged cache's block tables, free list and prefix sharing (pure); `step_runner`: a step's forwards.
+- `engine_metrics`: the engine's queue, batch, cache and latency metrics.
+- `wire`: what rank 0 broadcasts to the other ranks (steps, placements, stop) and its encoding.
 - `resharding`: applying a new placement (plan the moves, exchange experts rank to rank, read the rest).
 - `load`: per-expert and per-slot token counts, handed to `metrics`.
 - `metrics`: the Prometheus collector and /metrics server.
