@@ -11,6 +11,9 @@ caller is answered at the deadline. A caller may also give `cancelled` (its clie
 `CANCEL_POLL_S` while the job waits: a job still queued then leaves the queue (`Cancelled`); one in a batch runs to
 its end, as with a deadline. A caller that follows its job some other way (the engine's token streams) `enqueue`s
 it instead, and may `dequeue` it while no batch took it. Nothing here knows what a job is (no torch).
+
+The serving engine batches continuously now (`step_loop`, `batcher`); this static scheduler is the baseline that
+`benchmarks/serving_engine.py` measures it against, and the home of the request errors both raise.
 """
 
 from __future__ import annotations
