@@ -211,6 +211,8 @@ class MetricLabels:
     """Where expert weights came from: one of `WeightSources`."""
     TRAINING: Final = "training"
     """Name of the K2Training a training rank 0 exports metrics for."""
+    CACHE_STATE: Final = "state"
+    """State of paged-cache blocks: "used" or "free"."""
 
 
 class WeightSources:
@@ -253,6 +255,36 @@ class Metrics:
         "k2_expert_weight_bytes_total",
         (*_RANK, MetricLabels.SOURCE),
         "Bytes of expert weights taken in to apply placements, by source (peer rank or storage).",
+    )
+
+
+class EngineMetrics:
+    """What serving rank 0 exports about its continuously batched engine: its queue, batch, paged cache, latencies."""
+
+    QUEUED: Final = MetricSpec("k2_serving_queued_requests", _RANK, "Requests in the queue, not yet in the batch.")
+    WAITING: Final = MetricSpec(
+        "k2_serving_waiting_sequences", _RANK, "Sequences waiting to run: queued, or preempted and waiting again."
+    )
+    RUNNING: Final = MetricSpec("k2_serving_running_sequences", _RANK, "Sequences in the running batch.")
+    CACHE_BLOCKS: Final = MetricSpec(
+        "k2_serving_cache_blocks",
+        (*_RANK, MetricLabels.CACHE_STATE),
+        "Blocks of the paged cache, by state (used or free).",
+    )
+    CACHE_CAPACITY: Final = MetricSpec(
+        "k2_serving_cache_capacity_tokens", _RANK, "Tokens the paged cache holds when full."
+    )
+    PREEMPTIONS: Final = MetricSpec(
+        "k2_serving_preemptions_total", _RANK, "Sequences preempted for cache blocks (recomputed later)."
+    )
+    PREFIX_BLOCKS: Final = MetricSpec(
+        "k2_serving_prefix_reused_blocks_total", _RANK, "Cache blocks taken from a shared prefix, not computed."
+    )
+    TTFT: Final = MetricSpec(
+        "k2_serving_time_to_first_token_seconds", _RANK, "From a request's arrival to its first token."
+    )
+    TPOT: Final = MetricSpec(
+        "k2_serving_time_per_output_token_seconds", _RANK, "A request's decode time over its tokens after the first."
     )
 
 

@@ -41,7 +41,7 @@ from k2_workers.model.generate import Sampler
 from k2_workers.model.paged_cache import PagedPool
 from k2_workers.serve.batcher import Batcher, Sequence, StepPlan
 from k2_workers.serve.blocks import BlockManager
-from k2_workers.serve.engine_metrics import LatencyStats
+from k2_workers.serve.latency import LatencyStats
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
 from k2_workers.serve.placement import ActivePlacement, GroupShape, check_shape
