@@ -20,6 +20,9 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+DEFAULT_CACHE_TOKENS = 32768  # the paged cache's capacity, in tokens of every layer
+DEFAULT_BLOCK_SIZE = 16  # tokens per cache block
+
 
 def block_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
     """The digest of a full block: its tokens after the prefix whose digest is `parent` (b"" for the first)."""

@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 
 from k2_api.contract import Env, Ports
+from k2_workers.serve.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS
 from k2_workers.serve.frontend import run_frontend
 from k2_workers.serve.group_wait import DEFAULT_WAIT_S, GroupWait
 from k2_workers.serve.http_routes import HttpLimits
@@ -67,6 +68,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=DEFAULT_MAX_PROMPT_TOKENS,
         help="the longest prompt a request may send, in tokens (also bounded by the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=DEFAULT_CACHE_TOKENS,
+        help="capacity of the paged cache, in tokens (every layer's latents for one token count once)",
+    )
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per paged-cache block")
+    parser.add_argument(
+        "--max-step-tokens",
+        type=int,
+        help="tokens one engine step computes, decode rows and prefill chunks together (default: "
+        "--prefill-chunk-tokens + --max-batch-size)",
     )
     parser.add_argument(
         "--prefill-chunk-tokens",
@@ -124,9 +138,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--request-timeout-s: must be >= 0, got {args.request_timeout_s}")
     if args.http_timeout_s <= 0:
         parser.error(f"--http-timeout-s: must be > 0, got {args.http_timeout_s}")
-    for flag in ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue", "max_connections", "max_requests"):
+    flags = ("max_prompt_tokens", "prefill_chunk_tokens", "max_queue", "max_connections", "max_requests", "block_size")
+    for flag in flags:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if args.cache_tokens < args.block_size:
+        parser.error(f"--cache-tokens: must hold at least one block of {args.block_size}, got {args.cache_tokens}")
+    if args.max_step_tokens is not None and args.max_step_tokens < 1:
+        parser.error(f"--max-step-tokens: must be >= 1, got {args.max_step_tokens}")
     if not args.group_wait_s >= 0:
         parser.error(f"--group-wait-s: must be >= 0, got {args.group_wait_s}")
     if args.batch_wait_ms < 0:

@@ -40,7 +40,7 @@ from k2_workers.model import K2ForCausalLM, sample_next
 from k2_workers.model.generate import Sampler
 from k2_workers.model.paged_cache import PagedPool
 from k2_workers.serve.batcher import Batcher, Sequence, StepPlan
-from k2_workers.serve.blocks import BlockManager
+from k2_workers.serve.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, BlockManager
 from k2_workers.serve.latency import LatencyStats
 from k2_workers.serve.load import LoadCounter
 from k2_workers.serve.metrics import ExpertLoadCollector
@@ -61,9 +61,6 @@ from k2_workers.serve.wire import Batch, Heartbeat, RankWire, Step, Stop
 from k2_workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE_TOKENS = 32768  # the paged cache's capacity, in tokens of every layer
-DEFAULT_BLOCK_SIZE = 16  # tokens per cache block
 
 
 class GroupBroken(RuntimeError):

@@ -127,6 +127,9 @@ def run_rank(args: argparse.Namespace, stop: threading.Event) -> int:
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s or None,
         shape=shape,
+        cache_tokens=args.cache_tokens,
+        block_size=args.block_size,
+        max_step_tokens=args.max_step_tokens,
     )
     if rank == 0:  # the one that schedules
         registry.register(EngineCollector(engine, name, group))
