@@ -1,6 +1,7 @@
-"""One rebalance, observed from outside: the skew shows in Prometheus, the EPLB controller writes a new generation,
-every rank applies it, and a window later Prometheus shows the balancedness before and after and the expert bytes
-the ranks took in, by source."""
+"""One rebalance, observed from outside: the skew shows in Prometheus, the EPLB controller writes a new generation
+(the first round of its plan, and the others one after another once each is applied: ExpertPlacement
+status.rebalancePlan), every rank applies it, and a window after the last round Prometheus shows the balancedness
+before and after and the expert bytes the ranks took in, by source."""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ SKEW = 2.0
 @dataclass(frozen=True)
 class Rebalance:
     generation: int
+    """The plan's last round."""
+    rounds: int
     spec_managers: frozenset[str]
     """Field managers of the placement's spec: the EPLB controller alone."""
     skew: float
     written_at: float
+    """When the first round was written."""
     applied_at: float
+    """When every rank had applied the first round."""
     before: float
     after: float
     peer_bytes: float
@@ -37,10 +42,11 @@ class Rebalance:
         return self.applied_at - self.written_at
 
     def __str__(self) -> str:
+        rounds = f" (the last of {self.rounds} rounds)" if self.rounds > 1 else ""
         return (
-            f"generation {self.generation}: balancedness {self.before:.3f} -> {self.after:.3f}, applied by every "
-            f"rank {self.apply_seconds:.1f} s after it was written, expert bytes in: {self.peer_bytes:.0f} from "
-            f"peers, {self.storage_bytes:.0f} from storage"
+            f"generation {self.generation}{rounds}: balancedness {self.before:.3f} -> {self.after:.3f}, applied by "
+            f"every rank {self.apply_seconds:.1f} s after its first round was written, expert bytes in: "
+            f"{self.peer_bytes:.0f} from peers, {self.storage_bytes:.0f} from storage"
         )
 
 
@@ -48,11 +54,21 @@ def rfc3339_seconds(text: str) -> float:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float = 240.0) -> Rebalance:
-    """Waits for the next generation after `previous` and measures it (the traffic must be running).
+def plan_finished(placement: dict[str, Any], generation: int) -> bool:
+    """Whether `generation` is its plan's last round: status.rebalancePlan says so (a plan cut short says so too,
+    once the controller has found that its next round gains too little), or there is no plan of it."""
+    plan = placement.get("status", {}).get("rebalancePlan")
+    if plan is None or plan.get("generation") != generation:
+        return True
+    return bool(plan["round"] >= plan["rounds"])
 
-    Balancedness before: over the window that ended when the generation was written; after: over the window that
-    ends one window after every rank applied it. Both see one traffic phase and one placement only when the
+
+def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float = 240.0) -> Rebalance:
+    """Waits for the next generation after `previous`, and the rounds after it until its plan is done, and measures
+    them (the traffic must be running).
+
+    Balancedness before: over the window that ended when the first round was written; after: over the window that
+    ends one window after every rank applied the last. Both see one traffic phase and one placement only when the
     serving's cooldown outlasts the apply, the wait here and the next phase's first window."""
     ranks = live.serving.groups * live.serving.ranks
     skew = wait_for(
@@ -68,12 +84,6 @@ def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float
     )
     generation = int(placement["spec"]["generation"])
     written_at = rfc3339_seconds(placement["metadata"]["annotations"][Annotations.REBALANCED_AT])
-    fields = live.kubectl.get(f"expertplacement/{live.serving.name}", "--show-managed-fields", namespace=live.namespace)
-    managers = frozenset(
-        entry["manager"]
-        for entry in fields["metadata"].get("managedFields", [])
-        if "f:spec" in entry.get("fieldsV1", {})
-    )
 
     def applied_everywhere() -> dict[str, Any] | None:
         status: dict[str, Any] = live.placement().get("status", {})
@@ -81,8 +91,26 @@ def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float
         everywhere = len(reports) == ranks and all(r.get("generation") == generation for r in reports)
         return status if everywhere and status.get("appliedGeneration") == generation else None
 
-    wait_for(f"every rank on generation {generation}", applied_everywhere, timeout_s, every_s=0.5)
-    applied_at = time.time()
+    def next_round() -> dict[str, Any] | None:
+        """The placement once its plan is done at `generation`, or has written its next round."""
+        placement = live.placement()
+        moved_on = placement["spec"]["generation"] > generation
+        return placement if moved_on or plan_finished(placement, generation) else None
+
+    rounds, applied_at = 1, None
+    while True:
+        wait_for(f"every rank on generation {generation}", applied_everywhere, timeout_s, every_s=0.5)
+        applied_at = applied_at or time.time()  # the first round's: how long one generation takes to apply
+        placement = wait_for(f"the plan's next round after generation {generation}", next_round, timeout_s)
+        if placement["spec"]["generation"] == generation:
+            break
+        generation, rounds = int(placement["spec"]["generation"]), rounds + 1
+    fields = live.kubectl.get(f"expertplacement/{live.serving.name}", "--show-managed-fields", namespace=live.namespace)
+    managers = frozenset(
+        entry["manager"]
+        for entry in fields["metadata"].get("managedFields", [])
+        if "f:spec" in entry.get("fieldsV1", {})
+    )
     time.sleep(window_s + 6)  # a whole window of traffic under the new placement, and one more scrape
     before = live.series.balancedness(window_s, at=written_at)
     after = live.series.balancedness(window_s)
@@ -91,6 +119,7 @@ def observe_rebalance(live: Live, previous: int, window_s: int, timeout_s: float
     moved = {s: bytes_after.get(s, 0.0) - bytes_before.get(s, 0.0) for s in WeightSources.ALL}
     return Rebalance(
         generation=generation,
+        rounds=rounds,
         spec_managers=managers,
         skew=skew,
         written_at=written_at,
