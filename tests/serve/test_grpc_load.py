@@ -28,7 +28,7 @@ PAUSE_S = 0.01  # between two messages of the source
 SLOW_READERS, STALLED, CANCELLED, BEYOND = 4, 4, 4, 16
 SLOW_MESSAGES = 20
 SLOW_READ_S = 0.1  # a slow reader's pause between two messages
-STALL_DEADLINE_S = 4.0
+STALL_DEADLINE_S = 10.0  # outlasts filling the slots and the refusals, even on a loaded machine
 ENDLESS = 100_000  # messages: a stream that only its client's deadline or cancel ends
 
 
@@ -74,9 +74,9 @@ def stream_request(messages: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(text="p", sampling=pb.SamplingParams(max_new_tokens=messages))
 
 
-def server_threads() -> int:
-    """The gRPC servers' worker threads (both servers' pools are named grpc_N)."""
-    return sum(1 for t in threading.enumerate() if t.name.startswith("grpc_"))
+def grpc_threads() -> set[int]:
+    """The gRPC servers' worker threads in this process (every server's pool names them grpc_N)."""
+    return {t.ident for t in threading.enumerate() if t.name.startswith("grpc_") and t.ident is not None}
 
 
 def rss_kib() -> int:
@@ -84,15 +84,28 @@ def rss_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
+@dataclass
+class Served:
+    stub: GenerationStub
+    source: TokenSource
+    older_threads: set[int]
+    """gRPC threads of servers other tests of the session left running, not counted here."""
+
+    def server_threads(self) -> int:
+        """The worker threads of this test's two servers."""
+        return len(grpc_threads() - self.older_threads)
+
+
 @pytest.fixture
-def frontend() -> Iterator[tuple[GenerationStub, TokenSource]]:
+def frontend() -> Iterator[Served]:
+    older_threads = grpc_threads()
     source = TokenSource()
     group = serve_grpc("127.0.0.1", 0, lambda: None, source, max_rpcs=MAX_RPCS)
     proxy = FrontendGeneration([f"127.0.0.1:{group.port}"])
     front = serve_grpc("127.0.0.1", 0, lambda: None, proxy, max_rpcs=MAX_RPCS)
     channel = grpc.insecure_channel(f"127.0.0.1:{front.port}")
     try:
-        yield GenerationStub(channel), source
+        yield Served(GenerationStub(channel), source, older_threads)
     finally:
         channel.close()
         proxy.close()
@@ -101,16 +114,20 @@ def frontend() -> Iterator[tuple[GenerationStub, TokenSource]]:
 
 
 def test_slow_stalled_and_cancelled_streams_stay_bounded_and_a_good_request_succeeds_after(
-    frontend: tuple[GenerationStub, TokenSource],
+    frontend: Served,
 ) -> None:
-    stub, source = frontend
+    stub, source = frontend.stub, frontend.source
     threads_before, rss_before = threading.active_count(), rss_kib()
     assert list(stub.GenerateStream(stream_request(3), timeout=30))  # warm: channels connected, pools started
+
+    counted = threading.Event()  # the refusals are counted: until then a slow reader holds its slot after one message
 
     def slow_reader() -> int:
         received = 0
         for _ in stub.GenerateStream(stream_request(SLOW_MESSAGES), timeout=60):
             received += 1
+            if received == 1:
+                counted.wait(30)
             time.sleep(SLOW_READ_S)
         return received
 
@@ -121,15 +138,16 @@ def test_slow_stalled_and_cancelled_streams_stay_bounded_and_a_good_request_succ
         next(call)  # one message, then this client reads no more
     wait_for("every slot taken", lambda: source.active == MAX_RPCS)
 
-    refused, peak_threads = 0, server_threads()
+    refused, peak_threads = 0, frontend.server_threads()
     for _ in range(BEYOND):
         with pytest.raises(grpc.RpcError) as caught:
             next(stub.GenerateStream(stream_request(ENDLESS), timeout=30))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         refused += 1
-        peak_threads = max(peak_threads, server_threads())
+        peak_threads = max(peak_threads, frontend.server_threads())
     rss_peak = rss_kib()
     assert source.active == MAX_RPCS and source.most == MAX_RPCS
+    counted.set()
 
     assert [s.result(timeout=60) for s in slow] == [SLOW_MESSAGES] * SLOW_READERS  # slow, but served whole
     for call in stalled:  # held until their deadline, although their client never read again
