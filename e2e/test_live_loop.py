@@ -109,20 +109,38 @@ def test_skewed_traffic_is_rebalanced_live_three_times_with_zero_failed_requests
 
 class ReadyGroupsWatch:
     """Samples the serving's ready groups every second in the background: the fewest seen is what a rollout or a
-    failure left serving."""
+    failure left serving. It also keeps each change of the rank pods (name, uid, address, ready, terminating), so
+    that a failed request can be read against what the pods were doing then (`timeline`)."""
 
     def __init__(self, live: Live) -> None:
         self.live = live
         self.samples: list[int] = []
+        self.changes: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        last = ""
         while not self._stop.wait(1.0):
             try:
                 self.samples.append(int(self.live.serving.status(self.live.kubectl).get("readyGroups", 0)))
+                pods = "; ".join(sorted(pod_line(p) for p in self.live.rank_pods()))
             except (KubectlError, subprocess.TimeoutExpired):  # a kubectl hiccup is not a sample
                 continue
+            if pods != last:
+                self.changes.append((time.time(), pods))
+                last = pods
+
+    def timeline(self, outcomes: list[Outcome], slow_s: float = 5.0) -> str:
+        """The pod changes and the requests that failed or took longer than `slow_s`, in time order."""
+        events = [(at, f"pods: {pods}") for at, pods in self.changes]
+        events += [
+            (o.started, f"request took {o.seconds:.1f} s: " + ("ok" if o.ok else f"failed: {o.error}"))
+            for o in outcomes
+            if not o.ok or o.seconds > slow_s
+        ]
+        start = min(at for at, _ in events) if events else 0.0
+        return "\n".join(f"  +{at - start:6.1f}s {line}" for at, line in sorted(events))
 
     def __enter__(self) -> ReadyGroupsWatch:
         self._thread.start()
@@ -131,6 +149,15 @@ class ReadyGroupsWatch:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def pod_line(pod: dict[str, Any]) -> str:
+    """`g0-0 1a2b3c4d 10.88.0.7 ready` (or `not-ready`, `terminating`) of a rank pod."""
+    meta, status = pod["metadata"], pod.get("status", {})
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+    state = "terminating" if meta.get("deletionTimestamp") else "ready" if ready else "not-ready"
+    name = meta["name"].removeprefix(meta["labels"]["app.kubernetes.io/instance"] + "-")
+    return f"{name} {meta['uid'][:8]} {status.get('podIP', '-')} {state}"
 
 
 def rank_pod_uids(live: Live) -> dict[str, tuple[str, int]]:
@@ -171,6 +198,7 @@ def test_a_model_change_rolls_the_groups_one_at_a_time_with_zero_failed_requests
         outcomes = traffic.stop()
     tally = report("rolling update", outcomes)
     print(f"ready groups during the rollout: min {min(watch.samples)}, samples {len(watch.samples)}")
+    print(watch.timeline(outcomes))
     assert tally.failed == 0 and tally.ok > 0
     assert min(watch.samples) == 1, watch.samples  # one group at a time: never both down, and each one rolled
     assert probe(live).tokens == before.tokens  # the same weights, read from the other path
@@ -193,6 +221,7 @@ def test_a_deleted_rank_pod_re_forms_its_group_while_the_other_serves_with_zero_
     tally = report(f"rank death ({victim})", outcomes)
     survivors = {name for name, (uid, _) in old.items() if uid in {p["metadata"]["uid"] for p in live.rank_pods()}}
     print(f"ready groups meanwhile: min {min(watch.samples)}; group 0 pods kept: {sorted(survivors)}")
+    print(watch.timeline(outcomes))
     assert tally.failed == 0 and tally.ok > 0
     assert survivors == {name for name, (_, g) in old.items() if g == 0}  # group 0 was never restarted
     assert min(watch.samples) >= 1, watch.samples

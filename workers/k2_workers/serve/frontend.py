@@ -27,6 +27,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -147,7 +148,9 @@ class GroupRouter:
         """The answer of the first group that takes the request (POST `body`, or GET when None), over as many
         rounds as the wait allows; at once 429 when every group's queue is full."""
         refusals: list[tuple[str, str, int | None]] = []
+        started, rounds = time.monotonic(), 0
         for _ in self._wait.rounds():
+            rounds += 1
             upstream, refusals = self._one_round(path, body)
             if upstream is not None:
                 return upstream
@@ -157,7 +160,9 @@ class GroupRouter:
         status = HTTPStatus.TOO_MANY_REQUESTS if full else HTTPStatus.SERVICE_UNAVAILABLE
         headers = {"Retry-After": "1"} if full else {}
         reasons = "; ".join(f"{endpoint}: {reason}" for endpoint, reason, _ in refusals)
-        raise HttpError(status, "no group could serve the request: " + reasons, headers)
+        waited = f"{rounds} round{'s' if rounds > 1 else ''} in {time.monotonic() - started:.1f} s"
+        log.warning("no group took a request (%s): %s", waited, reasons)
+        raise HttpError(status, f"no group could serve the request ({waited}; the last: {reasons})", headers)
 
     def _one_round(self, path: str, body: bytes | None) -> tuple[Upstream | None, list[tuple[str, str, int | None]]]:
         """The first group's answer that took the request, or why each group did not (endpoint, reason, status)."""
