@@ -34,7 +34,7 @@ from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
-REAL_POD_CIDR = ipaddress.ip_network("10.245.0.0/24")
+REAL_POD_CIDR = ipaddress.ip_network("10.245.0.0/16")
 GATEWAY = "10.245.0.1"
 WORKER_IMAGE = "docker.io/k2-operator/worker:dev"
 NS = f"t-real-node-{uuid.uuid4().hex[:6]}"
@@ -142,7 +142,7 @@ def test_the_kubernetes_service_address_reaches_the_api_server(real: Cluster) ->
 def test_pods_have_no_route_beyond_the_cluster(real: Cluster) -> None:
     routes = _in_client(real, "ip route").stdout.splitlines()
     assert not any(r.startswith("default") for r in routes), routes
-    assert sorted(r.split()[0] for r in routes) == ["10.245.0.0/24", "10.96.0.0/16"]
+    assert sorted(r.split()[0] for r in routes) == ["10.245.0.0/16", "10.96.0.0/16"]
     # A documentation address (TEST-NET-3): with no route the kernel refuses before a packet is sent.
     dial = _in_client(real, "nc -w 2 203.0.113.1 80 </dev/null; echo exit=$?", check=False)
     assert "Network is unreachable" in dial.stdout + dial.stderr
