@@ -99,6 +99,31 @@ def test_a_group_that_dies_with_the_request_is_left_for_the_next(stubs: dict[int
     assert status == 200 and body["group"] == stubs[200].url and stubs[200].calls == 1
 
 
+def test_a_group_whose_address_answers_no_handshake_is_passed_over_after_the_connect_timeout(
+    stubs: dict[int, StubGroup],
+) -> None:
+    # A listener that never accepts, its accept queue filled: the kernel drops every further SYN, as a peer's stale
+    # neighbour entry or a dead pod's address does, so the connection is never made and no request is ever sent.
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as silent:
+        port = silent.getsockname()[1]
+        queued = [socket.create_connection(("127.0.0.1", port), timeout=2)]  # backlog 0: one fills the queue
+        with pytest.raises(TimeoutError):  # the next handshake is not answered
+            queued.append(socket.create_connection(("127.0.0.1", port), timeout=0.3))
+        try:
+            router = GroupRouter([f"http://127.0.0.1:{port}", stubs[200].url], connect_timeout_s=0.5)
+            status, body = router.forward("/v1/generate", b"{}")
+            assert status == 200 and body["group"] == stubs[200].url
+            with pytest.raises(HttpError) as caught:
+                GroupRouter([f"http://127.0.0.1:{port}"], wait=GroupWait(0), connect_timeout_s=0.5).forward(
+                    "/v1/generate", b"{}"
+                )
+        finally:
+            for connection in queued:
+                connection.close()
+    assert caught.value.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert "no connection within 0.5s" in str(caught.value) and "1 round in" in str(caught.value)
+
+
 def test_when_every_queue_is_full_the_answer_is_429(stubs: dict[int, StubGroup]) -> None:
     with pytest.raises(HttpError) as caught:
         GroupRouter([stubs[429].url]).forward("/v1/generate", b"{}")

@@ -1,14 +1,14 @@
 """The frontend: one HTTP endpoint that routes generate requests across the serving groups.
 
-Round-robin over the groups' rank-0 URLs. A request moves on to the next group only when its group did not take
-it, so no two groups ever run it: the connection was refused (or failed before the request was sent), the group
-answered 503 (not ready, stopping, broken before it ran) or 429 (its queue is full), or the group closed the
-connection without an answer (it died: its work is lost and cannot finish). Anything else is the answer: a 4xx
-(every group would say the same), a 500 or 504 of a group that ran the request, or our 504 when a group that took
-the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere would double
-the work). When no group took it, the request waits for one (`group_wait`: more rounds over the groups, with pauses,
-for up to `--group-wait-s`), since a group is often only briefly away (a rolling update, a gang restart); 429 at once
-when every group's queue is full, and 503 when no group took it within the wait.
+Round-robin over the groups' rank-0 URLs. A request moves on to the next group only when its group did not take it,
+so no two groups ever run it: the connection was refused, not made within `CONNECT_TIMEOUT_S` or failed before the
+request was sent, the group answered 503 (not ready, stopping, broken before it ran) or 429 (its queue is full), or
+the group closed the connection without an answer (it died: its work is lost and cannot finish). Anything else is
+the answer: a 4xx (every group would say the same), a 500 or 504 of a group that ran the request, or our 504 when a
+group that took the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere
+would double the work). When no group took it, the request waits for one (`group_wait`: more rounds over the groups,
+with pauses, for up to `--group-wait-s`), since a group is often only briefly away (a rolling update, a gang
+restart); 429 at once when every group's queue is full, and 503 when no group took it within the wait.
 Routed paths: our `POST /v1/generate` and OpenAI's `POST /v1/completions` and `POST /v1/chat/completions`; `GET
 /v1/models` asks the groups in the same order. A group's stream is relayed as it comes (each event when the group
 sends it, that is as its tokens are decoded); a client that goes away closes the group's connection, which cancels
@@ -54,6 +54,9 @@ from k2_workers.serve.scheduler import CANCEL_POLL_S, DEFAULT_REQUEST_TIMEOUT_S
 log = logging.getLogger(__name__)
 
 DEFAULT_UPSTREAM_TIMEOUT_S = DEFAULT_REQUEST_TIMEOUT_S + 30  # past the rank's own deadline, which answers 504 first
+# A group whose address answers no handshake (a dead pod's address, a peer's stale neighbour entry) is passed over
+# after this, rather than after the upstream timeout: no request was sent, so the next group may take it.
+CONNECT_TIMEOUT_S = 3.0
 DRAIN_GRACE_S = 10.0  # how long a stopping frontend lets its gRPC calls in flight finish
 RELAY_BYTES = 1 << 16  # at most this much of a stream read at once (a chunk of the group's is relayed whole)
 NOT_TAKEN = frozenset({HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS})  # the group did not run it
@@ -119,6 +122,7 @@ class GroupRouter:
         endpoints: Sequence[str],
         timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S,
         wait: GroupWait | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         if not endpoints:
             raise ValueError("endpoints: the frontend needs at least one group endpoint")
@@ -126,6 +130,7 @@ class GroupRouter:
         self._next = itertools.cycle(range(len(self.endpoints)))
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
+        self._connect_s = connect_timeout_s
         self._wait = wait or GroupWait()
 
     def forward(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -172,13 +177,17 @@ class GroupRouter:
         for offset in range(len(self.endpoints)):
             endpoint = self.endpoints[(start + offset) % len(self.endpoints)]
             url = urllib.parse.urlsplit(endpoint)
-            connection = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=self._timeout_s)
+            connection = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=self._connect_s)
             method = "GET" if body is None else "POST"
             try:
+                connection.connect()
+                assert connection.sock is not None
+                connection.sock.settimeout(self._timeout_s)
                 connection.request(method, url.path + path, body, {"Content-Type": "application/json"})
-            except OSError as error:  # before the request was sent: refused, unresolvable
+            except OSError as error:  # before the request was sent: refused, unresolvable, unreachable
                 connection.close()
-                refusals.append((endpoint, str(error), None))
+                reason = f"no connection within {self._connect_s}s" if isinstance(error, TimeoutError) else str(error)
+                refusals.append((endpoint, reason, None))
                 continue
             try:
                 response = connection.getresponse()
