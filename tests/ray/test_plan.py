@@ -1,18 +1,29 @@
-"""What a K2Training becomes on Ray Train (pure, no Ray started)."""
+"""What a K2Training and a K2Serving become on Ray, and the EPLB loop's decisions there (pure, no Ray started)."""
 
 from __future__ import annotations
 
+import json
+from http import HTTPStatus
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
 from k2_api.serving import K2Serving
 from k2_api.training import K2Training
+from k2_eplb.planner import Reason, Shape
+from k2_eplb.scrape_reader import ScrapeLoadReader
 from k2_workers.ray_run.cluster import on_loopback, target
+from k2_workers.ray_run.eplb_loop import EplbLoop, RankReport, Summary, initial_decision, window_start
 from k2_workers.ray_run.rank_actor import local_device_index
+from k2_workers.ray_run.request_counts import RequestCounts, counted
 from k2_workers.ray_run.serve_plan import plan_serving
 from k2_workers.ray_run.train_plan import choose_gpu, plan_training
+from k2_workers.serve.http_routes import HttpError, Stream
+from k2_workers.serve.metrics import ExpertLoadCollector
+from k2_workers.serve.placement import ActivePlacement, parse_placement
 
 from .run import manifest
 
@@ -82,3 +93,123 @@ def test_a_rank_uses_the_gpu_ray_assigned_only_when_it_sees_them_all() -> None:
 def test_a_cluster_on_loopback_is_told_apart() -> None:
     assert on_loopback("127.0.0.1:6379") and on_loopback("ray://localhost:10001") and on_loopback("[::1]:6379")
     assert not on_loopback("ray://head.ray.svc:10001") and not on_loopback("10.0.0.2:6379")
+
+
+def read_placement_text(text: str) -> ActivePlacement:
+    """A placement file's text as the ranks read it."""
+    return parse_placement(json.loads(text))
+
+
+def _rebalancing_serving(**eplb: object) -> K2Serving:
+    document = yaml.safe_load((Path(__file__).parents[2] / "examples" / "k2serving-debug.yaml").read_text())
+    document["spec"]["eplb"] = {"windowSeconds": 10, "cooldownSeconds": 30, "minImprovement": 0.02, **eplb}
+    return K2Serving.model_validate(document)
+
+
+class _Ranks:
+    """The /metrics pages of the example's 4 ranks at time `now`: every token of every layer routed to one expert,
+    on group `g` rank 0, counted `rate` tokens a second; each rank's slot counters follow `placement_LGS`."""
+
+    def __init__(self, expert: int, placement_LGS: object, rate: float = 100.0) -> None:
+        self.expert, self.placement_LGS, self.rate, self.now = expert, np.asarray(placement_LGS), rate, 0.0
+
+    def page(self, url: str, timeout: float) -> str:
+        group, rank = (int(part) for part in url.rsplit("/", 2)[-2].split("-"))
+        num_layers, _, num_slots = self.placement_LGS.shape
+        collector = ExpertLoadCollector("k2-debug-serve", group, rank, num_layers, 8, num_slots)
+        expert_LE = np.zeros((num_layers, 8))
+        if rank == 0:
+            expert_LE[:, self.expert] = self.rate * self.now
+        holders = self.placement_LGS == self.expert  # [L, G, S]
+        slot_LS = holders[:, rank, :] * (self.rate * self.now / holders.sum(axis=(1, 2))[:, None])
+        collector.add(expert_LE, slot_LS)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        return generate_latest(registry).decode()
+
+
+ENDPOINTS = [f"http://127.0.0.1/{g}-{r}/metrics" for g in range(2) for r in range(2)]
+
+
+def _reports(generation: int | None) -> list[RankReport]:
+    return [RankReport(g, r, generation) for g in range(2) for r in range(2)]
+
+
+def test_the_ray_eplb_loop_plans_like_the_controller_and_waits_for_every_rank_to_apply() -> None:
+    clock = [0.0]
+    initial = initial_decision(Shape(3, 8, 2, 5))
+    assert initial.placement_LGS is not None
+    ranks = _Ranks(2, initial.placement_LGS)  # expert 2 has one replica, on rank 0: balancedness 0.5
+    reader = ScrapeLoadReader(fetch=ranks.page, clock=lambda: clock[0])
+    loop = EplbLoop(_rebalancing_serving(maxMovesFraction=1.0), clock=lambda: clock[0], reader=reader)  # 1 round
+    assert loop.generation == 1 and (loop.placement_LGS == initial.placement_LGS).all()
+    first = read_placement_text(loop.document)
+    assert first.generation == 1 and [t.table_RS.tolist() for t in first.tables] == initial.placement_LGS.tolist()
+
+    assert loop.step(ENDPOINTS, _reports(1)).decision.reason is Reason.TOO_FEW_SAMPLES  # one scrape so far
+    clock[0] = ranks.now = 12.0
+    written = loop.step(ENDPOINTS, _reports(1))
+    decision = written.decision
+    assert decision.reason is Reason.REBALANCED and written.generation == loop.generation == 2
+    assert decision.staleness == pytest.approx(0.5) and decision.measured_balancedness == pytest.approx(0.5)
+    assert decision.predicted_balancedness == pytest.approx(1.0)
+    assert (loop.placement_LGS == 2).any(axis=2).all()  # the hot expert on both ranks of every layer
+    assert read_placement_text(loop.document).generation == 2 and loop.rebalances == 1
+    assert loop.moved_experts == decision.moved_experts > 0
+
+    clock[0] = ranks.now = 14.0
+    pending = loop.step(ENDPOINTS, [*_reports(2)[:3], RankReport(1, 1, 1)])
+    assert pending.decision.reason is Reason.APPLY_PENDING and pending.ranks_behind == ("group 1 rank 1",)
+    assert pending.applied_generation == 1 and pending.measured_generation is None
+    clock[0] = ranks.now = 16.0
+    cooling = loop.step(ENDPOINTS, _reports(2))
+    assert cooling.decision.reason is Reason.COOLDOWN and cooling.applied_generation == 2
+    assert cooling.decision.staleness == pytest.approx(decision.predicted_balancedness)  # the new one, same load
+
+    ranks.placement_LGS = loop.placement_LGS  # the ranks count slots by the placement they run
+    for t in (18.0, 20.0, 22.0, 24.0, 26.0, 28.0):
+        clock[0] = ranks.now = t
+        after = loop.step(ENDPOINTS, _reports(2))
+    assert after.measured_generation == 2  # a whole window since every rank applied generation 2
+    summary = Summary("k2-debug-serve", 2, 2, after, loop.rebalances, loop.moved_experts, 7, 0)
+    record = summary.record()
+    assert (record["generation"], record["appliedGeneration"], record["rebalances"]) == (2, 2, 1)
+    assert (record["requestsServed"], record["requestsFailed"], record["ranksBehind"]) == (7, 0, [])
+    assert "groups 2/2 ready | generation 2 (applied)" in summary.line()
+    assert "requests 7 served, 0 failed" in summary.line()
+
+
+def test_a_disabled_eplb_never_reads_nor_writes() -> None:
+    def fetch(url: str, timeout: float) -> str:
+        raise AssertionError("scraped with EPLB disabled")
+
+    loop = EplbLoop(_rebalancing_serving(enabled=False), reader=ScrapeLoadReader(fetch=fetch))
+    step = loop.step(ENDPOINTS, _reports(1))
+    assert step.decision.reason is Reason.DISABLED and loop.generation == 1 and step.applied_generation == 1
+
+
+def test_the_measured_window_starts_at_the_newest_scrape_a_window_old() -> None:
+    assert window_start([0.0, 5.0, 10.0, 15.0], now=16.0, window_seconds=10) == 5.0
+    assert window_start([12.0, 15.0], now=16.0, window_seconds=10) == 12.0
+    assert window_start([], now=16.0, window_seconds=10) is None
+
+
+def test_the_frontend_counts_answers_served_and_failed() -> None:
+    def ok(body: bytes) -> tuple[int, dict[str, object]]:
+        return 200, {}
+
+    def refused(body: bytes) -> tuple[int, dict[str, object]]:
+        raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no group")
+
+    def stream(body: bytes) -> Stream:
+        return Stream(iter([b"a", b"b"]))
+
+    counts = RequestCounts()
+    routes = counted({("POST", "/ok"): ok, ("POST", "/no"): refused, ("POST", "/s"): stream, ("GET", "/h"): ok}, counts)
+    routes[("POST", "/ok")](b"")
+    routes[("GET", "/h")](b"")
+    with pytest.raises(HttpError):
+        routes[("POST", "/no")](b"")
+    answer = routes[("POST", "/s")](b"")
+    assert isinstance(answer, Stream) and list(answer.events) == [b"a", b"b"]
+    assert (counts.served, counts.failed) == (2, 1)

@@ -3,7 +3,8 @@
 Without --address (or RAY_ADDRESS) a local Ray instance is started for the run, listening on 127.0.0.1 only, and
 stopped after it. The manifest is validated by the same API models as admission; errors name the field. A
 K2Training runs to its last step (Ctrl-C checkpoints and stops; the same command resumes); a K2Serving serves its
-frontend on 127.0.0.1 until Ctrl-C.
+frontend on 127.0.0.1 until Ctrl-C, rebalancing its experts as spec.eplb says and printing a summary line every
+spec.eplb.intervalSeconds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="k2 run", description=__doc__)
     parser.add_argument("-f", "--filename", required=True, help="a K2Training or K2Serving manifest (YAML)")
     parser.add_argument("--address", help="an existing Ray cluster (default $RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--json", action="store_true", help="training: one JSON line per step, even on a terminal")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON line per step (training) or per summary (serving)"
+    )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: GPUs when the spec and Ray have them")
     parser.add_argument("--storage-path", dest="storage_path", help="training: Ray Train storage (~/ray_results)")
     parser.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=1.0, help="per rank; 1")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if isinstance(resource, K2Training):
                 return train(args, resource, cfg, out)
-            return serve(args, document, resource)
+            return serve(args, document, resource, out)
         except ValueError as error:
             print(f"invalid configuration: {error}", file=sys.stderr)
             return ExitCodes.INVALID_CONFIG
@@ -92,7 +95,7 @@ def train(args: argparse.Namespace, resource: K2Training, cfg: Any, out: Any) ->
     return run_training(cfg, plan, json_lines=args.json, out=out)
 
 
-def serve(args: argparse.Namespace, document: dict[str, Any], resource: K2Serving) -> int:
+def serve(args: argparse.Namespace, document: dict[str, Any], resource: K2Serving, out: Any) -> int:
     from k2_workers.ray_run.serve_plan import plan_serving
     from k2_workers.ray_run.serving import run_serving
 
@@ -105,4 +108,4 @@ def serve(args: argparse.Namespace, document: dict[str, Any], resource: K2Servin
         host=args.host,
         port=args.port,
     )
-    return run_serving(document, plan)
+    return run_serving(document, plan, out=out, json_lines=args.json)

@@ -1,20 +1,23 @@
 """A serving rank as a Ray actor: the pods' `run_rank` (k2_workers.serve.rank) in the actor's process, with the
 env the operator gives a rank pod (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, K2_GROUP) and flags from
-the manifest. Threaded (two calls at once), so `stop` reaches a rank while `serve` runs."""
+the manifest. Its /metrics listens on the node's address (the EPLB loop scrapes it), and its `--placement` file lies
+in the actor's own directory, written by `place` (the driver's EPLB loop calls it on rank 0), so the ranks apply
+placements on any node of a cluster. Threaded, so `stop` and `place` reach a rank while `serve` runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
-from k2_api.contract import Env, TorchrunEnv
+from k2_api.contract import Env, Files, TorchrunEnv
 
 if TYPE_CHECKING:
     from k2_workers.ray_run.rendezvous import StoreServer
@@ -22,11 +25,13 @@ if TYPE_CHECKING:
 STORE_TIMEOUT_S = 120.0
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` different ports free on `host` now (held together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def local_device_index(gpu_ids: list[Any], all_visible: bool) -> int:
@@ -42,26 +47,54 @@ def node_address() -> str:
     return address
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`text` as the whole content of `path`: written beside it, then renamed over it (a reader never sees half)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class RankAddress(NamedTuple):
+    host: str  # this node's address
+    store_port: int  # the group's rendezvous store (rank 0; 0 on the others)
+    http_port: int
+    metrics_port: int
+
+
 class RankActor:
-    def __init__(self, document: dict[str, Any], group: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, document: dict[str, Any], group: int, rank: int, world_size: int, placement: str | None = None
+    ) -> None:
+        """`placement`: the placement file the rank starts with (the one in force when a group is re-formed)."""
         self._group, self._rank, self._world_size = group, rank, world_size
         self._dir = tempfile.mkdtemp(prefix=f"k2-serve-g{group}r{rank}-")
         self._config = Path(self._dir) / "k2serving.yaml"
         self._config.write_text(yaml.safe_dump(document))
+        self._placement = Path(self._dir) / Files.PLACEMENT
+        if placement is not None:
+            self.place(placement)
         self._stop = threading.Event()
         self._store: StoreServer | None = None
 
-    def address(self) -> tuple[str, int, int]:
-        """(this node's address, the rendezvous port, a free HTTP port). Rank 0 starts the group's store server here,
+    def address(self) -> RankAddress:
+        """This node's address and free ports for HTTP and /metrics. Rank 0 starts the group's store server here,
         on this address only; the pods' env:// rendezvous in run_rank reuses it (rendezvous.StoreServer)."""
         from k2_workers.ray_run.rendezvous import StoreServer
 
         host = node_address()
         if self._rank == 0 and self._store is None:
             self._store = StoreServer(host, self._world_size, STORE_TIMEOUT_S)
-        return host, self._store.port if self._store is not None else 0, free_port(host)
+        store_port = self._store.port if self._store is not None else 0
+        http_port, metrics_port = free_ports(host, 2)
+        return RankAddress(host, store_port, http_port, metrics_port)
 
-    def serve(self, master: str, master_port: int, http_port: int, seed: int) -> int:
+    def place(self, placement: str) -> None:
+        """Make `placement` (a placement file's text) this rank's `--placement` file; rank 0 applies it on its next
+        poll. Unchanged content is not rewritten."""
+        if not self._placement.exists() or self._placement.read_text() != placement:
+            write_atomically(self._placement, placement)
+
+    def serve(self, master: str, master_port: int, http_port: int, metrics_port: int, seed: int) -> int:
         """Runs the rank until `stop` (rank 0) or until rank 0 stops the group; the rank's exit code."""
         import ray
 
@@ -81,7 +114,7 @@ class RankActor:
         )
         host = node_address()
         argv = ["--config", str(self._config), "--host", host, "--port", str(http_port), "--seed", str(seed)]
-        argv += ["--metrics-port", "-1", "--grpc-port", "-1"]
+        argv += ["--metrics-port", str(metrics_port), "--grpc-port", "-1", "--placement", str(self._placement)]
         try:
             return run_rank(parse_args(argv), self._stop)
         finally:

@@ -1,10 +1,14 @@
 """The driver of a K2Serving on Ray: one placement group of rank actors per group, each group forming the same
 torch.distributed group the pods form and running the same engine, and the pods' frontend on this machine routing
 requests across the groups' rank 0. A group whose rank died (or that broke) is re-formed in its placement group while
-the others serve. Runs until SIGINT or SIGTERM, then stops the groups."""
+the others serve. Every spec.eplb.intervalSeconds the EPLB loop (`eplb_loop`) reads the ranks' load counters and
+their placement generations, plans with the EPLB controller's planner, hands a new placement to every group's rank 0,
+and the driver prints the live summary (groups ready, balancedness, moves, requests). Runs until SIGINT or SIGTERM,
+then stops the groups."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -17,19 +21,28 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
+from ray.exceptions import RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2_api.contract import HttpPaths
-from k2_workers.ray_run.rank_actor import RankActor
+from k2_api.serving import K2Serving
+from k2_eplb.topology import RankNode, ranks_per_node
+from k2_workers.ray_run.eplb_loop import EplbLoop, RankReport, Summary
+from k2_workers.ray_run.rank_actor import RankActor, RankAddress
+from k2_workers.ray_run.request_counts import RequestCounts, counted
 from k2_workers.ray_run.serve_plan import ServePlan
-from k2_workers.serve.frontend import run_frontend
+from k2_workers.serve.endpoints import HttpServer, serve_routes
+from k2_workers.serve.frontend import GroupRouter, frontend_routes
 from k2_workers.serve.group_wait import GroupWait
+from k2_workers.serve.http_routes import HttpLimits
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 SUPERVISE_S = 1.0
+PLACE_TIMEOUT_S = 10.0
+HEALTH_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -38,42 +51,65 @@ class Group:
     placement_group: PlacementGroup
     ranks: list[Any]  # RankActor handles, rank order
     serving: list[Any]  # the ranks' `serve` calls (ObjectRefs)
-    url: str  # rank 0's HTTP
+    addresses: list[RankAddress]  # rank order; rank 0's HTTP port is the group's (`url`)
     directories: list[str]  # the ranks' manifest directories
 
+    @property
+    def url(self) -> str:
+        """Rank 0's HTTP: the group's endpoint behind the frontend."""
+        return self.http_urls[0]
 
-def start_group(document: dict[str, Any], plan: ServePlan, index: int, seed: int) -> Group:
+    @property
+    def http_urls(self) -> list[str]:
+        return [f"http://{a.host}:{a.http_port}" for a in self.addresses]
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [f"http://{a.host}:{a.metrics_port}/metrics" for a in self.addresses]
+
+
+def start_group(document: dict[str, Any], plan: ServePlan, index: int, seed: int, placement: str) -> Group:
     """Reserves the group's bundles (all or none), then starts its ranks there (start_ranks)."""
     import ray
 
     pg = placement_group(plan.bundles, strategy=plan.placement_strategy, name=f"{plan.name}-group-{index}")
     ray.get(pg.ready())
-    return start_ranks(document, plan, index, seed, pg)
+    return start_ranks(document, plan, index, seed, pg, placement)
 
 
 def start_ranks(
-    document: dict[str, Any], plan: ServePlan, index: int, seed: int, pg: PlacementGroup, http_port: int = 0
+    document: dict[str, Any],
+    plan: ServePlan,
+    index: int,
+    seed: int,
+    pg: PlacementGroup,
+    placement: str,
+    http_port: int = 0,
 ) -> Group:
-    """A rank actor in each bundle of `pg`, and the ranks' `serve`; rank 0 on `http_port` when given (a re-formed
-    group keeps its URL: its bundles stay on their nodes)."""
+    """A rank actor in each bundle of `pg`, rank 0 starting on the placement file `placement`, and the ranks'
+    `serve`; rank 0 on `http_port` when given (a re-formed group keeps its URL: its bundles stay on their nodes)."""
     import ray
 
     actor_class: Any = ray.remote(RankActor)
     ranks = [
         actor_class.options(
-            max_concurrency=2,  # `stop` while `serve` runs
+            max_concurrency=3,  # `stop` and `place` while `serve` runs
             num_cpus=plan.cpus_per_rank,
             num_gpus=1 if plan.use_gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=r),
-        ).remote(document, index, r, plan.ranks_per_group)
+        ).remote(document, index, r, plan.ranks_per_group, placement if r == 0 else None)
         for r in range(plan.ranks_per_group)
     ]
-    addresses = ray.get([rank.address.remote() for rank in ranks])
+    addresses: list[RankAddress] = ray.get([rank.address.remote() for rank in ranks])
     directories = ray.get([rank.directory.remote() for rank in ranks])
-    master, master_port, _ = addresses[0]
-    http_ports = [http_port or addresses[0][2]] + [http for _, _, http in addresses[1:]]
-    serving = [rank.serve.remote(master, master_port, port, seed) for rank, port in zip(ranks, http_ports, strict=True)]
-    return Group(index, pg, ranks, serving, f"http://{master}:{http_ports[0]}", directories)
+    if http_port:
+        addresses[0] = addresses[0]._replace(http_port=http_port)
+    master, master_port = addresses[0].host, addresses[0].store_port
+    serving = [
+        rank.serve.remote(master, master_port, address.http_port, address.metrics_port, seed)
+        for rank, address in zip(ranks, addresses, strict=True)
+    ]
+    return Group(index, pg, ranks, serving, addresses, directories)
 
 
 def remove_directories(group: Group) -> None:
@@ -90,29 +126,36 @@ def ended(group: Group) -> bool:
     return bool(finished)
 
 
-def reform(document: dict[str, Any], plan: ServePlan, group: Group, seed: int) -> Group:
-    """The group's ranks replaced by new actors in the same placement group; rank 0 keeps the group's URL."""
+def reform(document: dict[str, Any], plan: ServePlan, group: Group, seed: int, placement: str) -> Group:
+    """The group's ranks replaced by new actors in the same placement group, starting on the placement file
+    `placement`; rank 0 keeps the group's URL."""
     import ray
 
     for rank in group.ranks:
         ray.kill(rank)
     ray.wait(group.serving, num_returns=len(group.serving), timeout=STOP_TIMEOUT_S)  # the old ranks are gone
     remove_directories(group)
-    port = int(group.url.rsplit(":", 1)[1])
-    return start_ranks(document, plan, group.index, seed, group.placement_group, http_port=port)
+    port = group.addresses[0].http_port
+    return start_ranks(document, plan, group.index, seed, group.placement_group, placement, http_port=port)
 
 
 def supervise(
-    document: dict[str, Any], plan: ServePlan, groups: list[Group], seed: int, stop: threading.Event, err: TextIO
+    document: dict[str, Any],
+    plan: ServePlan,
+    groups: list[Group],
+    seed: int,
+    loop: EplbLoop,
+    stop: threading.Event,
+    err: TextIO,
 ) -> None:
-    """Until `stop`: a group whose rank ended is re-formed; the other groups keep serving meanwhile (the frontend
-    routes around a group that refuses or answers 503)."""
+    """Until `stop`: a group whose rank ended is re-formed, on the placement in force; the other groups keep serving
+    meanwhile (the frontend routes around a group that refuses or answers 503)."""
     while not stop.wait(SUPERVISE_S):
         for i, group in enumerate(groups):
             if stop.is_set() or not ended(group):
                 continue
             print(f"group {group.index}: a rank ended; re-forming the group", file=err, flush=True)
-            groups[i] = reform(document, plan, group, seed)
+            groups[i] = reform(document, plan, group, seed, loop.document)
             try:
                 wait_ready([groups[i]], READY_TIMEOUT_S)
             except RuntimeError as error:
@@ -122,11 +165,86 @@ def supervise(
 
 
 def ready(url: str) -> bool:
+    return health(url) is not None
+
+
+def health(url: str) -> dict[str, Any] | None:
+    """A rank's /healthz answer when it is 200 (serving, a placement applied), else None."""
     try:
-        with urllib.request.urlopen(url + HttpPaths.HEALTHZ, timeout=5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+        with urllib.request.urlopen(url + HttpPaths.HEALTHZ, timeout=HEALTH_TIMEOUT_S) as response:
+            answer = json.loads(response.read()) if response.status == 200 else None
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def rank_reports(groups: Sequence[Group]) -> list[RankReport]:
+    """The placement generation every rank of every group reports on /healthz (None when it does not answer 200)."""
+    reports = []
+    for group in groups:
+        for rank, url in enumerate(group.http_urls):
+            answer = health(url)
+            generation = answer.get("placementGeneration") if answer else None
+            reports.append(RankReport(group.index, rank, generation if isinstance(generation, int) else None))
+    return reports
+
+
+def gpus_per_node(groups: Sequence[Group], plan: ServePlan) -> int | None:
+    """Ranks per node of the groups (`k2_eplb.topology.ranks_per_node`, from the nodes Ray put the actors on), as the
+    controller derives it from the rank pods' nodes."""
+    placed = [RankNode(str(g.index), r, a.host) for g in groups for r, a in enumerate(g.addresses)]
+    per_node = ranks_per_node(placed, plan.ranks_per_group, plan.groups)
+    return per_node if per_node is not None and plan.ranks_per_group % per_node == 0 else None
+
+
+def place(groups: Sequence[Group], reports: Sequence[RankReport], loop: EplbLoop) -> None:
+    """The placement in force to the rank 0 of every group that does not report it yet (a dead rank is left to the
+    supervisor; the next pass tries again)."""
+    import ray
+
+    behind = {r.group for r in reports if r.rank == 0 and r.generation != loop.generation}
+    refs = [g.ranks[0].place.remote(loop.document) for g in groups if g.index in behind]
+    try:
+        ray.get(refs, timeout=PLACE_TIMEOUT_S)
+    except RayError as error:
+        log.warning("a placement did not reach a group: %s", error)
+
+
+def balance(
+    loop: EplbLoop,
+    plan: ServePlan,
+    groups: list[Group],
+    counts: RequestCounts,
+    stop: threading.Event,
+    out: TextIO,
+    json_lines: bool,
+) -> None:
+    """Until `stop`, every spec.eplb.intervalSeconds: one EPLB pass, the placement to the groups behind it, and the
+    summary (a line of text, or a JSON object with `json_lines`)."""
+    while not stop.wait(loop.serving.spec.eplb.interval_seconds):
+        current = list(groups)  # the supervisor replaces a re-formed group in `groups`
+        reports = rank_reports(current)
+        step = loop.step([url for g in current for url in g.metrics_urls], reports, gpus_per_node(current, plan))
+        place(current, reports, loop)
+        ready_groups = {r.group for r in reports if r.rank == 0 and r.generation is not None}
+        summary = Summary(
+            plan.name,
+            len(ready_groups),
+            plan.groups,
+            step,
+            loop.rebalances,
+            loop.moved_experts,
+            counts.served,
+            counts.failed,
+        )
+        print(json.dumps(summary.record()) if json_lines else summary.line(), file=out, flush=True)
+
+
+def start_frontend(groups: Sequence[Group], plan: ServePlan, counts: RequestCounts) -> HttpServer:
+    """The pods' frontend (`k2_workers.serve.frontend`, without gRPC) across the groups' rank 0, listening when
+    this returns, its generation requests counted for the summary."""
+    router = GroupRouter([g.url for g in groups], wait=GroupWait())
+    return serve_routes(counted(frontend_routes(router), counts), plan.host, plan.port, HttpLimits())
 
 
 def wait_ready(groups: Sequence[Group], timeout_s: float) -> None:
@@ -165,8 +283,18 @@ def stop_groups(groups: Sequence[Group]) -> None:
         remove_placement_group(group.placement_group)
 
 
-def run_serving(document: dict[str, Any], plan: ServePlan, *, seed: int = 0, err: TextIO = sys.stderr) -> int:
+def run_serving(
+    document: dict[str, Any],
+    plan: ServePlan,
+    *,
+    seed: int = 0,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    json_lines: bool = False,
+) -> int:
     stop = threading.Event()
+    loop = EplbLoop(K2Serving.model_validate(document))
+    counts = RequestCounts()
 
     def handle(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -174,21 +302,31 @@ def run_serving(document: dict[str, Any], plan: ServePlan, *, seed: int = 0, err
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     groups: list[Group] = []
     try:
-        groups = [start_group(document, plan, g, seed) for g in range(plan.groups)]
+        groups = [start_group(document, plan, g, seed, loop.document) for g in range(plan.groups)]
         wait_ready(groups, READY_TIMEOUT_S)
+        frontend = start_frontend(groups, plan, counts)
         print(
             f"{plan.name}: {plan.groups} groups x {plan.ranks_per_group} ranks on Ray; "
             f"frontend on http://{plan.host}:{plan.port}",
             file=err,
             flush=True,
         )
-        supervisor = threading.Thread(
-            target=supervise, args=(document, plan, groups, seed, stop, err), name="k2-ray-supervise", daemon=True
-        )
-        supervisor.start()
-        code = run_frontend([g.url for g in groups], plan.host, plan.port, stop, wait=GroupWait())
-        supervisor.join()
-        return code
+        threads = [
+            threading.Thread(
+                target=supervise, args=(document, plan, groups, seed, loop, stop, err), name="k2-ray-supervise"
+            ),
+            threading.Thread(
+                target=balance, args=(loop, plan, groups, counts, stop, out, json_lines), name="k2-ray-eplb"
+            ),
+        ]
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        stop.wait()
+        frontend.shutdown()
+        for thread in threads:
+            thread.join()
+        return 0
     finally:
         stop_groups(groups)
         for sig, handler in previous.items():
