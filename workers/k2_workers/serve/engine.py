@@ -57,7 +57,7 @@ from k2_workers.serve.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_S
 from k2_workers.serve.step_loop import GroupLock, StepLoop
 from k2_workers.serve.step_runner import run_step
 from k2_workers.serve.token_stream import TokenStream
-from k2_workers.serve.wire import Batch, Heartbeat, RankWire, Step, Stop
+from k2_workers.serve.wire import Heartbeat, RankWire, Step, Stop
 from k2_workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -349,8 +349,6 @@ class GroupEngine:
                         self._pool = self._new_pool(message.num_blocks, message.block_size)  # rank 0's cache shape
                     run_step(self.model, self._pool, message)
                     self._load.flush()
-                elif isinstance(message, Batch):
-                    raise RuntimeError("rank 0 sent a static batch: it runs an engine of another version")
                 elif not isinstance(message, Heartbeat):
                     self._apply(message)
 

@@ -1,31 +1,23 @@
 """What rank 0 of a serving group broadcasts to the other ranks, and how they read it.
 
 Every message starts with a header of `HEADER_LEN` int64: the op, then
-- `GENERATE`: the batch size B, the total prompt tokens N and the prefill chunk (tokens per prefill forward: it
-  sets how many all-to-all calls a prefill makes, so every rank uses rank 0's), followed by B rows of `PARAMS_LEN`
-  int64 (prompt length, max_new_tokens, temperature in micro-units, seed, top_k with 0 for off, top_p in
-  micro-units with 0 for off) and the N prompt ids, concatenated;
 - `STEP`: one iteration of the continuous batch (`Step`): the row count W, the total tokens N, the total block-table
   entries M, and the pool's block count and block size, followed by W rows of (start position, tokens, blocks),
   the N tokens and the M block ids, concatenated; every rank runs the same forwards on its own copy of the paged
-  cache (attention is replicated), so the followers need no scheduler of their own;
+  cache (attention is replicated), so the followers need no scheduler of their own, and only rank 0 samples;
 - `APPLY_PLACEMENT`: the generation and the table shape [layers, ranks, slots], followed by the slot tables;
 - `STOP`: nothing; the followers return.
 - `HEARTBEAT`: nothing; rank 0 sends it while the group is idle, so the followers' wait for the next message never
   reaches the collective timeout.
 
-While a batch decodes, rank 0 also sends every step (`share_step`): the tokens it sampled and which rows stay, so
-that every rank feeds the same tokens and drops the same rows (a finished or cancelled request) at the same step.
-
-Rank 0 decodes the batch from its wire form too (`send_batch` returns it), so every rank runs exactly the same
-parameters (a temperature rounded to micro-units included). A one-rank group sends nothing. Every tensor is made on
-the wire's `device` (the GPU under nccl, which takes no CPU tensors); slot tables come back to the CPU.
+The op numbers stay as they were: 1 was the static batch of the engine before continuous batching, and a follower
+told it by a rank 0 of that version refuses it by name. A one-rank group sends nothing. Every tensor is made on the
+wire's `device` (the GPU under nccl, which takes no CPU tensors); slot tables come back to the CPU.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,28 +26,16 @@ from torch import Tensor
 
 from k2_workers.parallel import SlotTable
 from k2_workers.serve.placement import ActivePlacement
-from k2_workers.serve.request import GenerateParams
 
 HEADER_LEN = 6
-PARAMS_LEN = 6
-TEMPERATURE_SCALE = 1_000_000  # temperatures and top_p travel as integers in micro-units
 
 
 class Op(enum.IntEnum):
     STOP = 0
-    GENERATE = 1
+    STATIC_BATCH = 1  # the engine before continuous batching: refused
     APPLY_PLACEMENT = 2
     HEARTBEAT = 3
     STEP = 4
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Requests decoded together: `prompts[i]` (1-D int64 token ids) with `params[i]`."""
-
-    prompts: list[Tensor]
-    params: list[GenerateParams]
-    prefill_chunk: int
 
 
 @dataclass(frozen=True)
@@ -80,27 +60,7 @@ class Heartbeat:
     """Rank 0 is alive; nothing to run."""
 
 
-Message = Batch | Step | ActivePlacement | Stop | Heartbeat
-
-
-def params_row(params: GenerateParams, prompt_len: int) -> list[int]:
-    temperature = round(params.temperature * TEMPERATURE_SCALE)
-    top_p = round((params.top_p or 0) * TEMPERATURE_SCALE)
-    return [prompt_len, params.max_new_tokens, temperature, params.seed, params.top_k or 0, top_p]
-
-
-def params_from_row(row: Sequence[int]) -> tuple[int, GenerateParams]:
-    """(prompt length, parameters) of one row."""
-    prompt_len, max_new_tokens, temperature, seed, top_k, top_p = row
-    scale = TEMPERATURE_SCALE
-    return prompt_len, GenerateParams(max_new_tokens, temperature / scale, seed, top_k or None, top_p / scale or None)
-
-
-def decode_batch(rows_BP: Tensor, prompts_N: Tensor, prefill_chunk: int) -> Batch:
-    """The batch of [B, PARAMS_LEN] parameter rows and the flat prompt ids."""
-    decoded = [params_from_row(row) for row in rows_BP.tolist()]
-    prompts = list(torch.split(prompts_N, [length for length, _ in decoded]))
-    return Batch(prompts, [params for _, params in decoded], prefill_chunk)
+Message = Step | ActivePlacement | Stop | Heartbeat
 
 
 def decode_step(rows_W3: Tensor, tokens_N: Tensor, blocks_M: Tensor, num_blocks: int, block_size: int) -> Step:
@@ -128,18 +88,6 @@ class RankWire:
         self.num_experts = num_experts
         self.device = torch.device(device)
 
-    def send_batch(
-        self, prompts: Sequence[Sequence[int]], params: Sequence[GenerateParams], prefill_chunk: int
-    ) -> Batch:
-        """Send a batch to the followers; return it as they read it."""
-        rows_list = [params_row(p, len(ids)) for ids, p in zip(prompts, params, strict=True)]
-        rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
-        flat = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
-        self._send_header(Op.GENERATE, len(prompts), [flat.numel(), prefill_chunk])
-        self._broadcast(rows)
-        self._broadcast(flat)
-        return decode_batch(rows, flat, prefill_chunk)
-
     def send_step(self, step: Step) -> None:
         """Send one iteration of the continuous batch to the followers."""
         if self.world_size == 1:
@@ -158,12 +106,6 @@ class RankWire:
         tables = placement_tables(placement).to(self.device)
         self._send_header(Op.APPLY_PLACEMENT, placement.generation, list(tables.shape))
         self._broadcast(tables)
-
-    def share_step(self, step_2B: Tensor) -> Tensor:
-        """One decoding step of a batch of B rows, as rank 0 decided it: [2, B] int64, its sampled tokens and whether
-        each row stays in the batch. Rank 0 sends its own; a follower passes zeros of that shape and gets rank 0's."""
-        self._broadcast(step_2B)
-        return step_2B
 
     def send_stop(self) -> None:
         self._send_header(Op.STOP, 0, [])
@@ -190,12 +132,9 @@ class RankWire:
             tables = self._zeros(*rest[:3])
             dist.broadcast(tables, src=0)
             return placement_from_tables(arg, tables, self.num_experts)
-        assert op == Op.GENERATE, f"unknown op {op} from rank 0"
-        rows = self._zeros(arg, PARAMS_LEN)
-        dist.broadcast(rows, src=0)
-        flat = self._zeros(rest[0])
-        dist.broadcast(flat, src=0)
-        return decode_batch(rows, flat, rest[1])
+        if op == Op.STATIC_BATCH:
+            raise RuntimeError("rank 0 sent a static batch: it runs an engine of another version")
+        raise RuntimeError(f"unknown op {op} from rank 0")
 
     def _send_header(self, op: Op, arg: int, rest: list[int]) -> None:
         if self.world_size > 1:
