@@ -115,6 +115,11 @@ class ExpertPlacementSpec(ApiModel):
             raise ValueError("; ".join(problems))
         return self
 
+    @property
+    def total_slots(self) -> int:
+        """Expert slots of one group over all its MoE layers: what `spec.eplb.maxMovesFraction` is a fraction of."""
+        return self.num_layers * self.ranks * self.slots_per_rank
+
     def table(self, layer: int) -> list[list[int]]:
         """slots[rank][slot] of one MoE layer."""
         for entry in self.layers:

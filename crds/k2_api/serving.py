@@ -92,7 +92,10 @@ class Eplb(ApiModel):
         default=0.1,
         gt=0,
         le=1,
-        description="Move budget per rebalance as a fraction of a group's slots (ranksPerGroup x slotsPerRank).",
+        description=(
+            "Move budget per rebalance as a fraction of a group's expert slots over all its MoE layers "
+            "(MoE layers x ranksPerGroup x slotsPerRank), rounded up."
+        ),
     )
     max_moves: int | None = Field(
         default=None,
@@ -110,7 +113,7 @@ class Eplb(ApiModel):
     )
 
     def move_budget(self, num_slots: int) -> int:
-        """Expert copies one rebalance may move in a group of num_slots slots."""
+        """Expert copies one rebalance may move in a group of `num_slots` slots over all its MoE layers."""
         budget = math.ceil(self.max_moves_fraction * num_slots)
         return budget if self.max_moves is None else min(budget, self.max_moves)
 

@@ -155,7 +155,7 @@ class Controller:
         sample, error = self._read_load(serving, placement)
         last = api.parse_rfc3339(placement.metadata.annotations.get(Annotations.REBALANCED_AT, ""))
         return plan(
-            convert.policy_from_spec(serving.spec.eplb, spec.ranks * spec.slots_per_rank),
+            convert.policy_from_spec(serving.spec.eplb, spec.total_slots),
             convert.placement_state(placement, last),
             sample,
             now,

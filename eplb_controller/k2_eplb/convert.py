@@ -20,7 +20,8 @@ PLANNED = "Planned"
 
 
 def policy_from_spec(eplb: Eplb, num_slots: int) -> Policy:
-    """The planner's knobs from K2Serving spec.eplb; `num_slots` (ranks x slots per rank) scales the move budget."""
+    """The planner's knobs from K2Serving spec.eplb; `num_slots` (a group's slots over all MoE layers,
+    `ExpertPlacementSpec.total_slots`) scales the move budget."""
     return Policy(
         enabled=eplb.enabled,
         window_seconds=float(eplb.window_seconds),

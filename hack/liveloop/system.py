@@ -120,7 +120,7 @@ class Serving:
                 "intervalSeconds": self.eplb_interval_s,
                 "windowSeconds": self.eplb_window_s,
                 "minImprovement": self.min_improvement,
-                "maxMovesFraction": 0.5,
+                "maxMovesFraction": 0.16,  # 5 copies of k2-debug's 3 layers x 10 slots: a shock takes rounds
                 "cooldownSeconds": self.eplb_cooldown_s,
             },
             "rollout": {"maxUnavailableGroups": 1},

@@ -152,8 +152,19 @@ def test_first_pass_has_too_few_samples_then_it_rebalances() -> None:
     assert written.status is not None
     assert written.status.moved_bytes == decision.moved_experts * KIMI_K2_FP8_EXPERT_BYTES
     assert setup.events() == [("Normal", "Rebalanced")]
-    # The budget is maxMovesFraction (default 0.1) of 12 slots, rounded up.
-    assert 0 < decision.moved_experts <= 2
+    # The budget is maxMovesFraction (default 0.1) of the group's 2 layers x 12 slots, rounded up.
+    assert 0 < decision.moved_experts <= 3
+
+
+def test_the_move_budget_counts_the_slots_of_every_moe_layer() -> None:
+    body = serving()
+    body["spec"]["eplb"]["maxMovesFraction"] = 0.08  # of 2 layers x 12 slots: 2 copies (of one layer's: 1)
+    setup = Setup([body], [placement()])
+    setup.pass_()
+    setup.now += 30
+    decision = setup.pass_()[("ns", "k2")]
+    assert decision.reason is Reason.REBALANCED and decision.moved_experts == 2
+    assert setup.placement().spec.total_slots == LAYERS * RANKS * SLOTS
 
 
 def test_interval_gates_passes_unless_forced() -> None:
