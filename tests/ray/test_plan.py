@@ -11,12 +11,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from k2_api.contract import WeightSources
 from k2_api.serving import K2Serving
 from k2_api.training import K2Training
 from k2_eplb.planner import Reason, Shape
-from k2_eplb.scrape_reader import ScrapeLoadReader
 from k2_workers.ray_run.cluster import on_loopback, target
-from k2_workers.ray_run.eplb_loop import EplbLoop, RankReport, Summary, initial_decision, window_start
+from k2_workers.ray_run.eplb_loop import EplbLoop, RankReport, Summary, initial_decision, shown_bytes, window_start
 from k2_workers.ray_run.rank_actor import local_device_index
 from k2_workers.ray_run.request_counts import RequestCounts, counted
 from k2_workers.ray_run.serve_plan import plan_serving
@@ -112,6 +112,7 @@ class _Ranks:
 
     def __init__(self, expert: int, placement_LGS: object, rate: float = 100.0) -> None:
         self.expert, self.placement_LGS, self.rate, self.now = expert, np.asarray(placement_LGS), rate, 0.0
+        self.peer_bytes = 0  # expert-weight bytes each rank took in from its peers
 
     def page(self, url: str, timeout: float) -> str:
         group, rank = (int(part) for part in url.rsplit("/", 2)[-2].split("-"))
@@ -123,6 +124,7 @@ class _Ranks:
         holders = self.placement_LGS == self.expert  # [L, G, S]
         slot_LS = holders[:, rank, :] * (self.rate * self.now / holders.sum(axis=(1, 2))[:, None])
         collector.add(expert_LE, slot_LS)
+        collector.add_weight_bytes(WeightSources.PEER, self.peer_bytes)
         registry = CollectorRegistry()
         registry.register(collector)
         return generate_latest(registry).decode()
@@ -140,8 +142,7 @@ def test_the_ray_eplb_loop_plans_like_the_controller_and_waits_for_every_rank_to
     initial = initial_decision(Shape(3, 8, 2, 5))
     assert initial.placement_LGS is not None
     ranks = _Ranks(2, initial.placement_LGS)  # expert 2 has one replica, on rank 0: balancedness 0.5
-    reader = ScrapeLoadReader(fetch=ranks.page, clock=lambda: clock[0])
-    loop = EplbLoop(_rebalancing_serving(maxMovesFraction=1.0), clock=lambda: clock[0], reader=reader)  # 1 round
+    loop = EplbLoop(_rebalancing_serving(maxMovesFraction=1.0), clock=lambda: clock[0], fetch=ranks.page)  # 1 round
     assert loop.generation == 1 and (loop.placement_LGS == initial.placement_LGS).all()
     first = read_placement_text(loop.document)
     assert first.generation == 1 and [t.table_RS.tolist() for t in first.tables] == initial.placement_LGS.tolist()
@@ -166,24 +167,26 @@ def test_the_ray_eplb_loop_plans_like_the_controller_and_waits_for_every_rank_to
     assert cooling.decision.reason is Reason.COOLDOWN and cooling.applied_generation == 2
     assert cooling.decision.staleness == pytest.approx(decision.predicted_balancedness)  # the new one, same load
 
-    ranks.placement_LGS = loop.placement_LGS  # the ranks count slots by the placement they run
+    ranks.placement_LGS, ranks.peer_bytes = loop.placement_LGS, 1000  # what the ranks run and took in to
     for t in (18.0, 20.0, 22.0, 24.0, 26.0, 28.0):
         clock[0] = ranks.now = t
         after = loop.step(ENDPOINTS, _reports(2))
     assert after.measured_generation == 2  # a whole window since every rank applied generation 2
+    assert after.weight_bytes == {WeightSources.PEER: 4000.0, WeightSources.STORAGE: 0.0}
     summary = Summary("k2-debug-serve", 2, 2, after, loop.rebalances, loop.moved_experts, 7, 0)
     record = summary.record()
     assert (record["generation"], record["appliedGeneration"], record["rebalances"]) == (2, 2, 1)
     assert (record["requestsServed"], record["requestsFailed"], record["ranksBehind"]) == (7, 0, [])
     assert "groups 2/2 ready | generation 2 (applied)" in summary.line()
-    assert "requests 7 served, 0 failed" in summary.line()
+    assert "moves 3 in 1 rebalances (4.0 kB from peers) | requests 7 served, 0 failed" in summary.line()
+    assert (shown_bytes(2.5e6), shown_bytes(3e9)) == ("2.50 MB", "3.00 GB")
 
 
 def test_a_disabled_eplb_never_reads_nor_writes() -> None:
     def fetch(url: str, timeout: float) -> str:
         raise AssertionError("scraped with EPLB disabled")
 
-    loop = EplbLoop(_rebalancing_serving(enabled=False), reader=ScrapeLoadReader(fetch=fetch))
+    loop = EplbLoop(_rebalancing_serving(enabled=False), fetch=fetch)
     step = loop.step(ENDPOINTS, _reports(1))
     assert step.decision.reason is Reason.DISABLED and loop.generation == 1 and step.applied_generation == 1
 

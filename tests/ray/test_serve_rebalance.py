@@ -147,10 +147,13 @@ def test_skewed_traffic_is_rebalanced_live_and_measured_better_with_zero_failed_
             f"rebalance on Ray: generation {generation}, {rebalanced['movedExperts']} experts moved; balancedness "
             f"measured {before:.3f} -> {after['measuredBalancedness']:.3f}, predicted {rebalanced['balancedness']:.3f}"
             f" -> {rebalanced['predictedBalancedness']:.3f}; {took:.0f} s from the first request to the measurement;"
+            f" {after['expertBytesIn']['peer'] - rebalanced['expertBytesIn']['peer']:.0f} expert bytes from peers;"
             f" {traffic.ok} requests answered, {len(traffic.failures)} failed"
         )
         assert after["measuredBalancedness"] > before, (rebalanced, after)
         assert traffic.failures == [] and traffic.ok > 0
+        moved_in = {s: after["expertBytesIn"][s] - rebalanced["expertBytesIn"][s] for s in ("peer", "storage")}
+        assert moved_in["peer"] > 0 and moved_in["storage"] == 0, moved_in  # every expert moved came from a peer
         assert after["requestsFailed"] == 0 and 0 < after["requestsServed"] <= traffic.ok
 
         proc.send_signal(signal.SIGINT)

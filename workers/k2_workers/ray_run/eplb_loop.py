@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from k2_api import ExpertPlacementSpec, K2Serving
-from k2_api.contract import MetricLabels
+from k2_api.contract import MetricLabels, Metrics, WeightSources
 from k2_eplb import convert
 from k2_eplb.load import LoadReadError, LoadSample
 from k2_eplb.planner import Decision, IntArray, PlacementState, Reason, Shape, plan
 from k2_eplb.rounds import Progress
-from k2_eplb.scrape_reader import ScrapeLoadReader
+from k2_eplb.scrape_reader import Fetch, ScrapeLoadReader, http_get_text
 from k2_eplb.solver import solve
 
 INITIAL_REASON = "initial: uniform load"
@@ -73,6 +74,31 @@ def ranks_behind(reports: Sequence[RankReport], generation: int) -> tuple[str, .
     return tuple(r.name for r in reports if r.generation is None or r.generation < generation)
 
 
+def weight_bytes(pages: Iterable[str]) -> dict[str, float]:
+    """Expert-weight bytes the ranks took in to apply placements, by source (`WeightSources`), summed over their
+    /metrics pages."""
+    found = dict.fromkeys(WeightSources.ALL, 0.0)
+    for page in pages:
+        for family in text_string_to_metric_families(page):
+            for sample in family.samples:
+                source = sample.labels.get(MetricLabels.SOURCE, "")
+                if sample.name == Metrics.EXPERT_WEIGHT_BYTES.name and source in found:
+                    found[source] += sample.value
+    return found
+
+
+class RecordingFetch:
+    """The scrape reader's fetch, keeping each endpoint's newest page for what the reader does not read."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        self._fetch = fetch
+        self.pages: dict[str, str] = {}
+
+    def __call__(self, url: str, timeout: float) -> str:
+        self.pages[url] = text = self._fetch(url, timeout)
+        return text
+
+
 def window_start(scrapes: Sequence[float], now: float, window_seconds: float) -> float | None:
     """Where the scrape reader's window starts: the newest scrape at least a window old, else the oldest."""
     old = [t for t in scrapes if t <= now - window_seconds]
@@ -91,6 +117,8 @@ class Pass:
     measured_generation: int | None
     """The generation every rank ran during the whole window of `decision.measured_balancedness` (None: the window
     saw a change of placement, or no generation was applied everywhere before it started)."""
+    weight_bytes: dict[str, float] = field(default_factory=dict)
+    """Expert-weight bytes the ranks reporting now took in since they started, by source."""
 
 
 @dataclass
@@ -99,8 +127,8 @@ class EplbLoop:
 
     serving: K2Serving
     clock: Callable[[], float] = time.monotonic
-    reader: ScrapeLoadReader | None = None
-    """Default: a scrape reader on `clock`."""
+    fetch: Fetch = http_get_text
+    """How the scrape reader GETs a /metrics page."""
     placement_LGS: IntArray = field(init=False)
     generation: int = field(init=False)
     document: str = field(init=False)
@@ -120,7 +148,8 @@ class EplbLoop:
         self.policy = convert.policy_from_spec(spec.eplb, self.shape.ranks * self.shape.slots_per_rank)
         self.bytes_per_expert = convert.bytes_per_expert(spec.model)
         self.ranks_expected = spec.groups * spec.ranks_per_group
-        self.reader = self.reader or ScrapeLoadReader(clock=self.clock)
+        self._pages = RecordingFetch(self.fetch)
+        self.reader = ScrapeLoadReader(fetch=self._pages, clock=self.clock)
         self._write(initial_decision(self.shape))
 
     @property
@@ -155,7 +184,8 @@ class EplbLoop:
             self.last_rebalance_time = now
             self.rebalances += 1
             self.moved_experts += decision.moved_experts
-        return Pass(decision, self.generation, self.applied, behind, measured)
+        pages = [self._pages.pages[url] for url in endpoints if url in self._pages.pages]
+        return Pass(decision, self.generation, self.applied, behind, measured, weight_bytes(pages))
 
     def _write(self, decision: Decision) -> None:
         assert decision.placement_LGS is not None and decision.generation is not None
@@ -163,7 +193,7 @@ class EplbLoop:
         self.placement_LGS, self.generation = decision.placement_LGS, decision.generation
 
     def _read(self, endpoints: Sequence[str]) -> tuple[LoadSample | None, str | None]:
-        assert self.reader is not None
+        self._pages.pages.clear()
         try:
             sample = self.reader.read(
                 self.labels,
@@ -187,6 +217,14 @@ class EplbLoop:
         if start is None or applied_at is None or self.applied != self.generation:
             return None
         return self.generation if applied_at <= start else None
+
+
+def shown_bytes(count: float) -> str:
+    """A byte count for a person: kB under a MB, then MB, then GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count / 1e3:.1f} kB"
 
 
 @dataclass(frozen=True)
@@ -221,6 +259,7 @@ class Summary:
             "movedExperts": decision.moved_experts,
             "rebalances": self.rebalances,
             "totalMovedExperts": self.moved_experts,
+            "expertBytesIn": self.step.weight_bytes,
             "requestsServed": self.served,
             "requestsFailed": self.failed,
         }
@@ -235,9 +274,11 @@ class Summary:
             else f"balancedness {decision.staleness:.3f}"
             + ("" if decision.measured_balancedness is None else f" (measured {decision.measured_balancedness:.3f})")
         )
+        peer = step.weight_bytes.get(WeightSources.PEER, 0.0)
         line = (
             f"{self.name}: groups {self.groups_ready}/{self.groups} ready | generation {step.generation} ({applied})"
             f" | {balance} | moves {self.moved_experts} in {self.rebalances} rebalances"
+            f" ({shown_bytes(peer)} from peers)"
             f" | requests {self.served} served, {self.failed} failed | {decision.reason.value}"
         )
         return line + (f": {decision.message}" if decision.writes else "")
