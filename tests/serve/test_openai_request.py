@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from k2_workers.serve.http_routes import HttpError, Stream, error_body
 from k2_workers.serve.openai_request import Message, parse_chat, parse_completions
 from k2_workers.serve.openai_response import error_document, finish
 from k2_workers.serve.openai_routes import openai_routes
-from k2_workers.serve.request import GenerateParams, RequestError
+from k2_workers.serve.request import GenerateParams, RequestError, parse_generate
 from k2_workers.serve.scheduler import QueueFull, Stopping
 from k2_workers.serve.token_stream import TokenStream
 from k2_workers.tokenizer import ByteTokenizer
@@ -27,8 +28,10 @@ from k2_workers.tokenizer import ByteTokenizer
 LIMIT = 64
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream"]
 FIELDS += ["stream_options", "logprobs", "best_of", "echo", "presence_penalty", "logit_bias", "tools", "user"]
+# Any character, lone surrogates included: JSON's "\\ud800" escape decodes to one.
+texts = st.text(st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff"]), max_size=8)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
@@ -46,6 +49,8 @@ def test_any_json_body_parses_or_is_refused_naming_a_field(document: dict[str, A
             assert any(str(error).startswith((f"{f}: ", f"{f}[", f"{f}.")) for f in named), error
         else:
             assert 1 <= request.params.max_new_tokens <= LIMIT
+            for text in [request.prompt or "", *request.stop, *(m.content for m in request.messages)]:
+                text.encode("utf-8")  # valid Unicode: a tokenizer and a UTF-8 answer can take it
 
 
 @settings(max_examples=100, deadline=None)
@@ -87,6 +92,24 @@ def test_unsupported_values_are_refused_naming_the_field(extra: dict[str, Any], 
     with pytest.raises(RequestError, match=f"^{field}: "):
         parse_completions(json.dumps({"prompt": "p", **extra}).encode(), LIMIT)
     assert error_document(400, f"{field}: nope")["error"]["param"] == field
+
+
+@pytest.mark.parametrize(
+    ("parse", "document", "field"),
+    [
+        (parse_generate, {"prompt": "ab\ud800"}, "prompt: "),
+        (parse_completions, {"prompt": ["\udc00"]}, "prompt: "),
+        (parse_chat, {"messages": [{"role": "user", "content": "x\ud800"}]}, "messages[0].content: "),
+        (parse_completions, {"prompt": "ok", "stop": ["\ud83d"]}, "stop: "),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_its_field(
+    parse: Callable[[bytes, int], object], document: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(RequestError, match="not valid Unicode text") as caught:
+        parse(json.dumps(document).encode(), LIMIT)
+    assert str(caught.value).startswith(field)
+    assert parse_completions(json.dumps({"prompt": "\ud83d\ude00"}).encode(), LIMIT).prompt == "\U0001f600"
 
 
 def test_ignored_fields_do_not_change_the_request() -> None:

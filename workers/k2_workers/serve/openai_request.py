@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from k2_workers.serve.request import DEFAULT_MAX_NEW_TOKENS, GenerateParams, RequestError
+from k2_workers.serve.request import DEFAULT_MAX_NEW_TOKENS, GenerateParams, RequestError, check_text
 
 MAX_STOP_SEQUENCES = 4
 MAX_TEMPERATURE = 2.0
@@ -59,7 +59,7 @@ def parse_completions(body: bytes, max_new_tokens_limit: int) -> OpenAIRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: required, a non-empty string (or a list of exactly one)")
-    return _common(document, max_new_tokens_limit, "max_tokens", prompt=prompt)
+    return _common(document, max_new_tokens_limit, "max_tokens", prompt=check_text(prompt, "prompt"))
 
 
 def parse_chat(body: bytes, max_new_tokens_limit: int) -> OpenAIRequest:
@@ -125,7 +125,7 @@ def _message(value: object, where: str) -> Message:
         content = "".join(t for t in texts if isinstance(t, str))
     if not isinstance(content, str):
         raise RequestError(f"{where}.content: a string")
-    return Message(role, content)
+    return Message(role, check_text(content, f"{where}.content"))
 
 
 def _common(
@@ -169,7 +169,7 @@ def _stop(value: object) -> tuple[str, ...]:
         or not all(isinstance(s, str) and s for s in stops)
     ):
         raise RequestError(f"stop: a non-empty string or a list of up to {MAX_STOP_SEQUENCES} of them")
-    return tuple(stops)
+    return tuple(check_text(s, "stop") for s in stops)
 
 
 def _integer(document: dict[str, object], field: str, default: int, low: int, high: int) -> int:

@@ -49,6 +49,7 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
     prompt = document.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt: required, a non-empty string")
+    check_text(prompt, "prompt")
     max_new = _integer(document, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1, max_new_tokens_limit)
     temperature = document.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
@@ -56,6 +57,16 @@ def parse_generate(body: bytes, max_new_tokens_limit: int) -> GenerateRequest:
     seed = _integer(document, "seed", 0, 0, 2**31 - 1)
     top_k = _integer(document, "top_k", 0, 0, 1_000_000)
     return GenerateRequest(prompt, GenerateParams(max_new, float(temperature), seed, top_k or None))
+
+
+def check_text(text: str, field: str) -> str:
+    """`text`, refused when it is not valid Unicode: JSON's `\\ud800` escape decodes to a lone surrogate, which no
+    tokenizer (and no UTF-8 answer) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(f"{field}: not valid Unicode text (a lone surrogate at character {error.start})") from None
+    return text
 
 
 def check_prompt_length(prompt_tokens: int, max_new_tokens: int, max_prompt_tokens: int, max_positions: int) -> None:
