@@ -219,25 +219,26 @@ def balance(
     out: TextIO,
     json_lines: bool,
 ) -> None:
-    """Until `stop`, every spec.eplb.intervalSeconds: one EPLB pass, the placement to the groups behind it, and the
-    summary (a line of text, or a JSON object with `json_lines`)."""
+    """Until `stop`, every spec.eplb.intervalSeconds: one EPLB pass (`balance_once`). A pass that fails is logged
+    with its traceback and the next one tries again, as the controller does: a bug must not stop the balancer."""
     while not stop.wait(loop.serving.spec.eplb.interval_seconds):
-        current = list(groups)  # the supervisor replaces a re-formed group in `groups`
-        reports = rank_reports(current)
-        step = loop.step([url for g in current for url in g.metrics_urls], reports, gpus_per_node(current, plan))
-        place(current, reports, loop)
-        ready_groups = {r.group for r in reports if r.rank == 0 and r.generation is not None}
-        summary = Summary(
-            plan.name,
-            len(ready_groups),
-            plan.groups,
-            step,
-            loop.rebalances,
-            loop.moved_experts,
-            counts.served,
-            counts.failed,
-        )
+        try:
+            summary = balance_once(loop, plan, list(groups), counts)  # a copy: the supervisor replaces groups
+        except Exception:
+            log.exception("eplb pass failed")
+            continue
         print(json.dumps(summary.record()) if json_lines else summary.line(), file=out, flush=True)
+
+
+def balance_once(loop: EplbLoop, plan: ServePlan, groups: Sequence[Group], counts: RequestCounts) -> Summary:
+    """The ranks' generations, a planning pass on their load, the placement in force to the groups behind it, and
+    the summary of it all."""
+    reports = rank_reports(groups)
+    step = loop.step([url for g in groups for url in g.metrics_urls], reports, gpus_per_node(groups, plan))
+    place(groups, reports, loop)
+    ready_groups = {r.group for r in reports if r.rank == 0 and r.generation is not None}
+    served, failed = counts.served, counts.failed
+    return Summary(plan.name, len(ready_groups), plan.groups, step, loop.rebalances, loop.moved_experts, served, failed)
 
 
 def start_frontend(groups: Sequence[Group], plan: ServePlan, counts: RequestCounts) -> HttpServer:
