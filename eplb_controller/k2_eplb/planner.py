@@ -136,6 +136,11 @@ class Shape:
     ranks: int
     slots_per_rank: int
 
+    @property
+    def total_slots(self) -> int:
+        """Slots of one group over all MoE layers: what `spec.eplb.maxMovesFraction` is a fraction of."""
+        return self.num_layers * self.ranks * self.slots_per_rank
+
     def __str__(self) -> str:
         return (
             f"{self.num_layers} layers x {self.num_experts} experts on {self.ranks} ranks x {self.slots_per_rank} slots"

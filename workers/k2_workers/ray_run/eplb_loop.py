@@ -145,7 +145,7 @@ class EplbLoop:
     def __post_init__(self) -> None:
         spec = self.serving.spec
         self.shape = convert.desired_shape(self.serving)
-        self.policy = convert.policy_from_spec(spec.eplb, self.shape.ranks * self.shape.slots_per_rank)
+        self.policy = convert.policy_from_spec(spec.eplb, self.shape.total_slots)
         self.bytes_per_expert = convert.bytes_per_expert(spec.model)
         self.ranks_expected = spec.groups * spec.ranks_per_group
         self._pages = RecordingFetch(self.fetch)
