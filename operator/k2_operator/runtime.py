@@ -23,6 +23,7 @@ from k2_operator import metrics
 from k2_operator.builders.network_policy import MONITORING_NAMESPACE
 from k2_operator.conditions import changed, normalized, transitions
 from k2_operator.kube import AsyncKube
+from k2_operator.status.kstatus import KSTATUS_TYPES
 
 log = logging.getLogger("k2_operator")
 
@@ -117,7 +118,8 @@ def controller_owner(obj: dict[str, Any], kind: str) -> str | None:
 async def write_status(
     kube: AsyncKube, body: dict[str, Any], status: dict[str, Any], condition_types: tuple[str, ...]
 ) -> bool:
-    """Applies `status` when it differs from the observed one, then posts one Event per condition transition."""
+    """Applies `status` when it differs from the observed one, then posts one Event per transition of the kind's own
+    conditions (not of kstatus' Ready, Reconciling and Stalled, which only summarize them)."""
     observed = body.get("status")
     if not changed(observed, status, condition_types):
         return False
@@ -130,6 +132,8 @@ async def write_status(
     metrics.STATUS_WRITES.labels(kind).inc()
     ref = ObjectRef(body["apiVersion"], kind, meta["namespace"], meta["name"], meta.get("uid"))
     for condition in transitions((observed or {}).get("conditions", []), status.get("conditions", [])):
+        if condition["type"] in KSTATUS_TYPES:  # a summary of the kind's own conditions, whose events say it already
+            continue
         true = condition["status"] == "True"
         event_type = "Warning" if true and condition["type"] in WARNING_WHEN_TRUE else "Normal"
         reason = f"{condition['type']}{'' if true else 'Cleared'}"

@@ -27,6 +27,9 @@ def test_create_makes_the_owned_gang_and_writes_status_once() -> None:
     assert status["observedGeneration"] == 1 and status["restarts"] == 0
     assert condition(env.get(K2Training.KIND, NAME), "Created")["status"] == "True"
     assert env.status_writes(K2Training.KIND) == 1
+    # One Event per transition of the kind's own conditions; kstatus' summary of them posts none.
+    reasons = [reason for _, reason in env.events()]
+    assert "Created" in reasons and not {"Ready", "ReadyCleared", "Reconciling", "ReconcilingCleared"} & set(reasons)
     # Nothing changed: a second pass writes no status and posts no event.
     events = env.events()
     env.run(reconcile, NAME)
