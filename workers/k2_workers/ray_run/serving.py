@@ -294,6 +294,8 @@ def run_serving(
     json_lines: bool = False,
 ) -> int:
     stop = threading.Event()
+    # One name for the run: the ranks label their metrics with it and the EPLB loop selects them by it.
+    document = {**document, "metadata": {**document.get("metadata", {}), "name": plan.name}}
     loop = EplbLoop(K2Serving.model_validate(document))
     counts = RequestCounts()
 
