@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from k2_workers.model import K2Config, K2ForCausalLM
-from k2_workers.model.generate import prefill_batch
+from k2_workers.model.decoding import prefill_batch
 from k2_workers.serve.engine import GroupEngine
 from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.request import DEFAULT_PREFILL_CHUNK_TOKENS, GenerateParams

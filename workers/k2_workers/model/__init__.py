@@ -6,7 +6,7 @@ from k2_workers.model.balancing import loss_free_bias_update, update_router_bias
 from k2_workers.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from k2_workers.model.config import PRESET_NAMES, K2Config
 from k2_workers.model.counting import activated_parameters, total_parameters
-from k2_workers.model.generate import generate, generate_batch, sample_next
+from k2_workers.model.decoding import generate, generate_batch, sample_next
 from k2_workers.model.kv_cache import GQACache, KVCache, MLACache, new_cache
 from k2_workers.model.model import K2ForCausalLM, K2Output
 from k2_workers.model.router import switch_aux_loss

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from k2_workers.model import K2ForCausalLM, sample_next
-from k2_workers.model.generate import Sampler
+from k2_workers.model.decoding import Sampler
 from k2_workers.model.paged_cache import PagedPool
 from k2_workers.serve.batcher import Batcher, Sequence, StepPlan
 from k2_workers.serve.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_TOKENS, BlockManager

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from k2_workers.model import K2Config, K2ForCausalLM, MLACache
-from k2_workers.model.generate import generate, generate_batch, sample_next
+from k2_workers.model.decoding import generate, generate_batch, sample_next
 
 
 @pytest.fixture(scope="module")
