@@ -31,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from k2_eplb.align import align_gpus
-from k2_eplb.local_search import Origin, improve
+from k2_eplb.allocate import allocate
+from k2_eplb.local_search import BoolArray, Origin, improve
 from k2_eplb.metrics import FloatArray, IntArray, balancedness, gpu_loads, moves_per_layer
 from k2_eplb.repair import repair
 from k2_eplb.solver import solve, solve_fresh
@@ -43,6 +44,8 @@ _ROUNDS_PER_COPY = 2
 _MIN_ROUNDS = 16
 _RETRY_AIMS = (0.99, 0.98)  # the repair's aims tried again on layers its first path left stuck
 _WIDE_PARTNERS = 64  # partner GPUs per round (lightest, and as many spread) for layers the first search left short
+_RUNGS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.25)  # over="mean": the ladder's goals, epsilon x these below fresh
+_SUM_SLACK = 1e-9  # over="mean": the summed balancedness aimed a little above the need (rounding of the mean)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class TargetResult:
     fresh_balancedness_L: FloatArray
     fresh_moves_L: IntArray
     epsilon: float
-    reached: bool  # every layer within epsilon of its fresh balancedness
+    reached: bool  # every layer within epsilon of its fresh balancedness (over="mean": see `solve_to_target`)
+    over: str = "layer"
+    floor_epsilon: float | None = None  # over="mean": how far below its fresh balancedness a layer may stay
 
     @property
     def moves(self) -> int:
@@ -83,12 +88,16 @@ def solve_to_target(
     max_moves: int | None = None,
     gpus_per_node: int | None = None,
     deadline_s: float | None = None,
+    over: str = "layer",
+    floor_epsilon: float | None = None,
 ) -> TargetResult:
     """Plan from `current` until every layer is within `epsilon` of its fresh solve's balancedness, copying little.
 
     `max_moves` caps the total copies (None: no cap); when the target needs more, the result is the budgeted `solve`
     within the cap and `reached` is False. `deadline_s`: CPU seconds for the search (None: until done), see the
-    module. Deterministic without a deadline; raises ValueError naming the bad argument.
+    module. `over`: "layer" (every layer within `epsilon` of its fresh balancedness) or "mean" (the mean over layers
+    within `epsilon` of the fresh mean, every layer within `floor_epsilon`, default 2 x `epsilon`, of its own; see
+    `_spread`). Deterministic without a deadline; raises ValueError naming the bad argument.
     """
     load_LE = check_load(load)
     num_layers, num_experts = load_LE.shape
@@ -98,14 +107,46 @@ def solve_to_target(
     current_LGS = check_placement(current, num_layers, num_experts, (gpus, slots))
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
+    if over not in ("layer", "mean"):
+        raise ValueError(f"over: must be 'layer' or 'mean', got {over!r}")
+    floor = 2.0 * float(epsilon) if floor_epsilon is None else _check_floor(floor_epsilon, float(epsilon))
 
     started = time.process_time()
     deadline = None if deadline_s is None else started + _check_seconds(deadline_s)
     fresh = align_gpus(current_LGS, solve_fresh(load_LE, gpus, slots), num_experts)
     fresh_L = balancedness(load_LE, fresh)
     fresh_moves_L = moves_per_layer(current_LGS, fresh)
-    goal_L = fresh_L - float(epsilon)
     origin = Origin.of(current_LGS, num_experts, per_node)
+    if over == "mean":
+        placement = _spread(load_LE, current_LGS, fresh, origin, float(epsilon), floor, deadline)
+    else:
+        placement, _ = _per_layer(load_LE, current_LGS, fresh, origin, fresh_L - float(epsilon), deadline)
+    moves_L = moves_per_layer(current_LGS, placement)
+    if cap is not None and int(moves_L.sum()) > cap:
+        placement = solve(load_LE, gpus, slots, current=current_LGS, max_moves=cap, gpus_per_node=per_node)
+        moves_L = moves_per_layer(current_LGS, placement)
+    balance_L = balancedness(load_LE, placement)
+    if over == "mean":
+        reached = balance_L.mean() >= fresh_L.mean() - epsilon - 1e-12 and bool((balance_L >= fresh_L - floor).all())
+        return TargetResult(
+            placement, moves_L, balance_L, fresh_L, fresh_moves_L, float(epsilon), bool(reached), over, floor
+        )
+    reached = bool((balance_L >= fresh_L - epsilon).all())
+    return TargetResult(placement, moves_L, balance_L, fresh_L, fresh_moves_L, float(epsilon), reached)
+
+
+def _per_layer(
+    load_LE: FloatArray,
+    current_LGS: IntArray,
+    fresh: IntArray,
+    origin: Origin,
+    goal_L: FloatArray,
+    deadline: float | None,
+) -> tuple[IntArray, BoolArray]:
+    """Every layer at its goal with the fewest copies its candidates offer (see the module), and which layers the
+    deadline cut (those keep the best placement their repair had passed)."""
+    num_layers = load_LE.shape[0]
+    fresh_moves_L = moves_per_layer(current_LGS, fresh)
     # every candidate that reaches its layer's goal competes, the fewest copies wins; the fresh solution always does
     best = fresh.copy()
     best_moves_L = fresh_moves_L.copy()
@@ -118,7 +159,7 @@ def solve_to_target(
 
     all_rows = np.arange(num_layers)
     mean_L = gpu_loads(load_LE, current_LGS).mean(axis=1)
-    limit_L = np.where(goal_L > 0, mean_L / np.maximum(goal_L, 1e-300), np.inf) * (1 + 1e-12)
+    limit_L = _limit(mean_L, goal_L)
     repaired, _, reached_L, cut_L = repair(
         load_LE, current_LGS, limit_L=limit_L, origin=origin, layer_budget_L=fresh_moves_L, deadline=deadline
     )
@@ -144,13 +185,67 @@ def solve_to_target(
         budget_L, goal_n = fresh_moves_L[rows], goal_L[rows]
         offer(rows, _search(load_LE[rows], current_LGS[rows], origin.layers(rows), budget_L, goal_n))
     placement: IntArray = np.where(cut_L[:, None, None], repaired, best)  # cut by the deadline: the best so far
-    moves_L = moves_per_layer(current_LGS, placement)
-    if cap is not None and int(moves_L.sum()) > cap:
-        placement = solve(load_LE, gpus, slots, current=current_LGS, max_moves=cap, gpus_per_node=per_node)
-        moves_L = moves_per_layer(current_LGS, placement)
-    balance_L = balancedness(load_LE, placement)
-    reached = bool((balance_L >= goal_L).all())
-    return TargetResult(placement, moves_L, balance_L, fresh_L, fresh_moves_L, float(epsilon), reached)
+    return placement, cut_L
+
+
+def _spread(
+    load_LE: FloatArray,
+    current_LGS: IntArray,
+    fresh: IntArray,
+    origin: Origin,
+    epsilon: float,
+    floor: float,
+    deadline: float | None,
+) -> IntArray:
+    """The mean within `epsilon` of the fresh mean, each layer within `floor` of its fresh balancedness, few copies.
+
+    A ladder of repairs gives every layer its own copies-vs-balance frontier: goals from `floor` below the fresh
+    balancedness up to the fresh balancedness itself (`_RUNGS`), each rung repairing from the last rung's placement
+    (so the copies only grow). The candidates per layer are the current placement, every rung's placement and the
+    aligned fresh solution; `allocate` picks one per layer. A deadline stops the ladder: the rungs passed by then are
+    the candidates (the fresh solution only with the whole ladder), and a layer's floor is what they reach.
+    """
+    fresh_L = balancedness(load_LE, fresh)
+    rungs = sorted({min(floor, epsilon * rung) for rung in _RUNGS} | {floor}, reverse=True)
+    candidates = [current_LGS]
+    finished = True
+    for rung in rungs:
+        if deadline is not None and time.process_time() >= deadline:
+            finished = False
+            break
+        placed, cut_L = _per_layer(load_LE, current_LGS, fresh, origin, fresh_L - rung, deadline)
+        candidates.append(placed)
+        finished &= not cut_L.any()
+    if finished:
+        candidates.append(fresh)
+    stack_KLGS = np.stack(candidates)
+    moves_LK = np.stack([moves_per_layer(current_LGS, c) for c in candidates], axis=1)
+    balance_LK = np.stack([balancedness(load_LE, c) for c in candidates], axis=1)
+    floor_L = np.minimum(fresh_L - floor, balance_LK.max(axis=1))
+    rows = np.arange(len(fresh_L))
+    pick_L = allocate(moves_LK, balance_LK, (fresh_L.mean() - epsilon) * len(fresh_L) + _SUM_SLACK, floor_L)
+    uniform = 1 + rungs.index(epsilon)  # every layer within epsilon: what over="layer" returns
+    if finished and moves_LK[:, uniform].sum() <= moves_LK[rows, pick_L].sum():
+        pick_L = np.full(len(rows), uniform)
+    picked: IntArray = stack_KLGS[pick_L, rows]
+    return picked
+
+
+def _limit(mean_L: FloatArray, goal_L: FloatArray) -> FloatArray:
+    """The largest GPU load at which a layer of GPU mean load `mean_L` has balancedness `goal_L`."""
+    limit: FloatArray = np.where(goal_L > 0, mean_L / np.maximum(goal_L, 1e-300), np.inf) * (1 + 1e-12)
+    return limit
+
+
+def _check_floor(floor_epsilon: object, epsilon: float) -> float:
+    if (
+        isinstance(floor_epsilon, bool)
+        or not isinstance(floor_epsilon, (int, float))
+        or not math.isfinite(floor_epsilon)
+        or floor_epsilon < epsilon
+    ):
+        raise ValueError(f"floor_epsilon: must be a finite number >= epsilon ({epsilon}), got {floor_epsilon!r}")
+    return float(floor_epsilon)
 
 
 def _check_seconds(deadline_s: object) -> float:
