@@ -156,6 +156,7 @@ def test_the_ray_eplb_loop_plans_like_the_controller_and_waits_for_every_rank_to
     assert decision.predicted_balancedness == pytest.approx(1.0)
     assert (loop.placement_LGS == 2).any(axis=2).all()  # the hot expert on both ranks of every layer
     assert read_placement_text(loop.document).generation == 2 and loop.rebalances == 1
+    assert len(written.ranks_behind) == 4 and written.applied_generation == 1  # none runs generation 2 yet
     assert loop.moved_experts == decision.moved_experts > 0
 
     clock[0] = ranks.now = 14.0

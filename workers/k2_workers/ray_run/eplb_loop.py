@@ -185,6 +185,7 @@ class EplbLoop:
             self.rebalances += 1
             self.moved_experts += decision.moved_experts
         pages = [self._pages.pages[url] for url in endpoints if url in self._pages.pages]
+        behind = ranks_behind(reports, self.generation)  # after a write: every rank, until they apply it
         return Pass(decision, self.generation, self.applied, behind, measured, weight_bytes(pages))
 
     def _write(self, decision: Decision) -> None:
