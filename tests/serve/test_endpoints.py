@@ -6,6 +6,7 @@ drain waits for the requests in flight."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import threading
 import time
@@ -76,6 +77,9 @@ def exchange(server: HttpServer, request: bytes) -> bytes:
 def test_a_negative_content_length_is_a_400_and_the_connection_closes(server: HttpServer) -> None:
     answer = exchange(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + b"x" * 4096)
     assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head.lower()  # the JSON error, not uvicorn's plain text
+    assert json.loads(body)["error"]["message"] == "request: malformed HTTP (bad Content-Length)"
 
 
 def test_an_oversized_body_is_a_413_and_the_unread_body_is_not_taken_for_a_request(server: HttpServer) -> None:

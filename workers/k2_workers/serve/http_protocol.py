@@ -10,6 +10,9 @@ a connection past `max_connections` gets `503` with `Retry-After` at once, then 
 sends is read and dropped for `LINGER_S` (closing with unread bytes would reset the connection, and the client
 could lose the answer).
 
+uvicorn answers a request h11 cannot parse (bad framing: a malformed Content-Length, a bad request line) with a
+plain-text 400; here it is the JSON error every other refusal gets, naming h11's reason.
+
 uvicorn closes a connection at once after an answer that ends it; when the request's body is still coming (a 413
 before the body was read, a 400 for bad framing), the client would get a reset while it sends, and often never read
 the answer. Here such a close lingers the same way: half-close, read and drop for `LINGER_S` (at most
@@ -19,12 +22,15 @@ the answer. Here such a close lingers the same way: half-close, read and drop fo
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from k2_workers.serve.http_app import RESET
+from k2_workers.serve.openai_response import error_document
 
 LINGER_S = 1.0
 LINGER_BYTES = 4 << 20
@@ -87,6 +93,16 @@ class BoundedH11Protocol(H11Protocol):
         if self.cycle is not None and not self.cycle.response_started:  # its app has not run yet, or just began
             extensions = cast(dict[str, Any], self.scope.setdefault("extensions", {}))
             extensions[RESET] = self.reset
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 could not parse: 400 with the JSON error (OpenAI's form: its path may not be known), then
+        the connection closes. Called while uvicorn handles h11's RemoteProtocolError, whose reason it names."""
+        error = sys.exc_info()[1]
+        body = json.dumps(error_document(400, f"request: malformed HTTP ({error or msg})")).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def reset(self) -> None:
         """Reset the connection now (an answer cut short: its client stopped reading, or its source broke)."""
