@@ -44,7 +44,7 @@ _ROUNDS_PER_COPY = 2
 _MIN_ROUNDS = 16
 _RETRY_AIMS = (0.99, 0.98)  # the repair's aims tried again on layers its first path left stuck
 _WIDE_PARTNERS = 64  # partner GPUs per round (lightest, and as many spread) for layers the first search left short
-_RUNGS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.25)  # over="mean": the ladder's goals, epsilon x these below fresh
+_RUNGS = (2.0, 1.5, 1.0, 0.75, 0.5)  # over="mean": the ladder's goals, epsilon x these below fresh
 _SUM_SLACK = 1e-9  # over="mean": the summed balancedness aimed a little above the need (rounding of the mean)
 
 
