@@ -109,3 +109,21 @@ def test_replicas_spread_an_experts_assignments_evenly() -> None:
     assert ranks.tolist() == [0, 1, 0, 1, 1, 0, 0]
     assert slots.tolist() == [0, 2, 0, 2, 0, 0, 1]
     torch.testing.assert_close(module.gate_proj, full.gate_proj[[6, 7, 0, 1, 2, 3]])
+
+
+@pytest.mark.parametrize("table", [[list(range(8))], [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1]]], ids=["plain", "replicated"])
+def test_a_one_rank_group_computes_every_expert_locally_with_no_process_group(table: list[list[int]]) -> None:
+    torch.manual_seed(0)
+    full = RoutedExperts(NUM_EXPERTS, 4, 8)
+    with torch.no_grad():
+        for param in full.parameters():
+            param.normal_()
+    module = ExpertParallelExperts.from_full(full, SlotTable.from_nested(table, NUM_EXPERTS), rank=0)
+    x_TD = torch.randn(6, 4, requires_grad=True)
+    ids_TK = torch.tensor([[0, 1], [1, 0], [7, 3], [0, 2], [5, 1], [0, 6]])
+    weights_TK = torch.rand(6, 2)
+    y_TD = module(x_TD, ids_TK, weights_TK)  # no all-to-all: there is no process group to run one
+    torch.testing.assert_close(y_TD, full(x_TD, ids_TK, weights_TK))
+    assert module.last_tokens_per_slot_S.sum() == ids_TK.numel()  # every assignment computed once
+    y_TD.sum().backward()
+    assert x_TD.grad is not None and torch.isfinite(x_TD.grad).all() and module.gate_proj.grad is not None

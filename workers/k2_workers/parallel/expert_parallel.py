@@ -94,6 +94,11 @@ class ExpertParallelExperts(nn.Module):
         k = expert_ids_TK.shape[1]
         experts_A = expert_ids_TK.reshape(-1)
         dest_rank_A, dest_slot_A = self._choose_replicas(experts_A)
+        if self.num_ranks == 1:  # every slot is here: the all-to-alls would only copy, at a collective's cost
+            token_A = torch.arange(experts_A.numel(), device=x_TD.device) // k
+            y_AD = self._local_experts(x_TD[token_A], dest_slot_A)
+            y_AD = y_AD * expert_weights_TK.reshape(-1)[:, None].to(y_AD.dtype)
+            return torch.zeros_like(x_TD).index_add(0, token_A, y_AD)
 
         send_order_A = dest_rank_A.argsort(stable=True)
         send_counts_R = torch.bincount(dest_rank_A, minlength=self.num_ranks)
