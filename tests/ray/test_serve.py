@@ -1,6 +1,6 @@
 """`k2 run` of a K2Serving on a real local Ray instance (2 CPUs): the example's 2 groups x 2 ranks, each group a
 placement group of rank actors running the pods' engine, behind the pods' frontend on 127.0.0.1. A killed rank
-actor's group is re-formed while the other group answers every request."""
+actor's group is re-formed while clients keep sending, and not one of their requests fails."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.support.ports import free_port
 from tests.train.launch import base_env
 
 from .run import K2_RUN, LOOPBACK_HEX, actor_pids, listening_addresses
+from .traffic import Traffic
 
 pytestmark = pytest.mark.distributed
 
@@ -63,12 +64,16 @@ def test_the_example_serves_on_loopback_re_forms_a_group_whose_rank_died_and_sto
 
         ranks = actor_pids(proc, RANK_ACTOR)
         assert len(ranks) == 4  # 2 groups x 2 ranks
-        os.kill(ranks[-1], signal.SIGKILL)
-        _wait_for_line(stderr, proc, "a rank ended; re-forming the group", timeout_s=60)
-        time.sleep(2)  # the broken group's ranks are gone: the frontend routes around it
-        for i in range(4):  # the other group serves meanwhile: none fails
-            _post(completions, {"prompt": f"during {i}", "max_tokens": 4})
-        _wait_for_line(stderr, proc, "re-formed, serving again", timeout_s=480)
+        traffic = Traffic(completions, "during")  # clients across the kill and the re-forming: none may fail
+        try:
+            time.sleep(2)
+            os.kill(ranks[-1], signal.SIGKILL)
+            _wait_for_line(stderr, proc, "a rank ended; re-forming the group", timeout_s=60)
+            _wait_for_line(stderr, proc, "re-formed, serving again", timeout_s=480)
+            time.sleep(2)
+        finally:
+            traffic.stop()
+        assert traffic.failures == [] and traffic.ok > 0, traffic.failures[:5]
         for i in range(4):
             _post(completions, {"prompt": f"after {i}", "max_tokens": 4})
         assert len(actor_pids(proc, RANK_ACTOR)) == 4

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.train.launch import base_env
 from .run import K2_RUN
 from .skew import worst_prompt
 from .test_serve import EXAMPLE, READY, _wait_for_line
+from .traffic import Traffic
 
 pytestmark = pytest.mark.distributed
 
@@ -61,35 +61,6 @@ class Records:
             assert proc.poll() is None, stderr.read_text()[-4000:]
             assert time.monotonic() < deadline, f"no {what}: {self.items[-3:]}"
             time.sleep(0.5)
-
-
-class Traffic:
-    """Two clients sending the same skewed completion request until stopped; every answer counted."""
-
-    def __init__(self, url: str, prompt: str) -> None:
-        self.url, self.prompt = url, prompt
-        self.ok = 0
-        self.failures: list[str] = []  # a refused connection, an HTTP error status (urllib's are OSErrors)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self) -> None:
-        body = json.dumps({"prompt": self.prompt, "max_tokens": 2}).encode()
-        while not self._stop.is_set():
-            request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"}, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    json.loads(response.read())
-                    self.ok += 1
-            except (OSError, ValueError) as error:
-                self.failures.append(str(error))
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=150)
 
 
 def test_skewed_traffic_is_rebalanced_live_and_measured_better_with_zero_failed_requests(tmp_path: Path) -> None:
