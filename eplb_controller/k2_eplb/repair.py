@@ -40,6 +40,7 @@ _PER_ROUND = 4  # changes applied per layer and round, at most
 _MIN_GAIN = 1e-12  # relative overload a change must remove
 _PATIENCE = 3  # rounds without less overload after which a layer counts as stuck
 _SWAP, _REPOINT, _CHAIN = 0, 1, 2
+_PRUNE_SHORTLIST = 16  # prune: slot-to-origin-expert candidates per layer and round whose max load is computed exactly
 
 
 def repair(
@@ -349,3 +350,97 @@ def _apply(
     np.add.at(counts, (lay[chain], zb[chain]), -1)
     grown = repoint | chain
     np.add.at(counts, (lay[grown], new[grown]), 1)
+
+
+def prune(load_LE: FloatArray, placement_LGS: IntArray, origin_LGS: IntArray, *, limit_L: FloatArray) -> IntArray:
+    """Undo copies the limit does not need: per layer and round, one copy goes back while the max GPU load stays
+    within `limit_L` (1e-12 relative margin for rounding), until none can.
+
+    Two ways back, counted against `origin_LGS`: a copied slot takes an expert its GPU held in the origin and no
+    longer holds (one copy fewer; the slot's expert keeps another replica), or two copied slots swap back (each
+    expert returns to a GPU that held it in the origin: two copies fewer, counts unchanged). Two copies first, then
+    the lowest max load. The repair applies several changes per round and keeps those a later one made unneeded.
+    """
+    placement = placement_LGS.copy()
+    held0 = membership(origin_LGS, load_LE.shape[1])
+    active = np.ones(len(placement), dtype=bool)
+    while active.any():
+        rows = np.flatnonzero(active)
+        active[rows[~_prune_round(load_LE, placement, origin_LGS, held0, rows, limit_L[rows])]] = False
+    return placement
+
+
+def _prune_round(
+    load_LE: FloatArray, placement: IntArray, origin_LGS: IntArray, held0: BoolArray, rows: IntArray, limit: FloatArray
+) -> BoolArray:
+    """One undo per layer of `rows`, in place; returns which of them found one."""
+    n, (num_gpus, num_slots) = len(rows), placement.shape[1:]
+    num_experts = load_LE.shape[1]
+    r, gpus = np.arange(n), np.arange(num_gpus)
+    P, w = placement[rows], load_LE[rows]
+    c = replica_counts(P, num_experts).astype(np.float64)
+    SH = np.take_along_axis(w / np.maximum(c, 1), P.reshape(n, -1), axis=1).reshape(P.shape)
+    gl = SH.sum(axis=2)
+    holds = membership(P, num_experts)
+    copy_GS = ~held0[rows[:, _NEW, _NEW], P, gpus[_NEW, :, _NEW]]
+    top = np.argsort(-gl, axis=1, kind="stable")[:, : min(3, num_gpus)]  # the rest's max load, from the heaviest 3
+    top_gl = np.take_along_axis(gl, top, axis=1)[:, _NEW, _NEW, _NEW, :]
+    top = top[:, _NEW, _NEW, _NEW, :]
+    lim = limit[:, _NEW, _NEW, _NEW] * (1 - 1e-12)
+    scale = np.where((lim > 0) & np.isfinite(lim), lim, np.maximum(gl.max(axis=1), 1e-300)[:, _NEW, _NEW, _NEW])
+    g4 = gpus[_NEW, :, _NEW, _NEW]
+
+    # back: slot (g, t) of expert y takes x, the expert of origin slot (g, s): [n, G, S (t), S (s)]
+    x = origin_LGS[rows][:, :, _NEW, :]
+    c_x = np.take_along_axis(c, x.reshape(n, -1), axis=1).reshape(x.shape)
+    w_x = np.take_along_axis(w, x.reshape(n, -1), axis=1).reshape(x.shape)
+    c_y = np.take_along_axis(c, P.reshape(n, -1), axis=1).reshape(P.shape)
+    ok_a = (copy_GS & (c_y >= 2))[..., _NEW] & ~holds[r[:, _NEW, _NEW, _NEW], x, g4]
+    new_g = gl[:, :, _NEW, _NEW] - SH[..., _NEW] + w_x / (c_x + 1)
+    # the exact max load of the _PRUNE_SHORTLIST candidates per layer whose own GPU ends lightest
+    k = min(_PRUNE_SHORTLIST, new_g[0].size)
+    short = np.argsort(np.where(ok_a & (new_g <= lim), new_g, np.inf).reshape(n, -1), axis=1, kind="stable")[:, :k]
+    sg, st_, ss = np.unravel_index(short, (num_gpus, num_slots, num_slots))
+    sy, sx = P[r[:, _NEW], sg, st_], origin_LGS[rows[:, _NEW], sg, ss]
+    cy, cx = c[r[:, _NEW], sy], c[r[:, _NEW], sx]
+    wy, wx = w[r[:, _NEW], sy], w[r[:, _NEW], sx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(cy >= 2, wy / (cy - 1) - wy / cy, np.inf)
+    down = wx / cx - wx / (cx + 1)
+    loads = gl[:, _NEW, :] + np.where(holds[r[:, _NEW], sy], up[..., _NEW], 0.0)
+    loads -= np.where(holds[r[:, _NEW], sx], down[..., _NEW], 0.0)
+    loads[r[:, _NEW], np.arange(k), sg] = np.take_along_axis(new_g.reshape(n, -1), short, axis=1)
+    peak_short = loads.max(axis=2)
+    ok_short = np.take_along_axis(ok_a.reshape(n, -1), short, axis=1) & (peak_short <= lim[:, 0, 0])
+    score_short = np.where(ok_short, 1.0 - peak_short / scale[:, 0, 0], -np.inf)
+    score_a = np.full(new_g.shape, -np.inf).reshape(n, -1)
+    np.put_along_axis(score_a, short, score_short, axis=1)
+
+    # swap back: slot (g, t) holds z, which h held in the origin and no longer holds; h's slot s holds x, a copy,
+    # which g held in the origin and no longer holds
+    home = held0[rows] & ~holds  # [n, E, G]: e is missing from a GPU that held it
+    z_home = home[r[:, _NEW, _NEW], P]  # [n, G, S, G]
+    h = np.argmax(z_home, axis=3)
+    xs = P[r[:, _NEW, _NEW], h]  # [n, G, S (t), S (s)]: the experts of h's slots
+    ok_b = (copy_GS & z_home.any(axis=3) & (h != gpus[_NEW, :, _NEW]))[..., _NEW]
+    ok_b = ok_b & ~held0[rows[:, _NEW, _NEW, _NEW], xs, h[..., _NEW]] & home[r[:, _NEW, _NEW, _NEW], xs, g4]
+    sh_x = SH[r[:, _NEW, _NEW, _NEW], h[..., _NEW], np.arange(num_slots)]
+    new_gb = gl[:, :, _NEW, _NEW] - SH[..., _NEW] + sh_x
+    new_h = gl[r[:, _NEW, _NEW], h][..., _NEW] - sh_x + SH[..., _NEW]
+    rest_b = np.where((top != g4[..., _NEW]) & (top != h[..., _NEW, _NEW]), top_gl, -np.inf).max(axis=-1)
+    peak_b = np.maximum(np.maximum(new_gb, new_h), rest_b)
+    score_b = np.where(ok_b & (peak_b <= lim), 2.0 - peak_b / scale, -np.inf)
+
+    scores = np.concatenate([score_a.reshape(n, -1), score_b.reshape(n, -1)], axis=1)
+    best = np.argmax(scores, axis=1)
+    found: BoolArray = np.isfinite(scores[r, best])
+    size = num_gpus * num_slots * num_slots
+    for i in np.flatnonzero(found):
+        layer, (kind, at) = rows[i], divmod(int(best[i]), size)
+        g, t, s = np.unravel_index(at, (num_gpus, num_slots, num_slots))
+        if kind == 0:
+            placement[layer, g, t] = origin_LGS[layer, g, s]
+        else:
+            k = h[i, g, t]
+            placement[layer, g, t], placement[layer, k, s] = placement[layer, k, s], placement[layer, g, t]
+    return found

@@ -34,7 +34,7 @@ from k2_eplb.align import align_gpus
 from k2_eplb.allocate import allocate
 from k2_eplb.local_search import BoolArray, Origin, improve
 from k2_eplb.metrics import FloatArray, IntArray, balancedness, gpu_loads, moves_per_layer
-from k2_eplb.repair import repair
+from k2_eplb.repair import prune, repair
 from k2_eplb.solver import solve, solve_fresh
 from k2_eplb.validation import check_gpus_per_node, check_load, check_max_moves, check_placement, check_shape
 
@@ -184,6 +184,9 @@ def _per_layer(
     if len(rows) and (deadline is None or time.process_time() < deadline):
         budget_L, goal_n = fresh_moves_L[rows], goal_L[rows]
         offer(rows, _search(load_LE[rows], current_LGS[rows], origin.layers(rows), budget_L, goal_n))
+    rows = np.flatnonzero(~cut_L)  # copies a later change made unneeded go back
+    if len(rows):
+        offer(rows, prune(load_LE[rows], best[rows], current_LGS[rows], limit_L=limit_L[rows]))
     placement: IntArray = np.where(cut_L[:, None, None], repaired, best)  # cut by the deadline: the best so far
     return placement, cut_L
 

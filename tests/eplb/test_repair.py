@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from k2_eplb.local_search import Origin
 from k2_eplb.metrics import balancedness, gpu_loads, moves_per_layer
-from k2_eplb.repair import repair
+from k2_eplb.repair import prune, repair
 from k2_eplb.solver import solve
 from k2_eplb.target import solve_to_target
 from tests.eplb.helpers import assert_valid_placement
@@ -72,6 +72,43 @@ def test_repair_reaches_a_shock_target_with_fewer_copies_than_a_fresh_solve() ->
     assert reached.all() and (balancedness(shifted, placed) >= goal).all()
     assert balancedness(shifted, current).max() < 0.9
     assert 0 < spent.sum() < moves_per_layer(current, solve(shifted, 32, 4)).sum() / 3
+
+
+@REPAIR_SETTINGS
+@given(problems(), st.integers(0, 10**6), st.floats(0.5, 1.0))
+def test_prune_keeps_the_limit_and_the_placement_valid_and_only_gives_copies_back(
+    problem: Problem, seed: int, goal: float
+) -> None:
+    load, gpus, slots = problem
+    current, shifted = shocked(problem, seed)
+    num_layers, num_experts = load.shape
+    limit = limits(shifted, current, goal)
+    placed, _, _, _ = repair(shifted, current, limit_L=limit, origin=Origin.of(current, num_experts, None))
+    for start in (placed, solve(shifted, gpus, slots)):  # the repair's result, and a fresh solve that moved much
+        pruned = prune(shifted, start, current, limit_L=limit)
+        assert_valid_placement(pruned, num_layers, num_experts, (gpus, slots))
+        assert (moves_per_layer(current, pruned) <= moves_per_layer(current, start)).all()
+        within = gpu_loads(shifted, start).max(axis=1) <= limit
+        assert (gpu_loads(shifted, pruned).max(axis=1)[within] <= limit[within]).all()
+        # a layer it changed gave copies back and is within the limit
+        changed = (pruned != start).any(axis=(1, 2))
+        assert (moves_per_layer(current, pruned)[changed] < moves_per_layer(current, start)[changed]).all()
+        assert (gpu_loads(shifted, pruned).max(axis=1)[changed] <= limit[changed]).all()
+    np.testing.assert_array_equal(prune(shifted, current, current, limit_L=limit), current)
+
+
+def test_prune_undoes_the_copies_the_limit_does_not_need() -> None:
+    load = np.array([[4.0, 3.0, 2.0, 1.0]])
+    current = np.array([[[0, 3], [1, 2]]])  # GPU loads 5 and 5
+    detour = np.array([[[0, 2], [1, 3]]])  # 2 and 3 swapped: 6 and 4, two copies
+    np.testing.assert_array_equal(prune(load, detour, current, limit_L=np.array([6.0])), current)
+    np.testing.assert_array_equal(prune(load, detour, current, limit_L=np.array([4.9])), detour)  # 5 > 4.9
+    # a third replica of expert 0 where expert 2 was (one copy): 2.33, 3.33, 2.33; back: 3, 3, 2
+    load = np.array([[4.0, 2.0, 2.0]])
+    current = np.array([[[0, 1], [0, 2], [1, 2]]])
+    copied = np.array([[[0, 1], [0, 2], [1, 0]]])
+    np.testing.assert_array_equal(prune(load, copied, current, limit_L=np.array([3.5])), current)
+    np.testing.assert_array_equal(prune(load, copied, current, limit_L=np.array([2.9])), copied)
 
 
 @settings(max_examples=20, deadline=None)
