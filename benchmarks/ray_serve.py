@@ -2,12 +2,13 @@
 ranks plus a frontend, what the pods run), in one run and with the same manifest: serving tokens/s and request
 latency through the frontend's OpenAI `/v1/completions`, and the time until the frontend answers /healthz.
 
-Both runners get the manifest (`examples/k2serving-debug.yaml`, `--groups` to shrink it) and the same rank flags
-(seed 0, round-robin placement, no metrics or gRPC ports: what `k2 run`'s rank actors pass), one torch thread per
-rank. The load is `--clients` concurrent clients each sending `--requests` requests of one prompt (`max_tokens`
-`--max-tokens`, temperature 0) after `--warmup` untimed requests; tokens are counted from `usage.completion_tokens`,
-tokens/s is their sum over the load's wall time. The baseline of the ratios is the process group, measured in the
-same run. Loopback only.
+Both runners get the manifest (`examples/k2serving-debug.yaml`, `--groups` to shrink it) with `spec.eplb.enabled`
+false (the process group has no EPLB; on, `k2 run` would also scrape the ranks and move experts during the load),
+and the same rank flags (seed 0, round-robin placement, no gRPC port), one torch thread per rank. The load is
+`--clients` concurrent clients each sending `--requests` requests of one prompt (`max_tokens` `--max-tokens`,
+temperature 0) after `--warmup` untimed requests; tokens are counted from `usage.completion_tokens`, tokens/s is
+their sum over the load's wall time. The baseline of the ratios is the process group, measured in the same run.
+Loopback only.
 
     .venv/bin/python benchmarks/ray_serve.py [--clients 4] [--requests 8] [--groups 2] [--json]
 """
@@ -48,6 +49,7 @@ def manifest(directory: Path, groups: int | None) -> tuple[Path, dict[str, Any]]
     document: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     if groups is not None:
         document["spec"]["groups"] = groups
+    document["spec"].setdefault("eplb", {})["enabled"] = False  # the process group has no EPLB to compare with
     path = directory / "k2serving.yaml"
     path.write_text(yaml.safe_dump(document))
     return path, document["spec"]
