@@ -14,8 +14,8 @@ Cases (K2's shape, 60 MoE layers x 384 experts, at 128 GPUs x 4 slots and 256 GP
   baseline's fresh solve, ours fresh (as solved, and with its GPUs aligned to the current placement), ours with a
   15% budget, and the balance-target mode (`solve_to_target`) at each TARGET_EPSILONS (the moves-vs-balance
   frontier), and at SHOCK_GOAL_EPSILON with a deadline of TARGET_DEADLINE_S CPU seconds, and over the mean of the
-  layers (`over="mean"`) at SHOCK_GOAL_EPSILON. `--shock` runs only this suite (the same loads, the other suites'
-  random draws skipped over).
+  layers (`over="mean"`) at SHOCK_GOAL_EPSILON, with one and TARGET_PATHS repair paths. `--shock` runs only this
+  suite (the same loads, the other suites' random draws skipped over).
 Timings are per call on one core (the process is pinned to one CPU, BLAS threads set to 1): CPU seconds of the
 process, which the targets use, and wall-clock seconds, which also count waiting for the CPU on a shared machine.
 """
@@ -67,6 +67,7 @@ TARGET_EPSILONS = (0.01, 0.02, 0.03, 0.04)
 SHOCK_GOAL_EPSILON = 0.02  # issue 17: within 0.01 of the baseline's fresh solve and 0.02 of ours ...
 SHOCK_GOAL_MOVED = 0.15  # ... moving at most 15% of the slots
 TARGET_DEADLINE_S = 1.0  # the anytime mode: the target at SHOCK_GOAL_EPSILON with this many CPU seconds
+TARGET_PATHS = 3  # the target over the mean at SHOCK_GOAL_EPSILON with this many repair paths per goal
 
 
 @dataclass(frozen=True)
@@ -286,10 +287,12 @@ def shock_rows(load: FloatArray, start: IntArray, gpus: int, slots: int, kind: s
     num_experts = load.shape[1]
     budget = int(SHOCK_BUDGET * num_slots)
 
-    def to_target(epsilon: float, deadline_s: float | None = None, over: str = "layer") -> Callable[[], IntArray]:
+    def to_target(
+        epsilon: float, deadline_s: float | None = None, over: str = "layer", paths: int = 1
+    ) -> Callable[[], IntArray]:
         return lambda: (
             solve_to_target(
-                load, gpus, slots, current=start, epsilon=epsilon, deadline_s=deadline_s, over=over
+                load, gpus, slots, current=start, epsilon=epsilon, deadline_s=deadline_s, over=over, paths=paths
             ).placement
         )
 
@@ -305,6 +308,12 @@ def shock_rows(load: FloatArray, start: IntArray, gpus: int, slots: int, kind: s
         (f"ours target {SHOCK_GOAL_EPSILON} {TARGET_DEADLINE_S:g} s", to_target(SHOCK_GOAL_EPSILON, TARGET_DEADLINE_S))
     )
     methods.append((f"ours target mean {SHOCK_GOAL_EPSILON}", to_target(SHOCK_GOAL_EPSILON, over="mean")))
+    methods.append(
+        (
+            f"ours target mean {TARGET_PATHS} paths {SHOCK_GOAL_EPSILON}",
+            to_target(SHOCK_GOAL_EPSILON, over="mean", paths=TARGET_PATHS),
+        )
+    )
     rows = []
     for name, method in methods:
         placed, seconds = timed(method)
@@ -332,7 +341,12 @@ def targets(report: dict[str, Any]) -> dict[str, bool]:
     shock = {(row["gpus"], row["load"], row["method"]): row for row in report["shock"]}
     target_rows = [(key, row) for key, row in shock.items() if key[2].startswith("ours target") and key[2][-1] != "s"]
     result: dict[str, bool] = {}
-    for prefix, method in (("shock_goal", "ours target"), ("shock_goal_mean", "ours target mean")):
+    goals = (
+        ("shock_goal", "ours target"),
+        ("shock_goal_mean", "ours target mean"),
+        (f"shock_goal_mean_{TARGET_PATHS}_paths", f"ours target mean {TARGET_PATHS} paths"),
+    )
+    for prefix, method in goals:
         goal = [(key, row) for key, row in shock.items() if key[2] == f"{method} {SHOCK_GOAL_EPSILON}"]
         result[f"{prefix}_balance_within_0.01_of_baseline_and_0.02_of_ours_fresh"] = all(
             row["balancedness"] >= shock[(gpus, kind, "baseline fresh")]["balancedness"] - 0.01 - 1e-12
@@ -440,12 +454,12 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"Shock (x lognormal(0, {SHOCK_POP_SIGMA}), two experts per layer swapping popularity), from ours' fresh"
         " placement of the load before; balancedness mean over layers (min layer), CPU seconds (wall)",
-        f"{'GPUs x slots':>12} {'load':>9} {'method':>22} {'balance':>7} {'min':>7} {'moves':>7} {'moved':>7}"
+        f"{'GPUs x slots':>12} {'load':>9} {'method':>29} {'balance':>7} {'min':>7} {'moves':>7} {'moved':>7}"
         f" {'GB':>8} {'s':>7} {'(wall)':>7}",
     ]
     for row in report["shock"]:
         lines.append(
-            f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {row['load']:>9} {row['method']:>22}"
+            f"{row['gpus']:>7} x {row['slots_per_gpu']:<2} {row['load']:>9} {row['method']:>29}"
             f" {row['balancedness']:7.4f} {row['min_layer']:7.4f} {row['moves']:7d} {row['moved_fraction']:7.1%}"
             f" {row['bytes'] / 1e9:8.1f} {row['seconds']:7.3f} {row['wall_seconds']:7.3f}"
         )

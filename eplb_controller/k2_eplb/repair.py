@@ -53,13 +53,15 @@ def repair(
     max_rounds: int = 1_000,
     deadline: float | None = None,
     aim: float = _AIM,
+    per_round: int = _PER_ROUND,
 ) -> tuple[IntArray, IntArray, BoolArray, BoolArray]:
     """Return (placement, copies spent per layer against `origin`, reached per layer, cut per layer: stopped by
     `max_rounds` or the deadline while it could still go on).
 
     `limit_L`: the largest GPU load allowed per layer. `layer_budget_L`: copies each layer may spend (None:
     unbounded). `deadline`: a `time.process_time()` value after which no new round starts. `aim`: the fraction of
-    the limit above which load counts as overload (a lower aim takes another path, at more copies).
+    the limit above which load counts as overload (a lower aim takes another path, at more copies). `per_round`:
+    changes applied per layer and round, at most (another path too).
     """
     placement = placement_LGS.copy()
     num_layers, num_gpus, _ = placement.shape
@@ -80,7 +82,7 @@ def repair(
         if not len(rows) or (deadline is not None and time.process_time() >= deadline):
             break
         left = None if layer_budget_L is None else layer_budget_L[rows] - spent[rows]
-        found = _round(load_LE, placement, counts, holds, rows, limit_L[rows] * aim, origin, left, spent)
+        found = _round(load_LE, placement, counts, holds, rows, limit_L[rows] * aim, origin, left, spent, per_round)
         active[rows[~found]] = False
         loads_n = _gpu_loads(load_LE, placement, counts, rows)
         peak_n = loads_n.max(axis=1)
@@ -116,6 +118,7 @@ def _round(
     origin: Origin,
     left: IntArray | None,
     spent: IntArray,
+    per_round: int,
 ) -> BoolArray:
     """One round on the layers `rows`, in place; returns which of them found a change."""
     n = len(rows)
@@ -254,7 +257,7 @@ def _round(
         loses=np.concatenate([rp_x, np.take_along_axis(z_land, ch_m, axis=1), none], axis=1),
     )
     found: BoolArray = np.asarray(np.isfinite(pool.score).any(axis=1))
-    take = _choose(pool, holds, rows, left)
+    take = _choose(pool, holds, rows, left, per_round)
     _apply(placement, counts, holds, rows, pool, take)
     spent[rows] += np.where(take, pool.cost, 0).sum(axis=1)
     return found
@@ -300,13 +303,13 @@ class _Pool:
     loses: IntArray
 
 
-def _choose(pool: _Pool, holds: BoolArray, rows: IntArray, left: IntArray | None) -> BoolArray:
+def _choose(pool: _Pool, holds: BoolArray, rows: IntArray, left: IntArray | None, per_round: int) -> BoolArray:
     """Best score first, skipping a change that touches a GPU an earlier chosen one touched (its own GPUs and every
-    GPU holding an expert whose count it changes), at most _PER_ROUND per layer, within the budget."""
+    GPU holding an expert whose count it changes), at most `per_round` per layer, within the budget."""
     n, _ = pool.score.shape
     r = np.arange(n)
     gpus = np.arange(holds.shape[2])
-    order = np.argsort(-pool.score, axis=1, kind="stable")[:, : 4 * _PER_ROUND]
+    order = np.argsort(-pool.score, axis=1, kind="stable")[:, : 4 * per_round]
     used = np.zeros((n, len(gpus)), dtype=bool)
     take = np.zeros(pool.score.shape, dtype=bool)
     taken = np.zeros(n, dtype=np.int64)
@@ -317,7 +320,7 @@ def _choose(pool: _Pool, holds: BoolArray, rows: IntArray, left: IntArray | None
         touch = (gpus == pool.gpu_a[r, col][:, _NEW]) | (gpus == pool.gpu_b[r, col][:, _NEW])
         touch |= holds[rows, np.maximum(up, 0)] & (up >= 0)[:, _NEW]
         touch |= holds[rows, np.maximum(down, 0)] & (down >= 0)[:, _NEW]
-        ok = np.isfinite(pool.score[r, col]) & ~(touch & used).any(axis=1) & (taken < _PER_ROUND)
+        ok = np.isfinite(pool.score[r, col]) & ~(touch & used).any(axis=1) & (taken < per_round)
         if budget is not None:
             ok &= pool.cost[r, col] <= budget
             budget -= np.where(ok, pool.cost[r, col], 0)

@@ -44,6 +44,8 @@ _ROUNDS_PER_COPY = 2
 _MIN_ROUNDS = 16
 _RETRY_AIMS = (0.99, 0.98)  # the repair's aims tried again on layers its first path left stuck
 _WIDE_PARTNERS = 64  # partner GPUs per round (lightest, and as many spread) for layers the first search left short
+# `paths` > 1: the repair's other paths (aim, changes per round), tried in this order after its default one
+_PATHS = ((0.999, 2), (0.995, 2), (0.999, 4), (0.997, 2), (0.995, 4))
 _RUNGS = (2.0, 1.5, 1.0, 0.75, 0.5)  # over="mean": the ladder's goals, epsilon x these below fresh
 _SUM_SLACK = 1e-9  # over="mean": the summed balancedness aimed a little above the need (rounding of the mean)
 
@@ -90,14 +92,17 @@ def solve_to_target(
     deadline_s: float | None = None,
     over: str = "layer",
     floor_epsilon: float | None = None,
+    paths: int = 1,
 ) -> TargetResult:
     """Plan from `current` until every layer is within `epsilon` of its fresh solve's balancedness, copying little.
 
-    `max_moves` caps the total copies (None: no cap); when the target needs more, the result is the budgeted `solve`
-    within the cap and `reached` is False. `deadline_s`: CPU seconds for the search (None: until done), see the
-    module. `over`: "layer" (every layer within `epsilon` of its fresh balancedness) or "mean" (the mean over layers
-    within `epsilon` of the fresh mean, every layer within `floor_epsilon`, default 2 x `epsilon`, of its own; see
-    `_spread`). Deterministic without a deadline; raises ValueError naming the bad argument.
+        `max_moves` caps the total copies (None: no cap); when the target needs more, the result is the budgeted `solve`
+        within the cap and `reached` is False. `deadline_s`: CPU seconds for the search (None: until done), see the
+        module. `over`: "layer" (every layer within `epsilon` of its fresh balancedness) or "mean" (the mean over layers
+        within `epsilon` of the fresh mean, every layer within `floor_epsilon`, default 2 x `epsilon`, of its own; see
+        `_spread`). `paths`: repair paths per goal (1 to 6; each from `current`, with another aim and number of changes
+    per round, `_PATHS`): more find fewer copies, at about that many times the CPU. Deterministic without a deadline;
+    raises ValueError naming the bad argument.
     """
     load_LE = check_load(load)
     num_layers, num_experts = load_LE.shape
@@ -110,6 +115,8 @@ def solve_to_target(
     if over not in ("layer", "mean"):
         raise ValueError(f"over: must be 'layer' or 'mean', got {over!r}")
     floor = 2.0 * float(epsilon) if floor_epsilon is None else _check_floor(floor_epsilon, float(epsilon))
+    if isinstance(paths, bool) or not isinstance(paths, int) or not 1 <= paths <= 1 + len(_PATHS):
+        raise ValueError(f"paths: must be an integer from 1 to {1 + len(_PATHS)}, got {paths!r}")
 
     started = time.process_time()
     deadline = None if deadline_s is None else started + _check_seconds(deadline_s)
@@ -118,9 +125,9 @@ def solve_to_target(
     fresh_moves_L = moves_per_layer(current_LGS, fresh)
     origin = Origin.of(current_LGS, num_experts, per_node)
     if over == "mean":
-        placement = _spread(load_LE, current_LGS, fresh, origin, float(epsilon), floor, deadline)
+        placement = _spread(load_LE, current_LGS, fresh, origin, float(epsilon), floor, deadline, paths)
     else:
-        placement, _ = _per_layer(load_LE, current_LGS, fresh, origin, fresh_L - float(epsilon), deadline)
+        placement, _ = _per_layer(load_LE, current_LGS, fresh, origin, fresh_L - float(epsilon), deadline, paths)
     moves_L = moves_per_layer(current_LGS, placement)
     if cap is not None and int(moves_L.sum()) > cap:
         placement = solve(load_LE, gpus, slots, current=current_LGS, max_moves=cap, gpus_per_node=per_node)
@@ -142,6 +149,7 @@ def _per_layer(
     origin: Origin,
     goal_L: FloatArray,
     deadline: float | None,
+    paths: int = 1,
 ) -> tuple[IntArray, BoolArray]:
     """Every layer at its goal with the fewest copies its candidates offer (see the module), and which layers the
     deadline cut (those keep the best placement their repair had passed)."""
@@ -151,19 +159,35 @@ def _per_layer(
     best = fresh.copy()
     best_moves_L = fresh_moves_L.copy()
 
+    all_rows = np.arange(num_layers)
+    limit_L = _limit(gpu_loads(load_LE, current_LGS).mean(axis=1), goal_L)
+
     def offer(rows: IntArray, placement_nGS: IntArray) -> None:
+        # copies a later change of the path made unneeded go back first
+        placement_nGS = prune(load_LE[rows], placement_nGS, current_LGS[rows], limit_L=limit_L[rows])
         moves_n = moves_per_layer(current_LGS[rows], placement_nGS)
         wins = (balancedness(load_LE[rows], placement_nGS) >= goal_L[rows]) & (moves_n < best_moves_L[rows])
         best[rows[wins]] = placement_nGS[wins]
         best_moves_L[rows[wins]] = moves_n[wins]
 
-    all_rows = np.arange(num_layers)
-    mean_L = gpu_loads(load_LE, current_LGS).mean(axis=1)
-    limit_L = _limit(mean_L, goal_L)
     repaired, _, reached_L, cut_L = repair(
         load_LE, current_LGS, limit_L=limit_L, origin=origin, layer_budget_L=fresh_moves_L, deadline=deadline
     )
     offer(all_rows, repaired)
+    for aim, per_round in _PATHS[: paths - 1]:  # more paths from the current placement compete
+        if deadline is not None and time.process_time() >= deadline:
+            break
+        other, *_ = repair(
+            load_LE,
+            current_LGS,
+            limit_L=limit_L,
+            origin=origin,
+            layer_budget_L=fresh_moves_L,
+            deadline=deadline,
+            aim=aim,
+            per_round=per_round,
+        )
+        offer(all_rows, other)  # stuck below stays the first path's: every path only adds candidates
     stuck = ~reached_L & ~cut_L  # no change removed overload: other paths, then the older search, then fresh
     for aim in _RETRY_AIMS:
         rows = np.flatnonzero(stuck)
@@ -184,9 +208,6 @@ def _per_layer(
     if len(rows) and (deadline is None or time.process_time() < deadline):
         budget_L, goal_n = fresh_moves_L[rows], goal_L[rows]
         offer(rows, _search(load_LE[rows], current_LGS[rows], origin.layers(rows), budget_L, goal_n))
-    rows = np.flatnonzero(~cut_L)  # copies a later change made unneeded go back
-    if len(rows):
-        offer(rows, prune(load_LE[rows], best[rows], current_LGS[rows], limit_L=limit_L[rows]))
     placement: IntArray = np.where(cut_L[:, None, None], repaired, best)  # cut by the deadline: the best so far
     return placement, cut_L
 
@@ -199,6 +220,7 @@ def _spread(
     epsilon: float,
     floor: float,
     deadline: float | None,
+    paths: int,
 ) -> IntArray:
     """The mean within `epsilon` of the fresh mean, each layer within `floor` of its fresh balancedness, few copies.
 
@@ -216,7 +238,7 @@ def _spread(
         if deadline is not None and time.process_time() >= deadline:
             finished = False
             break
-        placed, cut_L = _per_layer(load_LE, current_LGS, fresh, origin, fresh_L - rung, deadline)
+        placed, cut_L = _per_layer(load_LE, current_LGS, fresh, origin, fresh_L - rung, deadline, paths)
         candidates.append(placed)
         finished &= not cut_L.any()
     if finished:

@@ -43,7 +43,7 @@ def test_quick_bench_json_fields_and_relations(capsys: pytest.CaptureFixture[str
     shock = {(row["gpus"], row["load"], row["method"]): row for row in data["shock"]}
     methods = ["stale", "baseline fresh", "ours fresh", "ours fresh aligned", "ours 15% budget"]
     methods += ["ours target 0.01", "ours target 0.02", "ours target 0.03", "ours target 0.04", "ours target 0.02 1 s"]
-    methods += ["ours target mean 0.02"]
+    methods += ["ours target mean 0.02", "ours target mean 3 paths 0.02"]
     assert [row["method"] for row in data["shock"] if row["gpus"] == 16 and row["load"] == "zipf"] == methods
     for (gpus, kind, method), row in shock.items():
         assert row["bytes"] == row["moves"] * BYTES_PER_EXPERT

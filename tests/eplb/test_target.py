@@ -89,7 +89,28 @@ def test_a_zero_deadline_over_the_mean_returns_a_valid_placement() -> None:
     assert result.moves == 0  # no rung ran: the current placement is all it had
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [("over", {"over": "layers"}), ("floor_epsilon", {"floor_epsilon": 0.01})])
+@settings(max_examples=20, deadline=None)
+@given(problems(), st.integers(0, 10**6), st.sampled_from([0.0, 0.02]), st.integers(2, 6))
+def test_more_paths_never_cost_a_layer_more_copies(problem: Problem, seed: int, epsilon: float, paths: int) -> None:
+    _, gpus, slots = problem
+    current, load = shocked(problem, seed)
+    one = solve_to_target(load, gpus, slots, current=current, epsilon=epsilon)
+    more = solve_to_target(load, gpus, slots, current=current, epsilon=epsilon, paths=paths)
+    assert one.reached and more.reached
+    assert (more.moves_L <= one.moves_L).all()
+    assert_valid_placement(more.placement, load.shape[0], load.shape[1], (gpus, slots))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("over", {"over": "layers"}),
+        ("floor_epsilon", {"floor_epsilon": 0.01}),
+        ("paths", {"paths": 0}),
+        ("paths", {"paths": 7}),
+        ("paths", {"paths": True}),
+    ],
+)
 def test_bad_mode_and_floor_are_refused_by_name(name: str, kwargs: dict[str, object]) -> None:
     load = np.ones((1, 4))
     current = solve(load, 2, 2)
