@@ -4,11 +4,15 @@ The reference is our own from-scratch solve (`solve_fresh`) of the same load, it
 most (`align_gpus`), per layer; its balancedness minus `epsilon` is the layer's goal, i.e. a largest GPU load.
 Candidates per layer, from `current`, each capped at the copies the fresh solution would cost:
 1. the threshold repair (`repair.repair`): overload above the limit removed by re-points, chains and swaps, the
-   first placement under the limit kept;
-2. for layers it left stuck (no change removes overload), the same repair aiming lower (another path);
+   first placement under the limit kept; with `paths` > 1, also along other paths (`_PATHS`);
+2. for layers the first path left stuck (no change removes overload), the same repair aiming lower;
 3. for layers still short, the older search (`local_search.improve` towards the goal, then wider partners).
-Every candidate that reaches the goal competes on copies, and the aligned fresh solution, which meets the goal by
-definition, always competes: no layer costs more copies than its fresh solution.
+Each candidate gives back the copies its limit does not need (`repair.prune`); every one that reaches the goal
+competes on copies, and the aligned fresh solution, which meets the goal by definition, always competes: no layer
+costs more copies than its fresh solution.
+
+`over="mean"` aims at the mean over layers instead (what balancedness measures): the steps above run at several
+goals per layer (`_RUNGS`), and `allocate.allocate` spends copies where they buy the most balance (see `_spread`).
 
 `deadline_s` (CPU seconds of this call, `time.process_time`) makes it an anytime search: at the deadline a layer
 the repair had not finished takes the best placement its path has passed (possibly short of the goal, `reached`
@@ -224,11 +228,12 @@ def _spread(
 ) -> IntArray:
     """The mean within `epsilon` of the fresh mean, each layer within `floor` of its fresh balancedness, few copies.
 
-    A ladder of repairs gives every layer its own copies-vs-balance frontier: goals from `floor` below the fresh
-    balancedness up to the fresh balancedness itself (`_RUNGS`), each rung repairing from the last rung's placement
-    (so the copies only grow). The candidates per layer are the current placement, every rung's placement and the
-    aligned fresh solution; `allocate` picks one per layer. A deadline stops the ladder: the rungs passed by then are
-    the candidates (the fresh solution only with the whole ladder), and a layer's floor is what they reach.
+    The per-layer search runs from `current_LGS` at goals from `floor` below each layer's fresh balancedness up to
+    half of `epsilon` below it (`_RUNGS`), which gives every layer a copies-vs-balance frontier (starting each goal
+    from the last one's placement cost more copies). The candidates per layer are the current placement, each goal's
+    placement and the aligned fresh solution; `allocate` picks one per layer, unless every layer at `epsilon` costs
+    no more. A deadline stops the goals: those finished by then are the candidates (the fresh solution only when all
+    finished), and a layer's floor is what they reach.
     """
     fresh_L = balancedness(load_LE, fresh)
     rungs = sorted({min(floor, epsilon * rung) for rung in _RUNGS} | {floor}, reverse=True)
