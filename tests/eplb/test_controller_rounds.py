@@ -215,7 +215,9 @@ def test_each_groups_load_is_read_and_the_placement_is_planned_on_their_sum() ->
     decision = pass_()
     assert decision.reason is Reason.REBALANCED, decision.message
     start = convert.placement_array(ExpertPlacement.model_validate(placement()))
-    on_sum = plan_rounds(first + second, start, budget=2, epsilon=0.01, min_gain=0.02, max_rounds=8)
+    eplb, spec = K2Serving.model_validate(serving()).spec.eplb, ExpertPlacement.model_validate(placement()).spec
+    budget = eplb.move_budget(spec.total_slots)  # maxMovesFraction 0.1 of 2 layers x 12 slots: 3
+    on_sum = plan_rounds(first + second, start, budget=budget, epsilon=0.01, min_gain=0.02, max_rounds=8)
     np.testing.assert_array_equal(decision.placement_LGS, on_sum.rounds[0].placement_LGS)
     assert decision.group_balancedness is not None and set(decision.group_balancedness) == {"0", "1"}
     assert "worst group" in decision.message
