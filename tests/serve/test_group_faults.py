@@ -1,6 +1,7 @@
 """A serving group under real faults, as real processes on loopback (two gloo ranks where the fault is a group's):
 an idle group outlives its collective timeout, a placement that does not fit is refused while the group serves, a
-dead rank makes the others exit with ExitCodes.GROUP_BROKEN, and SIGTERM drains the requests in flight."""
+dead rank makes the others exit with ExitCodes.GROUP_BROKEN (a request it was running gets 503: the frontend may run
+it on another group), and SIGTERM drains the requests in flight."""
 
 from __future__ import annotations
 
@@ -85,6 +86,22 @@ def test_a_dead_follower_makes_rank_0_exit_with_group_broken(tmp_path: Path) -> 
         assert workers[0].wait(timeout=120) == ExitCodes.GROUP_BROKEN
         assert workers[0].stderr is not None
         assert "the group is broken" in workers[0].stderr.read()
+
+
+@pytest.mark.distributed
+def test_a_request_running_when_its_group_breaks_gets_503_so_another_group_may_run_it(tmp_path: Path) -> None:
+    with two_rank_group(tmp_path, (["--max-new-tokens", str(LONG_TOKENS)], [])) as (urls, workers, _):
+        answer: list[tuple[int, dict[str, Any]]] = []
+        body = {"prompt": PROMPT, "max_new_tokens": LONG_TOKENS}
+        client = threading.Thread(target=lambda: answer.append(request(urls[0] + "/v1/generate", body, timeout=120)))
+        client.start()
+        time.sleep(2.0)  # the long request is decoding
+        assert client.is_alive(), "the long request ended before the kill: make LONG_TOKENS larger"
+        workers[1].kill()  # SIGKILL mid-decode: the next step's collective fails, nothing has been answered
+        client.join(timeout=120)
+        assert workers[0].wait(timeout=120) == ExitCodes.GROUP_BROKEN
+    ((status, document),) = answer
+    assert status == 503 and "the group broke while the request ran" in document["error"], answer
 
 
 @pytest.mark.distributed

@@ -295,9 +295,13 @@ class GroupEngine:
                 logits_WV = run_step(self.model, self._pool, step)
                 self._load.flush()
         except BaseException as error:  # every caller must wake up; a stream that ended already reads no more
+            failure = error
+            if self.broken is not None and not isinstance(error, GroupBroken):  # it broke during this step
+                failure = GroupBroken(f"the group broke while the request ran, before its answer: {self.broken}")
+                failure.__cause__ = error
             for seq in [*self.batcher.running, *self.batcher.preempted]:
                 job = self._jobs[seq.id]
-                self._leave(job, error)
+                self._leave(job, failure)
             raise
         self._hand_out(plan, logits_WV)
         self.steps += 1

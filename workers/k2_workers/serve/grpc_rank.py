@@ -200,6 +200,6 @@ def abort_for(context: grpc.ServicerContext, error: Exception) -> NoReturn:
         abort(context, grpc.StatusCode.CANCELLED, str(error))
     if isinstance(error, Stopping):
         abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-    if isinstance(error, RuntimeError) and isinstance(error.__cause__, GroupBroken):  # queued on a broken group
+    if isinstance(error, RuntimeError) and isinstance(error.__cause__, GroupBroken):  # its group broke: no answer
         abort(context, grpc.StatusCode.UNAVAILABLE, str(error.__cause__))
     raise error

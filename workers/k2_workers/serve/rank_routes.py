@@ -82,7 +82,7 @@ def open_stream(engine: GroupEngine, prompt_ids: list[int], params: GeneratePara
 
 def read_tokens(stream: TokenStream) -> Generator[int, None, None]:
     """The stream's tokens; its failures as HTTP errors: 504 past the deadline, 503 when cancelled or when the group
-    broke before the request ran. Closing it early cancels the request."""
+    broke before the request's answer (queued, or running when it broke). Closing it early cancels the request."""
     try:
         yield from stream
     except Exception as error:
@@ -99,6 +99,6 @@ def http_error(error: Exception) -> HttpError | None:
         return HttpError(HTTPStatus.GATEWAY_TIMEOUT, str(error))
     if isinstance(error, Stopping | Cancelled):  # nobody reads the answer to a cancelled request
         return HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
-    if isinstance(error, RuntimeError) and isinstance(error.__cause__, GroupBroken):  # queued on a broken group
-        return HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__))
+    if isinstance(error, RuntimeError) and isinstance(error.__cause__, GroupBroken):  # its group broke: no answer
+        return HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(error.__cause__))  # went out, another group may run it
     return None
