@@ -76,10 +76,10 @@ def _worker(rank: int, port: int) -> None:
             results[index] = error
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(asks))]
-    with engine._group_lock:  # every request arrives before the first step: the same schedule in every run
-        for thread in threads:
+    with engine._group_lock:  # every request arrives before the first step, in index order: the same schedule
+        for index, thread in enumerate(threads):  # in every run (started at once, their order was the threads')
             thread.start()
-        wait_for("every request", lambda: engine.scheduler.queued + engine.scheduler.in_batch == len(asks))
+            wait_for(f"request {index}", lambda n=index + 1: engine.scheduler.queued + engine.scheduler.in_batch == n)
     while engine.steps < 3:
         threading.Event().wait(0.01)
     engine.apply_placement(moved)  # between two steps, while requests decode
