@@ -2,7 +2,7 @@
 
 Round-robin over the groups' rank-0 URLs. A request moves on to the next group only when its group did not take it,
 so no two groups ever run it: the connection was refused, not made within `CONNECT_TIMEOUT_S` or failed before the
-request was sent, the group answered 503 (not ready, stopping, broken before it ran) or 429 (its queue is full), or
+request was sent, the group answered 503 (not ready, stopping, broken before it answered) or 429 (its queue is full), or
 the group closed the connection without an answer (it died: its work is lost and cannot finish). Anything else is
 the answer: a 4xx (every group would say the same), a 500 or 504 of a group that ran the request, or our 504 when a
 group that took the request does not answer within `timeout_s` (it may still be decoding; running it again elsewhere
