@@ -134,7 +134,12 @@ def import_worker_image(layout: Layout) -> None:
                 check=False,
             )
         if result.returncode != 0:
-            raise ClusterError(f"importing {WORKER_ARCHIVE} failed; log: {log}\n{processes.log_tail(log)}")
+            free_gib = shutil.disk_usage(files.containerd.store).free / 2**30
+            raise ClusterError(
+                f"importing {WORKER_ARCHIVE} failed ({free_gib:.1f} GiB free beside the image store"
+                f" {files.containerd.store}; an import of the dependency layer takes about 9 GiB); log: {log}\n"
+                f"{processes.log_tail(log)}"
+            )
 
 
 def _the_node(layout: Layout, state: State) -> dict[str, Any] | None:
