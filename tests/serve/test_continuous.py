@@ -127,6 +127,47 @@ def test_every_completion_of_a_random_mix_is_the_one_decoded_alone(
     assert engine.blocks.used == 0
 
 
+def test_greedy_and_sampled_rows_of_one_step_each_decode_as_they_do_alone(group: None) -> None:
+    """The step's greedy rows share one argmax (`_hand_out`); a sampled row beside them keeps its own generator."""
+    engine = new_engine(None, max_batch_size=4, batch_wait_s=0.0)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(4, 20))] for _ in range(4)]
+    params = [
+        GenerateParams(10),
+        GenerateParams(10, temperature=0.9, seed=3),
+        GenerateParams(10),
+        GenerateParams(10, temperature=1.3, seed=4, top_k=40),
+    ]
+    together: list[Completion | BaseException] = [RuntimeError("not run")] * 4
+
+    def call(index: int) -> None:
+        try:
+            together[index] = engine.generate(prompts[index], params[index])
+        except BaseException as error:
+            together[index] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    try:
+        with engine._group_lock:  # all four are queued before the first step: they decode side by side
+            for index, thread in enumerate(threads):
+                thread.start()
+                wait_for(
+                    f"request {index}", lambda n=index + 1: engine.scheduler.queued + engine.scheduler.in_batch == n
+                )
+        for thread in threads:
+            thread.join(timeout=120)
+        apart = [engine.generate(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        greedy = engine.generate(prompts[1], GenerateParams(10))
+    finally:
+        engine.stop()
+    assert all(isinstance(r, Completion) for r in together), together
+    # the first may be admitted before the others are queued; the other three join it while it decodes
+    assert all(isinstance(r, Completion) and r.batch_size > 1 for r in together[1:]), together
+    assert [r.tokens for r in together if isinstance(r, Completion)] == [r.tokens for r in apart]
+    assert all(r.batch_size == 1 for r in apart)
+    assert apart[1].tokens != greedy.tokens, "the sampled row did sample"
+
+
 def test_a_shared_prefix_reuses_whole_blocks_and_changes_no_output(group: None, reference: K2ForCausalLM) -> None:
     engine = new_engine(block_size=16, batch_wait_s=0.0)
     computed: list[int] = []  # query tokens of each forward of the first attention layer
