@@ -22,7 +22,9 @@ from .run import LOOPBACK_HEX, k2_run, kill_one_train_worker, listening_addresse
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 12
+# The worker is killed two steps after the resumed run starts, once the listeners are read from /proc: with 12
+# steps (0.1 s each) the run could finish first, and then no gang restarted (seen once here, 2026-12-01).
+STEPS = 40
 NAME = "k2-debug-train"  # metadata.name of the example
 
 
@@ -32,7 +34,7 @@ def _final(storage: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def spec_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return manifest(tmp_path_factory.mktemp("manifest"), steps=STEPS, every=4)
+    return manifest(tmp_path_factory.mktemp("manifest"), steps=STEPS, every=8)
 
 
 @pytest.fixture(scope="module")
