@@ -26,13 +26,11 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from serving_engine import Request, build_model, workload
+from serving_engine import Request, build_model, place_experts_on_one_rank, workload
 
 from k2_workers.model import K2ForCausalLM
 from k2_workers.model.paged_cache import PagedPool, PagedView
-from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.request import DEFAULT_PREFILL_CHUNK_TOKENS
-from k2_workers.serve.resharding import Resharder, ResidentExpertWeights
 
 BLOCK = 16
 
@@ -121,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
     try:
         model = build_model(args.preset, "cpu", torch.float32)
-        num_layers, num_experts = len(list(model.moe_blocks())), model.config.n_routed_experts
-        placement = ActivePlacement.round_robin(num_layers, num_experts, 1, num_experts)
-        Resharder(model, ResidentExpertWeights(model), 0, 1, lambda source, nbytes: None).apply(None, placement)
+        place_experts_on_one_rank(model)
         batch, chunk = args.max_batch_size, DEFAULT_PREFILL_CHUNK_TOKENS
         pool = PagedPool(model.config, batch * math.ceil((args.past + 1) / BLOCK) + chunk // BLOCK + 1, BLOCK)
         decode = decode_costs(model, pool, args.past, list(range(1, batch + 1)), args.repeats)

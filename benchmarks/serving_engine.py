@@ -93,6 +93,19 @@ def build_model(preset: str, device: str, dtype: torch.dtype) -> K2ForCausalLM:
 Server = Callable[[Request, Record], None]  # blocks until the request is done
 
 
+def one_rank_placement(model: K2ForCausalLM) -> ActivePlacement:
+    """Every expert on the one rank: the placement all three servers decode under."""
+    num_layers, num_experts = len(list(model.moe_blocks())), model.config.n_routed_experts
+    return ActivePlacement.round_robin(num_layers, num_experts, 1, num_experts)
+
+
+def place_experts_on_one_rank(model: K2ForCausalLM) -> None:
+    """Gives `model` the engine's expert-parallel experts over the one-rank group, without an engine."""
+    Resharder(model, ResidentExpertWeights(model), 0, 1, lambda source, nbytes: None).apply(
+        None, one_rank_placement(model)
+    )
+
+
 def continuous_server(model: K2ForCausalLM, max_batch_size: int, chunk: int) -> tuple[Server, Callable[[], None]]:
     engine = GroupEngine(
         model,
@@ -104,8 +117,7 @@ def continuous_server(model: K2ForCausalLM, max_batch_size: int, chunk: int) -> 
         max_queue=100_000,
         prefill_chunk_tokens=chunk,
     )
-    num_layers, num_experts = len(list(model.moe_blocks())), model.config.n_routed_experts
-    engine.apply_placement(ActivePlacement.round_robin(num_layers, num_experts, 1, num_experts))
+    engine.apply_placement(one_rank_placement(model))
 
     def serve(request: Request, record: Record) -> None:
         for token in engine.stream(request.prompt, GenerateParams(request.max_new_tokens)):
@@ -124,9 +136,7 @@ def static_server(model: K2ForCausalLM, max_batch_size: int) -> tuple[Server, Ca
     """Static batching as the engine ran it before continuous batching: the same expert-parallel experts over the
     one-rank group (all-to-all included), without the group's wire."""
     device = model.lm_head.weight.device
-    num_layers, num_experts = len(list(model.moe_blocks())), model.config.n_routed_experts
-    placement = ActivePlacement.round_robin(num_layers, num_experts, 1, num_experts)
-    Resharder(model, ResidentExpertWeights(model), 0, 1, lambda source, nbytes: None).apply(None, placement)
+    place_experts_on_one_rank(model)
 
     @torch.no_grad()
     def run_batch(jobs: list[_Job]) -> list[bool]:

@@ -60,7 +60,7 @@ def build(tmp: Path, content: str) -> tuple[Path, str, spec.Layer]:
 def config_ref(socket: Path, manifest: str) -> str:
     """What the CRI plugin names an image by: `sha256:` and the digest of its config."""
     blob = ctr(socket, "content", "get", manifest)
-    return "sha256:" + str(json.loads(blob)["config"]["digest"]).removeprefix("sha256:")
+    return str(json.loads(blob)["config"]["digest"])
 
 
 def test_stale_refs_are_those_whose_image_no_tag_names() -> None:

@@ -315,7 +315,7 @@ class GroupEngine:
         readers (`TokenStream.put`), which then contend for the interpreter."""
         self.batcher.commit(plan)
         sampled = [(index, work, self._jobs[work.seq.id]) for index, work in enumerate(plan.work) if work.samples]
-        greedy_W = logits_WV.argmax(dim=-1).tolist() if any(j.params.temperature == 0 for _, _, j in sampled) else []
+        greedy_W = logits_WV.argmax(dim=-1).tolist()
         for index, work, job in sampled:
             assert job.sample is not None
             if job.params.temperature == 0:
