@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from localcluster.api import api_request, apiserver_ready
 from localcluster.cli import main
-from localcluster.cluster import describe_nodes, down, is_healthy, leftover_pids, leftovers, owner, up
+from localcluster.cluster import describe_nodes, down, is_healthy, leftover_pids, leftovers, owner, real_node_holder, up
 from localcluster.controlplane import COMPONENTS, SA_ISSUER, STAGES_FILE, Ports, command_lines, free_ports
 from localcluster.errors import ClusterError
 from localcluster.layout import DEFAULT_DIR, ROOT, TOOLS_BIN, Layout, State
@@ -86,6 +86,7 @@ __all__ = [
     "main",
     "make_pki",
     "owner",
+    "real_node_holder",
     "up",
 ]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from . import api, kubelet, monitoring, processes, realnode, storage
+from . import api, kubelet, monitoring, network, processes, realnode, storage
 from .controlplane import COMPONENTS, command_lines, free_port_set, free_ports, health_urls
 from .errors import ClusterError
 from .layout import DEFAULT_DIR, TOOLS_BIN, Layout, State
@@ -47,6 +47,38 @@ def leftovers(layout: Layout) -> list[str]:
 def leftover_pids(layout: Layout) -> list[int]:
     """Every live component whose command line names this cluster's directory."""
     return owner(layout).live_pids()
+
+
+def real_node_holder() -> Path | None:
+    """The directory of the live cluster whose real node holds this machine (one per machine). None when it is free, or
+    held only by a cluster whose processes are all gone (a killed run): the next `up` with a real node reclaims it."""
+    root = network.bridge_owner()
+    if root is None or not owner(Layout(root)).live_pids():
+        return None
+    return root
+
+
+def _reclaim_the_real_node(layout: Layout, tools: Path) -> None:
+    """Stops what a dead cluster's real node left (bridge, mounts, pod sandboxes and cgroups), so that the cluster in
+    `layout` can take the machine's real node. The dead cluster's directory is kept, for its logs."""
+    root = network.bridge_owner()
+    if root is None or root == layout.root or real_node_holder() is not None:
+        return  # free; ours (`_stop` cleans it); or live, which `realnode.check_can_start` refuses by name
+    print(
+        f"local cluster: the real node of {root} outlived its cluster (a killed run); removing what it left, keeping "
+        "the directory",
+        file=sys.stderr,
+    )
+    dead = Layout(root)
+    with _locked(dead):
+        _stop(dead, remove=False, tools=tools)
+
+
+def _made_the_bridge(layout: Layout) -> bool:
+    try:
+        return network.bridge_owner() == layout.root
+    except ClusterError:  # a bridge that names no cluster: not ours to remove
+        return False
 
 
 def _lock_path(layout: Layout) -> Path:
@@ -190,6 +222,8 @@ def up(root: Path = DEFAULT_DIR, num_nodes: int = NUM_NODES, tools: Path = TOOLS
         if State.load(layout) is not None:
             print(f"local cluster: {layout.root} holds a stopped or broken cluster; starting afresh", file=sys.stderr)
         _stop(layout, remove=True, tools=tools)
+        if real_node:
+            _reclaim_the_real_node(layout, tools)
         try:
             return _start(layout, num_nodes, tools, real_node)
         except BaseException:
@@ -205,7 +239,8 @@ def _stop(layout: Layout, remove: bool, tools: Path = TOOLS_BIN) -> None:
         port = state.ports[monitoring.PROGRAM]
         files = monitoring.PrometheusFiles.of(layout)
         monitoring.stop(state.pids[monitoring.PROGRAM], files, port, on_gateway=state.real_node)
-    if layout.node.exists():  # this cluster had a real node (even if state.json was lost)
+    had_real_node = layout.node.exists() or _made_the_bridge(layout)  # the node's directory may be gone
+    if had_real_node:
         realnode.stop(layout, state, tools)
     if state is not None:
         for name in reversed(COMPONENTS):
@@ -216,7 +251,7 @@ def _stop(layout: Layout, remove: bool, tools: Path = TOOLS_BIN) -> None:
     left = ours.live_pids()
     if left:
         raise ClusterError(f"processes still running after stop: {left}")
-    if layout.node.exists():
+    if had_real_node:
         host_left = realnode.host_leftovers(layout)
         if host_left:
             raise ClusterError("the real node left these behind:\n  " + "\n  ".join(host_left))

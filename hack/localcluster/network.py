@@ -1,7 +1,9 @@
 """Host network state of the real node: the pod bridge, routes that keep fake addresses here, firewall rules.
 
 Every change is undone by `teardown`, which works from names alone (it also runs when state.json is lost):
-  - the bridge BRIDGE with the gateway address, the only link between the host and the pods;
+  - the bridge BRIDGE with the gateway address, the only link between the host and the pods; its alias names the
+    directory of the cluster that made it, so that a later cluster can tell a live real node from one whose cluster
+    was killed without its `down` (see `bridge_owner`);
   - `unreachable` routes for kwok's fake pod and node ranges, and the Service range routed to the bridge, so that
     a dial to an address nothing serves fails here instead of following the default route off the machine;
   - the chains K2-FORWARD (pods talk only to pods and the host) and K2-PREROUTING (the `kubernetes` Service
@@ -23,6 +25,7 @@ from .errors import ClusterError
 from .nodes import NODE_IP, POD_CIDR, SERVICE_CIDR
 
 BRIDGE = "k2br0"
+OWNER_ALIAS = "k2 real node of "  # + the cluster's directory: the bridge's alias (IFALIASZ allows 255 bytes)
 # The real node's pods, apart from kwok's 10.244.0.0/16. host-local hands out its addresses in turn, so a /16 reuses
 # none within a cluster's life: in a /24 the suite's few hundred pods wrapped around, a new pod got an address its
 # peers' kernels still mapped to the dead pod's MAC, and connections to it stalled for a minute (a rolling update's
@@ -122,11 +125,28 @@ def bridge_exists() -> bool:
     return Path(f"/sys/class/net/{BRIDGE}").exists()
 
 
-def setup(apiserver_port: int) -> None:
-    """The bridge, the routes and our firewall chains. Fails when the bridge exists: one real node per machine."""
+def bridge_owner() -> Path | None:
+    """The directory of the cluster whose real node made the bridge, as its alias says; None when there is no bridge."""
+    alias_file = Path(f"/sys/class/net/{BRIDGE}/ifalias")
+    try:
+        alias = alias_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not alias.startswith(OWNER_ALIAS):
+        raise ClusterError(
+            f"the interface {BRIDGE} exists but names no cluster directory (its alias is {alias!r}): stop whatever "
+            f"runs on it, then `ip link delete {BRIDGE}`"
+        )
+    return Path(alias.removeprefix(OWNER_ALIAS))
+
+
+def setup(apiserver_port: int, owner: Path) -> None:
+    """The bridge (named after the `owner` cluster's directory), the routes and our firewall chains. Fails when the
+    bridge exists: one real node per machine."""
     if bridge_exists():
         raise ClusterError(f"the interface {BRIDGE} exists: another real node runs here (its cluster-down removes it)")
     _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    _run("ip", "link", "set", "dev", BRIDGE, "alias", f"{OWNER_ALIAS}{owner}")
     _run("ip", "addr", "add", f"{GATEWAY}/{REAL_POD_CIDR.split('/')[1]}", "dev", BRIDGE)
     _run("ip", "link", "set", BRIDGE, "up")
     Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").write_text("1\n")

@@ -175,8 +175,12 @@ def check_can_start(tools: Path) -> None:
     missing = missing_prerequisites(tools)
     if missing:
         raise ClusterError("the real node needs: " + "; ".join(missing) + " (hack/install-system-packages.sh)")
-    if network.bridge_exists():
-        raise ClusterError(f"the interface {network.BRIDGE} exists: another real node runs on this machine")
+    holder = network.bridge_owner()
+    if holder is not None:
+        raise ClusterError(
+            f"the interface {network.BRIDGE} exists: the real node of the cluster in {holder} holds this machine "
+            f"(one per machine; `python hack/local_cluster.py down --dir {holder}` stops it)"
+        )
 
 
 def start(layout: Layout, state: State, tools: Path, spawn: Spawn) -> None:
@@ -187,7 +191,7 @@ def start(layout: Layout, state: State, tools: Path, spawn: Spawn) -> None:
     state.host = {"ip_forward": network.IP_FORWARD.read_text(), "nft_tables": sorted(network.nft_tables())}
     state.save(layout)
     _write_configs(layout, state, files)
-    network.setup(state.ports["apiserver"])
+    network.setup(state.ports["apiserver"], layout.root)
 
     def wait(what: str, check: Callable[[], bool], component: str, process: subprocess.Popen[bytes]) -> None:
         processes.wait_for(what, check, component, layout.log(component), process)

@@ -15,7 +15,7 @@ from tests.support.paths import TOOLS_BIN
 from tests.support.prerequisites import skip_or_fail
 
 lc = load_local_cluster()
-from localcluster import kubelet, network, realnode  # noqa: E402
+from localcluster import kubelet, realnode  # noqa: E402
 
 TOOLBOX = "docker.io/k2-operator/toolbox:local"
 
@@ -27,15 +27,17 @@ def has_real_node(cluster: Cluster) -> bool:
 
 
 def skip_unless_a_real_node_can_run() -> None:
-    """Skips (fails under CI) when this machine lacks something, or when another real node runs here."""
+    """Skips (fails under CI) when this machine lacks something, or when another live cluster's real node runs here
+    (one that outlived a killed run is reclaimed by the next start)."""
     missing = realnode.missing_prerequisites(TOOLS_BIN)
     if not Path("/bin/busybox").is_file():
         missing.append("/bin/busybox (Debian package busybox-static, for the toolbox image)")
     if missing:
         message = "a real node cannot run here: " + "; ".join(missing)
         skip_or_fail(message)
-    if Path(f"/sys/class/net/{network.BRIDGE}").exists():
-        pytest.skip(f"another real node runs on this machine ({network.BRIDGE} exists); one per machine")
+    holder = lc.real_node_holder()
+    if holder is not None:
+        skip_or_fail(f"the real node of the cluster in {holder} runs on this machine; one per machine")
 
 
 @contextmanager

@@ -67,16 +67,18 @@ def cluster() -> Iterator[Cluster]:
 
 
 def _real_node_can_run() -> bool:
-    """Whether the session's cluster gets the real node: when this machine has what it needs (under CI it must) and no
-    other cluster here holds it (one per machine)."""
-    from localcluster import network, realnode  # hack/ is on sys.path once load_local_cluster() ran
+    """Whether the session's cluster gets the real node: when this machine has what it needs and no other live cluster
+    here holds it (one per machine). Under CI it must get it. A real node that outlived a killed run is reclaimed."""
+    from localcluster import realnode  # hack/ is on sys.path once load_local_cluster() ran
 
     missing = realnode.missing_prerequisites(TOOLS_BIN)
-    if missing:
+    holder = load_local_cluster().real_node_holder()
+    reason = "; ".join(missing) + " (run `make test`)" if missing else f"the cluster in {holder} holds it"
+    if missing or holder is not None:
         if os.environ.get("CI"):
-            pytest.fail("the real node cannot run here: " + "; ".join(missing) + " (run `make test`)", pytrace=False)
+            pytest.fail(f"the real node cannot run here: {reason}", pytrace=False)
         return False
-    return not network.bridge_exists()
+    return True
 
 
 def _namespace_name(test_name: str) -> str:
