@@ -151,6 +151,8 @@ class TorchrunEnv:
     NODE_RANK: Final = "NODE_RANK"
     LOCAL_WORLD_SIZE: Final = "LOCAL_WORLD_SIZE"
     """Set by the workers' own launcher for the ranks it starts, not by the operator."""
+    USE_AGENT_STORE: Final = "TORCHELASTIC_USE_AGENT_STORE"
+    """Set by torchrun itself (never by the operator): its agent runs the rendezvous store the ranks join."""
 
 
 class Files:

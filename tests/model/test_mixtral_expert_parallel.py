@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from k2_eplb.solver import solve
 from k2_workers.model import K2Config, K2ForCausalLM, switch_routing
 from k2_workers.parallel import ExpertParallelExperts, SlotTable, apply_expert_parallel
+from tests.support.loopback_group import init_loopback_group
 from tests.support.ports import free_port
 
 WORLD = 2
@@ -50,7 +51,7 @@ def _summed_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, switch: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    init_loopback_group(rank, WORLD, port)
     try:
         torch.set_default_dtype(torch.float64)
         input_ids = torch.randint(0, 258, (WORLD, 24), generator=torch.Generator().manual_seed(1))

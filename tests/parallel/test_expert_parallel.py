@@ -7,6 +7,8 @@ over ranks, must equal the single-process gradients of the whole batch.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,6 +17,8 @@ import torch.multiprocessing as mp
 from k2_workers.model import K2Config, K2ForCausalLM
 from k2_workers.model.experts import RoutedExperts
 from k2_workers.parallel import ExpertParallelExperts, SlotTable, apply_expert_parallel
+from tests.support.listeners import LOOPBACK_HEX, listening_addresses
+from tests.support.loopback_group import init_loopback_group
 from tests.support.ports import free_port
 
 WORLD = 2
@@ -45,7 +49,9 @@ def _loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, table: list[list[int]]) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    init_loopback_group(rank, WORLD, port)
+    listeners = listening_addresses(os.getpid())
+    assert listeners and listeners <= LOOPBACK_HEX, listeners  # the group's store and gloo: loopback only
     try:
         torch.set_default_dtype(torch.float64)  # the two sides sum in different orders; compare the math, not rounding
         torch.manual_seed(1)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tests.support.listeners import descends_from
 from tests.train.launch import MANIFEST, base_env
 
 K2_RUN = [sys.executable, "-m", "k2_api.cli", "run"]
@@ -73,19 +74,6 @@ def k2_run(
     return run
 
 
-def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        pid = _parent(pid)
-    return False
-
-
 def actor_pids(driver: subprocess.Popen[str], title: str = TRAIN_WORKER) -> list[int]:
     """The pids of the actors with this process title (default: Ray Train workers) under a driver (its local Ray
     instance's raylet starts them)."""
@@ -95,7 +83,7 @@ def actor_pids(driver: subprocess.Popen[str], title: str = TRAIN_WORKER) -> list
             continue
         try:
             cmdline_title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if cmdline_title.startswith(title) and _descends_from(int(entry.name), driver.pid):
+            if cmdline_title.startswith(title) and descends_from(int(entry.name), driver.pid):
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue  # exited meanwhile
@@ -107,45 +95,3 @@ def kill_one_train_worker(driver: subprocess.Popen[str]) -> None:
     workers = actor_pids(driver)
     assert workers, "no Ray Train worker found under the driver"
     os.kill(workers[-1], signal.SIGKILL)
-
-
-def _inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
-def listening_addresses(driver: subprocess.Popen[str]) -> set[str]:
-    """The local addresses (hex, as /proc/net/tcp* writes them) that the driver and every process under it listen
-    on: its local Ray instance, the Ray Train workers and their process group's store."""
-    pids = [driver.pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if _descends_from(int(entry.name), driver.pid):
-                    pids.append(int(entry.name))
-            except (OSError, ValueError):
-                continue
-    inodes: set[str] = set()
-    for pid in pids:
-        try:
-            inodes |= _inodes(pid)
-        except OSError:
-            continue
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-                found.add(fields[1].rsplit(":", 1)[0])
-    return found
-
-
-LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
-"""127.0.0.1 in /proc/net/tcp, as an IPv4-mapped IPv6 address and ::1 in /proc/net/tcp6."""

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import ray.train  # noqa: F401  the test extra installs ray: a missing install fails here, never skips
 
+from tests.support.listeners import LOOPBACK_HEX, listening_addresses
 from tests.support.ports import free_port
 from tests.train.launch import base_env
 
-from .run import K2_RUN, LOOPBACK_HEX, actor_pids, listening_addresses
+from .run import K2_RUN, actor_pids
 from .traffic import Traffic
 
 pytestmark = pytest.mark.distributed
@@ -54,7 +55,7 @@ def test_the_example_serves_on_loopback_re_forms_a_group_whose_rank_died_and_sto
         proc = subprocess.Popen(command, env=base_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
     try:
         _wait_for_line(stderr, proc, f"{READY}{port}", timeout_s=480)
-        listeners = listening_addresses(proc)
+        listeners = listening_addresses(proc.pid)
         assert listeners and listeners <= LOOPBACK_HEX, listeners  # Ray, ranks, stores, frontend: loopback only
         completions = f"http://127.0.0.1:{port}/v1/completions"
         answers = [_post(completions, {"prompt": f"hello {i}", "max_tokens": 4}) for i in range(4)]

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from k2_api.contract import ExitCodes
 from k2_workers.train.checkpoint import complete_checkpoints
 from k2_workers.train.checkpoint_files import TENSORS_FILE
+from tests.support.listeners import LOOPBACK_HEX, listening_addresses
 
-from .run import LOOPBACK_HEX, k2_run, kill_one_train_worker, listening_addresses, manifest
+from .run import k2_run, kill_one_train_worker, manifest
 
 pytestmark = pytest.mark.distributed
 
@@ -63,7 +64,7 @@ def test_ctrl_c_checkpoints_a_rerun_resumes_and_a_killed_worker_restarts_the_gan
     listeners: set[str] = set()
 
     def check_listeners_then_kill(proc: subprocess.Popen[str]) -> None:
-        listeners.update(listening_addresses(proc))
+        listeners.update(listening_addresses(proc.pid))
         kill_one_train_worker(proc)
 
     resumed = k2_run(spec_file, storage, at_step=last + 2, action=check_listeners_then_kill)

@@ -13,9 +13,10 @@ import pytest
 import ray.train  # noqa: F401  the test extra installs ray: a missing install fails here, never skips
 
 from k2_api.contract import ExitCodes
+from tests.support.listeners import LOOPBACK_HEX, listening_addresses
 from tests.train.launch import base_env
 
-from .run import LOOPBACK_HEX, k2_run, listening_addresses, manifest
+from .run import k2_run, manifest
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +34,7 @@ def test_a_gang_spread_over_two_nodes_trains(tmp_path: Path) -> None:
         assert cluster.stdout is not None
         address = cluster.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), address
-        assert listening_addresses(cluster) <= LOOPBACK_HEX
+        assert listening_addresses(cluster.pid) <= LOOPBACK_HEX
         path = manifest(tmp_path, steps=8, every=4)
         run = k2_run(path, tmp_path / "runs", "--address", address, "--placement-strategy", "STRICT_SPREAD")
         assert run.returncode == ExitCodes.SUCCEEDED, run.stderr[-4000:]

@@ -20,6 +20,7 @@ from k2_workers.serve.placement import ActivePlacement
 from k2_workers.serve.request import GenerateParams
 from k2_workers.serve.resharding import ResidentExpertWeights
 from k2_workers.tokenizer import ByteTokenizer
+from tests.support.loopback_group import init_loopback_group
 from tests.support.ports import free_port
 from tests.support.waits import wait_for
 
@@ -44,7 +45,7 @@ def _asks() -> list[tuple[list[int], int]]:
 
 
 def _worker(rank: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    init_loopback_group(rank, WORLD, port)
     torch.set_num_threads(1)
     model = _model()
     cache_tokens, block_size = (40, 4) if rank == 0 else (1024, 16)  # the follower's own settings differ

@@ -23,6 +23,7 @@ from tests.serve.worker_process import (
     wait_until,
     write_placement,
 )
+from tests.support.listeners import LOOPBACK_HEX, listening_addresses
 from tests.support.ports import free_port
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "k2serving-debug.yaml"
@@ -173,6 +174,8 @@ def test_two_rank_group_matches_the_single_process_model_and_moves_experts(tmp_p
     with serve_processes(argvs, envs) as workers:
         for url, worker in zip(urls, workers, strict=True):
             assert wait_healthy(url, worker)["placementGeneration"] == 1
+        listeners = listening_addresses(*(worker.pid for worker in workers))
+        assert listeners and listeners <= LOOPBACK_HEX, listeners  # HTTP, metrics, the group's store: loopback only
         assert request(urls[1] + "/v1/generate", {"prompt": PROMPT})[0] == 404  # only rank 0 takes requests
         expected = reference_completion(10)
         status, body = request(urls[0] + "/v1/generate", {"prompt": PROMPT, "max_new_tokens": 10})

@@ -38,9 +38,20 @@ def torchrun(
     args: list[str], nproc: int = 2, timeout_s: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """torchrun --standalone (rendezvous on localhost) with the worker module; stdout holds rank 0's JSON lines.
-    `env` is added to the ranks' environment (e.g. another OMP_NUM_THREADS)."""
+    `env` is added to the ranks' environment (e.g. another OMP_NUM_THREADS). Only the torchrun-compatibility test
+    uses it: torchrun's agent starts its store on every interface; the other tests use `launch_ranks`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["--master-addr=127.0.0.1", "-m", "k2_workers.train", "--config", str(MANIFEST), *args]
+    environment = base_env() | (env or {})
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def launch_ranks(
+    args: list[str], nproc: int = 2, timeout_s: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The workers' own launcher (`--nproc-per-node`, what a pod runs): `nproc` ranks on 127.0.0.1, whose rendezvous
+    store listens there alone (torchrun's agent listens on every interface); stdout holds rank 0's JSON lines."""
+    command = [*WORKER, "--nproc-per-node", str(nproc), "--config", str(MANIFEST), *args]
     environment = base_env() | (env or {})
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s, check=False)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from k2_workers.train import checkpoint, checkpoint_codec
 from k2_workers.train.checkpoint import CheckpointManager, complete_checkpoints
+from tests.support.loopback_group import init_loopback_group
 from tests.support.ports import free_port
 
 from .launch import base_env
@@ -47,13 +47,7 @@ def test_bad_timeout_settings_are_refused_naming_the_variable(env: dict[str, str
 
 
 def _child(rank: int, port: int, root: Path) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
-    )
+    init_loopback_group(rank, 2, port, timeout_s=GROUP_TIMEOUT_S)
     if rank == 1:
         split = checkpoint_codec.split_tensors
 

@@ -19,7 +19,7 @@ from k2_workers.train.config import RunConfig
 from k2_workers.train.loop import train
 from k2_workers.train.status import StatusReporter
 
-from .launch import step_lines, torchrun
+from .launch import launch_ranks, step_lines
 
 
 def _run(checkpoint_dir: Path, **overrides: Any) -> list[dict[str, Any]]:
@@ -171,12 +171,12 @@ def test_a_checkpoint_of_another_model_raises_instead_of_falling_back(tmp_path: 
 @pytest.mark.distributed
 def test_all_ranks_fall_back_when_only_one_rank_cannot_read_its_expert_shard(tmp_path: Path) -> None:
     ep = ["--steps", "30", "--expert-parallel", "2", "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path)]
-    first = torchrun([*ep, "--stop-after", "4"])
+    first = launch_ranks([*ep, "--stop-after", "4"])
     assert first.returncode == 0, first.stderr[-4000:]
     shard = tmp_path / "step-4" / "tensors.ep1of2.safetensors"  # only rank 1 reads it
     _flip_a_byte_of(shard)
 
-    resumed = torchrun([*ep, "--stop-after", "6"])
+    resumed = launch_ranks([*ep, "--stop-after", "6"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     lines = step_lines(resumed.stdout)
     assert [r["step"] for r in lines] == [3, 4, 5, 6]  # both ranks went back to step 2, not only rank 1

@@ -15,8 +15,9 @@ from k2_api.contract import ExitCodes
 from k2_workers.train.checkpoint import complete_checkpoints
 from k2_workers.train.config import load_manifest, resolve_config
 from k2_workers.train.loop import build_schedule
+from tests.support.listeners import LOOPBACK_HEX, listening_addresses
 
-from .launch import MANIFEST, start_ranks, step_lines, torchrun, wait_for_step
+from .launch import MANIFEST, launch_ranks, start_ranks, step_lines, torchrun, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -47,10 +48,10 @@ def test_loss_falls_well_over_ten_percent_in_30_steps(straight_run: list[dict[st
 
 def test_20_steps_plus_a_resumed_10_equal_30_straight(straight_run: list[dict[str, Any]], tmp_path: Path) -> None:
     # --stop-after keeps the schedule of a 30-step run (its decay covers steps 21..30)
-    first = torchrun(["--steps", "30", "--stop-after", "20", "--checkpoint-dir", str(tmp_path)])
+    first = launch_ranks(["--steps", "30", "--stop-after", "20", "--checkpoint-dir", str(tmp_path)])
     assert first.returncode == 0, first.stderr[-4000:]
     assert [s for s, _ in complete_checkpoints(tmp_path)][-1] == 20
-    resumed = torchrun(["--steps", "30", "--checkpoint-dir", str(tmp_path)])
+    resumed = launch_ranks(["--steps", "30", "--checkpoint-dir", str(tmp_path)])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     lines = step_lines(resumed.stdout)
     assert [r["step"] for r in lines] == list(range(21, 31))
@@ -78,6 +79,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_preempted(tmp_path: Pat
     procs = start_ranks(args, 2, tmp_path)
     try:
         wait_for_step(tmp_path / "rank0.out", 3, procs)
+        listeners = listening_addresses(*(p.pid for p in procs))
+        assert listeners and listeners <= LOOPBACK_HEX, listeners  # the gang's store and gloo: loopback only
         for p in procs:
             p.send_signal(signal.SIGTERM)
     finally:
@@ -112,7 +115,7 @@ def test_expert_parallel_training_matches_data_parallel_and_resumes_exactly(
 ) -> None:
     """expertParallel 2: each rank holds 4 of the 8 experts per layer, tokens travel by all-to-all."""
     ep = ["--steps", "30", "--expert-parallel", "2"]
-    straight = torchrun([*ep, "--stop-after", "8", "--checkpoint-dir", str(tmp_path / "a")])
+    straight = launch_ranks([*ep, "--stop-after", "8", "--checkpoint-dir", str(tmp_path / "a")])
     assert straight.returncode == 0, straight.stderr[-4000:]
     lines = step_lines(straight.stdout)
     assert [r["step"] for r in lines] == list(range(1, 9))
@@ -121,9 +124,9 @@ def test_expert_parallel_training_matches_data_parallel_and_resumes_exactly(
         assert ep_line["loss"] == pytest.approx(dp_line["loss"], rel=2e-3)
 
     split = tmp_path / "b"
-    first = torchrun([*ep, "--stop-after", "4", "--checkpoint-dir", str(split)])
+    first = launch_ranks([*ep, "--stop-after", "4", "--checkpoint-dir", str(split)])
     assert first.returncode == 0, first.stderr[-4000:]
-    resumed = torchrun([*ep, "--stop-after", "8", "--checkpoint-dir", str(split)])
+    resumed = launch_ranks([*ep, "--stop-after", "8", "--checkpoint-dir", str(split)])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     resumed_lines = step_lines(resumed.stdout)
     assert resumed_lines[0]["step"] == 5

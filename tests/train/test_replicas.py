@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import spawn
 
+from tests.support.loopback_group import init_loopback_group
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.distributed
@@ -18,8 +17,7 @@ pytestmark = pytest.mark.distributed
 def _rank(rank: int, port: int, perturb: bool, results: dict[int, str]) -> None:
     from k2_workers.train.distributed import check_replicas_identical
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_loopback_group(rank, 2, port)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
     bias = torch.zeros(4)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from k2_workers.train.checkpoint import complete_checkpoints
 from k2_workers.train.checkpoint_files import TENSORS_FILE, delete_dir
 
-from .launch import step_lines, torchrun
+from .launch import launch_ranks, step_lines
 
 pytestmark = pytest.mark.distributed
 
@@ -29,7 +29,7 @@ RUN = ["--steps", str(STEPS), "--checkpoint-every", "4"]
 
 def _run(checkpoints: Path, *args: str, threads: int = 1) -> list[int]:
     """Two ranks of the test manifest with `threads` intra-op threads each; the steps rank 0 printed."""
-    result = torchrun([*RUN, "--checkpoint-dir", str(checkpoints), *args], env={"OMP_NUM_THREADS": str(threads)})
+    result = launch_ranks([*RUN, "--checkpoint-dir", str(checkpoints), *args], env={"OMP_NUM_THREADS": str(threads)})
     assert result.returncode == 0, result.stderr[-4000:]
     return [r["step"] for r in step_lines(result.stdout)]
 

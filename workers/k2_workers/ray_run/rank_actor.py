@@ -20,7 +20,7 @@ import yaml
 from k2_api.contract import Env, Files, TorchrunEnv
 
 if TYPE_CHECKING:
-    from k2_workers.ray_run.rendezvous import StoreServer
+    from k2_workers.rendezvous import StoreServer
 
 STORE_TIMEOUT_S = 120.0
 
@@ -78,8 +78,8 @@ class RankActor:
 
     def address(self) -> RankAddress:
         """This node's address and free ports for HTTP and /metrics. Rank 0 starts the group's store server here,
-        on this address only; the pods' env:// rendezvous in run_rank reuses it (rendezvous.StoreServer)."""
-        from k2_workers.ray_run.rendezvous import StoreServer
+        on this address only; the pods' env:// rendezvous in run_rank reuses it (k2_workers.rendezvous)."""
+        from k2_workers.rendezvous import StoreServer
 
         host = node_address()
         if self._rank == 0 and self._store is None:

@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig
 
 from k2_api.contract import TorchrunEnv
 from k2_workers.ray_run.rank_actor import node_address
-from k2_workers.ray_run.rendezvous import StoreServer
+from k2_workers.rendezvous import StoreServer
 
 
 class _NoGroupBackend(Backend):

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from k2_api import K2Serving, claims
 from k2_api.contract import Env, ExitCodes, Ports, TorchrunEnv
+from k2_workers import rendezvous
 from k2_workers.model import K2Config, K2ForCausalLM, load_pretrained
 from k2_workers.serve.chat import load_chat_template
 from k2_workers.serve.device import group_backend, serving_device, serving_dtype
@@ -79,6 +80,7 @@ def init_group(rank: int, world_size: int, backend: str, env: Mapping[str, str] 
         store = dist.HashStore()  # type: ignore[attr-defined]
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     else:
+        rendezvous.listen_on_master(rank, world_size, timeout.total_seconds(), env)
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from k2_api.contract import TorchrunEnv
+from k2_workers import rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def init_distributed(device_kind: str, timeout_s: float, env: Mapping[str, str] 
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
+        rendezvous.listen_on_master(rank, world_size, timeout_s, env)
         dist.init_process_group(
             backend=backend,
             init_method="env://",
