@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import ClassVar, Final, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -140,6 +140,11 @@ class Data(ApiModel):
         return self
 
 
+BROKEN_GANG_GRACE_S: Final = 5
+"""The termination grace of a broken gang's pods, which the operator deletes to restart it: not enough to checkpoint
+(which needs every rank), only to exit."""
+
+
 class Checkpointing(ApiModel):
     """Where and how often checkpoints are written; a restarted or resumed gang continues from the latest one."""
 
@@ -173,6 +178,15 @@ class Checkpointing(ApiModel):
     )
     every_n_steps: int = Field(default=100, ge=1, le=1_000_000_000, description="Save every N optimizer steps.")
     keep_last: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+    preemption_grace_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="How long a preempted worker pod (deleted, drained, or stopped by spec.suspend) has to finish "
+        "its step and write its checkpoint before it is killed: the pods' terminationGracePeriodSeconds. The pods "
+        f"of a gang that broke (a rank crashed) get {BROKEN_GANG_GRACE_S} s instead: a gang missing a rank cannot "
+        "checkpoint.",
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Checkpointing:

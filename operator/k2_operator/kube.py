@@ -60,8 +60,10 @@ class AsyncKube:
     async def create(self, manifest: Object, *, field_manager: str | None = None) -> Object | None:
         return await self._run(functools.partial(self.sync.create, manifest, field_manager=field_manager))
 
-    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
-        return await self._run(functools.partial(self.sync.delete, kind, namespace, name))
+    async def delete(self, kind: str, namespace: str | None, name: str, grace_period_s: int | None = None) -> bool:
+        return await self._run(
+            functools.partial(self.sync.delete, kind, namespace, name, grace_period_s=grace_period_s)
+        )
 
     async def event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
         await self._run(functools.partial(self.sync.event, ref, event_type, reason, message))

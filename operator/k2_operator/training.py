@@ -10,6 +10,7 @@ import kopf
 
 from k2_api import GROUP, VERSION, K2Training
 from k2_api.contract import Annotations, Labels
+from k2_api.training import BROKEN_GANG_GRACE_S
 from k2_operator.builders.common import content_hash
 from k2_operator.builders.training import children
 from k2_operator.children import APPLIED, apply_children, kinds_to_observe, observe
@@ -18,6 +19,7 @@ from k2_operator.runtime import now, register, trigger, write_status
 from k2_operator.status.training import CONDITION_TYPES, plan
 
 KIND = K2Training.KIND
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods
 log = logging.getLogger("k2_operator.training")
 
 
@@ -26,6 +28,17 @@ def _with_template_hash(job: dict[str, Any]) -> dict[str, Any]:
     immutable = {k: v for k, v in job["spec"].items() if k not in ("suspend", "parallelism")}
     job["metadata"]["labels"][Annotations.TEMPLATE_HASH] = content_hash(immutable)
     return job
+
+
+def broken_gang_pods(pods: list[dict[str, Any]], broken_jobs: list[str]) -> list[str]:
+    """The pods of a crashed attempt's Jobs that have not finished, by name (pure): deleted with a short grace, so that
+    a hung rank does not hold the restart for the whole preemption grace."""
+    return sorted(
+        pod["metadata"]["name"]
+        for pod in pods
+        if pod["metadata"].get("labels", {}).get(JOB_NAME_LABEL) in broken_jobs
+        and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+    )
 
 
 CHILD_KINDS = ("ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding", "Job")
@@ -52,6 +65,8 @@ async def reconcile(kube: AsyncKube, namespace: str, name: str) -> None:
         await kube.delete(KIND, namespace, name)
         APPLIED.forget(owner)
         return
+    for pod in broken_gang_pods(pods, decision.broken_jobs):
+        await kube.delete("Pod", namespace, pod, grace_period_s=BROKEN_GANG_GRACE_S)
     for job_name in decision.delete_jobs:
         await kube.delete("Job", namespace, job_name)
     if decision.run_gang:

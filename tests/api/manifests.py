@@ -148,6 +148,11 @@ def invalid_manifests() -> list[Invalid]:
             "spec.checkpointing",
         ),
         Invalid("training-corpus-and-uri", edited(training, spec__data__uri="file:///data"), "spec.data"),
+        Invalid(
+            "training-no-preemption-grace",
+            edited(training, spec__checkpointing__preemptionGraceSeconds=0),
+            "spec.checkpointing.preemptionGraceSeconds",
+        ),
         Invalid("serving-name-too-long", edited(serving, metadata__name="k2-" + "x" * 45), "metadata.name"),
         Invalid("placement-slots-cannot-hold-experts", edited(xp, spec__numExperts=7), "spec.slotsPerRank"),
         Invalid(

@@ -6,8 +6,9 @@ from __future__ import annotations
 from k2_api import K2Training
 from k2_api.contract import ExitCodes
 from k2_api.kube import NotFound
+from k2_api.training import BROKEN_GANG_GRACE_S
 from k2_operator.builders.training import PREEMPTED_REASON, PREEMPTIONS_ANNOTATION
-from k2_operator.training import reconcile
+from k2_operator.training import JOB_NAME_LABEL, reconcile
 from tests.operator.fake_env import CONTROLLER_MANAGER, Env, condition, controller_owner_uid
 
 FILE = "k2training-debug.yaml"
@@ -68,16 +69,16 @@ def test_a_training_deleted_during_its_reconcile_is_left_alone() -> None:
     assert len(env.cluster.calls) == writes  # a missing training: no writes at all
 
 
-def _failed_worker(env: Env, job: str, exit_code: int, message: str) -> None:
-    """The Job's pod 0 as its controller made it, terminated with `exit_code` and a termination message."""
+def _worker_pod(env: Env, job: str, index: int, status: dict[str, object]) -> str:
+    """The Job's pod `index` as its controller makes it (with its job-name label), with `status`; returns its name."""
     owner = env.get("Job", job)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{job}-0-abcde",
+            "name": f"{job}-{index}-abcde",
             "namespace": "ns1",
-            "labels": dict(owner["spec"]["template"]["metadata"]["labels"]),
+            "labels": {**owner["spec"]["template"]["metadata"]["labels"], JOB_NAME_LABEL: job},
             "ownerReferences": [
                 {
                     "apiVersion": "batch/v1",
@@ -91,12 +92,47 @@ def _failed_worker(env: Env, job: str, exit_code: int, message: str) -> None:
         "spec": {"containers": [{"name": "trainer", "image": "i"}]},
     }
     env.cluster.client(CONTROLLER_MANAGER).create(pod)
+    env.set_status("Pod", pod["metadata"]["name"], status)
+    return str(pod["metadata"]["name"])
+
+
+def _failed_worker(env: Env, job: str, exit_code: int, message: str) -> str:
+    """The Job's pod 0, terminated with `exit_code` and a termination message."""
     terminated = {"exitCode": exit_code, "message": message, "reason": "Error", "finishedAt": "2026-01-01T00:00:00Z"}
-    env.set_status(
-        "Pod",
-        pod["metadata"]["name"],
-        {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]},
-    )
+    state = {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}
+    return _worker_pod(env, job, 0, {"phase": "Failed", **state})
+
+
+def _grace_deletes(env: Env) -> list[tuple[str, int | None]]:
+    pod_deletes = (call for call in env.cluster.calls if (call.verb, call.kind) == ("delete", "Pod"))
+    return [(call.name, call.grace_period_s) for call in pod_deletes]
+
+
+def test_a_crashed_gangs_live_pods_are_deleted_with_the_short_grace_a_preempted_ones_keep_theirs() -> None:
+    env = Env()
+    env.create_example(FILE)
+    env.run(reconcile, NAME)
+    job = env.get("Job", f"{NAME}-worker-0")
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300  # the preemption grace's default
+    _failed_worker(env, f"{NAME}-worker-0", 1, "rank 0 failed: RuntimeError")
+    survivor = _worker_pod(env, f"{NAME}-worker-0", 1, {"phase": "Running"})  # its peer is gone: it cannot checkpoint
+    failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod failed"}
+    env.set_status("Job", f"{NAME}-worker-0", {"conditions": [failed]})
+    env.run(reconcile, NAME)
+    assert _grace_deletes(env) == [(survivor, BROKEN_GANG_GRACE_S)]  # the finished pod is left to the Job's deletion
+    env.run(reconcile, NAME)
+    assert env.names("Job") == [f"{NAME}-worker-1"]
+
+    preempted = Env()
+    preempted.create_example(FILE)
+    preempted.run(reconcile, NAME)
+    _failed_worker(preempted, f"{NAME}-worker-0", ExitCodes.PREEMPTED, "preempted at step 7")
+    _worker_pod(preempted, f"{NAME}-worker-0", 1, {"phase": "Running"})  # still writing its part of the checkpoint
+    by_policy = {"type": "Failed", "status": "True", "reason": PREEMPTED_REASON, "message": "exit code 75 matched"}
+    preempted.set_status("Job", f"{NAME}-worker-0", {"conditions": [by_policy]})
+    preempted.run(reconcile, NAME)
+    preempted.run(reconcile, NAME)
+    assert _grace_deletes(preempted) == [] and preempted.names("Job") == [f"{NAME}-worker-1"]
 
 
 def test_a_preempted_gang_restarts_without_counting_and_records_it_on_the_new_job() -> None:

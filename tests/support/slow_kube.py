@@ -42,8 +42,15 @@ class SlowApplyKube:
     ) -> Object:
         return self.kube.merge_patch(kind, namespace, name, patch, resource_version)
 
-    def delete(self, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> bool:
-        return self.kube.delete(kind, namespace, name, propagation)
+    def delete(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        propagation: str = "Background",
+        grace_period_s: int | None = None,
+    ) -> bool:
+        return self.kube.delete(kind, namespace, name, propagation, grace_period_s)
 
     def event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:
         self.kube.event(ref, event_type, reason, message)

@@ -58,7 +58,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Rank pods: watched for placement reports, deleted to roll a group; `patch` only because the ranks' Role grants it
+# Rank pods: watched for placement reports, deleted to roll a group or to stop a broken training gang at once;
+# `patch` only because the ranks' Role grants it
 # (RBAC lets the operator grant only what it holds).
 - apiGroups: [""]
   resources: ["pods"]

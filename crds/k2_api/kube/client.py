@@ -182,10 +182,20 @@ class KubeClient:
         path = resource(kind).path(namespace, name)
         return self._call(Request("PATCH", path, self._write_query(), body, MERGE_PATCH))
 
-    def delete(self, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> bool:
+    def delete(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        propagation: str = "Background",
+        grace_period_s: int | None = None,
+    ) -> bool:
         path = resource(kind).path(namespace, name)
         try:
-            self._call(Request("DELETE", path, body={"propagationPolicy": propagation}))
+            options: dict[str, Any] = {"propagationPolicy": propagation}
+            if grace_period_s is not None:
+                options["gracePeriodSeconds"] = grace_period_s
+            self._call(Request("DELETE", path, body=options))
         except errors.NotFound:
             return False
         return True

@@ -51,6 +51,8 @@ class Call:
     namespace: str | None
     name: str
     manager: str
+    grace_period_s: int | None = None
+    """A delete's override of the pods' grace (the fake deletes at once either way)."""
 
 
 @dataclass
@@ -274,8 +276,8 @@ class FakeKube:
         owner = (manager or self._field_manager, "Update", None)
         self.cluster._update(stored, owner, self.cluster._user_fields(manifest, "main"), "main")
 
-    def _record(self, verb: str, kind: str, namespace: str | None, name: str) -> None:
-        self.cluster.calls.append(Call(verb, kind, namespace, name, self._field_manager))
+    def _record(self, verb: str, kind: str, namespace: str | None, name: str, grace_s: int | None = None) -> None:
+        self.cluster.calls.append(Call(verb, kind, namespace, name, self._field_manager, grace_s))
 
     def get(self, kind: str, namespace: str | None, name: str) -> Object | None:
         with self.cluster._lock:
@@ -345,11 +347,18 @@ class FakeKube:
             self._update(stored, patched)
             return cluster._store(stored, before)
 
-    def delete(self, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> bool:
+    def delete(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        propagation: str = "Background",
+        grace_period_s: int | None = None,
+    ) -> bool:
         cluster = self.cluster
         with cluster._lock:
             cluster._check("delete", kind)
-            self._record("delete", kind, namespace, name)
+            self._record("delete", kind, namespace, name, grace_period_s)
             stored = cluster._lookup(kind, namespace, name)
             if stored is None:
                 return False

@@ -79,8 +79,16 @@ class Kube(Protocol):
         """JSON merge patch guarded by `resource_version`: Conflict when the object changed since it was read."""
         ...
 
-    def delete(self, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> bool:
-        """True when something was deleted; False when it did not exist."""
+    def delete(
+        self,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        propagation: str = "Background",
+        grace_period_s: int | None = None,
+    ) -> bool:
+        """True when something was deleted; False when it did not exist. `grace_period_s` overrides a pod's
+        terminationGracePeriodSeconds (and shortens that of one already terminating)."""
         ...
 
     def event(self, ref: ObjectRef, event_type: str, reason: str, message: str) -> None:

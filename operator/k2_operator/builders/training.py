@@ -225,6 +225,8 @@ def job(training: K2Training, attempt: int, preemptions: int = 0) -> Manifest:
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # podFailurePolicy requires it; the operator restarts whole gangs
+        # A preempted rank finishes its step and checkpoints on SIGTERM; Kubernetes' default 30 s is too short for that.
+        "terminationGracePeriodSeconds": spec.checkpointing.preemption_grace_seconds,
         "subdomain": service_name(training),
         "serviceAccountName": worker_account_name(training),
         "securityContext": pod_security_context(),

@@ -43,6 +43,9 @@ class TrainingPlan:
     run_gang: bool
     """Apply the children and the Job of `attempt` (False once the training is terminal)."""
     delete_jobs: list[str] = field(default_factory=list)
+    broken_jobs: list[str] = field(default_factory=list)
+    """Jobs of the attempt that just crashed: their pods still alive are deleted with BROKEN_GANG_GRACE_S, not the
+    preemption grace (a gang missing a rank cannot checkpoint). A preempted attempt's pods keep theirs."""
     delete_training: bool = False
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -167,6 +170,7 @@ def plan(
         old = find(old_conditions, T.FAILED) or {}
         failed_reason, failed_message = str(old.get("reason", "")), str(old.get("message", ""))
     terminal_before = succeeded or failed
+    broken: list[str] = []
 
     if not terminal_before:
         attempt = restarts + preemptions
@@ -180,6 +184,8 @@ def plan(
             restart_message = f"attempt {attempt} preempted ({preemptions} so far, not counted): {cause}".strip()
             current = None
         elif job_failed is not None:
+            assert current is not None  # a condition was found on it
+            broken.append(current["metadata"]["name"])
             why = f"attempt {attempt} failed: {job_failed.get('reason', '')} {job_failed.get('message', '')}".strip()
             cause = termination_cause(current, pods, preempted=False)
             why = f"{why}; {cause}" if cause else why
@@ -259,6 +265,7 @@ def plan(
         preemptions=preemptions,
         run_gang=not terminal,
         delete_jobs=delete,
+        broken_jobs=broken,
         delete_training=expired,
         status=status,
     )
