@@ -198,7 +198,7 @@ def test_a_killed_container_is_restarted_by_the_kubelet(real: Cluster) -> None:
 
 
 def test_a_second_real_node_is_refused_and_the_first_is_left_alone(real: Cluster, tmp_path: Path) -> None:
-    with pytest.raises(lc.ClusterError, match="another real node runs on this machine"):
+    with pytest.raises(lc.ClusterError, match=r"the real node of the cluster in /\S+ holds this machine"):
         lc.up(tmp_path / "second", num_nodes=1, real_node=True)
     assert not (tmp_path / "second" / "node").exists()
     lc.down(tmp_path / "second")
