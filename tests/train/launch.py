@@ -42,8 +42,7 @@ def torchrun(
     uses it: torchrun's agent starts its store on every interface; the other tests use `launch_ranks`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["--master-addr=127.0.0.1", "-m", "k2_workers.train", "--config", str(MANIFEST), *args]
-    environment = base_env() | (env or {})
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s, check=False)
+    return _run(command, timeout_s, env)
 
 
 def launch_ranks(
@@ -51,7 +50,10 @@ def launch_ranks(
 ) -> subprocess.CompletedProcess[str]:
     """The workers' own launcher (`--nproc-per-node`, what a pod runs): `nproc` ranks on 127.0.0.1, whose rendezvous
     store listens there alone (torchrun's agent listens on every interface); stdout holds rank 0's JSON lines."""
-    command = [*WORKER, "--nproc-per-node", str(nproc), "--config", str(MANIFEST), *args]
+    return _run([*WORKER, "--nproc-per-node", str(nproc), "--config", str(MANIFEST), *args], timeout_s, env)
+
+
+def _run(command: list[str], timeout_s: float, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
     environment = base_env() | (env or {})
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s, check=False)
 
