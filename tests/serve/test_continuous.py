@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -214,6 +215,11 @@ def expert_tokens(collector: ExpertLoadCollector, metric: str) -> dict[str, floa
     return totals
 
 
+# Far more steps than the placement change waits for, so that it lands while this request decodes even on a loaded
+# machine (with 40, CI once saw the change at step 40).
+LONG_NEW_TOKENS = 120
+
+
 def test_with_a_placement_change_between_steps_every_routed_token_is_counted_once(
     group: None, reference: K2ForCausalLM
 ) -> None:
@@ -221,14 +227,16 @@ def test_with_a_placement_change_between_steps_every_routed_token_is_counted_onc
     num_layers, num_experts = len(config.moe_layer_indices), config.n_routed_experts
     collector = ExpertLoadCollector("s", "0", 0, num_layers, num_experts, num_experts)
     engine = new_engine(collector, max_batch_size=4, prefill_chunk_tokens=8, batch_wait_s=0.0)
-    long = Ask(list(range(40, 50)), 40, 0)  # still decoding when the placement changes
+    long = Ask(list(range(40, 50)), LONG_NEW_TOKENS, 0)  # still decoding when the placement changes
     asks = [long, *random_mix(3, count=6, max_prompt=20, max_new=10)]
     reversed_slots = SlotTable.from_nested([list(reversed(range(num_experts)))], num_experts)
     moved = ActivePlacement(1, (reversed_slots,) * num_layers)
     running_at_change: list[int] = []
 
     def change_placement() -> None:
-        wait_for("a few steps", lambda: engine.steps >= 4)
+        deadline = time.monotonic() + 60
+        while engine.steps < 4 and time.monotonic() < deadline:  # polled closely: a step takes milliseconds
+            time.sleep(0.001)
         running_at_change.append(engine.steps)
         engine.apply_placement(moved)
 
@@ -239,9 +247,9 @@ def test_with_a_placement_change_between_steps_every_routed_token_is_counted_onc
         changer.join(timeout=60)
     finally:
         engine.stop()
-    assert engine.generation == 1 and running_at_change[0] < 40 <= engine.steps
+    assert engine.generation == 1 and running_at_change[0] < LONG_NEW_TOKENS <= engine.steps
     assert isinstance(results[0], Completion) and results[0].placement_generation == 0  # began before the change
-    assert len(results[0].tokens) == 40 or results[0].tokens[-1] == EOS
+    assert len(results[0].tokens) == LONG_NEW_TOKENS or results[0].tokens[-1] == EOS
     fed = 0  # tokens through the model: every prompt token, and every generated one but the last
     for ask, result in zip(asks, results, strict=True):
         assert isinstance(result, Completion), result
