@@ -62,7 +62,7 @@ def _reclaim_the_real_node(layout: Layout, tools: Path) -> None:
     """Stops what a dead cluster's real node left (bridge, mounts, pod sandboxes and cgroups), so that the cluster in
     `layout` can take the machine's real node. The dead cluster's directory is kept, for its logs."""
     root = network.bridge_owner()
-    if root is None or root == layout.root or real_node_holder() is not None:
+    if root is None or root == layout.root or owner(Layout(root)).live_pids():
         return  # free; ours (`_stop` cleans it); or live, which `realnode.check_can_start` refuses by name
     print(
         f"local cluster: the real node of {root} outlived its cluster (a killed run); removing what it left, keeping "
